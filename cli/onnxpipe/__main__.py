@@ -1,0 +1,3 @@
+from onnxpipe.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""One module per subcommand. Each imports only click at module level; the work is imported inside."""

@@ -1,0 +1,1 @@
+"""Search strategies and logits processors on numpy logits, shared by generate and translate."""

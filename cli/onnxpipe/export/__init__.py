@@ -1,0 +1,1 @@
+"""Checkpoint -> validated ONNX export folder. The only place torch, transformers and optimum are imported."""

@@ -1,0 +1,52 @@
+"""Where exports live, and how `-m MODEL` finds one.
+
+A reference is a path first (a folder holding `onnxpipe.json`), then a name in the export home.
+The export home is `$ONNXPIPE_HOME`, else `$XDG_DATA_HOME/onnxpipe/exports`
+(`~/.local/share/onnxpipe/exports`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from onnxpipe.errors import ModelNotFoundError
+
+MANIFEST_NAME = "onnxpipe.json"
+
+
+def export_home() -> Path:
+    env = os.environ.get("ONNXPIPE_HOME")
+    if env:
+        return Path(env).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "onnxpipe" / "exports"
+
+
+def list_exports(home: Path | None = None) -> list[Path]:
+    """Export folders in the home, sorted by name (folders without a manifest are skipped)."""
+    home = home or export_home()
+    if not home.is_dir():
+        return []
+    return sorted(p for p in home.iterdir() if (p / MANIFEST_NAME).is_file())
+
+
+def resolve_model(ref: str | os.PathLike) -> Path:
+    """Turn `-m REF` into an export folder, or fail with the names that exist."""
+    path = Path(ref).expanduser()
+    if (path / MANIFEST_NAME).is_file():
+        return path
+    if path.exists():
+        raise ModelNotFoundError(
+            f"{path} is not an onnxpipe export (no {MANIFEST_NAME})",
+            hint=f"create one with: onnxpipe export {path}",
+        )
+    named = export_home() / str(ref)
+    if os.sep not in str(ref) and (named / MANIFEST_NAME).is_file():
+        return named
+    names = [p.name for p in list_exports()]
+    known = ", ".join(names) if names else "none yet"
+    raise ModelNotFoundError(
+        f"no export named {str(ref)!r} in {export_home()} (known: {known})",
+        hint="give a path, set ONNXPIPE_HOME, or run onnxpipe export",
+    )

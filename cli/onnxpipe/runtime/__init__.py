@@ -1,0 +1,1 @@
+"""Export folder -> tokenizer + ONNX Runtime sessions (providers, IO binding)."""

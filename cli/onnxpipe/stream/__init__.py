@@ -1,0 +1,1 @@
+"""Readers, the length-sorting batcher and writers: the line contract lives here."""
