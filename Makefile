@@ -30,3 +30,6 @@ models: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+man: venv
+	$(PY) man/build.py
