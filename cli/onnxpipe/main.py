@@ -17,7 +17,9 @@ from onnxpipe import __version__
 from onnxpipe.errors import ExitStatus, OnnxpipeError
 
 # name -> "module:attribute". Order is the order of `onnxpipe --help`.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "finetune": "onnxpipe.commands.finetune:finetune",
+}
 
 
 class LazyGroup(click.Group):
