@@ -19,6 +19,7 @@ from onnxpipe.errors import ExitStatus, OnnxpipeError
 # name -> "module:attribute". Order is the order of `onnxpipe --help`.
 COMMANDS: dict[str, str] = {
     "finetune": "onnxpipe.commands.finetune:finetune",
+    "eval": "onnxpipe.commands.eval:eval_command",
 }
 
 
