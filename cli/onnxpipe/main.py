@@ -18,6 +18,9 @@ from onnxpipe.errors import ExitStatus, OnnxpipeError
 
 # name -> "module:attribute". Order is the order of `onnxpipe --help`.
 COMMANDS: dict[str, str] = {
+    "export": "onnxpipe.commands.export:export",
+    "models": "onnxpipe.commands.models:models",
+    "info": "onnxpipe.commands.info:info",
     "finetune": "onnxpipe.commands.finetune:finetune",
     "eval": "onnxpipe.commands.eval:eval_command",
 }

@@ -1,132 +1,412 @@
 """checkpoint -> optimum export -> post-process -> validate -> atomic rename.
 
-FIRST CUT (to be hardened): export_model() is the one entry point that the CLI and the tests call.
+export_model() is the one entry point that the CLI and the tests call. It never prints: stages
+are reported through the `progress` callback, and library chatter is kept off stderr (see quiet.py).
+
+The export is built in a hidden folder beside the target (`.NAME.onnxpipe-tmp-PID-XXXX/`) and
+renamed into place only after validation passed, so a killed or failed export leaves nothing
+under the final name. Stray temporary folders of dead processes are removed by the next export
+to the same parent folder.
+
+Manifest keys beyond manifest.py's list: `source.weights` (file names hashed), `tokenizer.check`
+(the fast/slow comparison), `graph.encoder_inputs`/`encoder_outputs` (seq2seq), and
+`validation.fp32` (the fp32 report a variant was built from).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from onnxpipe.errors import ExportError, SourceError, UsageError
+from onnxpipe.errors import ExportError, MissingExtraError, OnnxpipeError, SourceError, UsageError
+from onnxpipe.export.tasks import FAMILY, TASKS, check_exportable, check_task, infer_task, optimum_task  # noqa: F401
 from onnxpipe.manifest import write_manifest
 
-TASKS = (
-    "text-classification",
-    "token-classification",
-    "feature-extraction",
-    "fill-mask",
-    "text-generation",
-    "text2text-generation",
-)
-FAMILY = {
-    "text-classification": "encoder",
-    "token-classification": "encoder",
-    "feature-extraction": "encoder",
-    "fill-mask": "encoder",
-    "text-generation": "decoder",
-    "text2text-generation": "seq2seq",
-}
-# Architecture-name suffix -> task, most specific first.
-_SUFFIX_TASK = (
-    ("ForSequenceClassification", "text-classification"),
-    ("ForTokenClassification", "token-classification"),
-    ("ForMaskedLM", "fill-mask"),
-    ("ForCausalLM", "text-generation"),
-    ("LMHeadModel", "text-generation"),
-    ("ForConditionalGeneration", "text2text-generation"),
-    ("MTModel", "text2text-generation"),
-    ("Model", "feature-extraction"),
-)
+Progress = Callable[[str, str], None]
+TMP_MARK = ".onnxpipe-tmp-"
+STAGES = ("load", "export", "validate", "write")
 
 
-def infer_task(config: dict[str, Any]) -> str:
-    for arch in config.get("architectures") or []:
-        for suffix, task in _SUFFIX_TASK:
-            if arch.endswith(suffix):
-                return task
-    raise UsageError(
-        f"cannot infer the task from architectures {config.get('architectures')!r}",
-        hint="pass --task, one of: " + ", ".join(sorted(TASKS)),
-    )
+def _no_progress(stage: str, message: str) -> None:
+    pass
 
 
-def export_model(source: str | Path, output: str | Path, task: str | None = None, **options: Any) -> dict[str, Any]:
-    """Export SOURCE into the folder OUTPUT and return the manifest written there."""
-    from optimum.exporters.onnx import main_export
+def require_export_stack() -> None:
+    """Fail with "install onnxpipe[export]" before anything else when the export extra is missing."""
+    import importlib
 
-    source = Path(source)
-    output = Path(output)
-    config = json.loads((source / "config.json").read_text())
-    task = task or infer_task(config)
-    if task not in TASKS:
-        raise UsageError(f"unknown task {task!r}", hint="one of: " + ", ".join(sorted(TASKS)))
-    family = FAMILY[task]
-    optimum_task = task + "-with-past" if family in ("decoder", "seq2seq") else task
+    for module in ("torch", "transformers", "optimum.exporters.onnx", "onnx"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise MissingExtraError("export", "onnxpipe export", missing=module.split(".")[0]) from None
+
+
+def export_model(
+    source: str | Path,
+    output: str | Path,
+    task: str | None = None,
+    *,
+    force: bool = False,
+    optimize: str | None = None,
+    quantize: str | None = None,
+    fp16: bool = False,
+    validate_with: str | Path | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    opset: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Export SOURCE (folder, .gguf file or hub id) into the folder OUTPUT; return the manifest written there."""
+    from onnxpipe.export.variants import OPTIMIZATION_LEVELS, QUANTIZATIONS
+
+    progress = progress or _no_progress
+    output = Path(output).expanduser()
+    require_export_stack()
+    if task is not None:
+        check_task(task)
+    if optimize is not None and optimize not in OPTIMIZATION_LEVELS:
+        raise UsageError(f"unknown optimisation level {optimize!r}", hint="one of: " + ", ".join(OPTIMIZATION_LEVELS))
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise UsageError(f"unknown quantisation {quantize!r}", hint="one of: " + ", ".join(QUANTIZATIONS))
+    if fp16 and quantize:
+        raise UsageError("--fp16 and --quantize exclude each other", hint="fp16 is for CUDA, int8 for the CPU")
+    _check_target(output, force)
+    texts, inputs_note = _validation_texts(validate_with)
+    if fp16:
+        from onnxpipe.export.variants import require_cuda_for_fp16
+
+        require_cuda_for_fp16()  # before anything is written
+
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    clean_stale_temporaries(output.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}{TMP_MARK}{os.getpid()}-", dir=output.parent))
     try:
-        main_export(str(source), tmp, task=optimum_task, do_validation=False)
-        if family == "seq2seq":
-            for f in ("decoder_model.onnx", "decoder_with_past_model.onnx"):
-                (tmp / f).unlink(missing_ok=True)
-            files = {"encoder": "encoder_model.onnx", "decoder": "decoder_model_merged.onnx"}
-        else:
-            files = {"model": "model.onnx"}
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(source)
-        if not (tmp / "tokenizer.json").exists():
-            tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
-        cfg = json.loads((tmp / "config.json").read_text())
-        labels = None
-        if task in ("text-classification", "token-classification"):
-            id2label = cfg.get("id2label") or {}
-            labels = [id2label[str(i)] for i in range(len(id2label))]
-        eos = cfg.get("eos_token_id")
-        manifest = {
-            "name": output.name,
-            "task": task,
-            "family": family,
-            "architecture": (cfg.get("architectures") or [None])[0],
-            "model_type": cfg.get("model_type"),
-            "source": {"kind": "folder", "path": str(source.resolve())},
-            "files": files,
-            "tokenizer": {
-                "file": "tokenizer.json",
-                "target_file": None,
-                "max_length": int(min(tok.model_max_length, 1 << 20)),
-                "chat_template": "chat_template.jinja" if (tmp / "chat_template.jinja").exists() else None,
-            },
-            "special_tokens": {
-                "bos_token_id": cfg.get("bos_token_id"),
-                "eos_token_id": eos if isinstance(eos, list) or eos is None else [eos],
-                "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else cfg.get("pad_token_id"),
-                "mask_token_id": tok.mask_token_id,
-                "unk_token_id": tok.unk_token_id,
-                "decoder_start_token_id": cfg.get("decoder_start_token_id"),
-            },
-            "labels": labels,
-            "problem_type": cfg.get("problem_type"),
-            "pooling": "mean" if task == "feature-extraction" else None,
-            "normalize": False,
-            "opset": None,
-            "precision": "fp32",
-            "optimization": None,
-            "validation": {"passed": False, "note": "first cut: not validated"},
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        write_manifest(tmp, manifest)
-        if output.exists():
-            if not options.get("force"):
-                raise UsageError(f"{output} exists", hint="pass --force to replace it")
-            shutil.rmtree(output)
-        tmp.rename(output)
+        manifest = _build(
+            source, tmp, output.name, task,
+            dict(optimize=optimize, quantize=quantize, fp16=fp16, trust_remote_code=trust_remote_code,
+                 revision=revision, opset=opset),
+            texts, inputs_note, progress,
+        )
+        progress("write", f"writing {output}")
+        _check_target(output, force)
+        _move_into_place(tmp / "export", output)
         return manifest
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+# --- the stages -------------------------------------------------------------------------
+
+def _build(source, tmp: Path, name: str, task: str | None, opts: dict, texts: list[str], inputs_note: str,
+           progress: Progress) -> dict[str, Any]:
+    from onnxpipe.export import tasks as tasks_mod
+    from onnxpipe.export import validate as val
+    from onnxpipe.export.quiet import quiet_libraries
+    from onnxpipe.export.source import resolve_source
+    from onnxpipe.export.tokenizer import check_tokenizers, load_tokenizers, save_tokenizers
+
+    progress("load", f"loading {source}")
+    src = resolve_source(source, tmp / "source", revision=opts["revision"])
+    config = json.loads((src.folder / "config.json").read_text(encoding="utf-8"))
+    task = task or infer_task(config)
+    family = FAMILY[task]
+    model_type = config.get("model_type")
+    check_exportable(model_type, task)
+    with quiet_libraries():
+        toks = load_tokenizers(src.folder, config, opts["trust_remote_code"])
+        try:
+            model = tasks_mod.load_model(src.folder, task, src.use_safetensors, opts["trust_remote_code"])
+        except OnnxpipeError:
+            raise
+        except Exception as exc:
+            raise SourceError(f"cannot load the model from {_name_weights(src)}: {_first_line(exc)}") from None
+    progress("load", f"{type(model).__name__} ({model_type}), task {task}, {_count_parameters(model)} parameters")
+
+    out = tmp / "export"
+    progress("export", f"exporting {optimum_task(task)} with optimum" + (f", optimisation {opts['optimize']}" if opts["optimize"] else ""))
+    files = _export_graphs(model, out, task, family, opts)
+    tokenizer_record = save_tokenizers(toks, out)
+    check_texts = list(dict.fromkeys(val.GENERATED_TEXTS + texts[:256]))
+    tokenizer_record["check"] = check_tokenizers(toks, check_texts)
+
+    from tokenizers import Tokenizer
+
+    fast = Tokenizer.from_file(str(out / "tokenizer.json"))
+    special = _special_tokens(toks.special_tokens, out)
+    all_texts = val.GENERATED_TEXTS + texts
+    precision = "fp16" if opts["fp16"] else (opts["quantize"] or "fp32")
+
+    progress("validate", f"validating {precision}{'/' + opts['optimize'] if opts['optimize'] else ''} against PyTorch on {inputs_note}")
+    report = val.validate(model, out, task, family, files, fast, all_texts,
+                          val.budget_for("fp32", opts["optimize"]), inputs_note, special_tokens=special)
+    val.raise_if_failed(report, "the exported ONNX graph" if not opts["optimize"] else f"the {opts['optimize']} graph")
+    if precision != "fp32":
+        from onnxpipe.export import variants
+
+        progress("export", f"building the {precision} variant")
+        with quiet_libraries():
+            if precision == "int8":
+                variants.quantize_int8(out, list(files.values()))
+            else:
+                variants.convert_fp16(out, list(files.values()))
+        provider = "CUDAExecutionProvider" if precision == "fp16" else "CPUExecutionProvider"
+        progress("validate", f"validating the {precision} variant against fp32")
+        baseline = report
+        report = val.validate(model, out, task, family, files, fast, all_texts,
+                              val.budget_for(precision, opts["optimize"]), inputs_note, provider=provider,
+                              special_tokens=special)
+        report["fp32"] = {k: baseline[k] for k in ("passed", "tolerance", "outputs", "label_agreement", "greedy") if k in baseline}
+        val.raise_if_failed(report, f"the {precision} variant")
+
+    manifest = _manifest(name, task, family, config, out, files, tokenizer_record, special, src, precision,
+                         opts, report)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _export_graphs(model, out: Path, task: str, family: str, opts: dict) -> dict[str, str]:
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    from onnxpipe.export.quiet import quiet_libraries
+
+    with quiet_libraries():
+        try:
+            onnx_export_from_model(
+                model, out, task=optimum_task(task), opset=opts["opset"], optimize=opts["optimize"],
+                do_validation=False,
+            )
+        except OnnxpipeError:
+            raise
+        except NotImplementedError as exc:
+            raise ExportError(f"optimum cannot {('optimise (' + opts['optimize'] + ') ') if opts['optimize'] else 'export'} "
+                              f"{model.config.model_type}: {_first_line(exc)}") from None
+        except Exception as exc:
+            raise ExportError(f"the ONNX export failed: {_first_line(exc)}", hint="run with -v --traceback for details") from None
+    if family == "seq2seq":
+        files = {"encoder": "encoder_model.onnx", "decoder": "decoder_model_merged.onnx"}
+    else:
+        files = {"model": "model.onnx"}
+    for path in out.glob("*.onnx"):
+        if path.name not in files.values():  # unmerged decoders: the merged one does both jobs
+            path.unlink()
+            for data in (path.with_name(path.name + "_data"), path.with_name(path.name + ".data")):
+                data.unlink(missing_ok=True)
+    missing = [f for f in files.values() if not (out / f).is_file()]
+    if missing:
+        raise ExportError(f"optimum did not write {', '.join(missing)}")
+    return files
+
+
+def _manifest(name, task, family, config, out: Path, files, tokenizer_record, special, src, precision, opts,
+              report) -> dict[str, Any]:
+    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    labels = None
+    if task in ("text-classification", "token-classification"):
+        id2label = cfg.get("id2label") or {}
+        labels = [id2label.get(str(i), f"LABEL_{i}") for i in range(len(id2label))]
+    source_record = dict(src.record)
+    source_record["weights"] = [p.name for p in src.weights]
+    pooling, normalize = _pooling(src.folder) if task == "feature-extraction" else (None, False)
+    return {
+        "name": name,
+        "task": task,
+        "family": family,
+        "architecture": (cfg.get("architectures") or config.get("architectures") or [None])[0],
+        "model_type": cfg.get("model_type"),
+        "source": source_record,
+        "files": files,
+        "tokenizer": tokenizer_record,
+        "special_tokens": special,
+        "labels": labels,
+        "problem_type": cfg.get("problem_type") if labels else None,
+        "pooling": pooling,
+        "normalize": normalize,
+        "opset": _opset(out / next(iter(files.values()))),
+        "precision": precision,
+        "optimization": opts["optimize"],
+        "graph": _graph(out, files),
+        "validation": report,
+        "versions": tool_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# --- pieces -----------------------------------------------------------------------------
+
+def _check_target(output: Path, force: bool) -> None:
+    if output.exists() or output.is_symlink():
+        if not output.is_dir():
+            raise UsageError(f"{output} exists and is not a folder", hint="choose another --output or --name")
+        if not force:
+            raise UsageError(f"{output} already exists", hint="pass --force to replace it")
+
+
+def _move_into_place(built: Path, output: Path) -> None:
+    """Rename BUILT to OUTPUT; an existing OUTPUT (--force) is swapped out first, then removed."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}{TMP_MARK}{os.getpid()}-old")
+        shutil.rmtree(old, ignore_errors=True)
+        output.rename(old)
+    try:
+        built.rename(output)
+    except OSError as exc:
+        if old is not None:
+            old.rename(output)
+        raise ExportError(f"cannot move the export into {output}: {exc}") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_stale_temporaries(parent: Path) -> None:
+    """Remove temporary export folders left by processes that no longer run (killed exports)."""
+    for path in parent.glob(f".*{TMP_MARK}*"):
+        pid_text = path.name.split(TMP_MARK, 1)[1].split("-", 1)[0]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _validation_texts(validate_with: str | Path | None) -> tuple[list[str], str]:
+    from onnxpipe.export.validate import GENERATED_TEXTS
+
+    note = f"{len(GENERATED_TEXTS)} generated texts"
+    if validate_with is None:
+        return [], note
+    path = Path(validate_with)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--validate-with {path}: {exc.strerror or exc}") from None
+    lines = [line.strip() for line in raw.decode("utf-8", errors="replace").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise UsageError(f"--validate-with {path} has no non-empty lines")
+    return lines, f"{note} + {len(lines)} lines of {path.name}"
+
+
+def _special_tokens(from_tokenizer: dict[str, Any], out: Path) -> dict[str, Any]:
+    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    gen_path = out / "generation_config.json"
+    gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
+
+    def first(*values):
+        return next((v for v in values if v is not None), None)
+
+    eos = first(gen.get("eos_token_id"), cfg.get("eos_token_id"), from_tokenizer.get("eos_token_id"))
+    special = dict(from_tokenizer)
+    special.update({
+        "bos_token_id": first(gen.get("bos_token_id"), cfg.get("bos_token_id"), from_tokenizer.get("bos_token_id")),
+        "eos_token_id": eos if isinstance(eos, list) or eos is None else [eos],
+        "pad_token_id": first(from_tokenizer.get("pad_token_id"), gen.get("pad_token_id"), cfg.get("pad_token_id")),
+        "decoder_start_token_id": first(gen.get("decoder_start_token_id"), cfg.get("decoder_start_token_id")),
+    })
+    return special
+
+
+def _graph(out: Path, files: dict[str, str]) -> dict[str, Any]:
+    """Input and output names, and the key/value cache geometry the runtime must allocate."""
+    from onnxpipe.export.validate import session
+
+    main = files.get("model") or files["decoder"]
+    sess = session(out / main)
+    graph: dict[str, Any] = {
+        "inputs": [i.name for i in sess.get_inputs()],
+        "outputs": [o.name for o in sess.get_outputs()],
+    }
+    past = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    if past:
+        keys = [i for i in past if i.name.endswith(".key") and ".encoder." not in i.name]
+        graph["num_layers"] = len(keys)
+        graph["num_kv_heads"] = keys[0].shape[1] if isinstance(keys[0].shape[1], int) else None
+        graph["head_dim"] = keys[0].shape[3] if isinstance(keys[0].shape[3], int) else None
+        graph["past_dtype"] = "float16" if "float16" in keys[0].type else "float32"
+    if "encoder" in files:
+        enc = session(out / files["encoder"])
+        graph["encoder_inputs"] = [i.name for i in enc.get_inputs()]
+        graph["encoder_outputs"] = [o.name for o in enc.get_outputs()]
+    return graph
+
+
+def _opset(path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _pooling(folder: Path) -> tuple[str, bool]:
+    """A sentence-transformers folder says how it pools and whether it normalises; else mean, raw."""
+    pooling_cfg = folder / "1_Pooling" / "config.json"
+    modules = folder / "modules.json"
+    pooling, normalize = "mean", False
+    try:
+        if pooling_cfg.is_file():
+            cfg = json.loads(pooling_cfg.read_text(encoding="utf-8"))
+            if cfg.get("pooling_mode_cls_token"):
+                pooling = "cls"
+            elif cfg.get("pooling_mode_max_tokens"):
+                pooling = "max"
+        if modules.is_file():
+            normalize = any("Normalize" in m.get("type", "") for m in json.loads(modules.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        pass
+    return pooling, normalize
+
+
+def tool_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    from onnxpipe import __version__
+
+    def version(*dists: str) -> str | None:
+        for dist in dists:
+            try:
+                return metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+        return None
+
+    return {
+        "onnxpipe": __version__,
+        "onnxruntime": version("onnxruntime-gpu", "onnxruntime"),
+        "optimum": version("optimum"),
+        "optimum-onnx": version("optimum-onnx"),
+        "transformers": version("transformers"),
+        "torch": version("torch"),
+        "onnx": version("onnx"),
+        "tokenizers": version("tokenizers"),
+    }
+
+
+def _count_parameters(model) -> str:
+    n = sum(p.numel() for p in model.parameters())
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _name_weights(src) -> str:
+    return ", ".join(str(p) for p in src.weights) or str(src.folder)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -1,0 +1,100 @@
+"""`onnxpipe export`: a checkpoint in, a validated ONNX export folder out."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from onnxpipe import console
+from onnxpipe.errors import UsageError
+
+TASK_CHOICES = (
+    "text-classification",
+    "token-classification",
+    "feature-extraction",
+    "fill-mask",
+    "text-generation",
+    "text2text-generation",
+)
+
+
+@click.command("export")
+@click.argument("source")
+@click.option("--task", type=click.Choice(TASK_CHOICES), help="What the export does. Default: inferred from config.json.")
+@click.option("--name", help="Save as NAME in the export home ($ONNXPIPE_HOME). Default: the source's name.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Save into this folder instead.")
+@click.option("--force", is_flag=True, help="Replace an existing export of the same name.")
+@click.option("--optimize", type=click.Choice(["O1", "O2", "O3"]), help="ONNX Runtime graph optimisation level.")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Dynamic int8 quantisation for the CPU.")
+@click.option("--fp16", is_flag=True, help="Half precision for CUDA (needs a working CUDA provider).")
+@click.option("--validate-with", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also validate on the lines of this text file.")
+@click.option("--trust-remote-code", is_flag=True, help="Run model code shipped with the checkpoint (off by default).")
+@click.option("--revision", help="Hub revision (branch, tag or commit) for a hub id.")
+@click.option("--opset", type=int, help="ONNX opset. Default: optimum's choice for the architecture.")
+def export(source: str, task: str | None, name: str | None, output: Path | None, force: bool, optimize: str | None,
+           quantize: str | None, fp16: bool, validate_with: Path | None, trust_remote_code: bool,
+           revision: str | None, opset: int | None) -> None:
+    """Export a checkpoint to a validated ONNX folder.
+
+    SOURCE is a local Hugging Face folder, a .gguf file or a hub id. The export is checked
+    against the PyTorch model (outputs, labels, greedy ids) and kept only if it passes;
+    progress and a summary go to stderr.
+
+    \b
+      onnxpipe export ./my-finetuned-bert --name sentiment
+      onnxpipe export ./opus-mt-en-de --validate-with en.txt
+      onnxpipe export ./smollm2.gguf --name smollm2 --quantize int8
+    """
+    from onnxpipe.export import export_model
+    from onnxpipe.home import export_home
+
+    if name and output:
+        raise UsageError("--name and --output exclude each other", hint="--name saves in the export home, --output anywhere")
+    if output is None:
+        name = name or default_name(source)
+        if not name or name.startswith(".") or "/" in name or "\\" in name:
+            raise UsageError(f"invalid export name {name!r}", hint="pass --name NAME (no slashes, not starting with '.')")
+        output = export_home() / name
+    started = time.monotonic()
+    manifest = export_model(
+        source, output, task=task, force=force, optimize=optimize, quantize=quantize, fp16=fp16,
+        validate_with=validate_with, trust_remote_code=trust_remote_code, revision=revision, opset=opset,
+        progress=_progress,
+    )
+    _summary(manifest, output, time.monotonic() - started)
+
+
+def default_name(source: str) -> str:
+    """The folder's name, the .gguf file's stem, or the last part of a hub id."""
+    path = Path(source.rstrip("/\\"))
+    if path.suffix.lower() == ".gguf":
+        return path.stem
+    return path.resolve().name if path.exists() else path.name
+
+
+def _progress(stage: str, message: str) -> None:
+    console.info(f"{stage:<9} {message}")
+
+
+def _summary(manifest: dict, output: Path, seconds: float) -> None:
+    from onnxpipe.commands.info import human_size, validation_rows
+
+    if console.VERBOSITY["level"] < 0:
+        return
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    variant = manifest["precision"] + (f" {manifest['optimization']}" if manifest.get("optimization") else "")
+    table.add_row("export", str(output))
+    table.add_row("task", f"{manifest['task']} ({manifest['architecture']})")
+    table.add_row("variant", variant)
+    table.add_row("size", human_size(sum(f.stat().st_size for f in output.rglob("*") if f.is_file())))
+    for key, value in validation_rows(manifest["validation"]):
+        table.add_row(key, value)
+    table.add_row("time", f"{seconds:.1f}s")
+    console.stderr().print(table)

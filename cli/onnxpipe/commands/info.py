@@ -1,0 +1,130 @@
+"""`onnxpipe info`: one export's manifest, readable."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+
+@click.command("info")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest (onnxpipe.json) as it is.")
+def info(model: str, as_json: bool) -> None:
+    """Show how an export was made and how it validated.
+
+    MODEL is an export folder or a name in the export home.
+    """
+    from onnxpipe.home import resolve_model
+    from onnxpipe.manifest import read_manifest
+
+    folder = resolve_model(model)
+    manifest = read_manifest(folder)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(highlight=False, soft_wrap=True)
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    source = manifest.get("source") or {}
+    rows = [
+        ("name", manifest.get("name")),
+        ("path", str(folder)),
+        ("task", manifest.get("task")),
+        ("architecture", f"{manifest.get('architecture')} ({manifest.get('model_type')})"),
+        ("source", f"{source.get('kind')}: {source.get('path') or source.get('id')}"
+                   + (f" @ {source['revision']}" if source.get("revision") else "")),
+        ("sha256", source.get("sha256")),
+        ("files", ", ".join(f"{k}={v}" for k, v in (manifest.get("files") or {}).items())),
+        ("size", human_size(size)),
+        ("precision", manifest.get("precision")),
+        ("optimization", manifest.get("optimization") or "none"),
+        ("opset", manifest.get("opset")),
+        ("tokenizer", _tokenizer(manifest.get("tokenizer") or {})),
+        ("labels", ", ".join(manifest["labels"]) if manifest.get("labels") else None),
+        ("problem type", manifest.get("problem_type")),
+        ("pooling", f"{manifest['pooling']}{', normalized' if manifest.get('normalize') else ''}" if manifest.get("pooling") else None),
+        ("special tokens", ", ".join(f"{k.removesuffix('_token_id')}={v}" for k, v in (manifest.get("special_tokens") or {}).items() if v is not None)),
+        ("graph", _graph(manifest.get("graph") or {})),
+    ]
+    for key, value in rows:
+        if value not in (None, ""):
+            table.add_row(key, str(value))
+    out.print(table)
+    out.print()
+    validation = manifest.get("validation") or {}
+    table = Table(show_header=False, box=None, pad_edge=False, title="validation", title_justify="left", title_style="bold")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in validation_rows(validation):
+        table.add_row(key, value)
+    out.print(table)
+    versions = manifest.get("versions") or {}
+    out.print()
+    out.print("made with " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + f" on {manifest.get('created')}")
+
+
+def human_size(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def validation_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
+    """The validation report as (label, text) rows: shared by `info` and the export summary."""
+    if not v:
+        return [("validated", "no report")]
+    rows = [("validated", ("passed" if v.get("passed") else "FAILED") + f" against {v.get('reference', 'PyTorch')}"
+             + (f" on {v['provider']}" if v.get("provider") else ""))]
+    rows.append(("inputs", str(v.get("inputs"))))
+    outputs = v.get("outputs") or {}
+    if outputs:
+        worst = sorted(outputs.items(), key=lambda kv: -(kv[1].get("max_abs_diff") or 0))
+        shown = ", ".join(f"{name} {o['max_abs_diff']:.2g}" for name, o in worst[:4])
+        more = f" (+{len(worst) - 4} more)" if len(worst) > 4 else ""
+        rows.append(("max abs diff", f"{shown}{more}; tolerance {v.get('tolerance'):g}"))
+    if "label_agreement" in v:
+        rows.append(("label agreement", f"{v['label_agreement']:.2%}"))
+    if "greedy" in v:
+        g = v["greedy"]
+        rows.append(("greedy ids", f"{g['identical']}/{g['sequences']} sequences identical over {g['steps']} steps"
+                     f" ({g['agreement']:.0%} of steps before a divergence)"))
+    if "cosine_similarity" in v:
+        c = v["cosine_similarity"]
+        rows.append(("cosine similarity", f"min {c['min']:.4f}, mean {c['mean']:.4f}"))
+    topk = next((k for k in v if k.startswith("top") and k.endswith("_overlap")), None)
+    if topk:
+        rows.append((topk.replace("_", " "), f"{v[topk]:.2%}"))
+    if v.get("fp32"):
+        f = v["fp32"]
+        worst = max((o["max_abs_diff"] for o in (f.get("outputs") or {}).values()), default=0.0)
+        rows.append(("fp32 baseline", ("passed" if f.get("passed") else "failed") + f", max abs diff {worst:.2g}"))
+    for failure in v.get("failures") or []:
+        rows.append(("failure", failure))
+    return rows
+
+
+def _tokenizer(t: dict[str, Any]) -> str:
+    parts = [t.get("file") or "?"]
+    if t.get("target_file"):
+        parts.append(f"target {t['target_file']}")
+    if t.get("chat_template"):
+        parts.append(f"chat template {t['chat_template']}")
+    if t.get("max_length"):
+        parts.append(f"max length {t['max_length']}")
+    return ", ".join(parts)
+
+
+def _graph(g: dict[str, Any]) -> str:
+    text = f"inputs {', '.join(i for i in g.get('inputs', []) if not i.startswith('past_key_values.'))}"
+    if g.get("num_layers"):
+        text += f"; KV cache {g['num_layers']} layers x {g.get('num_kv_heads')} heads x {g.get('head_dim')}"
+    return text

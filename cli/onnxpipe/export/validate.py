@@ -1,0 +1,415 @@
+"""Check an export against its PyTorch model before it is kept.
+
+The oracle is the fp32 PyTorch model. Every ONNX output is compared (max abs diff), classifiers
+must pick the same labels, and generators must produce the same greedy ids for a number of steps,
+run through the past-key-values graph exactly as the runtime runs it. Lossy variants (int8, fp16)
+are judged on a quality budget (label agreement, top-k overlap, cosine similarity) as well.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxpipe.errors import ValidationError
+
+# Generated inputs: short and long, punctuation, digits, accents; something for every tokenizer.
+GENERATED_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "I loved every minute of it!",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+    "Numbers like 42 and 3.14 appear in text too; so do accents: Zürich, São Paulo.",
+    "Short.",
+    "A longer sentence that keeps going, with commas, clauses and a few more words than the others have.",
+]
+GREEDY_STEPS = 8
+MAX_FILE_LINES = {"encoder": 256, "decoder": 16, "seq2seq": 16}
+TOP_K = 5
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a variant must reproduce. atol is on every output; the rest are quality figures."""
+
+    atol: float
+    min_label_agreement: float = 1.0
+    min_greedy_agreement: float = 1.0
+    min_cosine: float = 0.0
+
+
+# fp32: ORT and PyTorch run the same maths in a different order; real models reach ~1e-4 on
+# logits of magnitude 10-30, tiny random ones ~1e-6. Optimised graphs fuse kernels (O3 also
+# approximates GeLU). int8 and fp16 are lossy: the tolerance only catches a broken graph, and the
+# budget on agreement is what decides.
+BUDGETS = {
+    "fp32": Budget(atol=1e-3),
+    "O1": Budget(atol=1e-3),
+    "O2": Budget(atol=1e-3),
+    "O3": Budget(atol=1e-2, min_label_agreement=0.9, min_greedy_agreement=0.75, min_cosine=0.99),
+    "int8": Budget(atol=10.0, min_label_agreement=0.75, min_greedy_agreement=0.0, min_cosine=0.9),
+    "fp16": Budget(atol=0.5, min_label_agreement=0.9, min_greedy_agreement=0.5, min_cosine=0.99),
+}
+
+
+def budget_for(precision: str, optimization: str | None) -> Budget:
+    if precision != "fp32":
+        return BUDGETS[precision]
+    return BUDGETS[optimization] if optimization else BUDGETS["fp32"]
+
+
+def session(path: Path, provider: str = "CPUExecutionProvider"):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=[provider])
+
+
+def validate(
+    model,
+    folder: Path,
+    task: str,
+    family: str,
+    files: dict[str, str],
+    tokenizer,
+    texts: list[str],
+    budget: Budget,
+    inputs_note: str,
+    provider: str = "CPUExecutionProvider",
+    special_tokens: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the export and MODEL on TEXTS; return the report (raise nothing: `passed` says)."""
+    import torch
+
+    texts = [t for t in texts if t.strip()] or GENERATED_TEXTS
+    with torch.inference_mode():
+        if family == "encoder":
+            figures = _encoder(model, session(folder / files["model"], provider), task, tokenizer, texts)
+        elif family == "decoder":
+            figures = _decoder(model, session(folder / files["model"], provider), tokenizer, texts, special_tokens or {})
+        else:
+            figures = _seq2seq(
+                model,
+                session(folder / files["encoder"], provider),
+                session(folder / files["decoder"], provider),
+                tokenizer,
+                texts,
+                special_tokens or {},
+            )
+    outputs = figures.pop("outputs")
+    failures = [f"{name} differs by {o['max_abs_diff']:.3g} > {budget.atol:g}" for name, o in outputs.items()
+                if not o["max_abs_diff"] <= budget.atol]  # `not <=` also catches NaN
+    if "label_agreement" in figures and figures["label_agreement"] < budget.min_label_agreement:
+        failures.append(f"label agreement {figures['label_agreement']:.3f} < {budget.min_label_agreement}")
+    if "greedy" in figures and figures["greedy"]["agreement"] < budget.min_greedy_agreement:
+        failures.append(f"greedy ids agree on {figures['greedy']['agreement']:.3f} of steps < {budget.min_greedy_agreement}")
+    if "cosine_similarity" in figures and not figures["cosine_similarity"]["min"] >= budget.min_cosine:
+        failures.append(f"cosine similarity {figures['cosine_similarity']['min']:.4f} < {budget.min_cosine}")
+    return {
+        "passed": not failures,
+        "failures": failures,
+        "reference": "PyTorch fp32",
+        "provider": provider,
+        "tolerance": budget.atol,
+        "budget": {k: v for k, v in budget.__dict__.items() if k != "atol"},
+        "inputs": inputs_note,
+        "outputs": outputs,
+        **figures,
+    }
+
+
+def raise_if_failed(report: dict[str, Any], what: str) -> None:
+    if not report["passed"]:
+        raise ValidationError(f"{what} failed validation against PyTorch: " + "; ".join(report["failures"]))
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+def _diff(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+def _merge(outputs: dict[str, dict], name: str, value: float) -> None:
+    old = outputs.get(name, {}).get("max_abs_diff", 0.0)
+    outputs[name] = {"max_abs_diff": max(old, value) if value == value else value}
+
+
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return num / np.maximum(den, 1e-12)
+
+
+def _topk_overlap(ref: np.ndarray, got: np.ndarray, k: int = TOP_K) -> float:
+    ref = ref.reshape(-1, ref.shape[-1])
+    got = got.reshape(-1, got.shape[-1])
+    k = min(k, ref.shape[-1])
+    r = np.argsort(-ref, axis=-1)[:, :k]
+    g = np.argsort(-got, axis=-1)[:, :k]
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(r, g)]))
+
+
+def _quality(figures: dict, ref: list[np.ndarray], got: list[np.ndarray]) -> None:
+    """Cosine similarity and top-k overlap of output rows, over all inputs."""
+    cos = np.concatenate([_cosine_rows(r, g) for r, g in zip(ref, got)])
+    figures["cosine_similarity"] = {"min": round(float(cos.min()), 6), "mean": round(float(cos.mean()), 6)}
+    if ref[0].shape[-1] > 1:
+        figures[f"top{TOP_K}_overlap"] = round(float(np.mean([_topk_overlap(r, g) for r, g in zip(ref, got)])), 4)
+
+
+def _encode(tokenizer, texts: list[str], max_length: int | None = None) -> list[Any]:
+    encodings = tokenizer.encode_batch(texts)
+    if max_length:
+        for e in encodings:
+            e.truncate(max_length)
+    return encodings
+
+
+def _pad(encodings, pad_id: int) -> dict[str, np.ndarray]:
+    width = max(1, max(len(e.ids) for e in encodings))
+    ids = np.full((len(encodings), width), pad_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    types = np.zeros_like(ids)
+    for row, e in enumerate(encodings):
+        n = len(e.ids)
+        ids[row, :n] = e.ids
+        mask[row, :n] = 1
+        types[row, :n] = e.type_ids
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+# --- encoders ---------------------------------------------------------------------------
+
+def _encoder(model, sess, task: str, tokenizer, texts: list[str]) -> dict[str, Any]:
+    import torch
+
+    input_names = [i.name for i in sess.get_inputs()]
+    output_names = [o.name for o in sess.get_outputs()]
+    pad_id = tokenizer.padding["pad_id"] if tokenizer.padding else 0
+    max_length = getattr(model.config, "max_position_embeddings", None)
+    if max_length and getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        max_length -= 2
+    outputs: dict[str, dict] = {}
+    agree, total = 0, 0
+    ref_rows: list[np.ndarray] = []
+    got_rows: list[np.ndarray] = []
+    multi_label = getattr(model.config, "problem_type", None) == "multi_label_classification"
+    for start in range(0, len(texts), 16):
+        batch = _pad(_encode(tokenizer, texts[start:start + 16], max_length), pad_id)
+        feeds = {name: batch[name] for name in input_names}
+        got = dict(zip(output_names, sess.run(None, feeds)))
+        ref_out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        mask = batch["attention_mask"].astype(bool)
+        for name in output_names:
+            ref = getattr(ref_out, name).float().numpy()
+            out = got[name]
+            if ref.ndim == 3 and ref.shape[:2] == mask.shape:  # per token: ignore padding positions
+                ref, out = ref[mask], out[mask]
+            _merge(outputs, name, _diff(ref, out))
+            ref_rows.append(ref)
+            got_rows.append(out)
+            if task in ("text-classification", "token-classification", "fill-mask") and name == "logits":
+                if multi_label:
+                    same = ((ref > 0) == (out > 0)).all(-1)
+                else:
+                    same = ref.argmax(-1) == out.argmax(-1)
+                agree += int(same.sum())
+                total += int(same.size)
+    figures: dict[str, Any] = {"outputs": outputs, "texts": len(texts)}
+    if total:
+        figures["label_agreement"] = round(agree / total, 6)
+    _quality(figures, ref_rows, got_rows)
+    return figures
+
+
+# --- decoder-only -----------------------------------------------------------------------
+
+def _legacy(cache) -> list[tuple]:
+    """transformers' cache object as [(key, value), ...] per layer."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "to_legacy_cache"):
+        return list(cache.to_legacy_cache())
+    return list(cache)
+
+
+def _prompts(tokenizer, texts: list[str], special_tokens: dict[str, Any]) -> list[list[int]]:
+    fallback = special_tokens.get("bos_token_id")
+    eos = special_tokens.get("eos_token_id")
+    if fallback is None:
+        fallback = (eos[0] if isinstance(eos, list) else eos) or 0
+    prompts = []
+    for e in _encode(tokenizer, texts[: MAX_FILE_LINES["decoder"]], 64):
+        prompts.append(list(e.ids) or [fallback])
+    return prompts
+
+
+def _empty_past(sess, batch: int) -> dict[str, np.ndarray]:
+    past = {}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            heads, head_dim = i.shape[1], i.shape[3]
+            dtype = np.float16 if "float16" in i.type else np.float32
+            past[i.name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
+    return past
+
+
+def _decoder(model, sess, tokenizer, texts, special_tokens) -> dict[str, Any]:
+    import torch
+
+    input_names = {i.name for i in sess.get_inputs()}
+    output_names = [o.name for o in sess.get_outputs()]
+    outputs: dict[str, dict] = {}
+    identical, agreement = 0, []
+    ref_first: list[np.ndarray] = []
+    got_first: list[np.ndarray] = []
+    for prompt in _prompts(tokenizer, texts, special_tokens):
+        # PyTorch, step by step with its cache.
+        ref_ids, ref_logits = [], []
+        ids = torch.tensor([prompt])
+        cache, length, first_presents = None, 0, None
+        for step in range(GREEDY_STEPS):
+            length += ids.shape[1]
+            out = model(input_ids=ids, attention_mask=torch.ones((1, length), dtype=torch.long),
+                        past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1].float().numpy()
+            if step == 0:
+                first_presents = [t.float().numpy() for kv in _legacy(cache) for t in kv]
+                first_all = out.logits.float().numpy()
+            ref_logits.append(logits)
+            ref_ids.append(int(logits.argmax()))
+            ids = torch.tensor([[ref_ids[-1]]])
+        # ONNX Runtime, the way the runtime decodes.
+        got_ids, got_logits = [], []
+        feeds_past = _empty_past(sess, 1)
+        ids = np.array([prompt], dtype=np.int64)
+        past_len = 0
+        for step in range(GREEDY_STEPS):
+            n = ids.shape[1]
+            feeds = {"input_ids": ids, **feeds_past}
+            if "attention_mask" in input_names:
+                feeds["attention_mask"] = np.ones((1, past_len + n), dtype=np.int64)
+            if "position_ids" in input_names:
+                feeds["position_ids"] = np.arange(past_len, past_len + n, dtype=np.int64)[None]
+            result = dict(zip(output_names, sess.run(None, feeds)))
+            logits = result["logits"][:, -1].astype(np.float32)
+            if step == 0:
+                _merge(outputs, "logits", _diff(first_all, result["logits"]))
+                presents = [result[n_] for n_ in output_names if n_.startswith("present.")]
+                for name, ref, got in zip([n_ for n_ in output_names if n_.startswith("present.")], first_presents, presents):
+                    _merge(outputs, name, _diff(ref, got))
+            got_logits.append(logits)
+            got_ids.append(int(logits.argmax()))
+            feeds_past = {n_.replace("present.", "past_key_values.", 1): result[n_] for n_ in output_names if n_.startswith("present.")}
+            past_len += n
+            # Feed PyTorch's token, so later steps compare like with like even after a divergence.
+            ids = np.array([[ref_ids[step]]], dtype=np.int64)
+        _merge(outputs, "logits", _diff(np.concatenate(ref_logits), np.concatenate(got_logits)))
+        identical += int(ref_ids == got_ids)
+        agreement.append(_prefix_agreement(ref_ids, got_ids))
+        ref_first.append(np.concatenate(ref_logits))
+        got_first.append(np.concatenate(got_logits))
+    n = len(agreement)
+    figures = {
+        "outputs": outputs,
+        "texts": n,
+        "greedy": {"steps": GREEDY_STEPS, "sequences": n, "identical": identical, "agreement": round(float(np.mean(agreement)), 4)},
+    }
+    _quality(figures, ref_first, got_first)
+    return figures
+
+
+def _prefix_agreement(ref: list[int], got: list[int]) -> float:
+    """Share of steps before the first divergence: the figure that matters for greedy output."""
+    same = 0
+    for a, b in zip(ref, got):
+        if a != b:
+            break
+        same += 1
+    return same / max(1, len(ref))
+
+
+# --- encoder-decoder --------------------------------------------------------------------
+
+def _seq2seq(model, enc_sess, dec_sess, tokenizer, texts, special_tokens) -> dict[str, Any]:
+    import torch
+    from transformers.modeling_outputs import BaseModelOutput
+
+    enc_inputs = [i.name for i in enc_sess.get_inputs()]
+    dec_inputs = {i.name: i for i in dec_sess.get_inputs()}
+    dec_outputs = [o.name for o in dec_sess.get_outputs()]
+    start = special_tokens.get("decoder_start_token_id")
+    if start is None:
+        start = model.config.decoder_start_token_id
+    outputs: dict[str, dict] = {}
+    identical, agreement = 0, []
+    ref_all: list[np.ndarray] = []
+    got_all: list[np.ndarray] = []
+    max_length = getattr(model.config, "max_position_embeddings", None) or 512
+    encoder = model.get_encoder()
+    # T5's encoder stack refuses use_cache=True, which the export leaves on the shared config.
+    enc_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(encoder.forward).parameters else {}
+    for e in _encode(tokenizer, texts[: MAX_FILE_LINES["seq2seq"]], min(64, max_length)):
+        ids = np.array([e.ids or [special_tokens.get("eos_token_id", [0])[0]]], dtype=np.int64)
+        mask = np.ones_like(ids)
+        enc_feeds = {"input_ids": ids, "attention_mask": mask}
+        got_enc = enc_sess.run(None, {k: enc_feeds[k] for k in enc_inputs})[0]
+        ref_enc = encoder(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **enc_kwargs).last_hidden_state
+        _merge(outputs, "last_hidden_state", _diff(ref_enc.numpy(), got_enc))
+
+        ref_ids, ref_logits = [], []
+        dec = torch.tensor([[start]])
+        cache = None
+        for _ in range(GREEDY_STEPS):
+            out = model(encoder_outputs=BaseModelOutput(last_hidden_state=ref_enc), attention_mask=torch.from_numpy(mask),
+                        decoder_input_ids=dec, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1].float().numpy()
+            ref_logits.append(logits)
+            ref_ids.append(int(logits.argmax()))
+            dec = torch.tensor([[ref_ids[-1]]])
+
+        got_ids, got_logits = [], []
+        past = {}
+        for name, info in dec_inputs.items():
+            if name.startswith("past_key_values."):
+                past[name] = np.zeros((1, info.shape[1], 0, info.shape[3]), dtype=np.float16 if "float16" in info.type else np.float32)
+        dec_ids = np.array([[start]], dtype=np.int64)
+        cross = None
+        for step in range(GREEDY_STEPS):
+            feeds = {"input_ids": dec_ids, "encoder_hidden_states": got_enc, "encoder_attention_mask": mask, **past}
+            if "use_cache_branch" in dec_inputs:
+                feeds["use_cache_branch"] = np.array([step > 0])
+            result = dict(zip(dec_outputs, dec_sess.run(None, {k: v for k, v in feeds.items() if k in dec_inputs})))
+            logits = result["logits"][:, -1].astype(np.float32)
+            got_logits.append(logits)
+            got_ids.append(int(logits.argmax()))
+            if cross is None:  # the cross-attention cache is computed once, on the first step
+                cross = {n.replace("present.", "past_key_values.", 1): result[n] for n in dec_outputs if ".encoder." in n}
+            past = {n.replace("present.", "past_key_values.", 1): result[n] for n in dec_outputs if ".decoder." in n}
+            past.update(cross)
+            dec_ids = np.array([[ref_ids[step]]], dtype=np.int64)
+        _merge(outputs, "logits", _diff(np.concatenate(ref_logits), np.concatenate(got_logits)))
+        identical += int(ref_ids == got_ids)
+        agreement.append(_prefix_agreement(ref_ids, got_ids))
+        ref_all.append(np.concatenate(ref_logits))
+        got_all.append(np.concatenate(got_logits))
+    n = len(agreement)
+    figures = {
+        "outputs": outputs,
+        "texts": n,
+        "greedy": {"steps": GREEDY_STEPS, "sequences": n, "identical": identical, "agreement": round(float(np.mean(agreement)), 4)},
+    }
+    _quality(figures, ref_all, got_all)
+    return figures
