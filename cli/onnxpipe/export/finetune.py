@@ -196,7 +196,7 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, *, text_col
         raise SourceError(f"cannot load {base} for sequence classification: {exc}") from None
     finally:
         transformers.logging.set_verbosity(previous)
-    console.info(f"fine-tuning {base_path.name} ({model.config.model_type}) for {len(names)} labels: "
+    console.info(f"fine-tuning {base} ({model.config.model_type}) for {len(names)} labels: "
                  + ", ".join(f"{i}={n}" for i, n in id2label.items()))
     console.info(f"{len(train)} training examples, "
                  + (f"{len(val)} validation examples" if val else "no validation set"))
