@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "export": "onnxpipe.commands.export:export",
     "models": "onnxpipe.commands.models:models",
     "info": "onnxpipe.commands.info:info",
+    "classify": "onnxpipe.commands.classify:classify",
     "finetune": "onnxpipe.commands.finetune:finetune",
     "eval": "onnxpipe.commands.eval:eval_command",
 }

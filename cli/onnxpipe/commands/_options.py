@@ -1,0 +1,108 @@
+"""Options shared by the streaming commands, as decorators (one definition, same help everywhere).
+
+    @click.command("classify")
+    @model_option
+    @stream_options()              # inputs, -o, --format, --field, --column, batching, errors, device
+    @click.option("--top-k", ...)
+    def classify(model: str, stream: StreamOptions, top_k: int): ...
+
+`stream_options` collects its values into one StreamOptions passed as `stream`. Only click is
+imported here, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import click
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_BATCH_TOKENS = 16384
+
+
+@dataclass
+class StreamOptions:
+    inputs: tuple[str, ...] = ("-",)
+    output: str = "-"
+    output_format: str | None = None  # None: jsonl with --field, tsv with --column, else text
+    field: str | None = None
+    column: int | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS
+    on_error: str = "fail"
+    device: str = "auto"
+    threads: int | None = None
+    progress: bool | None = None  # None: when stderr is a terminal
+
+    @property
+    def format(self) -> str:
+        if self.output_format:
+            return self.output_format
+        return "jsonl" if self.field is not None else "tsv" if self.column is not None else "text"
+
+
+model_option = click.option(
+    "-m", "--model", required=True, metavar="MODEL",
+    help="An export: a name in the export home (see onnxpipe export) or a path to an export folder.",
+)
+
+
+def device_options(f: Callable) -> Callable:
+    """--device and --threads, for any command that makes ONNX Runtime sessions."""
+    f = click.option("--threads", type=click.IntRange(min=1), metavar="N",
+                     help="Intra-op threads for ONNX Runtime (default: one per physical core).")(f)
+    f = click.option("--device", default="auto", show_default=True, envvar="ONNXPIPE_DEVICE", metavar="auto|cpu|cuda[:N]",
+                     help="Where to run. auto uses CUDA when it really works, else CPU; "
+                          "cuda fails rather than fall back to CPU. [env: ONNXPIPE_DEVICE]")(f)
+    return f
+
+
+_STREAM_KEYS = ("inputs", "output", "output_format", "field", "column", "batch_size", "max_batch_tokens",
+                "on_error", "device", "threads", "progress")
+
+
+def stream_options(formats: tuple[str, ...] = ("text", "jsonl", "tsv"),
+                   batch_size: int = DEFAULT_BATCH_SIZE,
+                   max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS) -> Callable:
+    """The options every streaming command has; the command receives them as `stream: StreamOptions`.
+
+    FORMATS are the output formats the command can write (embed adds npy); BATCH_SIZE and
+    MAX_BATCH_TOKENS the command's defaults (generation wants smaller batches than encoders).
+    """
+
+    def decorator(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            values = {key: kwargs.pop(key) for key in _STREAM_KEYS}
+            values["inputs"] = tuple(values["inputs"]) or ("-",)
+            return f(*args, stream=StreamOptions(**values), **kwargs)
+
+        options = [
+            click.argument("inputs", nargs=-1, metavar="[FILE]...",
+                           type=click.Path(exists=True, dir_okay=False, allow_dash=True)),
+            click.option("-o", "--output", default="-", metavar="FILE", type=click.Path(dir_okay=False, allow_dash=True),
+                         help="Write results to FILE instead of stdout."),
+            click.option("--format", "output_format", type=click.Choice(formats),
+                         help="Output format. [default: text; jsonl with --field; tsv with --column]"),
+            click.option("--field", metavar="NAME",
+                         help="Input is JSONL: take the text from field NAME; the other fields pass through."),
+            click.option("--column", type=click.IntRange(min=1), metavar="N",
+                         help="Input is TSV: take the text from column N (1-based); the row passes through."),
+            click.option("--batch-size", type=click.IntRange(min=1), metavar="N", default=batch_size, show_default=True,
+                         help="Records per model run, at most."),
+            click.option("--max-batch-tokens", type=click.IntRange(min=1), metavar="N", default=max_batch_tokens,
+                         show_default=True, help="Padded tokens per model run, at most (rows x longest row)."),
+            click.option("--on-error", type=click.Choice(["fail", "null"]), default="fail", show_default=True,
+                         help="fail: stop at the first bad record. null: write an empty/error result for it, "
+                              "go on, and exit with 3 at the end."),
+            device_options,
+            click.option("--progress/--no-progress", default=None,
+                         help="Show a progress bar on stderr. [default: when stderr is a terminal]"),
+        ]
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorator

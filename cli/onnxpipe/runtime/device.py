@@ -1,0 +1,98 @@
+"""`--device auto|cpu|cuda[:N]` -> ONNX Runtime providers, and the check of what a session really got.
+
+onnxruntime-gpu lists CUDAExecutionProvider among the available providers even where the CUDA
+libraries cannot load; the session then silently runs on CPU. So the truth is read back from
+`session.get_providers()` after the session exists, and the C++ loader's multi-line complaints on
+fd 2 are captured and boiled down to one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+from onnxpipe.errors import DeviceError, UsageError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str  # "auto" | "cpu" | "cuda"
+    index: int = 0
+
+    def __str__(self) -> str:
+        return f"cuda:{self.index}" if self.kind == "cuda" else self.kind
+
+
+def parse_device(value: str | None) -> Device:
+    """'auto', 'cpu', 'cuda', 'cuda:1', 'gpu' -> Device; anything else is a usage error."""
+    text = (value or "auto").strip().lower()
+    if text in ("auto", "cpu"):
+        return Device(text)
+    match = re.fullmatch(r"(?:cuda|gpu)(?::(\d+))?", text)
+    if not match:
+        raise UsageError(f"unknown device {value!r}", hint="use auto, cpu, cuda or cuda:N")
+    return Device("cuda", int(match.group(1) or 0))
+
+
+def providers_for(device: Device, available: list[str]) -> list:
+    """The providers list to ask a session for (CPU always last, as the fallback ORT needs)."""
+    if device.kind == "cpu" or (device.kind == "auto" and CUDA not in available):
+        return [CPU]
+    if device.kind == "cuda" and CUDA not in available:
+        raise DeviceError(
+            "--device cuda: this onnxruntime build has no CUDA provider "
+            f"(available: {', '.join(available)})",
+            hint="install onnxruntime-gpu, or use --device cpu",
+        )
+    return [(CUDA, {"device_id": device.index}), CPU]
+
+
+@contextmanager
+def captured_stderr_fd() -> Iterator[list[str]]:
+    """Redirect fd 2 (where ORT's C++ logger writes) into a buffer for the duration of the block.
+
+    Yields a list that holds the captured text once the block has ended.
+    """
+    captured: list[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield captured
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured.append(tmp.read().decode("utf-8", "replace"))
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def cuda_failure_reason(log: str) -> str:
+    """One line out of ORT's CUDA loader noise: the missing library, or the first error message."""
+    text = _ANSI.sub("", log)
+    missing = re.search(r"(lib[\w.+-]+\.so[\w.]*): cannot open shared object file", text)
+    if missing:
+        return f"{missing.group(1)} not found"
+    need = re.search(r"Require (cuDNN [^.]+\.\* and CUDA [^.]+\.\*)", text)
+    if need:
+        return f"needs {need.group(1)}"
+    for line in text.splitlines():
+        line = line.strip()
+        if "CUDA" in line or "cuda" in line:
+            return line.rsplit("] ", 1)[-1][:200]
+    return "the CUDA provider did not load"

@@ -1,0 +1,163 @@
+"""An export folder opened for inference: manifest, config, tokenizer and lazily made sessions."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from onnxpipe.errors import DeviceError, ModelNotFoundError, UsageError
+from onnxpipe.home import resolve_model
+from onnxpipe.manifest import read_manifest
+from onnxpipe.runtime.device import CPU, CUDA, Device, captured_stderr_fd, cuda_failure_reason, parse_device, providers_for
+
+# Position ids of these models start after the padding index, so `max_position_embeddings`
+# counts `pad_token_id + 1` slots that no token can use (RoBERTa: 514 -> 512 tokens).
+_POSITION_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod", "mpnet"}
+
+
+class ExportedModel:
+    """What the tasks need from an export. Sessions are made on first use and then reused."""
+
+    def __init__(self, folder: Path, device: Device | str = "auto", threads: int | None = None):
+        self.folder = Path(folder)
+        self.manifest: dict[str, Any] = read_manifest(self.folder)
+        self.device = device if isinstance(device, Device) else parse_device(device)
+        self.threads = threads
+        self.provider: str | None = None  # set by the first session
+        self.device_note: str | None = None  # one line for stderr saying what runs where, and why
+        self._sessions: dict[str, Any] = {}
+        self._options = None
+
+    # --- what the export declares -----------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.manifest.get("name") or self.folder.name
+
+    @property
+    def task(self) -> str | None:
+        return self.manifest.get("task")
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        path = self.folder / "config.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    @property
+    def special_tokens(self) -> dict[str, Any]:
+        return self.manifest.get("special_tokens") or {}
+
+    @property
+    def labels(self) -> list[str]:
+        labels = self.manifest.get("labels")
+        if labels:
+            return list(labels)
+        id2label = self.config.get("id2label") or {}
+        return [id2label[str(i)] for i in range(len(id2label))]
+
+    @cached_property
+    def tokenizer(self):
+        return self._load_tokenizer((self.manifest.get("tokenizer") or {}).get("file") or "tokenizer.json")
+
+    @cached_property
+    def target_tokenizer(self):
+        """The target-side tokenizer (seq2seq exports whose source and target vocabularies differ)."""
+        name = (self.manifest.get("tokenizer") or {}).get("target_file")
+        return self._load_tokenizer(name) if name else self.tokenizer
+
+    def _load_tokenizer(self, name: str):
+        from tokenizers import Tokenizer
+
+        path = self.folder / name
+        if not path.is_file():
+            raise ModelNotFoundError(f"{self.folder} has no {name}", hint="re-run onnxpipe export")
+        tok = Tokenizer.from_file(str(path))
+        tok.no_padding()  # the tasks pad each batch to its own longest row
+        tok.no_truncation()
+        return tok
+
+    @cached_property
+    def tokenizer_config(self) -> dict[str, Any]:
+        path = self.folder / "tokenizer_config.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    @cached_property
+    def max_length(self) -> int:
+        """The longest input in tokens: the tokenizer's limit, capped by the position embeddings."""
+        limits = []
+        declared = (self.manifest.get("tokenizer") or {}).get("max_length")
+        if isinstance(declared, int) and 0 < declared < (1 << 20):
+            limits.append(declared)
+        cfg = self.config
+        positions = cfg.get("max_position_embeddings") or cfg.get("n_positions") or cfg.get("max_seq_len")
+        if isinstance(positions, int) and positions > 0:
+            if cfg.get("model_type") in _POSITION_OFFSET_TYPES:
+                positions -= (cfg.get("pad_token_id") or 0) + 1
+            limits.append(positions)
+        return min(limits) if limits else 512
+
+    # --- sessions ---------------------------------------------------------------------------
+    def session(self, name: str = "model"):
+        """The ONNX Runtime session for the graph the manifest lists under `files[name]`."""
+        if name not in self._sessions:
+            files = self.manifest.get("files") or {}
+            if name not in files:
+                raise ModelNotFoundError(
+                    f"export {self.name} has no {name!r} graph (it has: {', '.join(files) or 'none'})",
+                    hint="is this the right model for this command?",
+                )
+            self._sessions[name] = self._make_session(self.folder / files[name])
+        return self._sessions[name]
+
+    def session_options(self):
+        """One SessionOptions for every session of this model (threads, quiet logging)."""
+        if self._options is None:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            if self.threads:
+                so.intra_op_num_threads = int(self.threads)
+            self._options = so
+        return self._options
+
+    def _make_session(self, path: Path):
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)
+        if not path.is_file():
+            raise ModelNotFoundError(f"{path} is missing", hint="re-run onnxpipe export")
+        providers = providers_for(self.device, ort.get_available_providers())
+        wants_cuda = providers[0] != CPU
+        if wants_cuda:
+            with captured_stderr_fd() as log:
+                session = ort.InferenceSession(str(path), sess_options=self.session_options(), providers=providers)
+        else:
+            log = []
+            session = ort.InferenceSession(str(path), sess_options=self.session_options(), providers=providers)
+        got = session.get_providers()[0]
+        if wants_cuda and got != CUDA:
+            reason = cuda_failure_reason("".join(log))
+            if self.device.kind == "cuda":
+                raise DeviceError(f"--device {self.device}: CUDA cannot run here ({reason})",
+                                  hint="use --device cpu, or fix the CUDA/cuDNN install")
+            self.device_note = f"CUDA not usable ({reason}); running {self.name} on CPU"
+        elif self.provider is None:
+            where = f"CUDA device {self.device.index}" if got == CUDA else "CPU"
+            self.device_note = f"running {self.name} on {where}"
+        self.provider = got
+        return session
+
+    def check_task(self, *tasks: str) -> None:
+        """Refuse an export made for another task, naming the command that fits it."""
+        if self.task not in tasks:
+            raise UsageError(
+                f"{self.name} is a {self.task} export; this command needs {' or '.join(tasks)}",
+                hint=f"use the command for {self.task}, or export the model with --task {tasks[0]}",
+            )
+
+
+def load_model(ref: str | Path, device: Device | str = "auto", threads: int | None = None) -> ExportedModel:
+    """`-m REF` (a path or a name in the export home) -> ExportedModel. Sessions come later, on use."""
+    return ExportedModel(resolve_model(ref), device=device, threads=threads)

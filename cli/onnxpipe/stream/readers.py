@@ -1,0 +1,254 @@
+"""Input: raw lines from files and stdin, read in a background thread, parsed into Records.
+
+The thread reads with `read1`, which returns what the producer has written so far instead of
+waiting for a full buffer, and hands over whole lines in chunks through a bounded queue. So
+memory stays bounded (a few chunks plus the line being read), and the engine can tell "the
+producer is slow" (no chunk within the idle time: run what is buffered) from "the producer is
+fast" (chunks keep coming: fill the window). Lines are split on b"\\n" only: CR, form feeds,
+U+2028 and other characters that str.splitlines() treats as breaks stay inside their record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import stat
+import sys
+import threading
+from dataclasses import dataclass
+from typing import IO, Iterator, Sequence
+
+from onnxpipe.errors import InputError
+from onnxpipe.stream.records import Record
+
+STDIN = "-"
+IDLE = object()  # yielded by LineSource.chunks when no input arrived within the idle time
+_EOF = object()
+_READ_SIZE = 1 << 16
+
+
+@dataclass
+class RawChunk:
+    """Consecutive lines of one source; `first_line` is the 1-based number of lines[0]."""
+
+    source: str
+    first_line: int
+    lines: list[bytes]
+    nbytes: int
+
+
+class LineSource:
+    """Lines of PATHS in order (`-` is stdin), read ahead in a daemon thread."""
+
+    def __init__(self, paths: Sequence[str] = (STDIN,), stdin: IO[bytes] | None = None, max_chunks: int = 16):
+        self.paths = list(paths) or [STDIN]
+        self._stdin = stdin
+        self._queue: queue.Queue = queue.Queue(maxsize=max_chunks)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.total_bytes = _total_size(self.paths)  # None when a source is a pipe or a terminal
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._read_all, name="onnxpipe-reader", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Let the reader thread end (it may be blocked on a slow producer; it is a daemon then)."""
+        self._stop.set()
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+
+    def chunks(self, idle: float | None = None) -> Iterator[RawChunk | object]:
+        """RawChunks in input order; IDLE once per quiet spell longer than `idle` seconds."""
+        self.start()
+        quiet = False
+        while True:
+            try:
+                item = self._queue.get(timeout=None if quiet or idle is None else idle)
+            except queue.Empty:
+                quiet = True
+                yield IDLE
+                continue
+            quiet = False
+            if item is _EOF:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    # --- the reader thread --------------------------------------------------------------------
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read_all(self) -> None:
+        try:
+            for path in self.paths:
+                if path == STDIN:
+                    self._read_one(self._stdin or _binary_stdin(), "<stdin>")
+                else:
+                    try:
+                        stream = open(path, "rb")
+                    except OSError as exc:
+                        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+                    with stream:
+                        self._read_one(stream, path)
+                if self._stop.is_set():
+                    return
+            self._put(_EOF)
+        except BaseException as exc:  # handed to the main thread, which raises it
+            self._put(exc if isinstance(exc, Exception) else InputError(f"reading input failed: {exc!r}"))
+
+    def _read_one(self, stream: IO[bytes], name: str) -> None:
+        read = getattr(stream, "read1", stream.read)
+        partial: list[bytes] = []
+        line_no = 1
+        while not self._stop.is_set():
+            try:
+                data = read(_READ_SIZE)
+            except InterruptedError:
+                continue
+            if not data:
+                break
+            parts = data.split(b"\n")
+            if len(parts) == 1:
+                partial.append(data)
+                continue
+            if partial:
+                partial.append(parts[0])
+                parts[0] = b"".join(partial)
+                partial = []
+            tail = parts.pop()
+            if tail:
+                partial.append(tail)
+            if not self._put(RawChunk(name, line_no, parts, len(data))):
+                return
+            line_no += len(parts)
+        if partial:  # a last line without a newline is still a record
+            self._put(RawChunk(name, line_no, [b"".join(partial)], 0))
+
+
+def _binary_stdin() -> IO[bytes]:
+    return getattr(sys.stdin, "buffer", sys.stdin)
+
+
+def _total_size(paths: Sequence[str]) -> int | None:
+    total = 0
+    for path in paths:
+        if path == STDIN:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        total += st.st_size
+    return total
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+class RecordParser:
+    """Raw lines -> Records: text lines, JSONL (`field`) or TSV (`column`, 1-based)."""
+
+    def __init__(self, field: str | None = None, column: int | None = None):
+        self.field = field
+        self.column = column
+        self.seq = 0
+        self.replaced = 0  # records with invalid UTF-8 (or lone surrogates in JSON) replaced
+
+    @property
+    def input_format(self) -> str:
+        return "jsonl" if self.field is not None else "tsv" if self.column is not None else "text"
+
+    def parse(self, chunk: RawChunk) -> list[Record]:
+        out = []
+        for offset, raw in enumerate(chunk.lines):
+            out.append(self.parse_line(raw, chunk.source, chunk.first_line + offset))
+        return out
+
+    def parse_line(self, raw: bytes, source: str, line: int) -> Record:
+        nbytes = len(raw) + 1
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        replaced = False
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", "replace")
+            replaced = True
+        if line == 1 and text.startswith("\ufeff"):
+            text = text[1:]
+        record = Record(seq=self.seq, text=text, source=source, line=line, nbytes=nbytes, replaced=replaced)
+        self.seq += 1
+        if self.field is not None:
+            self._parse_json(record)
+        elif self.column is not None:
+            self._parse_tsv(record)
+        if record.replaced:
+            self.replaced += 1
+        return record
+
+    def _parse_json(self, record: Record) -> None:
+        text, record.text = record.text, ""
+        if not text.strip():
+            record.fields = {}
+            return
+        try:
+            obj = json.loads(text)
+        except ValueError as exc:
+            record.error = f"malformed JSON: {exc}"
+            return
+        if not isinstance(obj, dict):
+            record.error = f"expected a JSON object, got {type(obj).__name__}"
+            return
+        record.fields = obj
+        if self.field not in obj:
+            record.error = f"no field {self.field!r} (fields: {', '.join(map(str, obj)) or 'none'})"
+            return
+        value = obj[self.field]
+        if value is None:
+            return
+        if not isinstance(value, str):
+            record.error = f"field {self.field!r} is a {type(value).__name__}, not a string"
+            return
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates from \\ud800-style escapes
+            value = value.encode("utf-8", "replace").decode("utf-8")
+            record.replaced = True
+        record.text = value
+
+    def _parse_tsv(self, record: Record) -> None:
+        line, record.text = record.text, ""
+        record.columns = line.split("\t") if line else []
+        if not line:
+            return
+        index = self.column - 1
+        if index >= len(record.columns):
+            record.error = f"has {len(record.columns)} column(s), --column {self.column} asked"
+            return
+        record.text = record.columns[index]
+
+
+def records_from_texts(texts: Sequence[str], source: str = "<args>") -> list[Record]:
+    """Records for texts that did not come from a stream (`-p PROMPT`, tests)."""
+    return [Record(seq=i, text=t, source=source, line=i + 1, nbytes=len(t) + 1) for i, t in enumerate(texts)]
+
+
+def stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,105 @@
+"""The glue between a streaming command and the engine: model, task, input, output, progress, summary.
+
+A command parses its own options, then calls `run_stream_command(model, stream, make_task, tasks=...)`.
+All user-facing stderr (device line, warnings, summary) is printed here, not in the engine.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import IO, Any, Callable
+
+import click
+
+from onnxpipe import console
+from onnxpipe.errors import ExitStatus, UsageError
+from onnxpipe.stream.engine import Engine, EngineOptions, Summary
+from onnxpipe.stream.readers import LineSource, RecordParser
+from onnxpipe.stream.writers import make_writer
+
+
+def run_stream_command(model_ref: str, stream: Any, make_task: Callable[[Any], Any], tasks: tuple[str, ...],
+                       engine_options: dict[str, Any] | None = None) -> Summary:
+    """Load MODEL_REF, build its task with MAKE_TASK(model), stream the inputs through it, report.
+
+    `stream` is the StreamOptions that `stream_options` built. Exits 3 when --on-error null
+    let some records fail.
+    """
+    from onnxpipe.runtime import load_model
+
+    if stream.field is not None and stream.column is not None:
+        raise UsageError("--field (JSONL input) and --column (TSV input) cannot be used together")
+    options = EngineOptions(batch_size=stream.batch_size, max_batch_tokens=stream.max_batch_tokens,
+                            on_error=stream.on_error, **(engine_options or {}))
+    model = load_model(model_ref, device=stream.device, threads=stream.threads)
+    model.check_task(*tasks)
+    task = make_task(model)  # makes the sessions: a --device error comes before any input is read
+    if model.device_note:
+        console.info(model.device_note)
+
+    out, owned = _open_output(stream.output, stream.format)
+    writer = make_writer(stream.format, out, task)
+    source = LineSource(stream.inputs)
+    parser = RecordParser(field=stream.field, column=stream.column)
+    if "-" in stream.inputs and _isatty(sys.stdin):
+        console.info("reading lines from the terminal (end with Ctrl-D)")
+    progress = None
+    show = stream.progress if stream.progress is not None else _isatty(sys.stderr)
+    if show and console.VERBOSITY["level"] >= 0:
+        from onnxpipe.stream.progress import Progress
+
+        progress = Progress(source.total_bytes)
+    engine = Engine(task, writer, options, report=console.warn, progress=progress)
+    try:
+        summary = engine.run(source, parser)
+        writer.close()
+    except BrokenPipeError:
+        raise
+    finally:
+        if progress is not None:
+            progress.stop()
+        if owned:
+            try:
+                out.close()
+            except OSError:
+                pass
+    _report(summary, model.max_length)
+    if summary.errors:
+        raise click.exceptions.Exit(int(ExitStatus.PARTIAL))
+    return summary
+
+
+def _open_output(path: str, fmt: str) -> tuple[IO[bytes], bool]:
+    if path in ("-", ""):
+        if fmt == "npy":
+            raise UsageError("--format npy writes a file: give -o FILE.npy")
+        return _binary(sys.stdout), False
+    try:
+        return open(path, "w+b" if fmt == "npy" else "wb"), True
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _binary(stream) -> IO[bytes]:
+    return getattr(stream, "buffer", stream)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _report(summary: Summary, max_length: int) -> None:
+    if summary.truncated:
+        where = ", ".join(summary.truncated_where) + (", ..." if summary.truncated > len(summary.truncated_where) else "")
+        console.warn(f"{summary.truncated} record(s) longer than {max_length} tokens were truncated ({where})")
+    if summary.replaced:
+        console.warn(f"{summary.replaced} record(s) had invalid UTF-8, replaced with U+FFFD")
+    if summary.errors:
+        console.warn(f"{summary.errors} record(s) failed and got an empty result (--on-error null)")
+    console.info(
+        f"{summary.records:,} records in {summary.seconds:.2f}s ({summary.rate:,.0f} records/s), "
+        f"{summary.truncated} truncated, {summary.errors} errors"
+    )

@@ -1,0 +1,204 @@
+"""Output: one line (or one matrix row) per record, written in input order, flushed per batch.
+
+Writers write bytes to a binary stream so that the encoding is ours (UTF-8, whatever the locale).
+A BrokenPipeError from a write is left to propagate: the root command turns it into a quiet exit.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import IO, Any, Protocol
+
+from onnxpipe.errors import UsageError
+from onnxpipe.stream.records import Record
+
+FORMATS = ("text", "jsonl", "tsv")
+
+
+def escape_text(text: str) -> str:
+    """Keep a result on one line, reversibly: backslash, newline and CR become \\\\, \\n, \\r."""
+    if "\\" in text or "\n" in text or "\r" in text:
+        text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    return text
+
+
+def unescape_text(text: str) -> str:
+    """The inverse of escape_text (and of the TSV escaping)."""
+    out, i = [], 0
+    table = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text) and text[i + 1] in table:
+            out.append(table[text[i + 1]])
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def escape_cell(text: str) -> str:
+    text = escape_text(text)
+    return text.replace("\t", "\\t") if "\t" in text else text
+
+
+class Formatter(Protocol):
+    """What a task provides to turn its results into output. `result` is None for an empty or failed record."""
+
+    def to_text(self, result: Any) -> str: ...
+    def to_fields(self, result: Any) -> dict[str, Any]: ...
+    def to_columns(self, result: Any) -> list[str]: ...
+
+
+class Writer:
+    """Writes records in the order it is called (the engine calls it in input order)."""
+
+    def __init__(self, stream: IO[bytes], task: Formatter):
+        self.stream = stream
+        self.task = task
+        self.count = 0
+        self._lines: list[bytes] = []  # written out by flush(), which the engine calls per batch
+
+    def write(self, record: Record, result: Any, error: str | None = None) -> None:
+        self._lines.append(self.render(record, result, error))
+        self.count += 1
+
+    def write_partial(self, text: str) -> None:
+        """A piece of a result as it is produced (streamed generation); the line ends with write()."""
+        raise UsageError("this output format cannot stream partial results")
+
+    def render(self, record: Record, result: Any, error: str | None) -> bytes:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        if self._lines:
+            data = b"".join(self._lines)
+            self._lines = []
+            self.stream.write(data)
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class TextWriter(Writer):
+    """The main result per line; an empty or failed record is an empty line."""
+
+    _streamed = False
+
+    def write_partial(self, text: str) -> None:
+        self.flush()
+        self.stream.write(escape_text(text).encode("utf-8", "replace"))
+        self.stream.flush()
+        self._streamed = True
+
+    def render(self, record, result, error):
+        if self._streamed:  # the text went out piece by piece already: end its line
+            self._streamed = False
+            return b"\n"
+        text = "" if result is None else escape_text(self.task.to_text(result))
+        return (text + "\n").encode("utf-8", "replace")
+
+
+class JsonlWriter(Writer):
+    """The input record (JSONL input) or {"text": ...}, plus the task's fields, plus "error" if any."""
+
+    def render(self, record, result, error):
+        obj = dict(record.fields) if record.fields is not None else {"text": record.text}
+        obj.update(self.task.to_fields(result))
+        if error is not None:
+            obj["error"] = error
+        try:
+            line = json.dumps(obj, ensure_ascii=False, allow_nan=False)
+            return (line + "\n").encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates passed through from the input: keep them escaped
+            return (json.dumps(obj, ensure_ascii=True) + "\n").encode("ascii")
+        except ValueError:  # NaN/inf scores: JSON has no such numbers
+            return (json.dumps(_finite(obj), ensure_ascii=False) + "\n").encode("utf-8", "replace")
+
+
+class TsvWriter(Writer):
+    """The input row (TSV input) or the text, then the task's columns; tabs and newlines escaped."""
+
+    def render(self, record, result, error):
+        cells = list(record.columns) if record.columns is not None else [escape_cell(record.text)]
+        if result is None:
+            cells += [""] * max(1, len(self.task.to_columns(None)))
+        else:
+            cells += [escape_cell(c) for c in self.task.to_columns(result)]
+        return ("\t".join(cells) + "\n").encode("utf-8", "replace")
+
+
+class NpyWriter(Writer):
+    """A float32 matrix, one row per record, in a seekable .npy file.
+
+    The row count is known only at the end, so the header is written with room to spare and
+    rewritten on close. Empty and failed records are rows of NaN.
+    """
+
+    HEADER_LEN = 128
+
+    def __init__(self, stream: IO[bytes], task: Any):
+        super().__init__(stream, task)
+        if not _seekable(stream):
+            raise UsageError("--format npy needs -o FILE (a regular file, not a pipe)")
+        self.width: int | None = None
+        self.pending_nan = 0
+        self.stream.write(self._header(0, 0))
+
+    def write(self, record, result, error=None):
+        import numpy as np
+
+        vector = None if result is None else np.asarray(self.task.to_vector(result), dtype="<f4").reshape(-1)
+        if vector is None:
+            if self.width is None:
+                self.pending_nan += 1
+            else:
+                self.stream.write(np.full(self.width, np.nan, dtype="<f4").tobytes())
+        else:
+            if self.width is None:
+                self.width = int(vector.shape[0])
+                if self.pending_nan:
+                    self.stream.write(np.full(self.width * self.pending_nan, np.nan, dtype="<f4").tobytes())
+                    self.pending_nan = 0
+            self.stream.write(vector.tobytes())
+        self.count += 1
+
+    def close(self):
+        if self.width is None:
+            self.width = 0
+        self.stream.seek(0)
+        self.stream.write(self._header(self.count, self.width))
+        self.stream.seek(0, 2)
+        self.stream.flush()
+
+    def _header(self, rows: int, cols: int) -> bytes:
+        text = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, %d), }" % (rows, cols)
+        body_len = self.HEADER_LEN - 10
+        text = text.ljust(body_len - 1) + "\n"
+        return b"\x93NUMPY\x01\x00" + struct.pack("<H", body_len) + text.encode("latin1")
+
+
+def _seekable(stream) -> bool:
+    try:
+        return bool(stream.seekable())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _finite(value):
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+WRITERS = {"text": TextWriter, "jsonl": JsonlWriter, "tsv": TsvWriter, "npy": NpyWriter}
+
+
+def make_writer(fmt: str, stream: IO[bytes], task: Any) -> Writer:
+    return WRITERS[fmt](stream, task)
