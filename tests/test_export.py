@@ -476,3 +476,15 @@ def test_export_model_api_returns_the_manifest(checkpoint, tmp_path):
     m = export_model(checkpoint("bert"), tmp_path / "api", progress=lambda stage, msg: stages.append(stage))
     assert m == {k: v for k, v in manifest(tmp_path / "api").items() if k != "format"}
     assert [s for s in dict.fromkeys(stages)] == ["load", "export", "validate", "write"]
+
+
+def test_real_gguf_file_exports_end_to_end(tmp_path):
+    test_gguf = pytest.importorskip("test_gguf")
+    path = tmp_path / "tiny-chat.gguf"
+    test_gguf.write_tiny_gguf(path)
+    result = run("export", str(path), "--name", "chat")
+    assert result.exit_code == 0, result.output
+    m = manifest(Path(os.environ["ONNXPIPE_HOME"]) / "chat")
+    assert m["source"]["kind"] == "gguf" and m["task"] == "text-generation"
+    assert m["validation"]["passed"] and m["tokenizer"]["chat_template"] == "chat_template.jinja"
+    assert "Converting" not in result.stderr  # the converter's progress bar stays quiet

@@ -49,13 +49,14 @@ def models(as_json: bool) -> None:
     if not rows:
         console.info(f"no exports in {home} yet: create one with onnxpipe export SOURCE --name NAME")
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("name", "task", "architecture", "precision", "size", "validated"):
-        table.add_column(column, justify="right" if column == "size" else "left")
-    for row in rows:
-        table.add_row(row["name"], row["task"] or "?", row["architecture"] or "?", row["precision"] or "?",
-                      human_size(row["size"]), "yes" if row["validated"] else "no")
-    Console(highlight=False, soft_wrap=True).print(table)
+    header = ("name", "task", "architecture", "precision", "size", "validated")
+    table = [header] + [
+        (r["name"], r["task"] or "?", r["architecture"] or "?", r["precision"] or "?", human_size(r["size"]),
+         "yes" if r["validated"] else "no")
+        for r in rows
+    ]
+    # Plain aligned columns: never truncated, whatever the terminal width, and easy to `awk`.
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        cells = [cell.rjust(w) if i == 4 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        click.echo("  ".join(cells).rstrip())

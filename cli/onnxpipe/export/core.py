@@ -113,7 +113,8 @@ def _build(source, tmp: Path, name: str, task: str | None, opts: dict, texts: li
     from onnxpipe.export.tokenizer import check_tokenizers, load_tokenizers, save_tokenizers
 
     progress("load", f"loading {source}")
-    src = resolve_source(source, tmp / "source", revision=opts["revision"])
+    with quiet_libraries():
+        src = resolve_source(source, tmp / "source", revision=opts["revision"])
     config = json.loads((src.folder / "config.json").read_text(encoding="utf-8"))
     task = task or infer_task(config)
     family = FAMILY[task]
@@ -132,9 +133,10 @@ def _build(source, tmp: Path, name: str, task: str | None, opts: dict, texts: li
     out = tmp / "export"
     progress("export", f"exporting {optimum_task(task)} with optimum" + (f", optimisation {opts['optimize']}" if opts["optimize"] else ""))
     files = _export_graphs(model, out, task, family, opts)
-    tokenizer_record = save_tokenizers(toks, out)
-    check_texts = list(dict.fromkeys(val.GENERATED_TEXTS + texts[:256]))
-    tokenizer_record["check"] = check_tokenizers(toks, check_texts)
+    with quiet_libraries():
+        tokenizer_record = save_tokenizers(toks, out)
+        check_texts = list(dict.fromkeys(val.GENERATED_TEXTS + texts[:256]))
+        tokenizer_record["check"] = check_tokenizers(toks, check_texts)
 
     from tokenizers import Tokenizer
 

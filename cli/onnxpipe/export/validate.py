@@ -243,13 +243,21 @@ def _legacy(cache) -> list[tuple]:
     return list(cache)
 
 
-def _prompts(tokenizer, texts: list[str], special_tokens: dict[str, Any]) -> list[list[int]]:
+def _max_positions(config) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return 1 << 20
+
+
+def _prompts(tokenizer, texts: list[str], special_tokens: dict[str, Any], max_positions: int) -> list[list[int]]:
     fallback = special_tokens.get("bos_token_id")
     eos = special_tokens.get("eos_token_id")
     if fallback is None:
         fallback = (eos[0] if isinstance(eos, list) else eos) or 0
     prompts = []
-    for e in _encode(tokenizer, texts[: MAX_FILE_LINES["decoder"]], 64):
+    # Leave room for the greedy steps inside the model's positions.
+    for e in _encode(tokenizer, texts[: MAX_FILE_LINES["decoder"]], max(1, min(64, max_positions - GREEDY_STEPS))):
         prompts.append(list(e.ids) or [fallback])
     return prompts
 
@@ -273,7 +281,7 @@ def _decoder(model, sess, tokenizer, texts, special_tokens) -> dict[str, Any]:
     identical, agreement = 0, []
     ref_first: list[np.ndarray] = []
     got_first: list[np.ndarray] = []
-    for prompt in _prompts(tokenizer, texts, special_tokens):
+    for prompt in _prompts(tokenizer, texts, special_tokens, _max_positions(model.config)):
         # PyTorch, step by step with its cache.
         ref_ids, ref_logits = [], []
         ids = torch.tensor([prompt])
@@ -370,11 +378,13 @@ def _seq2seq(model, enc_sess, dec_sess, tokenizer, texts, special_tokens) -> dic
 
         ref_ids, ref_logits = [], []
         dec = torch.tensor([[start]])
-        cache = None
+        cache, ref_presents = None, None
         for _ in range(GREEDY_STEPS):
             out = model(encoder_outputs=BaseModelOutput(last_hidden_state=ref_enc), attention_mask=torch.from_numpy(mask),
                         decoder_input_ids=dec, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
+            if ref_presents is None:
+                ref_presents = _seq2seq_presents(cache)
             logits = out.logits[:, -1].float().numpy()
             ref_logits.append(logits)
             ref_ids.append(int(logits.argmax()))
@@ -395,6 +405,10 @@ def _seq2seq(model, enc_sess, dec_sess, tokenizer, texts, special_tokens) -> dic
             logits = result["logits"][:, -1].astype(np.float32)
             got_logits.append(logits)
             got_ids.append(int(logits.argmax()))
+            if step == 0:
+                for name, value in ref_presents.items():
+                    if name in result:
+                        _merge(outputs, name, _diff(value, result[name]))
             if cross is None:  # the cross-attention cache is computed once, on the first step
                 cross = {n.replace("present.", "past_key_values.", 1): result[n] for n in dec_outputs if ".encoder." in n}
             past = {n.replace("present.", "past_key_values.", 1): result[n] for n in dec_outputs if ".decoder." in n}
@@ -413,3 +427,16 @@ def _seq2seq(model, enc_sess, dec_sess, tokenizer, texts, special_tokens) -> dic
     }
     _quality(figures, ref_all, got_all)
     return figures
+
+
+def _seq2seq_presents(cache) -> dict[str, np.ndarray]:
+    """transformers' encoder-decoder cache under the ONNX output names (present.N.decoder.key, ...)."""
+    presents = {}
+    for side, part in (("decoder", "self_attention_cache"), ("encoder", "cross_attention_cache")):
+        sub = getattr(cache, part, None)
+        if sub is None:
+            continue
+        for i, (key, value) in enumerate(_legacy(sub)):
+            presents[f"present.{i}.{side}.key"] = key.float().numpy()
+            presents[f"present.{i}.{side}.value"] = value.float().numpy()
+    return presents

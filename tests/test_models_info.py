@@ -1,0 +1,92 @@
+"""`onnxpipe models` and `onnxpipe info`: what is in the export home, and how each export was made."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from onnxpipe.main import cli
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def _home() -> Path:
+    return Path(os.environ["ONNXPIPE_HOME"])
+
+
+def _install(exported, name: str, arch: str, **options) -> Path:
+    """Copy a cached session export into this test's export home under NAME."""
+    dst = _home() / name
+    shutil.copytree(exported(arch, **options), dst)
+    return dst
+
+
+def test_models_lists_exports_with_their_figures(exported):
+    _install(exported, "sentiment", "bert")
+    _install(exported, "tiny-gpt2", "gpt2", quantize="int8")
+    (_home() / ".half.onnxpipe-tmp-1-x").mkdir()  # an interrupted export's temporary
+    (_home() / "not-an-export").mkdir()
+    result = run("models")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["name", "task", "architecture", "precision", "size", "validated"]
+    assert lines[1].split()[:4] == ["sentiment", "text-classification", "BertForSequenceClassification", "fp32"]
+    assert lines[2].split()[:4] == ["tiny-gpt2", "text-generation", "GPT2LMHeadModel", "int8"]
+    assert all(line.rstrip().endswith("yes") for line in lines[1:])
+    assert "KB" in lines[1] and len(lines) == 3
+    assert result.stderr == ""
+
+
+def test_models_json(exported):
+    _install(exported, "sentiment", "bert")
+    result = run("models", "--json")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows == [{**rows[0], "name": "sentiment", "task": "text-classification", "precision": "fp32", "validated": True}]
+    assert rows[0]["size"] > 0
+
+
+def test_models_with_an_empty_home_says_how_to_start():
+    result = run("models")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert "onnxpipe export" in result.stderr
+
+
+def test_info_shows_the_manifest_readably(exported):
+    _install(exported, "opus", "marian")
+    result = run("info", "opus")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for text in ("text2text-generation", "MarianMTModel", "target_tokenizer.json", "sha256",
+                 "passed against PyTorch fp32", "greedy ids", "6/6 sequences identical", "max abs diff",
+                 "KV cache 2 layers", "made with onnxpipe"):
+        assert text in out, text
+
+
+def test_info_of_a_classifier_shows_labels_and_agreement(exported):
+    _install(exported, "sentiment", "bert", quantize="int8")
+    out = run("info", "sentiment").stdout
+    assert "negative, positive, neutral" in out and "label agreement" in out
+    assert "int8" in out and "fp32 baseline" in out and "cosine similarity" in out
+
+
+def test_info_json_is_the_manifest(exported):
+    folder = _install(exported, "sentiment", "bert")
+    result = run("info", "--json", "sentiment")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout) == json.loads((folder / "onnxpipe.json").read_text())
+    # A path works as well as a name.
+    assert json.loads(run("info", "--json", str(folder)).stdout)["name"] == "bert-default"
+
+
+def test_info_unknown_name_is_one_line_error(exported):
+    _install(exported, "sentiment", "bert")
+    result = run("info", "nope")
+    assert result.exit_code != 0 and result.stdout == ""
+    assert result.stderr.startswith("onnxpipe: error: no export named 'nope'") and "sentiment" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
