@@ -119,3 +119,14 @@ def test_eval_refuses_other_tasks(exported, labelled):
     result = CliRunner().invoke(cli, ["eval", "-m", export, str(labelled)])
     assert result.exit_code == 2
     assert "feature-extraction export" in result.stderr
+
+
+def test_eval_skips_empty_texts_and_says_so(exported, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "good", "label": "positive"}\n{"text": "", "label": "negative"}\n', encoding="utf-8")
+    result = CliRunner().invoke(cli, ["eval", "-m", str(exported("bert", "text-classification")), "--json",
+                                      "--device", "cpu", str(path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["skipped_empty"] == 1 and report["metrics"]["examples"] == 1
+    assert "1 example(s) with an empty text were not scored" in result.stderr

@@ -6,8 +6,9 @@ No torch, no transformers, no scikit-learn: the predictions come from the export
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from onnxpipe.errors import InputError, UsageError
 from onnxpipe.home import resolve_model
@@ -17,8 +18,18 @@ from onnxpipe.metrics import agreement, classification_metrics
 
 CLASSIFICATION = "text-classification"
 
-# (export folder, manifest, texts, device, batch_size) -> (predicted label ids, provider that ran)
-Predictor = Callable[[Path, dict, Sequence[str], str, int], "tuple[list[int], str]"]
+
+
+@dataclass
+class Prediction:
+    labels: list[int | None]  # a label id per text; None for an empty text (not scored)
+    provider: str  # the execution provider that really ran
+    device_note: str | None = None  # the runtime's line saying what ran where
+    truncated: int = 0  # texts cut to the model's maximum length
+
+
+# (export folder, manifest, labelled data, device, batch_size) -> Prediction
+Predictor = Callable[[Path, dict, Labelled, str, int], Prediction]
 
 
 def load_classifier(ref: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -67,15 +78,21 @@ def evaluate_classification(model: str | Path, data_path: str | Path, *, text_co
     data = read_labelled(data_path, text_column, label_column, data_format)
     data = apply_label_map(data, parse_label_map(label_map))
     y_true = label_ids(data, labels)
-    y_pred, provider = predictor(folder, manifest, data.texts, device, batch_size)
+    pred = predictor(folder, manifest, data, device, batch_size)
+    scored = [i for i, p in enumerate(pred.labels) if p is not None]
+    y_true = [y_true[i] for i in scored]
+    y_pred = [pred.labels[i] for i in scored]
     report: dict[str, Any] = {
         "model": folder.name,
         "path": str(folder),
         "precision": manifest.get("precision"),
-        "provider": provider,
+        "provider": pred.provider,
         "data": str(data_path),
+        "skipped_empty": len(data) - len(scored),
+        "truncated": pred.truncated,
         "metrics": classification_metrics(y_true, y_pred, labels),
     }
+    notes = [pred.device_note] if pred.device_note else []
     if against is not None:
         other_folder, other_manifest = load_classifier(against)
         if list(other_manifest["labels"]) != labels:
@@ -83,63 +100,57 @@ def evaluate_classification(model: str | Path, data_path: str | Path, *, text_co
                 f"{other_folder.name} has labels {other_manifest['labels']}, {folder.name} has {labels}: "
                 "their predictions cannot be compared"
             )
-        other_pred, other_provider = predictor(other_folder, other_manifest, data.texts, device, batch_size)
+        other = predictor(other_folder, other_manifest, data, device, batch_size)
+        other_pred = [other.labels[i] for i in scored]
         report["against"] = {
             "model": other_folder.name,
             "path": str(other_folder),
             "precision": other_manifest.get("precision"),
-            "provider": other_provider,
+            "provider": other.provider,
             "metrics": classification_metrics(y_true, other_pred, labels),
             "agreement": agreement(y_pred, other_pred),
         }
+        if other.device_note:
+            notes.append(other.device_note)
+    report["notes"] = notes
     return report
 
 
-def predict_onnx(folder: Path, manifest: dict, texts: Sequence[str], device: str, batch_size: int) -> tuple[list[int], str]:
-    """Label ids for TEXTS from the export's graph (batched by length, returned in input order)."""
-    import numpy as np
-    import onnxruntime as ort
-    from tokenizers import Tokenizer
+class _Collect:
+    """A writer for the engine that keeps each record's best label id instead of writing it."""
 
-    from onnxpipe.errors import DeviceError
+    def __init__(self, count: int, labels: list[str]):
+        self.index = {name: i for i, name in enumerate(labels)}
+        self.predictions: list[int | None] = [None] * count
 
-    tok_info = manifest.get("tokenizer") or {}
-    tokenizer = Tokenizer.from_file(str(folder / tok_info.get("file", "tokenizer.json")))
-    max_length = int(tok_info.get("max_length") or 512)
-    tokenizer.enable_truncation(max_length)
-    pad_id = (manifest.get("special_tokens") or {}).get("pad_token_id") or 0
-    tokenizer.no_padding()
+    def write(self, record, result, error=None) -> None:
+        if result is not None and result.labels:
+            self.predictions[record.seq] = self.index.get(result.labels[0])
 
-    providers = ["CPUExecutionProvider"]
-    if device != "cpu":
-        wanted_id = int(device.split(":")[1]) if device.startswith("cuda:") else 0
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            providers = [("CUDAExecutionProvider", {"device_id": wanted_id}), "CPUExecutionProvider"]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(folder / manifest["files"]["model"]), options, providers=providers)
-    ran = session.get_providers()[0]  # onnxruntime-gpu lists CUDA as available even where it cannot load
-    if device.startswith("cuda") and ran != "CUDAExecutionProvider":
-        raise DeviceError(f"--device {device}: CUDA is not usable here (the session got {ran})",
-                          hint="use --device cpu or auto")
-    names = {i.name for i in session.get_inputs()}
+    def write_partial(self, text: str) -> None:
+        pass
 
-    encodings = tokenizer.encode_batch(list(texts))
-    order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
-    predictions = [0] * len(texts)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        width = max(len(encodings[i].ids) for i in batch)
-        ids = np.full((len(batch), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(batch), width), dtype=np.int64)
-        types = np.zeros((len(batch), width), dtype=np.int64)
-        for row, i in enumerate(batch):
-            enc = encodings[i]
-            ids[row, : len(enc.ids)] = enc.ids
-            mask[row, : len(enc.ids)] = 1
-            types[row, : len(enc.ids)] = enc.type_ids
-        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        logits = session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
-        for row, i in enumerate(batch):
-            predictions[i] = int(np.argmax(logits[row]))
-    return predictions, ran
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def predict_onnx(folder: Path, manifest: dict, data: Labelled, device: str, batch_size: int) -> Prediction:
+    """Label ids for the texts of DATA exactly as `onnxpipe classify` makes them: same runtime, task and batcher.
+
+    An empty text gets no prediction (None), as classify gives it an empty result.
+    """
+    from onnxpipe.runtime import load_model
+    from onnxpipe.stream.engine import Engine, EngineOptions
+    from onnxpipe.stream.records import Record
+    from onnxpipe.tasks.classify import ClassifyTask
+
+    model = load_model(folder, device=device)
+    task = ClassifyTask(model)
+    collect = _Collect(len(data), list(manifest["labels"]))
+    records = (Record(seq=i, text=text, source=data.source, line=line, nbytes=len(text) + 1)
+               for i, (text, line) in enumerate(zip(data.texts, data.lines)))
+    summary = Engine(task, collect, EngineOptions(batch_size=batch_size)).run_records(records)
+    return Prediction(collect.predictions, model.provider or "", model.device_note, summary.truncated)

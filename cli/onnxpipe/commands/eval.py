@@ -40,6 +40,12 @@ def eval_command(model: str, data: str, text_column: str, label_column: str, lab
         model, data, text_column=text_column, label_column=label_column, label_map=label_map,
         data_format=data_format, against=against, device=device, batch_size=batch_size,
     )
+    for note in report["notes"]:
+        console.info(note)
+    if report["skipped_empty"]:
+        console.warn(f"{report['skipped_empty']} example(s) with an empty text were not scored")
+    if report["truncated"]:
+        console.warn(f"{report['truncated']} text(s) longer than the model's maximum length were truncated")
     if console.VERBOSITY["level"] >= 0:
         _print_report(report)
     if as_json:
