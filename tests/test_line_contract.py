@@ -23,6 +23,7 @@ from onnxpipe.main import cli
 # candidates; lines without one are record errors, so its contract runs with --on-error null.
 COMMANDS = {
     "classify": ("bert", "text-classification", []),
+    "embed": ("distilbert", "feature-extraction", []),
 }
 
 

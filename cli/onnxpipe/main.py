@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "models": "onnxpipe.commands.models:models",
     "info": "onnxpipe.commands.info:info",
     "classify": "onnxpipe.commands.classify:classify",
+    "embed": "onnxpipe.commands.embed:embed",
     "finetune": "onnxpipe.commands.finetune:finetune",
     "eval": "onnxpipe.commands.eval:eval_command",
 }

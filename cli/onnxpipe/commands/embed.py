@@ -1,0 +1,34 @@
+"""`onnxpipe embed`: one vector per input line."""
+
+from __future__ import annotations
+
+import click
+
+from onnxpipe.commands._options import StreamOptions, model_option, stream_options
+
+
+@click.command("embed")
+@model_option
+@stream_options(formats=("text", "jsonl", "tsv", "npy"))
+@click.option("--pooling", type=click.Choice(["mean", "cls", "max"]),
+              help="How token vectors become one vector. [default: what the export declares "
+                   "(its sentence-transformers pooling), else mean]")
+@click.option("--normalize/--no-normalize", default=None,
+              help="Scale each vector to unit length. [default: what the export declares, else off]")
+def embed(model: str, stream: StreamOptions, pooling: str | None, normalize: bool | None) -> None:
+    """Embed each input line with a feature-extraction export.
+
+    Writes one vector per line, in input order: space-separated numbers (text), an
+    "embedding" list with the provider (--format jsonl), the line then one number per column
+    (--format tsv), or a float32 matrix with one row per line (--format npy -o FILE.npy, for
+    numpy.load). An empty line gets an empty result: an empty line, null, or a row of NaN.
+
+    \b
+      onnxpipe embed -m minilm --format npy -o vectors.npy sentences.txt
+      jq -c '{id, text: .body}' posts.jsonl | onnxpipe embed -m minilm --field text > vectors.jsonl
+    """
+    from onnxpipe.stream.run import run_stream_command
+    from onnxpipe.tasks.embed import EmbedTask
+
+    run_stream_command(model, stream, lambda m: EmbedTask(m, pooling=pooling, normalize=normalize),
+                       tasks=EmbedTask.task_names)
