@@ -105,6 +105,9 @@ def test_eval_against_itself_agrees_fully(exported, labelled):
     assert result.exit_code == 0, result.output
     assert result.stdout == ""  # without --json, stdout stays empty
     assert "agreement" in result.stderr and "100.00%" in result.stderr
+    brief = CliRunner().invoke(cli, ["eval", "-m", export, "--against", export, "--label-map", LABEL_MAP,
+                                     "--device", "cpu", "--brief", str(labelled)])
+    assert "agreement" in brief.stderr and "confusion matrix" not in brief.stderr
 
 
 def test_eval_unknown_label_names_the_line(exported, labelled):

@@ -17,11 +17,13 @@ import click
 @click.option("--against", metavar="MODEL",
               help="A second export to run on the same data: its figures and the agreement between the two.")
 @click.option("--json", "as_json", is_flag=True, help="Write the figures as one JSON object on stdout.")
+@click.option("--brief", is_flag=True, help="Only the summary lines on stderr: no per-class table, no confusion matrix.")
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
               help="Where ONNX Runtime runs the model.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Texts per batch.")
 def eval_command(model: str, data: str, text_column: str, label_column: str, label_map: str | None,
-                 data_format: str | None, against: str | None, as_json: bool, device: str, batch_size: int) -> None:
+                 data_format: str | None, against: str | None, as_json: bool, brief: bool, device: str,
+                 batch_size: int) -> None:
     """Score a text-classification export on a labelled file.
 
     DATA is .csv or .tsv with a header row, or .jsonl. The predictions come from the
@@ -47,7 +49,7 @@ def eval_command(model: str, data: str, text_column: str, label_column: str, lab
     if report["truncated"]:
         console.warn(f"{report['truncated']} text(s) longer than the model's maximum length were truncated")
     if console.VERBOSITY["level"] >= 0:
-        _print_report(report)
+        _print_report(report, tables=not brief)
     if as_json:
         import json
 
@@ -58,9 +60,7 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def _print_report(report: dict) -> None:
-    from rich.table import Table
-
+def _print_report(report: dict, tables: bool = True) -> None:
     from onnxpipe.console import stderr
 
     out = stderr()
@@ -74,24 +74,33 @@ def _print_report(report: dict) -> None:
             f"F1 {_pct(m['macro']['f1'])}"
         )
     m = report["metrics"]
-    per_class = Table(title=f"{report['model']}: per class", title_justify="left")
-    for col in ("label", "precision", "recall", "F1", "support"):
-        per_class.add_column(col, justify="left" if col == "label" else "right")
-    for name, row in m["per_class"].items():
-        per_class.add_row(name, _pct(row["precision"]), _pct(row["recall"]), _pct(row["f1"]), str(row["support"]))
-    out.print(per_class)
-
-    confusion = Table(title=f"{report['model']}: confusion matrix (rows: true, columns: predicted)", title_justify="left")
-    confusion.add_column("true \\ predicted")
-    for name in m["labels"]:
-        confusion.add_column(name, justify="right")
-    for name, row in zip(m["labels"], m["confusion_matrix"]):
-        confusion.add_row(name, *(str(v) for v in row))
-    out.print(confusion)
-
+    if tables:
+        _print_tables(report["model"], m)
     if "against" in report:
         a = report["against"]["agreement"]
         out.print(
             f"agreement {report['model']} vs {report['against']['model']}: [bold]{_pct(a['agreement'])}[/bold] "
             f"({a['same']}/{a['examples']} same label, {a['differ']} differ)"
         )
+
+
+def _print_tables(model: str, m: dict) -> None:
+    from rich.table import Table
+
+    from onnxpipe.console import stderr
+
+    out = stderr()
+    per_class = Table(title=f"{model}: per class", title_justify="left")
+    for col in ("label", "precision", "recall", "F1", "support"):
+        per_class.add_column(col, justify="left" if col == "label" else "right")
+    for name, row in m["per_class"].items():
+        per_class.add_row(name, _pct(row["precision"]), _pct(row["recall"]), _pct(row["f1"]), str(row["support"]))
+    out.print(per_class)
+
+    confusion = Table(title=f"{model}: confusion matrix (rows: true, columns: predicted)", title_justify="left")
+    confusion.add_column("true \\ predicted")
+    for name in m["labels"]:
+        confusion.add_column(name, justify="right")
+    for name, row in zip(m["labels"], m["confusion_matrix"]):
+        confusion.add_row(name, *(str(v) for v in row))
+    out.print(confusion)
