@@ -24,6 +24,7 @@ from onnxpipe.main import cli
 COMMANDS = {
     "classify": ("bert", "text-classification", []),
     "embed": ("distilbert", "feature-extraction", []),
+    "tag": ("roberta", "token-classification", ["--aggregation", "first"]),
 }
 
 

@@ -237,3 +237,9 @@ def test_streaming_hook_writes_pieces_then_ends_the_line():
     engine = Engine(task, make_writer("text", out, task), EngineOptions(streaming=True))
     engine.run(LineSource(["-"], stdin=io.BytesIO(b"ab\n\nc\nd\ne\n")), RecordParser())
     assert out.getvalue() == b"AB\n\nC\nD\nE\n"
+
+
+def test_jsonl_output_escapes_unicode_line_separators():
+    out, _, _, _ = run_engine("a\u2028b\x85c\u2029\n".encode(), fmt="jsonl")
+    assert len(out.splitlines()) == 1
+    assert json.loads(out)["text"] == "a\u2028b\x85c\u2029"

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "info": "onnxpipe.commands.info:info",
     "classify": "onnxpipe.commands.classify:classify",
     "embed": "onnxpipe.commands.embed:embed",
+    "tag": "onnxpipe.commands.tag:tag",
     "finetune": "onnxpipe.commands.finetune:finetune",
     "eval": "onnxpipe.commands.eval:eval_command",
 }

@@ -111,6 +111,8 @@ class JsonlWriter(Writer):
             obj["error"] = error
         try:
             line = json.dumps(obj, ensure_ascii=False, allow_nan=False)
+            if "\u2028" in line or "\u2029" in line or "\x85" in line:  # line breaks to str.splitlines()
+                line = line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
             return (line + "\n").encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates passed through from the input: keep them escaped
             return (json.dumps(obj, ensure_ascii=True) + "\n").encode("ascii")

@@ -1,0 +1,34 @@
+"""`onnxpipe tag`: named entities (token classification) per input line."""
+
+from __future__ import annotations
+
+import click
+
+from onnxpipe.commands._options import StreamOptions, model_option, stream_options
+
+
+@click.command("tag")
+@model_option
+@stream_options()
+@click.option("--aggregation", type=click.Choice(["simple", "first", "average", "max", "none"]), default="simple",
+              show_default=True,
+              help="How word pieces become entities, as in transformers' token-classification pipeline: "
+                   "simple groups adjacent pieces with the same tag; first/average/max first make each "
+                   "word agree (its first piece, the mean, or the most confident piece); none gives one "
+                   "entry per piece.")
+def tag(model: str, stream: StreamOptions, aggregation: str) -> None:
+    """Find entities in each input line with a token-classification export.
+
+    Writes one result per line, in input order: the entities as WORD/LABEL separated by tabs
+    (text), a list of entities with label, score, word and character offsets into the line
+    (--format jsonl), or the line followed by one WORD/LABEL/START-END cell per entity
+    (--format tsv). Tokens tagged O are left out; a line without entities gets an empty result.
+
+    \b
+      onnxpipe tag -m ner news.txt
+      onnxpipe tag -m ner --format jsonl --aggregation first < news.txt | jq -c '.entities'
+    """
+    from onnxpipe.stream.run import run_stream_command
+    from onnxpipe.tasks.tag import TagTask
+
+    run_stream_command(model, stream, lambda m: TagTask(m, aggregation=aggregation), tasks=TagTask.task_names)
