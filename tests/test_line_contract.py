@@ -25,6 +25,7 @@ COMMANDS = {
     "classify": ("bert", "text-classification", []),
     "embed": ("distilbert", "feature-extraction", []),
     "tag": ("roberta", "token-classification", ["--aggregation", "first"]),
+    "fill-mask": ("bert", "fill-mask", []),
 }
 
 

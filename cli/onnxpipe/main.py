@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "classify": "onnxpipe.commands.classify:classify",
     "embed": "onnxpipe.commands.embed:embed",
     "tag": "onnxpipe.commands.tag:tag",
+    "fill-mask": "onnxpipe.commands.fill_mask:fill_mask",
     "finetune": "onnxpipe.commands.finetune:finetune",
     "eval": "onnxpipe.commands.eval:eval_command",
 }
