@@ -1,0 +1,87 @@
+"""Generation settings: Hugging Face's `GenerationConfig` names and defaults, read from JSON, no torch.
+
+Only the entries that change the output are kept. Defaults are transformers' (4.57): `top_k` is 50 when
+sampling, `length_penalty` 1.0, `early_stopping` False. Lengths are counted in generated tokens
+(`max_new_tokens`, `min_new_tokens`); `max_length`/`min_length` count the whole decoder sequence, as for
+encoder-decoders, where the decoder starts from `decoder_start_token_id`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Union
+
+EarlyStopping = Union[bool, str]  # True, False or "never", as in transformers
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int | None = None
+    max_length: int | None = None  # whole decoder sequence (seq2seq); ignored by causal generation
+    min_new_tokens: int = 0
+    min_length: int = 0  # whole sequence, as transformers' MinLengthLogitsProcessor counts it
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    seed: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: EarlyStopping = False
+    num_return_sequences: int = 1
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: list[list[int]] | None = None
+    suppress_tokens: list[int] | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: list[int] | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GenerationConfig":
+        """Keep the known keys of a `generation_config.json` (unknown ones are ignored, None means default)."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in data.items() if k in names and v is not None}
+        for key in ("eos_token_id", "forced_eos_token_id"):
+            if isinstance(kw.get(key), int):
+                kw[key] = [kw[key]]
+        if isinstance(kw.get("decoder_start_token_id"), list):  # multi-codebook models; not ours
+            kw.pop("decoder_start_token_id")
+        return cls(**kw)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "GenerationConfig":
+        path = Path(path)
+        if not path.is_file():
+            return cls()
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+    def update(self, **overrides: Any) -> "GenerationConfig":
+        """A copy with the given settings replaced; None leaves a setting as it is (unset CLI flags)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line reason for settings that cannot work."""
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.num_beams < 1:
+            raise ValueError("num_beams must be at least 1")
+        if not 1 <= self.num_return_sequences <= self.num_beams:
+            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be between 1 and num_beams ({self.num_beams})")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError("temperature must be > 0 (use greedy decoding for temperature 0)")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 disables it)")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError("top_p must be between 0 and 1")
+        if not self.repetition_penalty > 0:
+            raise ValueError("repetition_penalty must be > 0")
+        if self.no_repeat_ngram_size < 0 or self.min_new_tokens < 0 or self.min_length < 0:
+            raise ValueError("no_repeat_ngram_size, min_new_tokens and min_length must be >= 0")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError("early_stopping must be true, false or 'never'")
