@@ -1,0 +1,485 @@
+"""Decoder-only generation on an exported model: prefill, key/value cache, IO binding; text in, text out.
+
+The exported graph (optimum's `text-generation-with-past`) takes `input_ids`, `attention_mask`,
+`position_ids` and `past_key_values.N.key/value` (batch, kv_heads, past, head_dim), and returns
+`logits` and `present.N.key/value` with the new position appended. The prompt is run once with an
+empty past (prefill); every later step feeds one id per row and the presents of the step before as
+pasts, so nothing is recomputed. Prompts in a batch are left-padded: the attention mask hides the pads
+and position ids count real tokens only (transformers' `cumsum(mask) - 1`), so a row's logits do not
+depend on what it is batched with.
+
+With IO binding the presents stay where the provider put them (GPU memory on CUDA) and go straight back
+in as pasts. Per step the host sends input_ids, position_ids and attention_mask (and the row indices when
+rows are dropped or beams reordered) and receives the logits: `CopyStats` counts these copies. Dropping
+rows and following beams gather the cache on its device: with numpy on CPU, with a tiny Gather graph on
+CUDA. The search itself is `onnxpipe.decoding`, shared with the encoder-decoders.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from onnxpipe.decoding import GenerationConfig, Hypothesis, generate
+from onnxpipe.errors import ModelNotFoundError, OnnxpipeError, UsageError
+
+DEFAULT_MAX_NEW_TOKENS = 256
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
+_ONNX_ELEM = {np.float32: 1, np.float16: 10}
+
+
+@dataclass
+class CopyStats:
+    """Host<->device copies made by the decoding loop (on CPU they are the same bindings, not real copies)."""
+
+    steps: int = 0  # model runs (the prefill included)
+    h2d: int = 0  # arrays sent to the device
+    d2h: int = 0  # arrays fetched from the device
+    cache_gathers: int = 0  # cache reorders (dropped rows, beam moves)
+
+    @property
+    def per_step(self) -> float:
+        return (self.h2d + self.d2h) / self.steps if self.steps else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "h2d": self.h2d, "d2h": self.d2h,
+                "cache_gathers": self.cache_gathers, "copies_per_step": round(self.per_step, 3)}
+
+
+class CausalDecoder:
+    """One ONNX Runtime session of a decoder-only export, driven step by step with its KV cache."""
+
+    def __init__(self, session, device: str = "cpu", device_id: int = 0):
+        self.session = session
+        self.device = "cuda" if device.startswith("cuda") else "cpu"
+        self.device_id = device_id
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self.present_names = ["present." + n[len("past_key_values."):] for n in self.past_names]
+        missing = [n for n in ["input_ids", "logits", *self.present_names] if n not in inputs and n not in outputs]
+        if not self.past_names or missing:
+            raise ModelNotFoundError(
+                "this export has no key/value cache inputs" + (f" (missing {', '.join(missing)})" if missing else ""),
+                hint="re-export with task text-generation (onnxpipe exports decoders with past)",
+            )
+        self.has_mask = "attention_mask" in inputs
+        self.has_positions = "position_ids" in inputs
+        first = inputs[self.past_names[0]]
+        self.kv_dtype = _ORT_TYPES.get(first.type)
+        if self.kv_dtype is None:
+            raise ModelNotFoundError(f"unsupported key/value type {first.type}", hint="export in fp32 or fp16")
+        heads, head_dim = first.shape[1], first.shape[3]
+        if not isinstance(heads, int) or not isinstance(head_dim, int):
+            raise ModelNotFoundError("the key/value inputs have no fixed head shape", hint="re-export the model")
+        self.kv_heads, self.head_dim = heads, head_dim
+        self.stats = CopyStats()
+        self._gather_session = None
+
+    # --- the cache ----------------------------------------------------------------------
+
+    def _empty_past(self, rows: int) -> list:
+        from onnxruntime import OrtValue
+
+        shape = (rows, self.kv_heads, 0, self.head_dim)
+        if self.device == "cpu":
+            return [OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype)) for _ in self.past_names]
+        return [OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda", self.device_id) for _ in self.past_names]
+
+    def gather(self, past: list, rows: np.ndarray) -> list:
+        """The cache of rows `rows` (in that order), kept on its device."""
+        from onnxruntime import OrtValue
+
+        self.stats.cache_gathers += 1
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        if self.device == "cpu":
+            return [OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows])) for v in past]
+        if self._gather_session is None:
+            self._gather_session = _gather_session(len(past), self.kv_dtype, self.session.get_providers(), self.device_id)
+        binding = self._gather_session.io_binding()
+        binding.bind_cpu_input("rows", rows)
+        self.stats.h2d += 1
+        for i, value in enumerate(past):
+            binding.bind_ortvalue_input(f"x{i}", value)
+            binding.bind_output(f"y{i}", "cuda", self.device_id)
+        self._gather_session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    # --- running the graph --------------------------------------------------------------
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list) -> tuple[np.ndarray, list]:
+        """One forward pass; returns the last position's logits (rows, vocab) float32 and the presents."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        self.stats.h2d += 1
+        if self.has_mask:
+            binding.bind_cpu_input("attention_mask", mask)
+            self.stats.h2d += 1
+        if self.has_positions:
+            binding.bind_cpu_input("position_ids", positions)
+            self.stats.h2d += 1
+        for name, value in zip(self.past_names, past):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")  # the one device->host copy of a step
+        for name in self.present_names:
+            binding.bind_output(name, self.device, self.device_id)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self.stats.steps += 1
+        self.stats.d2h += 1
+        logits = np.array(outputs[0].numpy()[:, -1, :], dtype=np.float32)  # a copy the search may change
+        return logits, outputs[1:]
+
+    def prefill(self, prompts: Sequence[Sequence[int]], pad_id: int = 0):
+        """Run the left-padded prompts; return their next-token logits and the `Step` that continues them."""
+        from onnxpipe.decoding import left_pad
+
+        ids, start = left_pad(prompts, pad_id)
+        rows, width = ids.shape
+        mask = (np.arange(width)[None, :] >= start[:, None]).astype(np.int64)
+        positions = np.cumsum(mask, axis=1) - 1
+        positions[mask == 0] = 1  # as transformers does; hidden by the mask anyway
+        logits, past = self._run(ids, mask, positions, self._empty_past(rows))
+        state = {"past": past, "mask": mask, "next": positions[:, -1] + 1}
+
+        def step(tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
+            if parents is not None:
+                state["past"] = self.gather(state["past"], parents)
+                state["mask"] = state["mask"][parents]
+                state["next"] = state["next"][parents]
+            n = len(tokens)
+            state["mask"] = np.concatenate([state["mask"], np.ones((n, 1), dtype=np.int64)], axis=1)
+            positions = state["next"][:, None].copy()
+            state["next"] = state["next"] + 1
+            logits, state["past"] = self._run(
+                np.ascontiguousarray(tokens, dtype=np.int64)[:, None], state["mask"], positions, state["past"]
+            )
+            return logits
+
+        return logits, step
+
+
+def _gather_session(n: int, dtype, providers: list[str], device_id: int):
+    """A session that gathers rows of n tensors at once (Gather axis 0), to reorder the cache on the GPU."""
+    import onnxruntime as ort
+
+    model = _gather_model(n, _ONNX_ELEM[dtype])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    cuda = [p for p in providers if p == "CUDAExecutionProvider"]
+    return ort.InferenceSession(model, options, providers=[(cuda[0], {"device_id": device_id})] if cuda else providers)
+
+
+def _gather_model(n: int, elem_type: int) -> bytes:
+    """ONNX ModelProto bytes for y_i = Gather(x_i, rows, axis=0), i < n, written without the onnx package
+    (the runtime does not depend on it). Field numbers are those of onnx.proto3."""
+
+    def varint(v: int) -> bytes:
+        out = bytearray()
+        while True:
+            byte, v = v & 0x7F, v >> 7
+            out.append(byte | (0x80 if v else 0))
+            if not v:
+                return bytes(out)
+
+    def num(field_no: int, v: int) -> bytes:
+        return varint(field_no << 3) + varint(v)
+
+    def blob(field_no: int, data: bytes | str) -> bytes:
+        data = data.encode() if isinstance(data, str) else data
+        return varint(field_no << 3 | 2) + varint(len(data)) + data
+
+    def value_info(name: str, elem: int, rank: int) -> bytes:
+        dims = b"".join(blob(1, blob(2, f"{name}_{d}")) for d in range(rank))
+        tensor_type = num(1, elem) + blob(2, dims)
+        return blob(1, name) + blob(2, blob(1, tensor_type))
+
+    nodes = b"".join(
+        blob(1, blob(1, f"x{i}") + blob(1, "rows") + blob(2, f"y{i}") + blob(4, "Gather")
+             + blob(5, blob(1, "axis") + num(3, 0) + num(20, 2)))
+        for i in range(n)
+    )
+    inputs = blob(11, value_info("rows", 7, 1)) + b"".join(blob(11, value_info(f"x{i}", elem_type, 4)) for i in range(n))
+    outputs = b"".join(blob(12, value_info(f"y{i}", elem_type, 4)) for i in range(n))
+    graph = nodes + blob(2, "gather_rows") + inputs + outputs
+    return num(1, 8) + blob(8, blob(1, "") + num(2, 13)) + blob(7, graph)
+
+
+# --- text ------------------------------------------------------------------------------
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "eos" | "length" | "stop"; None for an empty prompt (not run)
+    prompt_tokens: int
+    score: float | None = None
+    truncated: bool = False  # the prompt was cut to fit the model's positions
+
+
+@dataclass
+class CausalLM:
+    """An export folder's decoder, tokenizer, generation defaults and chat template."""
+
+    folder: Path
+    decoder: CausalDecoder
+    tokenizer: Any  # tokenizers.Tokenizer
+    manifest: dict
+    defaults: GenerationConfig
+    max_positions: int | None = None
+    chat_template: str | None = None
+    special_tokens: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_session(cls, folder: Path, session, device: str = "cpu", device_id: int = 0, manifest: dict | None = None) -> "CausalLM":
+        from tokenizers import Tokenizer
+
+        from onnxpipe.manifest import read_manifest
+
+        folder = Path(folder)
+        manifest = manifest or read_manifest(folder)
+        if manifest.get("family") != "decoder":
+            raise UsageError(
+                f"{manifest.get('name', folder.name)} is a {manifest.get('task')} export, not text-generation",
+                hint="generate runs decoder-only exports; use translate/summarize for encoder-decoders",
+            )
+        tok_info = manifest.get("tokenizer") or {}
+        tokenizer = Tokenizer.from_file(str(folder / tok_info.get("file", "tokenizer.json")))
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        special = manifest.get("special_tokens") or {}
+        defaults = GenerationConfig.from_file(folder / "generation_config.json")
+        if not defaults.eos_token_id:
+            defaults.eos_token_id = list(special.get("eos_token_id") or [])
+        if defaults.pad_token_id is None:
+            defaults.pad_token_id = special.get("pad_token_id")
+        if defaults.bos_token_id is None:
+            defaults.bos_token_id = special.get("bos_token_id")
+        config = _read_json(folder / "config.json")
+        max_positions = config.get("n_positions") or config.get("max_position_embeddings")
+        template, names = _chat_template(folder, tok_info)
+        return cls(folder, CausalDecoder(session, device, device_id), tokenizer, manifest, defaults,
+                   max_positions, template, names)
+
+    @classmethod
+    def load(cls, folder: Path, providers: Sequence | None = None, threads: int | None = None) -> "CausalLM":
+        """Open FOLDER on CPU (or the given providers) when no engine session is at hand (tests, library use)."""
+        import onnxruntime as ort
+
+        from onnxpipe.manifest import read_manifest
+
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        files = manifest.get("files") or {}
+        session = ort.InferenceSession(str(folder / files.get("model", "model.onnx")), options,
+                                       providers=list(providers or ["CPUExecutionProvider"]))
+        device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
+        return cls.from_session(folder, session, device, 0, manifest)
+
+    # --- prompts ------------------------------------------------------------------------
+
+    def render_chat(self, user: str, system: str | None = None) -> str:
+        """The chat prompt for one user message, with the generation prompt (assistant turn) opened."""
+        if not self.chat_template:
+            raise UsageError(
+                f"{self.manifest.get('name', self.folder.name)} has no chat template",
+                hint="drop --chat, or export a model that ships one (chat_template.jinja or tokenizer_config.json)",
+            )
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        return render_chat_template(self.chat_template, messages, self.special_tokens)
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        # A rendered chat template already holds its special tokens (transformers tokenizes it that way).
+        return self.tokenizer.encode(text, add_special_tokens=not chat).ids
+
+    # --- generation ---------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        config: GenerationConfig,
+        *,
+        keys: Sequence[int] | None = None,
+        stop: Sequence[str] = (),
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> list[list[Completion]]:
+        """Complete each prompt (token ids); n-best lists (num_return_sequences), best first.
+
+        `keys` name each prompt's random stream (its record index). `on_text(key, chunk)` receives the
+        text as it is produced (greedy and sampling). Generation stops at eos, at `max_new_tokens`, at
+        the model's last position, or after a stop string, which is cut from the text.
+        """
+        keys = list(range(len(prompts))) if keys is None else list(keys)
+        results: list[list[Completion] | None] = [None] * len(prompts)
+        max_new = config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        run, run_prompts, limits, truncated = [], [], [], {}
+        for i, ids in enumerate(prompts):
+            ids = list(ids)
+            if not ids:
+                results[i] = [Completion("", [], None, 0)]
+                continue
+            if self.max_positions and len(ids) >= self.max_positions:
+                truncated[i] = True
+                ids = ids[len(ids) - self.max_positions + 1:]  # keep the end: it is what gets continued
+            run.append(i)
+            run_prompts.append(ids)
+            limits.append(min(max_new, self.max_positions - len(ids)) if self.max_positions else max_new)
+        if run:
+            texts = _TextStreams(self.tokenizer, [keys[i] for i in run], stop, on_text) if (stop or on_text) else None
+            beams = config.num_beams > 1
+            pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or [0])[0]
+            logits, step = self.decoder.prefill(run_prompts, pad)
+            hyps = generate(
+                step, logits, run_prompts, config.update(max_new_tokens=max_new),
+                max_new_tokens=limits, keys=[keys[i] for i in run],
+                stop=texts.stop if texts is not None and not beams else None,
+                on_token=texts.feed if texts is not None and not beams else None,
+            )
+            for j, (i, nbest) in enumerate(zip(run, hyps)):
+                streamed = texts.text(keys[i]) if texts is not None and not beams else None
+                results[i] = [self._completion(h, len(run_prompts[j]), i in truncated, stop, streamed) for h in nbest]
+                if texts is not None:
+                    texts.finish(keys[i], results[i][0].text)
+        return results  # type: ignore[return-value]
+
+    def _completion(self, hyp: Hypothesis, prompt_tokens: int, truncated: bool, stop: Sequence[str],
+                    streamed: str | None) -> Completion:
+        if hyp.finish_reason == "stop" and streamed is not None:
+            text = streamed
+        else:
+            text = self.tokenizer.decode(hyp.token_ids, skip_special_tokens=True)
+            cut = _cut_at_stop(text, stop)
+            if cut is not None:  # beam search: stop strings are applied to the finished text
+                text, hyp = cut, Hypothesis(hyp.token_ids, "stop", hyp.score)
+        return Completion(text, hyp.token_ids, hyp.finish_reason, prompt_tokens, hyp.score, truncated)
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return text[:min(hits)] if hits else None
+
+
+class _TextStreams:
+    """Per-record incremental detokenisation: for streaming output and for stop strings."""
+
+    def __init__(self, tokenizer, keys: Sequence[int], stop: Sequence[str], on_text):
+        from tokenizers.decoders import DecodeStream
+
+        self.tokenizer = tokenizer
+        self.stop_strings = [s for s in stop if s]
+        self.longest = max((len(s) for s in self.stop_strings), default=0)
+        self.on_text = on_text
+        self.streams = {k: DecodeStream(skip_special_tokens=True) for k in keys}
+        self.texts = {k: "" for k in keys}
+        self.stopped: dict[int, bool] = {}
+        self.emitted = {k: 0 for k in keys}
+
+    def feed(self, keys: np.ndarray, tokens: np.ndarray) -> None:
+        for key, token in zip(keys.tolist(), tokens.tolist()):
+            chunk = self.streams[key].step(self.tokenizer, token)
+            if not chunk:
+                continue
+            before = len(self.texts[key])
+            self.texts[key] += chunk
+            if self.stop_strings:
+                tail_from = max(0, before - self.longest + 1)
+                cut = _cut_at_stop(self.texts[key][tail_from:], self.stop_strings)
+                if cut is not None:
+                    self.texts[key] = self.texts[key][:tail_from] + cut
+                    self.stopped[key] = True
+            self._emit(key)
+
+    def _emit(self, key: int) -> None:
+        if self.on_text is None:
+            return
+        text = self.texts[key]
+        # Hold back what could be the start of a stop string, so a stop string is never printed.
+        safe = len(text) if self.stopped.get(key) or not self.longest else max(self.emitted[key], len(text) - self.longest + 1)
+        if safe > self.emitted[key]:
+            self.on_text(key, text[self.emitted[key]:safe])
+            self.emitted[key] = safe
+
+    def finish(self, key: int, final_text: str) -> None:
+        """Emit what was held back (or, for beam search, everything) once the record is done."""
+        if self.on_text is not None and len(final_text) > self.emitted[key]:
+            self.on_text(key, final_text[self.emitted[key]:])
+            self.emitted[key] = len(final_text)
+
+    def stop(self, keys: np.ndarray, generated: np.ndarray) -> np.ndarray:
+        return np.array([self.stopped.get(k, False) for k in keys.tolist()], dtype=bool)
+
+    def text(self, key: int) -> str:
+        return self.texts[key]
+
+
+# --- chat templates ----------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _chat_template(folder: Path, tok_info: dict) -> tuple[str | None, dict[str, str]]:
+    """The export's chat template (chat_template.jinja, else tokenizer_config.json) and the special-token
+    strings templates use (bos_token, eos_token, ...)."""
+    config = _read_json(folder / "tokenizer_config.json")
+    names = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"):
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            names[key] = value
+    template = None
+    for name in (tok_info.get("chat_template"), "chat_template.jinja"):
+        if name and (folder / name).is_file():
+            template = (folder / name).read_text(encoding="utf-8")
+            break
+    if template is None:
+        value = config.get("chat_template")
+        if isinstance(value, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+            value = named.get("default") or next(iter(named.values()), None)
+        template = value if isinstance(value, str) else None
+    return template, names
+
+
+def render_chat_template(template: str, messages: list[dict], special_tokens: dict[str, str]) -> str:
+    """Render a Hugging Face chat template the way transformers does (sandboxed jinja2, same options)."""
+    try:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:  # pragma: no cover - jinja2 is a base dependency
+        raise OnnxpipeError("--chat needs jinja2: install onnxpipe again") from None
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt: str) -> str:
+        from datetime import datetime
+
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special_tokens)
+    except TemplateError as exc:
+        raise UsageError(f"the chat template failed: {exc}") from None
