@@ -7,7 +7,7 @@ All user-facing stderr (device line, warnings, summary) is printed here, not in 
 from __future__ import annotations
 
 import sys
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Sequence
 
 import click
 
@@ -15,14 +15,16 @@ from onnxpipe import console
 from onnxpipe.errors import ExitStatus, UsageError
 from onnxpipe.stream.engine import Engine, EngineOptions, Summary
 from onnxpipe.stream.readers import LineSource, RecordParser
+from onnxpipe.stream.records import Record
 from onnxpipe.stream.writers import make_writer
 
 
 def run_stream_command(model_ref: str, stream: Any, make_task: Callable[[Any], Any], tasks: tuple[str, ...],
-                       engine_options: dict[str, Any] | None = None) -> Summary:
+                       engine_options: dict[str, Any] | None = None, records: Sequence[Record] | None = None) -> Summary:
     """Load MODEL_REF, build its task with MAKE_TASK(model), stream the inputs through it, report.
 
-    `stream` is the StreamOptions that `stream_options` built. Exits 3 when --on-error null
+    `stream` is the StreamOptions that `stream_options` built. RECORDS, when given, are the input
+    instead of stream.inputs (prompts given on the command line). Exits 3 when --on-error null
     let some records fail.
     """
     from onnxpipe.runtime import load_model
@@ -39,19 +41,19 @@ def run_stream_command(model_ref: str, stream: Any, make_task: Callable[[Any], A
 
     out, owned = _open_output(stream.output, stream.format)
     writer = make_writer(stream.format, out, task)
-    source = LineSource(stream.inputs)
+    source = LineSource(stream.inputs) if records is None else None
     parser = RecordParser(field=stream.field, column=stream.column)
-    if "-" in stream.inputs and _isatty(sys.stdin):
+    if records is None and "-" in stream.inputs and _isatty(sys.stdin):
         console.info("reading lines from the terminal (end with Ctrl-D)")
     progress = None
     show = stream.progress if stream.progress is not None else _isatty(sys.stderr)
     if show and console.VERBOSITY["level"] >= 0:
         from onnxpipe.stream.progress import Progress
 
-        progress = Progress(source.total_bytes)
+        progress = Progress(source.total_bytes if source is not None else None)
     engine = Engine(task, writer, options, report=console.warn, progress=progress)
     try:
-        summary = engine.run(source, parser)
+        summary = engine.run(source, parser) if source is not None else engine.run_records(records)
         writer.close()
     except BrokenPipeError:
         raise
