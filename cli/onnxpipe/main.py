@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "embed": "onnxpipe.commands.embed:embed",
     "tag": "onnxpipe.commands.tag:tag",
     "fill-mask": "onnxpipe.commands.fill_mask:fill_mask",
+    "generate": "onnxpipe.commands.generate:generate",
     "finetune": "onnxpipe.commands.finetune:finetune",
     "eval": "onnxpipe.commands.eval:eval_command",
 }

@@ -483,3 +483,90 @@ def render_chat_template(template: str, messages: list[dict], special_tokens: di
         return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special_tokens)
     except TemplateError as exc:
         raise UsageError(f"the chat template failed: {exc}") from None
+
+
+# --- the engine task --------------------------------------------------------------------
+
+
+class GenerateTask:
+    """`onnxpipe generate` on the streaming engine: a record is a prompt, its result the n-best completions."""
+
+    task_names = ("text-generation",)
+
+    def __init__(self, model: Any, overrides: dict[str, Any] | None = None, chat: bool = False,
+                 system: str | None = None, stop: Sequence[str] = ()):
+        session = model.session()  # sets model.provider: what really runs
+        device = "cuda" if model.provider == "CUDAExecutionProvider" else "cpu"
+        self.model = model
+        self.lm = CausalLM.from_session(model.folder, session, device, model.device.index, model.manifest)
+        self.config = self.lm.defaults.update(**(overrides or {}))
+        if self.config.max_new_tokens is None:
+            self.config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        try:
+            self.config.validate()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if chat:
+            self.lm.render_chat("", system)  # no template: fail now, before any input is read
+        self.chat, self.system, self.stop = chat, system, [s for s in stop if s]
+        self.generated_tokens = 0
+
+    @property
+    def provider(self) -> str | None:
+        return self.model.provider
+
+    @property
+    def stats(self) -> CopyStats:
+        return self.lm.decoder.stats
+
+    def encode(self, records: Sequence[Any]) -> list[Any]:
+        from onnxpipe.stream.records import Item
+
+        limit = self.lm.max_positions
+        items = []
+        for record in records:
+            text = self.lm.render_chat(record.text, self.system) if self.chat else record.text
+            cut = bool(limit) and len(text) > limit * 32  # no tokenizer makes fewer tokens than that
+            if cut:
+                text = text[-limit * 32:]
+            ids = self.lm.encode(text, chat=self.chat)
+            if limit and len(ids) >= limit:  # keep the end, which is what gets continued
+                ids, cut = ids[len(ids) - limit + 1:], True
+            items.append(Item(record, len(ids), data=ids, truncated=cut))
+        return items
+
+    def run(self, batch: Sequence[Any]) -> list[list[Completion]]:
+        results = self.lm.generate([item.data for item in batch], self.config,
+                                   keys=[item.record.seq for item in batch], stop=self.stop)
+        self.generated_tokens += sum(len(c.token_ids) for nbest in results for c in nbest)
+        return results
+
+    def run_streaming(self, item: Any, emit: Callable[[str], None]) -> list[Completion]:
+        results = self.lm.generate([item.data], self.config, keys=[item.record.seq], stop=self.stop,
+                                   on_text=lambda _key, chunk: emit(chunk))
+        self.generated_tokens += sum(len(c.token_ids) for c in results[0])
+        return results[0]
+
+    # --- formatters ---------------------------------------------------------------------------
+    def to_text(self, result: list[Completion]) -> str:
+        return result[0].text
+
+    def to_fields(self, result: list[Completion] | None) -> dict[str, Any]:
+        if result is None:
+            return {"generated_text": "", "finish_reason": None, "prompt_tokens": 0, "generated_tokens": 0,
+                    "provider": self.provider}
+        best = result[0]
+        fields = {"generated_text": best.text, "finish_reason": best.finish_reason,
+                  "prompt_tokens": best.prompt_tokens, "generated_tokens": len(best.token_ids)}
+        if best.score is not None:
+            fields["score"] = best.score
+        if len(result) > 1:
+            fields["sequences"] = [{"generated_text": c.text, "finish_reason": c.finish_reason,
+                                    "generated_tokens": len(c.token_ids), "score": c.score} for c in result]
+        fields["provider"] = self.provider
+        return fields
+
+    def to_columns(self, result: list[Completion] | None) -> list[str]:
+        if result is None:
+            return ["", ""]
+        return [result[0].text, result[0].finish_reason or ""]
