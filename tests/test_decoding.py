@@ -327,3 +327,20 @@ def test_cache_stays_bound_between_steps(tiny):
     assert stats.steps == longest  # prefill + one run per further token
     assert stats.h2d == 3 * stats.steps and stats.d2h == stats.steps
     assert 1 <= stats.cache_gathers < stats.steps
+
+
+def test_long_prompts_are_prefilled_in_chunks(tiny, monkeypatch):
+    """The graph makes logits for every prompt position; past a budget the prompt runs in chunks
+    over the cache, with the same ids."""
+    import onnxpipe.tasks.causal as causal
+
+    arch, model, tokenizer, lm = tiny
+    prompts = [tokenizer(p * 4).input_ids for p in PROMPTS[:3]]
+    config = lm.defaults.update(**GREEDY)
+    whole = [c[0].token_ids for c in lm.generate(prompts, config)]
+    lm.decoder.stats = causal.CopyStats()
+    monkeypatch.setattr(causal, "LOGITS_BUDGET", 1)  # chunks of 16 positions
+    chunked = [c[0].token_ids for c in lm.generate(prompts, config)]
+    assert max(len(p) for p in prompts) > 48
+    assert lm.decoder.stats.steps > lm.decoder.stats.d2h  # prefill runs without fetching logits
+    assert chunked == whole

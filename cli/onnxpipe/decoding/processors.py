@@ -13,6 +13,7 @@ so every row gets what transformers gives it at batch size 1, whatever it is bat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -60,9 +61,15 @@ class LogitsProcessor(Protocol):
 
 
 def _eos_mask(eos_token_id: Sequence[int], vocab: int) -> np.ndarray:
-    ids = [i for i in eos_token_id if 0 <= i < vocab]
+    return token_mask(tuple(eos_token_id), vocab)
+
+
+@lru_cache(maxsize=64)
+def token_mask(token_ids: tuple[int, ...], vocab: int) -> np.ndarray:
+    """A read-only boolean (vocab,) mask of `token_ids` (ids outside the vocabulary are ignored)."""
     mask = np.zeros(vocab, dtype=bool)
-    mask[ids] = True
+    mask[[i for i in token_ids if 0 <= i < vocab]] = True
+    mask.flags.writeable = False
     return mask
 
 

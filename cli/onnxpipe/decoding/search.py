@@ -20,7 +20,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from onnxpipe.decoding.config import GenerationConfig
-from onnxpipe.decoding.processors import History, ProcessorList, build_processors, softmax
+from onnxpipe.decoding.processors import History, ProcessorList, build_processors, softmax, token_mask
 
 
 class Step(Protocol):
@@ -122,7 +122,7 @@ def _greedy_or_sample(
     ids[:, :width] = prompt_ids
     live = np.arange(rows)  # original row of each live row
     rngs = [row_rng(config.seed, k) for k in keys] if config.do_sample else []
-    eos = np.asarray(config.eos_token_id or [], dtype=np.int64)
+    is_eos = token_mask(tuple(config.eos_token_id or ()), logits.shape[1])
     results: list[Hypothesis | None] = [None] * rows
     t = 0
     while True:
@@ -140,7 +140,7 @@ def _greedy_or_sample(
         reason[t >= limits[live]] = "length"
         if stop is not None:
             reason[stop(keys[live], ids[:, width:width + t])] = "stop"
-        reason[np.isin(tokens, eos)] = "eos"
+        reason[is_eos[tokens]] = "eos"
         done = reason != ""
         for r in np.flatnonzero(done):
             results[live[r]] = Hypothesis(ids[r, width:width + t].tolist(), str(reason[r]))

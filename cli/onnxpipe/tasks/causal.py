@@ -28,6 +28,7 @@ from onnxpipe.decoding import GenerationConfig, Hypothesis, generate
 from onnxpipe.errors import ModelNotFoundError, OnnxpipeError, UsageError
 
 DEFAULT_MAX_NEW_TOKENS = 256
+LOGITS_BUDGET = 1 << 26  # floats of prefill logits held at once (256 MB): the graph makes them for every position
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
 _ONNX_ELEM = {np.float32: 1, np.float16: 10}
 
@@ -77,6 +78,8 @@ class CausalDecoder:
         if not isinstance(heads, int) or not isinstance(head_dim, int):
             raise ModelNotFoundError("the key/value inputs have no fixed head shape", hint="re-export the model")
         self.kv_heads, self.head_dim = heads, head_dim
+        vocab = outputs["logits"].shape[-1]
+        self.vocab_size = vocab if isinstance(vocab, int) else 65536  # unknown: assume a large one
         self.stats = CopyStats()
         self._gather_session = None
 
@@ -111,9 +114,18 @@ class CausalDecoder:
 
     # --- running the graph --------------------------------------------------------------
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list) -> tuple[np.ndarray, list]:
-        """One forward pass; returns the last position's logits (rows, vocab) float32 and the presents."""
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list,
+             want_logits: bool = True) -> tuple[np.ndarray | None, list]:
+        """One forward pass; returns the last position's logits (rows, vocab) float32 and the presents.
+
+        A fresh binding each run: an output OrtValue left bound would be reused as a preallocated buffer,
+        which cannot work for presents that grow by one position per step.
+        """
         binding = self.session.io_binding()
+        # The one device->host copy of a step; a prefill chunk whose logits are not needed leaves them on the device.
+        binding.bind_output("logits", "cpu" if want_logits else self.device, 0 if want_logits else self.device_id)
+        for name in self.present_names:
+            binding.bind_output(name, self.device, self.device_id)
         binding.bind_cpu_input("input_ids", ids)
         self.stats.h2d += 1
         if self.has_mask:
@@ -124,18 +136,21 @@ class CausalDecoder:
             self.stats.h2d += 1
         for name, value in zip(self.past_names, past):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")  # the one device->host copy of a step
-        for name in self.present_names:
-            binding.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         self.stats.steps += 1
-        self.stats.d2h += 1
-        logits = np.array(outputs[0].numpy()[:, -1, :], dtype=np.float32)  # a copy the search may change
+        logits = None
+        if want_logits:
+            self.stats.d2h += 1
+            logits = np.array(outputs[0].numpy()[:, -1, :], dtype=np.float32)  # a copy the search may change
         return logits, outputs[1:]
 
     def prefill(self, prompts: Sequence[Sequence[int]], pad_id: int = 0):
-        """Run the left-padded prompts; return their next-token logits and the `Step` that continues them."""
+        """Run the left-padded prompts; return their next-token logits and the `Step` that continues them.
+
+        The graph computes logits for every position, so a long batch is run in chunks of positions (the
+        cache carries over) to keep those logits within LOGITS_BUDGET floats.
+        """
         from onnxpipe.decoding import left_pad
 
         ids, start = left_pad(prompts, pad_id)
@@ -143,7 +158,12 @@ class CausalDecoder:
         mask = (np.arange(width)[None, :] >= start[:, None]).astype(np.int64)
         positions = np.cumsum(mask, axis=1) - 1
         positions[mask == 0] = 1  # as transformers does; hidden by the mask anyway
-        logits, past = self._run(ids, mask, positions, self._empty_past(rows))
+        past = self._empty_past(rows)
+        chunk = max(16, LOGITS_BUDGET // (rows * self.vocab_size))
+        for lo in range(0, width, chunk):
+            hi = min(lo + chunk, width)
+            logits, past = self._run(np.ascontiguousarray(ids[:, lo:hi]), np.ascontiguousarray(mask[:, :hi]),
+                                     np.ascontiguousarray(positions[:, lo:hi]), past, want_logits=hi == width)
         state = {"past": past, "mask": mask, "next": positions[:, -1] + 1}
 
         def step(tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
