@@ -344,3 +344,22 @@ def test_long_prompts_are_prefilled_in_chunks(tiny, monkeypatch):
     assert max(len(p) for p in prompts) > 48
     assert lm.decoder.stats.steps > lm.decoder.stats.d2h  # prefill runs without fetching logits
     assert chunked == whole
+
+
+def test_cache_gather_graph(tiny):
+    """The Gather graph that reorders the cache on CUDA (written without the onnx package) is a valid
+    model and gives the same ids as numpy's gather; run here on CPU, the only device CI has."""
+    onnx = pytest.importorskip("onnx")
+    from onnxpipe.tasks.causal import _gather_model
+
+    onnx.checker.check_model(onnx.load_from_string(_gather_model(3, 1)), full_check=True)
+    arch, model, tokenizer, lm = tiny
+    config = lm.defaults.update(eos_token_id=_eos_for(tiny, "beam"), **BEAM)
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    by_numpy = lm.generate(prompts, config)
+    lm.decoder.graph_gather = True
+    try:
+        by_graph = lm.generate(prompts, config)
+    finally:
+        lm.decoder.graph_gather = False
+    assert [[c.token_ids for c in n] for n in by_graph] == [[c.token_ids for c in n] for n in by_numpy]

@@ -81,6 +81,7 @@ class CausalDecoder:
         vocab = outputs["logits"].shape[-1]
         self.vocab_size = vocab if isinstance(vocab, int) else 65536  # unknown: assume a large one
         self.stats = CopyStats()
+        self.graph_gather = self.device != "cpu"  # on CPU numpy gathers the cache in place of a graph
         self._gather_session = None
 
     # --- the cache ----------------------------------------------------------------------
@@ -99,7 +100,7 @@ class CausalDecoder:
 
         self.stats.cache_gathers += 1
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-        if self.device == "cpu":
+        if not self.graph_gather:
             return [OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows])) for v in past]
         if self._gather_session is None:
             self._gather_session = _gather_session(len(past), self.kv_dtype, self.session.get_providers(), self.device_id)
@@ -108,7 +109,7 @@ class CausalDecoder:
         self.stats.h2d += 1
         for i, value in enumerate(past):
             binding.bind_ortvalue_input(f"x{i}", value)
-            binding.bind_output(f"y{i}", "cuda", self.device_id)
+            binding.bind_output(f"y{i}", self.device, self.device_id)
         self._gather_session.run_with_iobinding(binding)
         return binding.get_outputs()
 
@@ -190,8 +191,9 @@ def _gather_session(n: int, dtype, providers: list[str], device_id: int):
     model = _gather_model(n, _ONNX_ELEM[dtype])
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    cuda = [p for p in providers if p == "CUDAExecutionProvider"]
-    return ort.InferenceSession(model, options, providers=[(cuda[0], {"device_id": device_id})] if cuda else providers)
+    cuda = "CUDAExecutionProvider" in providers
+    return ort.InferenceSession(model, options, providers=[("CUDAExecutionProvider", {"device_id": device_id})]
+                                if cuda else ["CPUExecutionProvider"])
 
 
 def _gather_model(n: int, elem_type: int) -> bytes:
