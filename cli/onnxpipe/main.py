@@ -26,6 +26,8 @@ COMMANDS: dict[str, str] = {
     "tag": "onnxpipe.commands.tag:tag",
     "fill-mask": "onnxpipe.commands.fill_mask:fill_mask",
     "generate": "onnxpipe.commands.generate:generate",
+    "translate": "onnxpipe.commands.translate:translate",
+    "summarize": "onnxpipe.commands.summarize:summarize",
     "finetune": "onnxpipe.commands.finetune:finetune",
     "eval": "onnxpipe.commands.eval:eval_command",
 }
