@@ -159,3 +159,23 @@ def test_mbart50_source_code_goes_first(tmp_path):
         ref = transformers.AutoTokenizer.from_pretrained(folder, src_lang="ja_XX")("Short.")["input_ids"]
         assert ids == ref
         assert (ids[0] if fifty else ids[-1]) == ref[0 if fifty else -1] == langs.token_id("ja_XX")
+
+
+def test_wide_topk_is_exact():
+    """decoding.beam.topk on beams x vocabulary rows (the fast path seq2seq needed): value desc, index asc,
+    ties at the boundary included; rows of -inf fall back to the partition path."""
+    import numpy as np
+
+    from onnxpipe.decoding.beam import topk
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        x = np.round(rng.standard_normal((3, 5000)), 1).astype(np.float32)  # many ties
+        x[0, rng.integers(0, 5000, 300)] = -np.inf
+        k = int(rng.integers(1, 9))
+        expected = np.array([sorted(range(5000), key=lambda j: (-x[i, j], j))[:k] for i in range(3)])
+        assert (topk(x, k) == expected).all(), trial
+    x = np.full((2, 8192), -np.inf, dtype=np.float32)
+    x[:, 5] = 1.0
+    x[1, 9] = 2.0
+    assert topk(x, 2)[:, 0].tolist() == [5, 9]

@@ -23,8 +23,17 @@ from onnxpipe.decoding.search import Hypothesis, Step, row_rng
 MASK = np.float32(-1.0e9)  # transformers' "very large negative value" for beams that must not win
 
 
+_CHUNKS = 64  # chunk maxima per row that bound the k-th largest value (wide rows)
+
+
 def topk(x: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest values of each row, best first (ties: lower index first)."""
+    if x.shape[1] >= 64 * _CHUNKS and 2 * k <= _CHUNKS:
+        return _topk_wide(x, k)
+    return _topk_partition(x, k)
+
+
+def _topk_partition(x: np.ndarray, k: int) -> np.ndarray:
     n = x.shape[1]
     if k < n:
         cand = np.argpartition(-x, k - 1, axis=1)[:, :k]
@@ -33,6 +42,32 @@ def topk(x: np.ndarray, k: int) -> np.ndarray:
     vals = np.take_along_axis(x, cand, axis=1)
     order = np.lexsort((cand, -vals), axis=1)
     return np.take_along_axis(cand, order, axis=1)
+
+
+def _topk_wide(x: np.ndarray, k: int) -> np.ndarray:
+    """topk for rows of beams x vocabulary, without partitioning them (argpartition was most of a step).
+
+    The k-th largest of a row's chunk maxima is a floor that at least k values reach, so only the
+    values at or above it are sorted, all ties at the floor included: the order is exactly topk's.
+    Rows the floor does not thin out (mostly -inf) take the partition path.
+    """
+    rows, n = x.shape
+    width = n // _CHUNKS
+    maxima = x[:, :width * _CHUNKS].reshape(rows, _CHUNKS, width).max(axis=2)
+    floor = np.partition(maxima, _CHUNKS - k, axis=1)[:, _CHUNKS - k]
+    hits = x >= floor[:, None]
+    counts = hits.sum(axis=1)
+    thin = counts <= 16 * _CHUNKS
+    out = np.empty((rows, k), dtype=np.int64)
+    if not thin.all():
+        out[~thin] = _topk_partition(x[~thin], k)
+        x, hits, counts = x[thin], hits[thin], counts[thin]
+    if len(counts):
+        r, c = np.nonzero(hits)
+        order = np.lexsort((c, -x[r, c], r))
+        starts = np.cumsum(counts) - counts
+        out[thin] = c[order][starts[:, None] + np.arange(k)]
+    return out
 
 
 def _take(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
