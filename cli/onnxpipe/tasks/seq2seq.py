@@ -77,12 +77,13 @@ class Seq2SeqRunner:
         self._gather_sessions: dict[int, Any] = {}
 
     # --- values on the device -------------------------------------------------------------
-    def _zeros(self, shape: tuple, dtype) -> Any:
+    def _placeholder(self, shape: tuple, dtype) -> Any:
+        """A tensor the graph needs bound but does not read (empty pasts, later encoder states)."""
         from onnxruntime import OrtValue
 
         if self.device == "cpu":
             return OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype))
-        return OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), "cuda", self.device_id)
+        return OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", self.device_id)
 
     def gather(self, values: list, rows: np.ndarray) -> list:
         """VALUES' rows `rows` (in that order), on their device."""
@@ -147,8 +148,8 @@ class Seq2SeqRunner:
         rows = ids.shape[0]
         hidden = self.encode(ids, mask)
         empty = (rows, self.heads, 0, self.head_dim)
-        pasts = [self._zeros(empty, self.kv_dtype) for _ in self.self_pasts]
-        crosses = [self._zeros(empty, self.kv_dtype) for _ in self.cross_pasts]
+        pasts = [self._placeholder(empty, self.kv_dtype) for _ in self.self_pasts]
+        crosses = [self._placeholder(empty, self.kv_dtype) for _ in self.cross_pasts]
         tokens = np.full(rows, decoder_start, dtype=np.int64)
         logits, self_past, cross_past = self._decode(tokens, hidden, mask, pasts, crosses, first=True)
         state = {"self": self_past, "cross": cross_past, "mask": mask, "inputs": np.arange(rows)}
@@ -166,7 +167,7 @@ class Seq2SeqRunner:
                     state["mask"] = np.ascontiguousarray(state["mask"][parents])
                     state["inputs"] = inputs
             if n not in placeholders:
-                placeholders[n] = self._zeros((n, 1, self.hidden_size), self.hidden_dtype)
+                placeholders[n] = self._placeholder((n, 1, self.hidden_size), self.hidden_dtype)
             logits, state["self"], state["cross"] = self._decode(
                 tokens, placeholders[n], state["mask"], state["self"], state["cross"], first=False)
             return logits
@@ -213,8 +214,9 @@ class Languages:
         names = [t.get("content") if isinstance(t, dict) else t for t in declared]
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         codes = [t for t in names if isinstance(t, str) and t in vocab and _is_code(t)]
-        if not codes:
-            codes = sorted(t for t in vocab if _is_code(t))
+        if not codes:  # only special (added) tokens: a plain vocabulary may hold code-like pieces
+            codes = sorted(t.content for t in tokenizer.get_added_tokens_decoder().values()
+                           if t.special and _is_code(t.content))
         self.codes: list[str] = codes
         self.marian = bool(codes) and codes[0].startswith(">>")
         self.source = self._template_code()
