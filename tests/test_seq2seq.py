@@ -179,3 +179,21 @@ def test_wide_topk_is_exact():
     x[:, 5] = 1.0
     x[1, 9] = 2.0
     assert topk(x, 2)[:, 0].tolist() == [5, 9]
+
+
+def test_marian_multi_target_token(s2s):
+    """opus-mt multi-target models: --target-lang fra puts `>>fra<<` before the text, as users of
+    MarianTokenizer do; the ids then match transformers' generate."""
+    import transformers
+
+    ckpt, export = s2s("marian_multi")
+    task = _task(export, "marian_multi", target_lang="fra", num_beams=4, max_new_tokens=12, min_length=3)
+    assert task.source_text("Short.") == ">>fra<< Short."
+    ref = transformers.MarianTokenizer.from_pretrained(ckpt)
+    ids = task.tokenizer.encode(task.source_text("Short.")).ids
+    assert ids == ref(">>fra<< Short.")["input_ids"] and ids[0] == ref.convert_tokens_to_ids(">>fra<<")
+    assert _ours(task, TEXTS[:4]) == _reference(ckpt, task, TEXTS[:4], num_beams=4, max_new_tokens=12, min_length=3)
+    from onnxpipe.errors import UsageError
+
+    with pytest.raises(UsageError, match=">>fra<<, >>ita<<, >>spa<<"):
+        _task(export, "marian_multi")

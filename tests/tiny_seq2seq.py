@@ -65,9 +65,42 @@ def _nllb(out: Path) -> Path:
     return _save(model, tokenizer, out)
 
 
+def _marian_multi(out: Path) -> Path:
+    """A multi-target Marian (opus-mt-en-ROMANCE style): `>>fra<<`-style tokens in vocab.json, put
+    at the start of the source text to pick the target language."""
+    import json
+
+    import sentencepiece as spm
+    import transformers
+
+    _torch_seed()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, size in (("source", 150), ("target", 180)):
+        model = train_sentencepiece(out, name, vocab_size=size, unk_id=1, eos_id=0, bos_id=-1, pad_id=-1)
+        model.rename(out / f"{name}.spm")
+        (out / f"{name}.vocab").unlink()
+    vocab: dict[str, int] = {"</s>": 0, "<unk>": 1, ">>fra<<": 2, ">>spa<<": 3, ">>ita<<": 4}
+    for name in ("source.spm", "target.spm"):
+        sp = spm.SentencePieceProcessor(model_file=str(out / name))
+        for i in range(sp.get_piece_size()):
+            vocab.setdefault(sp.id_to_piece(i), len(vocab))
+    vocab["<pad>"] = len(vocab)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
+    tokenizer = transformers.MarianTokenizer(source_spm=str(out / "source.spm"), target_spm=str(out / "target.spm"),
+                                             vocab=str(out / "vocab.json"), model_max_length=128)
+    pad = vocab["<pad>"]
+    config = transformers.MarianConfig(
+        vocab_size=len(vocab), pad_token_id=pad, eos_token_id=0, decoder_start_token_id=pad, forced_eos_token_id=0,
+        bad_words_ids=[[pad]], num_beams=4, max_length=64, **_COMMON,
+    )
+    model = transformers.MarianMTModel(config)
+    model.generation_config = transformers.GenerationConfig.from_model_config(config)
+    return _save(model, tokenizer, out)
+
+
 # eos output-row scale per architecture, found by generating for 16 lines of CORPUS with greedy search:
 # a few end within 2-10 tokens, some later, the rest run to 30 tokens.
-EOS_SCALE = {"t5": 2.0, "marian": 1.2, "bart": -3.0, "mbart": 3.0, "nllb": 12.0}
+EOS_SCALE = {"t5": 2.0, "marian": 1.2, "marian_multi": 1.2, "bart": -3.0, "mbart": 3.0, "nllb": 12.0}
 
 
 def sharpen(source: Path, out: Path, eos_scale: float, std: float = 0.3, seed: int = 1) -> Path:
@@ -91,7 +124,7 @@ def sharpen(source: Path, out: Path, eos_scale: float, std: float = 0.3, seed: i
     return out
 
 
-BUILDERS = {"mbart": _mbart, "mbart50": lambda out: _mbart(out, fifty=True), "nllb": _nllb}
+BUILDERS = {"marian_multi": _marian_multi, "mbart": _mbart, "mbart50": lambda out: _mbart(out, fifty=True), "nllb": _nllb}
 
 
 def build(arch: str, out: Path) -> Path:
