@@ -154,9 +154,11 @@ def time_ctranslate2(folder: Path, ckpt: Path, lines: list[str], beams: int, new
     tokens = [tokenizer.convert_ids_to_tokens(tokenizer(t)["input_ids"]) for t in lines]
     translator.translate_batch(tokens[:2], max_decoding_length=4)
     start = time.perf_counter()
-    translator.translate_batch(tokens, beam_size=beams, min_decoding_length=new, max_decoding_length=new,
-                               max_batch_size=len(tokens))
-    return time.perf_counter() - start
+    results = translator.translate_batch(tokens, beam_size=beams, min_decoding_length=new, max_decoding_length=new,
+                                         max_batch_size=len(tokens))
+    seconds = time.perf_counter() - start
+    assert all(len(r.hypotheses[0]) == new for r in results), [len(r.hypotheses[0]) for r in results]
+    return seconds
 
 
 def main() -> None:
