@@ -2,6 +2,7 @@
 
     python benchmarks/seq2seq.py build/opus-mt-shaped           # build (once), export, then time
     python benchmarks/seq2seq.py build/opus-mt-shaped --peers onnxpipe,transformers --batch-size 8
+    python benchmarks/seq2seq.py build/opus-mt-shaped --peers onnxpipe,onnxpipe-int8,ctranslate2-int8
 
 The model is a random-weight MarianMTModel with Helsinki-NLP/opus-mt-en-de's dimensions (d_model 512,
 6+6 layers, 8 heads, FFN 2048, vocabulary 58,101, tied embeddings), with a sentencepiece pair trained
@@ -80,12 +81,12 @@ def build(folder: Path) -> Path:
     return ckpt
 
 
-def export(folder: Path, ckpt: Path) -> Path:
-    out = folder / "export"
+def export(folder: Path, ckpt: Path, quantize: str | None = None) -> Path:
+    out = folder / ("export-" + quantize if quantize else "export")
     if not (out / "onnxpipe.json").is_file():
         from onnxpipe.export import export_model
 
-        export_model(ckpt, out)
+        export_model(ckpt, out, quantize=quantize)
     return out
 
 
@@ -177,6 +178,8 @@ def main() -> None:
     rows = args.batch_size
     runs = {
         "onnxpipe": lambda: time_onnxpipe(out, lines, args.num_beams, args.new_tokens, args.threads),
+        "onnxpipe-int8": lambda: time_onnxpipe(export(args.folder, ckpt, "int8"), lines, args.num_beams,
+                                               args.new_tokens, args.threads),
         "transformers": lambda: time_transformers(ckpt, lines, args.num_beams, args.new_tokens, args.threads),
         "optimum": lambda: time_optimum(out, ckpt, lines, args.num_beams, args.new_tokens, args.threads),
         "ctranslate2": lambda: time_ctranslate2(args.folder, ckpt, lines, args.num_beams, args.new_tokens,
