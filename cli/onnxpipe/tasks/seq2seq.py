@@ -72,6 +72,9 @@ class Seq2SeqRunner:
             raise ModelNotFoundError(f"unsupported key/value type {first.type}", hint="export in fp32 or fp16")
         self.heads, self.head_dim = first.shape[1], first.shape[3]
         self.hidden_size = inputs["encoder_hidden_states"].shape[2]
+        if not all(isinstance(d, int) for d in (self.heads, self.head_dim, self.hidden_size)):
+            raise ModelNotFoundError("the decoder graph does not declare its key/value and hidden sizes",
+                                     hint="re-export it with onnxpipe export")
         self.steps = 0
         self.gathers = 0
         self._gather_sessions: dict[int, Any] = {}
@@ -219,7 +222,7 @@ class Languages:
                            if t.special and _is_code(t.content))
         self.codes: list[str] = codes
         self.marian = bool(codes) and codes[0].startswith(">>")
-        self.source = self._template_code()
+        self.source = self._template_code() if codes and not self.marian else None  # parses tokenizer.json
 
     def __bool__(self) -> bool:
         return bool(self.codes)
