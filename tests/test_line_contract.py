@@ -132,15 +132,18 @@ def test_a_slow_producer_gets_prompt_output(exported):
 
 
 def test_interrupt_exits_130_without_traceback(exported):
+    """Ctrl-C while the reader thread is blocked on an open stdin. Repeated: the abort it once
+    caused (the interpreter could not take stdin's buffer lock at shutdown) came in ~2 of 3 runs."""
     import signal
 
     folder = exported("bert", "text-classification")
-    proc = subprocess.Popen(_onnxpipe("classify", "-m", str(folder)), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdin.write(b"good movie\n")
-    proc.stdin.flush()
-    assert proc.stdout.readline().strip()  # the model is loaded and the engine waits for input
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert b"Traceback" not in err and b"interrupted" in err
+    for _ in range(4):
+        proc = subprocess.Popen(_onnxpipe("classify", "-m", str(folder)), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdin.write(b"good movie\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip()  # the model is loaded and the engine waits for input
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err.decode(errors="replace")[-800:]
+        assert b"Traceback" not in err and b"interrupted" in err and b"Fatal Python error" not in err

@@ -1,7 +1,10 @@
 """Input: raw lines from files and stdin, read in a background thread, parsed into Records.
 
-The thread reads with `read1`, which returns what the producer has written so far instead of
-waiting for a full buffer, and hands over whole lines in chunks through a bounded queue. So
+The thread reads stdin with `os.read` on its file descriptor (files with `read1`), which returns
+what the producer has written so far instead of waiting for a full buffer. It never reads through
+sys.stdin's BufferedReader: a daemon thread blocked inside it holds the buffer's lock, and the
+interpreter aborts (SIGABRT, "could not acquire lock ... at interpreter shutdown") when Ctrl-C
+ends the main thread while the producer is still open. The thread and hands over whole lines in chunks through a bounded queue. So
 memory stays bounded (a few chunks plus the line being read), and the engine can tell "the
 producer is slow" (no chunk within the idle time: run what is buffered) from "the producer is
 fast" (chunks keep coming: fill the window). Lines are split on b"\\n" only: CR, form feeds,
@@ -10,6 +13,7 @@ U+2028 and other characters that str.splitlines() treats as breaks stay inside t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -110,7 +114,7 @@ class LineSource:
             self._put(exc if isinstance(exc, Exception) else InputError(f"reading input failed: {exc!r}"))
 
     def _read_one(self, stream: IO[bytes], name: str) -> None:
-        read = getattr(stream, "read1", stream.read)
+        read = _reader(stream)
         partial: list[bytes] = []
         line_no = 1
         while not self._stop.is_set():
@@ -140,6 +144,18 @@ class LineSource:
 
 def _binary_stdin() -> IO[bytes]:
     return getattr(sys.stdin, "buffer", sys.stdin)
+
+
+def _reader(stream: IO[bytes]):
+    """A read(n) that returns what is there: os.read on a real descriptor, else read1 or read.
+
+    Nothing reads stdin before the reader thread, so its BufferedReader holds no bytes to bypass.
+    """
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return getattr(stream, "read1", stream.read)
+    return functools.partial(os.read, fd)
 
 
 def _total_size(paths: Sequence[str]) -> int | None:
