@@ -488,3 +488,36 @@ def test_real_gguf_file_exports_end_to_end(tmp_path):
     assert m["source"]["kind"] == "gguf" and m["task"] == "text-generation"
     assert m["validation"]["passed"] and m["tokenizer"]["chat_template"] == "chat_template.jinja"
     assert "Converting" not in result.stderr  # the converter's progress bar stays quiet
+
+
+def test_saved_padding_and_truncation_are_dropped_from_tokenizer_json(checkpoint, tmp_path):
+    """all-MiniLM ships a tokenizer.json that pads every input to 128: the runtime pads per batch."""
+    from tokenizers import Tokenizer
+
+    ckpt = _copy_checkpoint(checkpoint, tmp_path, "roberta")
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    tok.enable_padding(length=64, pad_id=1, pad_token="<pad>")
+    tok.enable_truncation(max_length=64)
+    tok.save(str(ckpt / "tokenizer.json"))
+    result = run("export", str(ckpt), "--output", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    saved = Tokenizer.from_file(str(tmp_path / "o" / "tokenizer.json"))
+    assert saved.padding is None and saved.truncation is None
+    assert manifest(tmp_path / "o")["tokenizer"]["max_length"] == 126
+
+
+def test_fp16_conversion_and_validation_path(checkpoint, tmp_path, monkeypatch):
+    """The CUDA-only fp16 path, run on the CPU provider (which executes fp16 graphs, slowly)."""
+    from onnxpipe.export import core, variants
+
+    monkeypatch.setattr(variants, "require_cuda_for_fp16", lambda: None)
+    monkeypatch.setattr(core, "FP16_PROVIDER", "CPUExecutionProvider")
+    result = run("export", str(checkpoint("gpt2")), "--output", str(tmp_path / "o"), "--fp16")
+    assert result.exit_code == 0, result.output
+    m = manifest(tmp_path / "o")
+    assert m["precision"] == "fp16" and m["validation"]["passed"] and m["validation"]["tolerance"] is None
+    assert m["validation"]["cosine_similarity"]["mean"] > 0.99 and m["validation"]["fp32"]["passed"]
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "o" / "model.onnx"))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.graph.initializer)

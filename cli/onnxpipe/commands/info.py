@@ -90,7 +90,9 @@ def validation_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
         worst = sorted(outputs.items(), key=lambda kv: -(kv[1].get("max_abs_diff") or 0))
         shown = ", ".join(f"{name} {o['max_abs_diff']:.2g}" for name, o in worst[:4])
         more = f" (+{len(worst) - 4} more)" if len(worst) > 4 else ""
-        rows.append(("max abs diff", f"{shown}{more}; tolerance {v.get('tolerance'):g}"))
+        tolerance = v.get("tolerance")
+        limit = f"tolerance {tolerance:g}" if tolerance is not None else "no tolerance: judged on agreement"
+        rows.append(("max abs diff", f"{shown}{more}; {limit}"))
     if "label_agreement" in v:
         rows.append(("label agreement", f"{v['label_agreement']:.2%}"))
     if "greedy" in v:

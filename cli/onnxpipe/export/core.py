@@ -10,7 +10,8 @@ to the same parent folder.
 
 Manifest keys beyond manifest.py's list: `source.weights` (file names hashed), `tokenizer.check`
 (the fast/slow comparison), `graph.encoder_inputs`/`encoder_outputs` (seq2seq), and
-`validation.fp32` (the fp32 report a variant was built from).
+`validation.fp32` (the fp32 report a variant was built from), `quantization` (int8 only: method,
+weights, how many MatMuls were kept in fp32).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from onnxpipe.manifest import write_manifest
 Progress = Callable[[str, str], None]
 TMP_MARK = ".onnxpipe-tmp-"
 STAGES = ("load", "export", "validate", "write")
+FP16_PROVIDER = "CUDAExecutionProvider"  # fp16 is built for, and validated on, CUDA
 
 
 def _no_progress(stage: str, message: str) -> None:
@@ -145,20 +147,21 @@ def _build(source, tmp: Path, name: str, task: str | None, opts: dict, texts: li
     all_texts = val.GENERATED_TEXTS + texts
     precision = "fp16" if opts["fp16"] else (opts["quantize"] or "fp32")
 
-    progress("validate", f"validating {precision}{'/' + opts['optimize'] if opts['optimize'] else ''} against PyTorch on {inputs_note}")
+    progress("validate", f"validating fp32{' ' + opts['optimize'] if opts['optimize'] else ''} against PyTorch on {inputs_note}")
     report = val.validate(model, out, task, family, files, fast, all_texts,
                           val.budget_for("fp32", opts["optimize"]), inputs_note, special_tokens=special)
     val.raise_if_failed(report, "the exported ONNX graph" if not opts["optimize"] else f"the {opts['optimize']} graph")
+    quantization = None
     if precision != "fp32":
         from onnxpipe.export import variants
 
         progress("export", f"building the {precision} variant")
         with quiet_libraries():
             if precision == "int8":
-                variants.quantize_int8(out, list(files.values()))
+                quantization = variants.quantize_int8(out, list(files.values()), family)
             else:
                 variants.convert_fp16(out, list(files.values()))
-        provider = "CUDAExecutionProvider" if precision == "fp16" else "CPUExecutionProvider"
+        provider = FP16_PROVIDER if precision == "fp16" else "CPUExecutionProvider"
         progress("validate", f"validating the {precision} variant against fp32")
         baseline = report
         report = val.validate(model, out, task, family, files, fast, all_texts,
@@ -169,6 +172,8 @@ def _build(source, tmp: Path, name: str, task: str | None, opts: dict, texts: li
 
     manifest = _manifest(name, task, family, config, out, files, tokenizer_record, special, src, precision,
                          opts, report)
+    if quantization:
+        manifest["quantization"] = quantization
     write_manifest(out, manifest)
     return manifest
 

@@ -50,6 +50,13 @@ def load_tokenizers(folder: Path, config: dict[str, Any], trust_remote_code: boo
             raise ExportError(
                 f"{type(tok).__name__} has no fast form and cannot be converted: {_first_line(exc)}"
             ) from None
+    # A copy without the padding/truncation a checkpoint may have saved (all-MiniLM pads to 128):
+    # the runtime pads per batch and counts what it truncates.
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(backend.to_str())
+    backend.no_padding()
+    backend.no_truncation()
     return FastTokenizers(
         source=backend,
         reference=tok,

@@ -35,7 +35,7 @@ TOP_K = 5
 class Budget:
     """What a variant must reproduce. atol is on every output; the rest are quality figures."""
 
-    atol: float
+    atol: float | None  # None: lossy, judged on the figures below only
     min_label_agreement: float = 1.0
     min_greedy_agreement: float = 1.0
     min_cosine: float = 0.0
@@ -43,15 +43,15 @@ class Budget:
 
 # fp32: ORT and PyTorch run the same maths in a different order; real models reach ~1e-4 on
 # logits of magnitude 10-30, tiny random ones ~1e-6. Optimised graphs fuse kernels (O3 also
-# approximates GeLU). int8 and fp16 are lossy: the tolerance only catches a broken graph, and the
-# budget on agreement is what decides.
+# approximates GeLU). int8 and fp16 are lossy: no tolerance, the budget on agreement decides
+# (min_cosine is on the mean cosine similarity of output rows).
 BUDGETS = {
     "fp32": Budget(atol=1e-3),
     "O1": Budget(atol=1e-3),
     "O2": Budget(atol=1e-3),
     "O3": Budget(atol=1e-2, min_label_agreement=0.9, min_greedy_agreement=0.75, min_cosine=0.99),
-    "int8": Budget(atol=10.0, min_label_agreement=0.75, min_greedy_agreement=0.0, min_cosine=0.9),
-    "fp16": Budget(atol=0.5, min_label_agreement=0.9, min_greedy_agreement=0.5, min_cosine=0.99),
+    "int8": Budget(atol=None, min_label_agreement=0.75, min_greedy_agreement=0.0, min_cosine=0.9),
+    "fp16": Budget(atol=None, min_label_agreement=0.9, min_greedy_agreement=0.5, min_cosine=0.99),
 }
 
 
@@ -88,7 +88,8 @@ def validate(
     texts = [t for t in texts if t.strip()] or GENERATED_TEXTS
     with torch.inference_mode():
         if family == "encoder":
-            figures = _encoder(model, session(folder / files["model"], provider), task, tokenizer, texts)
+            figures = _encoder(model, session(folder / files["model"], provider), task, tokenizer, texts,
+                               (special_tokens or {}).get("pad_token_id"))
         elif family == "decoder":
             figures = _decoder(model, session(folder / files["model"], provider), tokenizer, texts, special_tokens or {})
         else:
@@ -101,14 +102,18 @@ def validate(
                 special_tokens or {},
             )
     outputs = figures.pop("outputs")
-    failures = [f"{name} differs by {o['max_abs_diff']:.3g} > {budget.atol:g}" for name, o in outputs.items()
-                if not o["max_abs_diff"] <= budget.atol]  # `not <=` also catches NaN
+    failures = []
+    if budget.atol is not None:
+        failures = [f"{name} differs by {o['max_abs_diff']:.3g} > {budget.atol:g}" for name, o in outputs.items()
+                    if not o["max_abs_diff"] <= budget.atol]  # `not <=` also catches NaN
+    failures += [f"{name} is not finite" for name, o in outputs.items() if o["max_abs_diff"] != o["max_abs_diff"]
+                 and budget.atol is None]
     if "label_agreement" in figures and figures["label_agreement"] < budget.min_label_agreement:
         failures.append(f"label agreement {figures['label_agreement']:.3f} < {budget.min_label_agreement}")
     if "greedy" in figures and figures["greedy"]["agreement"] < budget.min_greedy_agreement:
         failures.append(f"greedy ids agree on {figures['greedy']['agreement']:.3f} of steps < {budget.min_greedy_agreement}")
-    if "cosine_similarity" in figures and not figures["cosine_similarity"]["min"] >= budget.min_cosine:
-        failures.append(f"cosine similarity {figures['cosine_similarity']['min']:.4f} < {budget.min_cosine}")
+    if "cosine_similarity" in figures and not figures["cosine_similarity"]["mean"] >= budget.min_cosine:
+        failures.append(f"mean cosine similarity {figures['cosine_similarity']['mean']:.4f} < {budget.min_cosine}")
     return {
         "passed": not failures,
         "failures": failures,
@@ -159,11 +164,11 @@ def _topk_overlap(ref: np.ndarray, got: np.ndarray, k: int = TOP_K) -> float:
     return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(r, g)]))
 
 
-def _quality(figures: dict, ref: list[np.ndarray], got: list[np.ndarray]) -> None:
-    """Cosine similarity and top-k overlap of output rows, over all inputs."""
+def _quality(figures: dict, ref: list[np.ndarray], got: list[np.ndarray], topk: bool = True) -> None:
+    """Cosine similarity of output rows and (for logits) top-k overlap, over all inputs."""
     cos = np.concatenate([_cosine_rows(r, g) for r, g in zip(ref, got)])
     figures["cosine_similarity"] = {"min": round(float(cos.min()), 6), "mean": round(float(cos.mean()), 6)}
-    if ref[0].shape[-1] > 1:
+    if topk and ref[0].shape[-1] > 1:
         figures[f"top{TOP_K}_overlap"] = round(float(np.mean([_topk_overlap(r, g) for r, g in zip(ref, got)])), 4)
 
 
@@ -190,12 +195,12 @@ def _pad(encodings, pad_id: int) -> dict[str, np.ndarray]:
 
 # --- encoders ---------------------------------------------------------------------------
 
-def _encoder(model, sess, task: str, tokenizer, texts: list[str]) -> dict[str, Any]:
+def _encoder(model, sess, task: str, tokenizer, texts: list[str], pad_id: int | None) -> dict[str, Any]:
     import torch
 
     input_names = [i.name for i in sess.get_inputs()]
     output_names = [o.name for o in sess.get_outputs()]
-    pad_id = tokenizer.padding["pad_id"] if tokenizer.padding else 0
+    pad_id = pad_id if pad_id is not None else 0
     max_length = getattr(model.config, "max_position_embeddings", None)
     if max_length and getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
         max_length -= 2
@@ -228,7 +233,7 @@ def _encoder(model, sess, task: str, tokenizer, texts: list[str]) -> dict[str, A
     figures: dict[str, Any] = {"outputs": outputs, "texts": len(texts)}
     if total:
         figures["label_agreement"] = round(agree / total, 6)
-    _quality(figures, ref_rows, got_rows)
+    _quality(figures, ref_rows, got_rows, topk=task != "feature-extraction")
     return figures
 
 

@@ -58,15 +58,27 @@ def require_cuda_for_fp16() -> None:
         )
 
 
-def quantize_int8(folder: Path, files: list[str]) -> None:
-    """Dynamic int8 quantisation (weights int8, activations quantised at run time) in place."""
+# MatMuls whose inputs carry the large activation outliers of decoder LMs (MLP down projections)
+# and the vocabulary projection: quantising them costs SmolLM2-135M its greedy output (logit
+# cosine 0.82 -> 0.97 and top-1 agreement 69% -> 92% when they stay fp32).
+_KEEP_FP32 = ("down_proj", "lm_head", "mlp/c_proj", "/fc2/", "/wo/")
+
+
+def quantize_int8(folder: Path, files: list[str], family: str) -> dict:
+    """Dynamic int8 quantisation (int8 weights, activations quantised at run time) in place."""
+    import onnx
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-    # Per-tensor weights: per-channel dynamic MatMul is not accelerated by ORT's CPU kernels.
-    config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=False)
+    excluded = 0
     for name in files:
         path = folder / name
+        keep = []
+        if family in ("decoder", "seq2seq"):
+            graph = onnx.load(str(path), load_external_data=False).graph
+            keep = [n.name for n in _all_nodes(graph) if n.op_type in ("MatMul", "Gemm") and any(k in n.name for k in _KEEP_FP32)]
+            excluded += len(keep)
+        config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True, nodes_to_exclude=keep)
         try:
             quantizer = ORTQuantizer.from_pretrained(folder, file_name=name)
             quantizer.quantize(
@@ -75,8 +87,19 @@ def quantize_int8(folder: Path, files: list[str]) -> None:
             )
         except Exception as exc:
             raise ExportError(f"int8 quantisation of {name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        quantized = folder / f"{path.stem}_int8.onnx"
-        _replace_onnx(quantized, path)
+        _replace_onnx(folder / f"{path.stem}_int8.onnx", path)
+    return {"method": "dynamic", "weights": "int8 per-channel", "kept_fp32_matmuls": excluded}
+
+
+def _all_nodes(graph):
+    """Nodes of GRAPH and of its subgraphs (a merged decoder keeps its layers inside If branches)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                yield from _all_nodes(attr.g)
+            for sub in attr.graphs:
+                yield from _all_nodes(sub)
 
 
 def convert_fp16(folder: Path, files: list[str]) -> None:
