@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "summarize": "onnxpipe.commands.summarize:summarize",
     "finetune": "onnxpipe.commands.finetune:finetune",
     "eval": "onnxpipe.commands.eval:eval_command",
+    "bench": "onnxpipe.commands.bench:bench",
 }
 
 
