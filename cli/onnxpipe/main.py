@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "finetune": "onnxpipe.commands.finetune:finetune",
     "eval": "onnxpipe.commands.eval:eval_command",
     "bench": "onnxpipe.commands.bench:bench",
+    "doctor": "onnxpipe.commands.doctor:doctor",
 }
 
 
