@@ -43,8 +43,32 @@ class StreamOptions:
         return "jsonl" if self.field is not None else "tsv" if self.column is not None else "text"
 
 
+def complete_export_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+    """Shell completion for MODEL: the exports in the export home (with their task), else folders."""
+    import json
+
+    from click.shell_completion import CompletionItem
+
+    from onnxpipe.home import MANIFEST_NAME, export_home
+
+    if "/" in incomplete or incomplete.startswith((".", "~")):
+        return [CompletionItem(incomplete, type="dir")]
+    items = []
+    try:
+        folders = sorted(p for p in export_home().iterdir() if p.name.startswith(incomplete) and not p.name.startswith("."))
+    except OSError:
+        folders = []
+    for folder in folders:
+        try:
+            task = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8")).get("task")
+        except (OSError, ValueError):
+            continue  # not an export
+        items.append(CompletionItem(folder.name, help=task))
+    return items or [CompletionItem(incomplete, type="dir")]
+
+
 model_option = click.option(
-    "-m", "--model", required=True, metavar="MODEL",
+    "-m", "--model", required=True, metavar="MODEL", shell_complete=complete_export_names,
     help="An export: a name in the export home (see onnxpipe export) or a path to an export folder.",
 )
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import click
 
+from onnxpipe.commands._options import complete_export_names
+
 
 @click.command("eval")
-@click.option("-m", "--model", required=True, metavar="MODEL", help="Export name (in the export home) or folder.")
+@click.option("-m", "--model", required=True, metavar="MODEL", shell_complete=complete_export_names,
+              help="Export name (in the export home) or folder.")
 @click.argument("data", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--text-column", default="text", show_default=True, help="Column (or JSONL field) holding the text.")
 @click.option("--label-column", default="label", show_default=True, help="Column (or JSONL field) holding the true label.")
@@ -14,12 +17,12 @@ import click
               help='Translate the file\'s labels to the model\'s, e.g. "1=positive,-1=negative".')
 @click.option("--format", "data_format", type=click.Choice(["csv", "tsv", "jsonl"]),
               help="Data format when the file name does not tell.")
-@click.option("--against", metavar="MODEL",
+@click.option("--against", metavar="MODEL", shell_complete=complete_export_names,
               help="A second export to run on the same data: its figures and the agreement between the two.")
 @click.option("--json", "as_json", is_flag=True, help="Write the figures as one JSON object on stdout.")
 @click.option("--brief", is_flag=True, help="Only the summary lines on stderr: no per-class table, no confusion matrix.")
-@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
-              help="Where ONNX Runtime runs the model.")
+@click.option("--device", default="auto", show_default=True, envvar="ONNXPIPE_DEVICE", metavar="auto|cpu|cuda[:N]",
+              help="Where ONNX Runtime runs the model. [env: ONNXPIPE_DEVICE]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Texts per batch.")
 def eval_command(model: str, data: str, text_column: str, label_column: str, label_map: str | None,
                  data_format: str | None, against: str | None, as_json: bool, brief: bool, device: str,

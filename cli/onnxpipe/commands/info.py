@@ -7,9 +7,11 @@ from typing import Any
 
 import click
 
+from onnxpipe.commands._options import complete_export_names
+
 
 @click.command("info")
-@click.argument("model")
+@click.argument("model", shell_complete=complete_export_names)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest (onnxpipe.json) as it is.")
 def info(model: str, as_json: bool) -> None:
     """Show how an export was made and how it validated.
