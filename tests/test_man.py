@@ -148,3 +148,33 @@ def test_examples_use_real_options(page):
         for args in invocations(line):
             problems += [f"{line}: {p}" for p in check_invocation(args)]
     assert not problems, problems
+
+
+def test_the_wheel_installs_the_pages_under_share_man(tmp_path):
+    """pip install --prefix P puts every page in P/share/man/man1, where `man` finds it from P/bin."""
+    import sys
+
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"  # a copy: building in the checkout would leave build/ and egg-info there
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "cli", src / "cli", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(MAN, src / "man", ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(src)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "wheel").glob("onnxpipe-*.whl")
+    prefix = tmp_path / "prefix"
+    # pip install --prefix run for this venv would first uninstall the venv's own (editable) onnxpipe:
+    # aim it at an empty throwaway environment instead.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "empty")], check=True, timeout=120)
+    subprocess.run([*pip, "--python", str(tmp_path / "empty" / "bin" / "python"), "install", "--no-deps", "--no-index",
+                    "--prefix", str(prefix), str(wheel)], check=True, capture_output=True, timeout=300)
+    installed = sorted(p.name for p in (prefix / "share" / "man" / "man1").glob("*.1"))
+    assert installed == sorted(f"{p}.1" for p in PAGES)
+    assert (prefix / "share" / "man" / "man1" / "onnxpipe.1").read_text() == _page("onnxpipe")
+    if shutil.which("man"):
+        found = subprocess.run(["man", "-w", "onnxpipe-doctor"], capture_output=True, text=True,
+                               env={**os.environ, "PATH": f"{prefix / 'bin'}{os.pathsep}{os.environ['PATH']}"})
+        assert found.stdout.strip() == str(prefix / "share" / "man" / "man1" / "onnxpipe-doctor.1")
