@@ -33,8 +33,9 @@ def test_json_shape():
     report, result = _report("--device", "cpu")
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
-    assert set(report) == {"onnxpipe", "onnxruntime", "providers", "cuda", "gpus", "threads", "export_home",
+    assert set(report) == {"onnxpipe", "onnxruntime", "providers", "cuda", "gpu", "threads", "export_home",
                            "export_extra", "verdict"}
+    assert set(report["gpu"]) == {"nvidia_smi", "devices", "error"}
     assert report["onnxruntime"]["version"].startswith("1.")
     names = [p["name"] for p in report["providers"]]
     assert names[-1] == "CPUExecutionProvider"
@@ -158,3 +159,25 @@ def test_doctor_imports_no_export_stack():
                 for line in proc.stderr.splitlines() if line.startswith("import time:") and "|" in line}
     assert "onnxruntime" in imported
     assert not imported & {"torch", "transformers", "optimum", "onnx"}
+
+
+def test_gpu_from_nvidia_smi(tmp_path, monkeypatch):
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho '0, NVIDIA H200, 143771, 0, 570.86.15'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}{os.pathsep}{os.environ['PATH']}")
+    report, _ = _report("--device", "cpu")
+    assert report["gpu"] == {"nvidia_smi": str(smi), "error": None, "devices": [
+        {"index": 0, "name": "NVIDIA H200", "memory_total_mib": 143771, "memory_used_mib": 0, "driver": "570.86.15"}]}
+    assert "cuda:0         NVIDIA H200, 143771 MiB (0 MiB used), driver 570.86.15" in _doctor("--device", "cpu").stdout
+
+
+def test_a_failing_nvidia_smi_is_reported(tmp_path, monkeypatch):
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\nexit 9\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}{os.pathsep}{os.environ['PATH']}")
+    gpu = _report("--device", "cpu")[0]["gpu"]
+    assert gpu["devices"] == [] and gpu["error"].startswith("NVIDIA-SMI has failed")

@@ -78,10 +78,10 @@ def collect_report(cuda_index: int = 0) -> dict[str, Any]:
     # Probe the sessions first: loading libraries by hand below could make CUDA work here
     # where an ordinary onnxpipe run would not.
     cuda = _cuda_report(ort_info, providers)
-    gpus = _gpus()
-    if cuda["usable"] is False and not gpus["gpus"] and not cuda["driver"]["found"]:
+    gpu = _gpu()
+    if cuda["usable"] is False and not gpu["devices"] and not cuda["driver"]["found"]:
         cuda["reason"] = ("there is no NVIDIA driver (libcuda.so.1 is missing"
-                          + ("; no nvidia-smi" if not gpus["nvidia_smi"] else "")
+                          + ("; no nvidia-smi" if not gpu["nvidia_smi"] else "")
                           + f"), and the CUDA provider cannot load ({cuda['reason']})")
     cpu = next((p for p in providers if p["name"] == "CPUExecutionProvider"), None)
     cpu_ok = bool(cpu and cpu["runs"])
@@ -99,7 +99,7 @@ def collect_report(cuda_index: int = 0) -> dict[str, Any]:
         "onnxruntime": ort_info,
         "providers": providers,
         "cuda": cuda,
-        "gpus": gpus,
+        "gpu": gpu,
         "threads": _threads(),
         "export_home": _export_home(),
         "export_extra": _export_extra(),
@@ -289,9 +289,9 @@ def _cuda_report(ort_info: dict[str, Any], providers: list[dict[str, Any]]) -> d
     return report
 
 
-def _gpus() -> dict[str, Any]:
+def _gpu() -> dict[str, Any]:
     smi = shutil.which("nvidia-smi")
-    out: dict[str, Any] = {"nvidia_smi": smi, "gpus": [], "error": None}
+    out: dict[str, Any] = {"nvidia_smi": smi, "devices": [], "error": None}
     if not smi:
         return out
     query = "index,name,memory.total,memory.used,driver_version"
@@ -309,7 +309,7 @@ def _gpus() -> dict[str, Any]:
         cells = [c.strip() for c in line.split(",")]
         if len(cells) == 5:
             index, name, total, used, driver = cells
-            out["gpus"].append({"index": int(index) if index.isdigit() else index, "name": name,
+            out["devices"].append({"index": int(index) if index.isdigit() else index, "name": name,
                                 "memory_total_mib": _int(total), "memory_used_mib": _int(used), "driver": driver})
     return out
 
@@ -446,10 +446,10 @@ def render(report: dict[str, Any]) -> None:
     for line in c["advice"]:
         out.print(f"  [yellow]to fix[/yellow]  {escape(line)}")
 
-    g = report["gpus"]
+    g = report["gpu"]
     head("GPU")
-    if g["gpus"]:
-        for gpu in g["gpus"]:
+    if g["devices"]:
+        for gpu in g["devices"]:
             row(f"cuda:{gpu['index']}", f"{gpu['name']}, {gpu['memory_total_mib']} MiB "
                                         f"({gpu['memory_used_mib']} MiB used), driver {gpu['driver']}")
     else:
