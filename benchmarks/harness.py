@@ -1,0 +1,127 @@
+"""What the peer benchmarks share: one process per system with its own peak RSS, the machine, the versions.
+
+A system runs in a child process that the harness waits for with os.wait4, so the peak RSS is that
+process's alone (RUSAGE_CHILDREN would be the maximum over every child so far).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(REPO / "cli"))
+
+ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "ONNXPIPE_HOME": str(REPO / "exports")}
+
+
+@dataclass
+class Process:
+    returncode: int
+    stdout: bytes
+    stderr: str
+    wall: float  # seconds from spawn to exit
+    first_line: float | None  # seconds from spawn to the first byte of stdout
+    max_rss_mib: float
+
+
+def run(args: list[str], stdin: bytes | None = None, stdout_path: Path | None = None, check: bool = True) -> Process:
+    """Run ARGS to the end; its wall time, time to first output, stderr and peak RSS (MiB)."""
+    env = {**os.environ, **ENV}
+    out = open(stdout_path, "wb") if stdout_path else subprocess.PIPE
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    first = None
+    chunks = []
+    errors: list[bytes] = []
+    reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    try:
+        if stdin is not None:
+            proc.stdin.write(stdin)
+        proc.stdin.close()
+        if stdout_path is None:
+            chunk = proc.stdout.read1(1 << 16)
+            first = time.perf_counter() - start if chunk else None
+            while chunk:
+                chunks.append(chunk)
+                chunk = proc.stdout.read1(1 << 16)
+        reader.join()
+        stderr = b"".join(errors).decode("utf-8", "replace")
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    finally:
+        if stdout_path:
+            out.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    result = Process(proc.returncode, b"".join(chunks), stderr, wall, first, usage.ru_maxrss / 1024)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:6])} ... exited {result.returncode}:\n{stderr[-2000:]}")
+    return result
+
+
+def child_json(args: list[str]) -> tuple[dict, Process]:
+    """Run a child that prints one JSON object as its last stdout line."""
+    proc = run(args)
+    return json.loads(proc.stdout.decode().strip().splitlines()[-1]), proc
+
+
+def machine() -> dict:
+    from onnxpipe.bench import machine_info
+
+    return machine_info()
+
+
+def versions(*names: str) -> dict[str, str | None]:
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: Path, report: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    import statistics
+
+    if not values:
+        return 0.0, 0.0
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_lines(info: dict, vers: dict) -> list[str]:
+    gpu = ", ".join(info["gpu"]) if info.get("gpu") else "none"
+    return [
+        f"- machine: {info['cpu']}, {info['cores']} cores / {info['logical_cpus']} logical CPUs"
+        f" ({info.get('affinity')} usable), {info['memory_gib']} GiB, AVX512-VNNI {'yes' if info.get('avx512_vnni') else 'no'},"
+        f" GPU {gpu}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items() if v),
+    ]
