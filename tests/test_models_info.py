@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from onnxpipe.main import cli
@@ -90,3 +91,17 @@ def test_info_unknown_name_is_one_line_error(exported):
     assert result.exit_code != 0 and result.stdout == ""
     assert result.stderr.startswith("onnxpipe: error: no export named 'nope'") and "sentiment" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_name_beats_a_folder_that_is_not_an_export(exported, tmp_path, monkeypatch):
+    """`-m sentiment` from a folder that holds the checkpoint `sentiment/` means the export."""
+    import shutil
+
+    from onnxpipe.home import export_home, resolve_model
+
+    shutil.copytree(exported("bert", "text-classification"), export_home() / "sentiment")
+    (tmp_path / "work" / "sentiment").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    assert resolve_model("sentiment") == export_home() / "sentiment"
+    with pytest.raises(Exception, match="not an onnxpipe export"):
+        resolve_model("./sentiment")

@@ -36,14 +36,16 @@ def resolve_model(ref: str | os.PathLike) -> Path:
     path = Path(ref).expanduser()
     if (path / MANIFEST_NAME).is_file():
         return path
+    named = export_home() / str(ref)
+    # A bare name that is also some folder here (the checkpoint `sentiment/` beside the export
+    # `sentiment`) means the export: only an export folder wins over a name in the home.
+    if os.sep not in str(ref) and (named / MANIFEST_NAME).is_file():
+        return named
     if path.exists():
         raise ModelNotFoundError(
             f"{path} is not an onnxpipe export (no {MANIFEST_NAME})",
             hint=f"create one with: onnxpipe export {path}",
         )
-    named = export_home() / str(ref)
-    if os.sep not in str(ref) and (named / MANIFEST_NAME).is_file():
-        return named
     names = [p.name for p in list_exports()]
     known = ", ".join(names) if names else "none yet"
     raise ModelNotFoundError(
