@@ -135,3 +135,24 @@ def test_wrong_task_and_bad_device_are_errors(exported):
     assert result.exit_code == 2 and "feature-extraction export" in result.stderr
     result = invoke("classify", "-m", str(exported("bert", "text-classification")), "--device", "tpu", input="a\n")
     assert result.exit_code == 2 and "unknown device" in result.stderr
+
+
+def test_cuda_fallback_banner_stays_off_stdout(exported, monkeypatch):
+    """onnxruntime print()s an "EP Error" banner when the CUDA provider fails and it retries on the
+    CPU: stdout must still hold only the results, and the reason goes into the one stderr line."""
+    import onnxruntime as ort
+
+    real = ort.InferenceSession
+
+    def failing_cuda(path, sess_options=None, providers=None, **kw):
+        if providers and "CUDAExecutionProvider" in str(providers[0]):
+            print("*************** EP Error ***************")
+            print("EP Error libcublasLt.so.13: cannot open shared object file when using CUDA")
+        return real(path, sess_options=sess_options, providers=["CPUExecutionProvider"], **kw)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", failing_cuda)
+    result = invoke("classify", "-m", str(exported("bert", "text-classification")), input="a good movie\n")
+    assert result.exit_code == 0, result.output
+    assert "EP Error" not in result.stdout and len(result.stdout.splitlines()) == 1
+    assert "CUDA not usable (libcublasLt.so.13 not found)" in result.stderr

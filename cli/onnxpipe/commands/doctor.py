@@ -137,8 +137,10 @@ def _probe(ort, name: str, cuda_index: int) -> dict[str, Any]:
     """Make a session on the tiny model with NAME first, run it, and say what really ran."""
     import numpy as np
 
-    from onnxpipe.runtime.device import CPU, captured_stderr_fd, cuda_failure_reason
+    from onnxpipe.runtime.device import CPU, captured_stderr_fd, cuda_failure_reason, preload_cuda_libraries
 
+    if name != CPU:
+        preload_cuda_libraries()  # as the task commands do before a CUDA session
     model = _tiny_model()
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -277,14 +279,13 @@ def _cuda_report(ort_info: dict[str, Any], providers: list[dict[str, Any]]) -> d
     if absent:
         advice.append(
             f"install the CUDA {major} and cuDNN 9 libraries ({', '.join(absent)} missing), either "
-            f"from pip: pip install 'onnxruntime-gpu[cuda,cudnn]', then add their folders "
-            f"(site-packages/nvidia/*/lib) to LD_LIBRARY_PATH, as onnxpipe does not preload them; or "
+            f"from pip: pip install 'onnxruntime-gpu[cuda,cudnn]' (onnxpipe loads them from site-packages); or "
             f"NVIDIA's system packages: the CUDA {major} runtime, cuBLAS, cuRAND and cuFFT, and cuDNN 9 "
             f"for CUDA {major}, where the loader finds them (ldconfig or LD_LIBRARY_PATH)")
     if pip_only:
         folders = sorted({str(Path(l["pip_path"]).parent) for l in pip_only})
         advice.append("NVIDIA's pip wheels hold " + ", ".join(l["name"] for l in pip_only)
-                      + " but the loader does not look there: export LD_LIBRARY_PATH="
+                      + " but they did not load from there; try: export LD_LIBRARY_PATH="
                       + ":".join(folders) + "${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}")
     return report
 

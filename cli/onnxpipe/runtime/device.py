@@ -79,6 +79,41 @@ def captured_stderr_fd() -> Iterator[list[str]]:
             captured.append(tmp.read().decode("utf-8", "replace"))
 
 
+_PRELOADED: list[bool] = []
+
+
+def preload_cuda_libraries() -> None:
+    """Load the CUDA/cuDNN libraries of the `nvidia-*` pip packages (`onnxruntime-gpu[cuda,cudnn]`).
+
+    The provider finds them only on the loader's path; `onnxruntime.preload_dlls()` loads them from
+    site-packages first. It reports failures with print(), so its stdout is kept off ours (stdout is
+    for results); what it says is moot anyway, as the session's providers tell the truth afterwards.
+    """
+    if _PRELOADED:
+        return
+    _PRELOADED.append(True)
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("nvidia") is None:
+            return
+    except (ImportError, ValueError):
+        return
+    import contextlib
+    import io
+
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            preload()
+        except Exception:  # a broken CUDA install: the session reports it in its own words
+            pass
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
