@@ -100,6 +100,8 @@ bench: models $(BENCH_STAMP)
 	mkdir -p $(RESULTS)
 	set -o pipefail; $(PY) benchmarks/encoders.py --threads $(BENCH_THREADS) --json $(RESULTS)/encoders.json | tee $(RESULTS)/encoders.md
 	set -o pipefail; $(PY) benchmarks/startup.py --threads $(BENCH_THREADS) --json $(RESULTS)/startup.json | tee $(RESULTS)/startup.md
+	set -o pipefail; $(PY) benchmarks/profile_encoders.py exports/sentiment exports/sentiment-int8 exports/minilm \
+	    --threads $(BENCH_THREADS) --json $(RESULTS)/profile_encoders.json | tee $(RESULTS)/profile_encoders.md
 	set -o pipefail; for m in sentiment sentiment-int8 minilm smollm2; do \
 	    $(ONNXPIPE) bench -m $$m --device cpu --threads $(BENCH_THREADS) --markdown | tee $(RESULTS)/bench-$$m.md; echo; \
 	done

@@ -297,7 +297,9 @@ def main() -> None:
     if not (SENTIMENT / "heldout.txt").is_file():
         sys.exit(f"{SENTIMENT}/heldout.txt is missing: run `make models` first")
     wanted = set(args.systems.split(",")) if args.systems else None
-    report = {"date": harness.now(), "machine": harness.machine(), "threads": args.threads,
+    load_before = harness.load_average()
+    report = {"date": harness.now(), "machine": harness.machine(), "load_average_before": load_before,
+              "threads": args.threads,
               "batch_size": args.batch_size, "peer_batch_sizes": args.peer_batch_sizes, "rounds": args.rounds,
               "records": len(sentences()),
               "versions": harness.versions("onnxpipe", "onnxruntime-gpu", "onnxruntime", "tokenizers", "torch",
@@ -320,6 +322,8 @@ def main() -> None:
         rows = summarise(workload, runs, {name: size for name, _, size in plan})
         report["workloads"][workload] = rows
         print(f"\n### {workload}\n\n{markdown(workload, rows)}", flush=True)
+    report["load_average_after"] = harness.load_average()
+    print(f"\n- load average (1, 5, 15 min) before: {load_before}, after: {report['load_average_after']}")
     harness.write_json(args.json, report)
     print(f"\n(results in {args.json})", file=sys.stderr)
 

@@ -83,6 +83,11 @@ def machine() -> dict:
     return machine_info()
 
 
+def load_average() -> list[float]:
+    """1, 5 and 15-minute load averages: on a shared machine, how busy the neighbours were."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def versions(*names: str) -> dict[str, str | None]:
     found = {}
     for name in names:

@@ -63,13 +63,15 @@ def main() -> None:
     if not (REPO / "exports" / "sentiment" / "onnxpipe.json").is_file():
         sys.exit("exports/sentiment is missing: run `make models` first")
     jobs = systems(args.threads)
+    load_before = harness.load_average()
     results: dict[str, list[harness.Process]] = {name: [] for name in jobs}
     harness.run(jobs["onnxpipe classify --device cpu"][0], stdin=LINE)  # one untimed run: the page cache
     harness.run(jobs["transformers pipeline script"][0], stdin=LINE)
     for _ in range(args.runs):
         for name, (command, stdin) in jobs.items():
             results[name].append(harness.run(command, stdin=stdin))
-    report = {"date": harness.now(), "machine": harness.machine(), "threads": args.threads, "runs": args.runs,
+    report = {"date": harness.now(), "machine": harness.machine(), "load_average_before": load_before,
+              "threads": args.threads, "runs": args.runs,
               "versions": harness.versions("onnxpipe", "onnxruntime-gpu", "onnxruntime", "tokenizers", "torch",
                                            "transformers"),
               "command": " ".join(["python", "benchmarks/startup.py", *sys.argv[1:]]), "systems": {}}
@@ -98,6 +100,8 @@ def main() -> None:
     print(f"- {args.runs} runs each, interleaved, {args.threads} threads, {report['date']}\n")
     print(harness.markdown_table(["system", "first result best s", "first result mean s", "exit best s", "exit mean s",
                                   "peak RSS MiB", "transformers / this", "stdout"], rows))
+    report["load_average_after"] = harness.load_average()
+    print(f"- load average (1, 5, 15 min) before: {load_before}, after: {report['load_average_after']}")
     harness.write_json(args.json, report)
     print(f"\n(results in {args.json})", file=sys.stderr)
 
