@@ -10,7 +10,8 @@ on a few sentences and a vocab.json padded with synthetic pieces to the full siz
 and the beam search work on 58k logits as the real model does. Outputs are forced to --new-tokens
 tokens (min = max), so every engine does the same number of steps: figures are target tokens per
 second (rows x new tokens / seconds), encoder and the first step included, model load excluded.
-Every engine gets the same --threads on the CPU; they run one after another in one process.
+Every engine gets the same --threads on the CPU; each runs in its own process, one after another, so
+its peak RSS (VmHWM) is its own.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -162,6 +164,14 @@ def time_ctranslate2(folder: Path, ckpt: Path, lines: list[str], beams: int, new
     return seconds
 
 
+def _peak_rss_mb() -> float:
+    """This process's high-water RSS. Not getrusage in the parent: Linux carries ru_maxrss over fork/exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
@@ -169,11 +179,15 @@ def main() -> None:
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--peers", default="onnxpipe,transformers,optimum,ctranslate2")
+    parser.add_argument("--peers", default="onnxpipe,onnxpipe-int8,transformers,optimum,ctranslate2,ctranslate2-int8")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ckpt = build(args.folder)
     out = export(args.folder, ckpt)
+    if "onnxpipe-int8" in args.peers.split(","):
+        export(args.folder, ckpt, "int8")
     lines = texts(args.batch_size)
     rows = args.batch_size
     runs = {
@@ -187,17 +201,37 @@ def main() -> None:
         "ctranslate2-int8": lambda: time_ctranslate2(args.folder, ckpt, lines, args.num_beams, args.new_tokens,
                                                      args.threads, "int8"),
     }
+    if args.child:
+        seconds = runs[args.child]()
+        print(json.dumps({"seconds": round(seconds, 4), "peak_rss_mb": round(_peak_rss_mb(), 1)}))
+        return
     print(f"batch {rows}, {args.num_beams} beams, {args.new_tokens} forced tokens, CPU, {args.threads} threads")
     results = {}
-    for name in args.peers.split(","):
-        try:
-            seconds = runs[name]()
-        except ImportError as exc:
-            print(f"{name:>18}: skipped ({exc})", flush=True)
+    for name in [p for p in args.peers.split(",") if p]:
+        if name not in runs:
+            raise SystemExit(f"unknown peer {name} (known: {', '.join(runs)})")
+        cmd = [sys.executable, __file__, str(args.folder), "--child", name, "--batch-size", str(rows),
+               "--num-beams", str(args.num_beams), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
+               "--peers", name]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            print(f"{name:>18}: skipped ({last[:200]})", flush=True)
             continue
-        results[name] = rows * args.new_tokens / seconds
-        ratio = f"  (onnxpipe: {results['onnxpipe'] / results[name]:.2f}x)" if "onnxpipe" in results and name != "onnxpipe" else ""
-        print(f"{name:>18}: {results[name]:8.1f} target tokens/s ({seconds:.2f}s){ratio}", flush=True)
+        child = json.loads(proc.stdout.strip().splitlines()[-1])
+        seconds = child["seconds"]
+        results[name] = {"tokens_per_s": round(rows * args.new_tokens / seconds, 2), "seconds": seconds,
+                         "peak_rss_mb": child["peak_rss_mb"]}
+        rate = results[name]["tokens_per_s"]
+        ratio = (f"  (onnxpipe: {results['onnxpipe']['tokens_per_s'] / rate:.2f}x)"
+                 if "onnxpipe" in results and name != "onnxpipe" else "")
+        print(f"{name:>18}: {rate:8.1f} target tokens/s ({seconds:.2f}s, peak RSS {child['peak_rss_mb']:,.0f} MB){ratio}",
+              flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"batch_size": rows, "num_beams": args.num_beams, "new_tokens": args.new_tokens,
+                                         "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+                                         "results": results}, indent=2))
 
 
 if __name__ == "__main__":

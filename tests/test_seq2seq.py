@@ -179,6 +179,13 @@ def test_wide_topk_is_exact():
     x[:, 5] = 1.0
     x[1, 9] = 2.0
     assert topk(x, 2)[:, 0].tolist() == [5, 9]
+    # Thin and partition rows in one call, and the best values in the columns after the last whole chunk.
+    x = np.round(rng.standard_normal((4, 58101)), 2).astype(np.float32)
+    x[1] = -np.inf
+    x[1, [7, 8, 9, 10, 11, 58096, 58097, 58098, 58099, 58100]] = [0.5, 0.5, 1, 2, 2, 2, 1, 0, 0, 3.0]
+    x[2, 58090:] = 9.0
+    expected = np.array([sorted(range(58101), key=lambda j: (-x[i, j], j))[:8] for i in range(4)])
+    assert (topk(x, 8) == expected).all()
 
 
 def test_marian_multi_target_token(s2s):

@@ -49,24 +49,39 @@ def _topk_wide(x: np.ndarray, k: int) -> np.ndarray:
 
     The k-th largest of a row's chunk maxima is a floor that at least k values reach, so only the
     values at or above it are sorted, all ties at the floor included: the order is exactly topk's.
-    Rows the floor does not thin out (mostly -inf) take the partition path.
+    Those values lie in the chunks whose maximum reaches the floor (about k of the 64) and in the
+    few columns after the last whole chunk, so only these are scanned. Rows the floor does not thin
+    out (mostly -inf) take the partition path.
     """
     rows, n = x.shape
     width = n // _CHUNKS
-    maxima = x[:, :width * _CHUNKS].reshape(rows, _CHUNKS, width).max(axis=2)
+    # (rows, chunks, width) as a view: a reshape of x[:, :width * chunks] would copy the whole matrix.
+    x = np.ascontiguousarray(x)
+    body = np.lib.stride_tricks.as_strided(x, (rows, _CHUNKS, width), (x.strides[0], width * x.itemsize, x.itemsize),
+                                           writeable=False)
+    maxima = body.max(axis=2)
     floor = np.partition(maxima, _CHUNKS - k, axis=1)[:, _CHUNKS - k]
-    hits = x >= floor[:, None]
-    counts = hits.sum(axis=1)
-    thin = counts <= 16 * _CHUNKS
+    chunk_r, chunk_c = np.nonzero(maxima >= floor[:, None])
+    in_chunk = body[chunk_r, chunk_c] >= floor[chunk_r, None]  # (chunks kept, width)
+    hit_k, hit_j = np.nonzero(in_chunk)
+    r = chunk_r[hit_k]
+    c = chunk_c[hit_k] * width + hit_j
+    tail_r, tail_c = np.nonzero(x[:, width * _CHUNKS:] >= floor[:, None])
+    if len(tail_r):
+        r = np.concatenate([r, tail_r])
+        c = np.concatenate([c, tail_c + width * _CHUNKS])
+    thin = np.bincount(r, minlength=rows) <= 16 * _CHUNKS
     out = np.empty((rows, k), dtype=np.int64)
     if not thin.all():
         out[~thin] = _topk_partition(x[~thin], k)
-        x, hits, counts = x[thin], hits[thin], counts[thin]
-    if len(counts):
-        r, c = np.nonzero(hits)
+        keep = thin[r]
+        r, c = r[keep], c[keep]
+    if thin.any():
         order = np.lexsort((c, -x[r, c], r))
+        c = c[order]
+        counts = np.bincount(r, minlength=rows)
         starts = np.cumsum(counts) - counts
-        out[thin] = c[order][starts[:, None] + np.arange(k)]
+        out[thin] = c[starts[thin][:, None] + np.arange(k)]
     return out
 
 
@@ -118,8 +133,11 @@ def beam_search(
     while True:
         live = len(items)
         history = History(run_ids[:, :, :width + t].reshape(live * beams, width + t), np.repeat(start, beams), width)
-        scores = processors(history, log_softmax(logits.astype(np.float32, copy=False)))
-        flat = (scores.reshape(live, beams, vocab) + run_scores[:, :, None]).reshape(live, beams * vocab)
+        # The step's logits are the search's own (a fresh array per step), so they are worked in place.
+        scores = processors(history, log_softmax(np.asarray(logits, dtype=np.float32), inplace=True))
+        flat = scores.reshape(live, beams, vocab)
+        flat += run_scores[:, :, None]
+        flat = flat.reshape(live, beams * vocab)
 
         if config.do_sample:
             # Sampling without replacement from softmax(flat), in draw order: Gumbel top-k.

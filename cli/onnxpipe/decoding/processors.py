@@ -248,9 +248,18 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+def log_softmax(x: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """(x - max) - log(sum(exp(x - max))), in that order of roundings whether or not in place.
+
+    In place, X (float32, owned by the caller) is overwritten and returned: on a beam search over a
+    58k vocabulary the temporaries were a third of the numpy time of a step.
+    """
+    if not inplace:
+        x = x.copy()
+    x -= x.max(axis=-1, keepdims=True)
+    total = np.exp(x).sum(axis=-1, keepdims=True)
+    x -= np.log(total, out=total)
+    return x
 
 
 class ProcessorList(list):

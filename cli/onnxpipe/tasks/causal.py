@@ -103,7 +103,7 @@ class CausalDecoder:
         if not self.graph_gather:
             return [OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows])) for v in past]
         if self._gather_session is None:
-            self._gather_session = _gather_session(len(past), self.kv_dtype, self.session.get_providers(), self.device_id)
+            self._gather_session = _gather_session(len(past), self.kv_dtype, self.session, self.device_id)
         binding = self._gather_session.io_binding()
         binding.bind_cpu_input("rows", rows)
         self.stats.h2d += 1
@@ -184,14 +184,22 @@ class CausalDecoder:
         return logits, step
 
 
-def _gather_session(n: int, dtype, providers: list[str], device_id: int):
-    """A session that gathers rows of n tensors at once (Gather axis 0), to reorder the cache on the GPU."""
+def _gather_session(n: int, dtype, model_session, device_id: int):
+    """A session that gathers rows of n tensors at once (Gather axis 0), to reorder a cache on its device.
+
+    It runs on MODEL_SESSION's provider with its thread count; its threads do not spin after a run, so
+    they leave the cores to the model's own run that follows.
+    """
     import onnxruntime as ort
 
     model = _gather_model(n, _ONNX_ELEM[dtype])
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    cuda = "CUDAExecutionProvider" in providers
+    threads = model_session.get_session_options().intra_op_num_threads
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    cuda = "CUDAExecutionProvider" in model_session.get_providers()
     return ort.InferenceSession(model, options, providers=[("CUDAExecutionProvider", {"device_id": device_id})]
                                 if cuda else ["CPUExecutionProvider"])
 
