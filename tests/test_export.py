@@ -196,6 +196,18 @@ def test_optimize_levels(exported, level):
     assert m["validation"]["label_agreement"] == 1.0
 
 
+def test_optimized_graph_can_be_quantized(exported):
+    """--optimize fuses Attention/SkipLayerNormalization, whose outputs onnx's shape inference leaves
+    untyped; the int8 quantiser used to stop on them."""
+    import onnx
+
+    folder = exported("bert", "text-classification", optimize="O2", quantize="int8")
+    m = manifest(folder)
+    assert m["optimization"] == "O2" and m["precision"] == "int8" and m["validation"]["passed"]
+    ops = {n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
+    assert {"QAttention", "MatMulInteger", "SkipLayerNormalization"} <= ops  # fused, then quantised
+
+
 def test_optimized_seq2seq_keeps_a_merged_decoder(exported):
     folder = exported("bart", optimize="O2")
     m = manifest(folder)

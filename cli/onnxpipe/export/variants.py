@@ -6,6 +6,7 @@ are merged, because optimum's optimiser cannot rewrite a merged decoder afterwar
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from onnxpipe.errors import DeviceError, ExportError
@@ -81,14 +82,41 @@ def quantize_int8(folder: Path, files: list[str], family: str) -> dict:
         config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True, nodes_to_exclude=keep)
         try:
             quantizer = ORTQuantizer.from_pretrained(folder, file_name=name)
-            quantizer.quantize(
-                save_dir=folder, quantization_config=config, file_suffix="int8",
-                use_external_data_format=path.stat().st_size > (1 << 31) - (1 << 24),
-            )
+            with _default_tensor_type_float():
+                quantizer.quantize(
+                    save_dir=folder, quantization_config=config, file_suffix="int8",
+                    use_external_data_format=path.stat().st_size > (1 << 31) - (1 << 24),
+                )
         except Exception as exc:
             raise ExportError(f"int8 quantisation of {name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         _replace_onnx(folder / f"{path.stem}_int8.onnx", path)
     return {"method": "dynamic", "weights": "int8 per-channel", "kept_fp32_matmuls": excluded}
+
+
+@contextmanager
+def _default_tensor_type_float():
+    """Quantise graphs that --optimize fused (Attention, SkipLayerNormalization, ...).
+
+    onnx's shape inference gives no type to the outputs of those contrib operators, and onnxruntime's
+    quantiser then stops ("Unable to find data type for weight_name=..."); its own advice is the extra
+    option DefaultTensorType=FLOAT, which optimum does not pass through, so it is added here.
+    """
+    import onnx
+    import optimum.onnxruntime.quantization as optimum_quantization
+
+    base = optimum_quantization.ONNXQuantizer
+
+    class Quantizer(base):
+        def __init__(self, *args, **kwargs):
+            extra = dict(kwargs.pop("extra_options", None) or {})
+            extra.setdefault("DefaultTensorType", onnx.TensorProto.FLOAT)
+            super().__init__(*args, extra_options=extra, **kwargs)
+
+    optimum_quantization.ONNXQuantizer = Quantizer
+    try:
+        yield
+    finally:
+        optimum_quantization.ONNXQuantizer = base
 
 
 def _all_nodes(graph):
