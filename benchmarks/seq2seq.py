@@ -9,7 +9,8 @@ The model is a random-weight MarianMTModel with Helsinki-NLP/opus-mt-en-de's dim
 on a few sentences and a vocab.json padded with synthetic pieces to the full size, so the output layer
 and the beam search work on 58k logits as the real model does. Outputs are forced to --new-tokens
 tokens (min = max), so every engine does the same number of steps: figures are target tokens per
-second (rows x new tokens / seconds), encoder and the first step included, model load excluded.
+second (rows x new tokens / seconds), encoder and the first step included, model load excluded, the
+best of --repeat timed runs.
 Every engine gets the same --threads on the CPU; each runs in its own process, one after another, so
 its peak RSS (VmHWM) is its own.
 """
@@ -104,11 +105,11 @@ def time_onnxpipe(out: Path, lines: list[str], beams: int, new: int, threads: in
                        min_length=new + 1)
     sources = [task.tokenizer.encode(t).ids for t in lines]
     task.runner.generate(sources[:2], task.generation_config, task.pad_id, 4)  # warm-up
-    start = time.perf_counter()
-    hyps = task.runner.generate(sources, task.generation_config, task.pad_id, task.max_new_tokens)
-    seconds = time.perf_counter() - start
-    assert all(len(h[0].token_ids) == new for h in hyps)
-    return seconds
+    def run() -> None:
+        hyps = task.runner.generate(sources, task.generation_config, task.pad_id, task.max_new_tokens)
+        assert all(len(h[0].token_ids) == new for h in hyps)
+
+    return best_of(run)
 
 
 def time_transformers(ckpt: Path, lines: list[str], beams: int, new: int, threads: int) -> float:
@@ -121,9 +122,7 @@ def time_transformers(ckpt: Path, lines: list[str], beams: int, new: int, thread
     batch = tokenizer(lines, return_tensors="pt", padding=True)
     with torch.no_grad():
         model.generate(**tokenizer(lines[:2], return_tensors="pt", padding=True), max_new_tokens=4)
-        start = time.perf_counter()
-        model.generate(**batch, num_beams=beams, min_new_tokens=new, max_new_tokens=new)
-    return time.perf_counter() - start
+        return best_of(lambda: model.generate(**batch, num_beams=beams, min_new_tokens=new, max_new_tokens=new))
 
 
 def time_optimum(out: Path, ckpt: Path, lines: list[str], beams: int, new: int, threads: int) -> float:
@@ -137,9 +136,7 @@ def time_optimum(out: Path, ckpt: Path, lines: list[str], beams: int, new: int, 
     model = ORTModelForSeq2SeqLM.from_pretrained(out, session_options=options, provider="CPUExecutionProvider")
     batch = tokenizer(lines, return_tensors="pt", padding=True)
     model.generate(**tokenizer(lines[:2], return_tensors="pt", padding=True), max_new_tokens=4)
-    start = time.perf_counter()
-    model.generate(**batch, num_beams=beams, min_new_tokens=new, max_new_tokens=new)
-    return time.perf_counter() - start
+    return best_of(lambda: model.generate(**batch, num_beams=beams, min_new_tokens=new, max_new_tokens=new))
 
 
 def time_ctranslate2(folder: Path, ckpt: Path, lines: list[str], beams: int, new: int, threads: int,
@@ -156,12 +153,25 @@ def time_ctranslate2(folder: Path, ckpt: Path, lines: list[str], beams: int, new
     translator = ctranslate2.Translator(str(target), device="cpu", inter_threads=1, intra_threads=threads)
     tokens = [tokenizer.convert_ids_to_tokens(tokenizer(t)["input_ids"]) for t in lines]
     translator.translate_batch(tokens[:2], max_decoding_length=4)
-    start = time.perf_counter()
-    results = translator.translate_batch(tokens, beam_size=beams, min_decoding_length=new, max_decoding_length=new,
-                                         max_batch_size=len(tokens))
-    seconds = time.perf_counter() - start
-    assert all(len(r.hypotheses[0]) == new for r in results), [len(r.hypotheses[0]) for r in results]
-    return seconds
+    def run() -> None:
+        results = translator.translate_batch(tokens, beam_size=beams, min_decoding_length=new,
+                                             max_decoding_length=new, max_batch_size=len(tokens))
+        assert all(len(r.hypotheses[0]) == new for r in results), [len(r.hypotheses[0]) for r in results]
+
+    return best_of(run)
+
+
+REPEAT = {"n": 3}
+
+
+def best_of(run) -> float:
+    """The fastest of REPEAT timed runs (after each system's own warm-up): noise only ever adds time."""
+    times = []
+    for _ in range(REPEAT["n"]):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def _peak_rss_mb() -> float:
@@ -180,6 +190,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--peers", default="onnxpipe,onnxpipe-int8,transformers,optimum,ctranslate2,ctranslate2-int8")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per system; the best counts")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -201,6 +212,7 @@ def main() -> None:
         "ctranslate2-int8": lambda: time_ctranslate2(args.folder, ckpt, lines, args.num_beams, args.new_tokens,
                                                      args.threads, "int8"),
     }
+    REPEAT["n"] = max(1, args.repeat)
     if args.child:
         seconds = runs[args.child]()
         print(json.dumps({"seconds": round(seconds, 4), "peak_rss_mb": round(_peak_rss_mb(), 1)}))
@@ -212,7 +224,7 @@ def main() -> None:
             raise SystemExit(f"unknown peer {name} (known: {', '.join(runs)})")
         cmd = [sys.executable, __file__, str(args.folder), "--child", name, "--batch-size", str(rows),
                "--num-beams", str(args.num_beams), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
-               "--peers", name]
+               "--peers", name, "--repeat", str(args.repeat)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
