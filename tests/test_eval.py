@@ -133,3 +133,95 @@ def test_eval_skips_empty_texts_and_says_so(exported, tmp_path):
     report = json.loads(result.stdout)
     assert report["skipped_empty"] == 1 and report["metrics"]["examples"] == 1
     assert "1 example(s) with an empty text were not scored" in result.stderr
+
+
+# --- translation and summarisation: sacrebleu's BLEU and chrF through the ONNX export --------------
+
+
+@pytest.fixture(scope="module")
+def marian(tmp_path_factory, checkpoint):
+    """(checkpoint, export) of the tiny Marian whose outputs test_translate proves equal to transformers'."""
+    pytest.importorskip("transformers")
+    import tiny_seq2seq
+
+    return tiny_seq2seq.sharpened_export("marian", tmp_path_factory.mktemp("s2s"), checkpoint)
+
+
+# Settings under which the sharpened tiny Marian makes outputs long enough to hold 4-grams.
+SETTINGS = ["--min-length", "10", "--max-length", "24", "--no-repeat-ngram-size", "2"]
+
+
+def _marian_outputs(ckpt, texts):
+    """transformers' generate (the model's generation_config plus SETTINGS): the oracle for the hypotheses."""
+    import torch
+    import transformers
+
+    tokenizer = transformers.MarianTokenizer.from_pretrained(ckpt)
+    model = transformers.MarianMTModel.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        out = model.generate(**tokenizer(texts, return_tensors="pt", padding=True), min_length=10, max_length=24,
+                             no_repeat_ngram_size=2)
+    return tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+def _tsv(path, rows):
+    path.write_text("text\treference\n" + "".join(f"{s}\t{r}\n" for s, r in rows), encoding="utf-8")
+    return path
+
+
+def test_bleu_and_chrf_equal_sacrebleu_on_transformers_outputs(marian, tmp_path):
+    from sacrebleu.metrics import BLEU, CHRF
+
+    ckpt, export = marian
+    import tiny_models
+
+    sources = tiny_models.CORPUS[:12]
+    hyps = _marian_outputs(ckpt, sources)
+    assert len(set(hyps)) >= 4 and all(hyps)  # real, different outputs: the scores below can fail
+    # References: half exact, half the source itself, so BLEU is neither 0 nor 100.
+    refs = [h if i % 2 == 0 else s for i, (h, s) in enumerate(zip(hyps, sources))]
+    data = _tsv(tmp_path / "pairs.tsv", zip(sources, refs))
+    result = CliRunner().invoke(cli, ["eval", "-m", str(export), "--device", "cpu", *SETTINGS, "--json", str(data)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    bleu, chrf = BLEU().corpus_score(hyps, [refs]), CHRF().corpus_score(hyps, [refs])
+    assert 0 < bleu.score < 100
+    assert report["scores"]["bleu"]["score"] == pytest.approx(bleu.score, abs=1e-9)
+    assert report["scores"]["chrf"]["score"] == pytest.approx(chrf.score, abs=1e-9)
+    assert report["scores"]["bleu"]["signature"].startswith("nrefs:1|case:mixed")
+    assert report["examples"] == 12 and report["provider"] == "CPUExecutionProvider"
+    assert "BLEU signature: nrefs:1" in result.stderr and "chrF signature:" in result.stderr
+
+
+def test_plain_text_with_references_file_and_against_itself(marian, tmp_path):
+    ckpt, export = marian
+    import tiny_models
+
+    sources = tiny_models.CORPUS[:6]
+    hyps = _marian_outputs(ckpt, sources)
+    (tmp_path / "src.txt").write_text("\n".join(sources) + "\n", encoding="utf-8")
+    (tmp_path / "ref.txt").write_text("\n".join(hyps) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(cli, ["eval", "-m", str(export), "--device", "cpu", *SETTINGS,
+                                      "--references", str(tmp_path / "ref.txt"), "--against", str(export),
+                                      "--json", str(tmp_path / "src.txt")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["scores"]["bleu"]["score"] == pytest.approx(100.0)
+    assert report["against"]["agreement"] == {"examples": 6, "same": 6, "differ": 0, "agreement": 1.0}
+    (tmp_path / "short.txt").write_text("\n".join(hyps[:4]) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(cli, ["eval", "-m", str(export), "--references", str(tmp_path / "short.txt"),
+                                      str(tmp_path / "src.txt")])
+    assert result.exit_code == 2 and "has 6 line(s)" in result.stderr and "has 4" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_options_of_the_other_kind_are_refused(marian, exported, tmp_path):
+    _, export = marian
+    data = _tsv(tmp_path / "pairs.tsv", [("a", "b")])
+    result = CliRunner().invoke(cli, ["eval", "-m", str(export), "--label-map", "1=a", str(data)])
+    assert result.exit_code == 2 and "--label-map: only for text-classification exports" in result.stderr
+    result = CliRunner().invoke(cli, ["eval", "-m", str(exported("bert", "text-classification")),
+                                      "--references", str(data), str(data)])
+    assert result.exit_code == 2 and "--references: only for text2text-generation exports" in result.stderr
+    result = CliRunner().invoke(cli, ["eval", "-m", str(export), "--reference-column", "de", str(data)])
+    assert result.exit_code == 1 and "no column 'de'" in result.stderr and "--reference-column" in result.stderr

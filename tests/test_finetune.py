@@ -126,7 +126,7 @@ def _error(result) -> str:
     ("text\tlabel\n", "has a header but no examples"),
     ("review\tlabel\ngood\t1\n", ":1: no column 'text' in the header (columns: review, label); pass --text-column"),
     ("text\tlabel\ngood\t1\nbad\t1\nfine\t1\n", "every example in"),
-    ("text\tlabel\ngood\t1\nbad\t\n", ":3: empty label in column 'label'"),
+    ("text\tlabel\ngood\t1\nbad\t\n", ":3: empty value in column 'label'"),
     ("text\tlabel\ngood\t1\nbad\n", ":3: 1 field(s), the header has 2"),
 ])
 def test_bad_data_fails_with_one_line_naming_it(tmp_path, content, message):

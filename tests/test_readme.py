@@ -58,6 +58,9 @@ MAN_FILES = {
     "cloze.txt": "Paris is the <mask> of France.\nThis line has no mask.\nA <mask> day.\n",
     "train.tsv": "text\tlabel\n" + ROWS * 3,
     "heldout.tsv": LABELLED,
+    "newstest.en": "The house is small.\nThe weather is nice today.\n",
+    "newstest.de": "Das Haus ist klein.\nDas Wetter ist heute schön.\n",
+    "pairs.tsv": "en\tde\nThe house is small.\tDas Haus ist klein.\nThe weather is nice today.\tDas Wetter ist heute schön.\n",
 }
 
 

@@ -1,7 +1,8 @@
 """Score an export on labelled data through ONNX Runtime: what users run is what gets measured.
 
 No torch, no transformers, no scikit-learn: the predictions come from the export's ONNX graph and
-`tokenizer.json`, the figures from `onnxpipe.metrics`. Nothing here prints.
+`tokenizer.json`, the figures from `onnxpipe.metrics` (classification) or sacrebleu (BLEU and chrF of
+translations and summaries). Nothing here prints.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from onnxpipe.manifest import read_manifest
 from onnxpipe.metrics import agreement, classification_metrics
 
 CLASSIFICATION = "text-classification"
+SEQ2SEQ = "text2text-generation"
 
 
 
@@ -37,8 +39,8 @@ def load_classifier(ref: str | Path) -> tuple[Path, dict[str, Any]]:
     manifest = read_manifest(folder)
     if manifest.get("task") != CLASSIFICATION:
         raise UsageError(
-            f"{folder.name} is a {manifest.get('task')} export; eval scores text-classification exports",
-            hint="translation and summarisation scores are not there yet",
+            f"{folder.name} is a {manifest.get('task')} export; eval scores text-classification exports "
+            f"(labels) and {SEQ2SEQ} exports (BLEU and chrF)",
         )
     if manifest.get("problem_type") == "multi_label_classification":
         raise UsageError(f"{folder.name} is multi-label; eval scores single-label classifiers")
@@ -154,3 +156,160 @@ def predict_onnx(folder: Path, manifest: dict, data: Labelled, device: str, batc
                for i, (text, line) in enumerate(zip(data.texts, data.lines)))
     summary = Engine(task, collect, EngineOptions(batch_size=batch_size)).run_records(records)
     return Prediction(collect.predictions, model.provider or "", model.device_note, summary.truncated)
+
+
+# --- translation and summarisation ---------------------------------------------------------
+
+
+def load_seq2seq(ref: str | Path) -> tuple[Path, dict[str, Any]]:
+    folder = resolve_model(ref)
+    manifest = read_manifest(folder)
+    if manifest.get("task") != SEQ2SEQ:
+        raise UsageError(f"{folder.name} is a {manifest.get('task')} export, not {SEQ2SEQ}",
+                         hint="--against needs an export of the same task")
+    return folder, manifest
+
+
+def read_references(data_path: str | Path, references: str | Path) -> Labelled:
+    """DATA as plain text (one source per line) and REFERENCES with one reference per line."""
+    sources, refs = _plain_lines(Path(data_path)), _plain_lines(Path(references))
+    if len(sources) != len(refs):
+        raise UsageError(f"{data_path} has {len(sources)} line(s) and {references} has {len(refs)}",
+                         hint="one reference per source line, in the same order")
+    for number, ref in enumerate(refs, 1):
+        if not ref.strip():
+            raise InputError("empty reference", line=number, source=str(references))
+    return Labelled([s.strip() for s in sources], refs, list(range(1, len(refs) + 1)), str(data_path))
+
+
+def _plain_lines(path: Path) -> list[str]:
+    from onnxpipe.labelled import _decode
+
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    lines = _decode(raw, str(path)).split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise InputError(f"{path} is empty")
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+@dataclass
+class Generated:
+    texts: list[str | None]  # the output per source; None for an empty source (not scored)
+    provider: str
+    device_note: str | None = None
+    truncated: int = 0
+
+
+# (export folder, data, device, batch_size, task options) -> Generated
+Generator = Callable[[Path, Labelled, str, int, dict], Generated]
+
+
+def evaluate_generation(model: str | Path, data_path: str | Path, *, text_column: str = "text",
+                        reference_column: str = "reference", references: str | Path | None = None,
+                        data_format: str | None = None, against: str | Path | None = None,
+                        device: str = "auto", batch_size: int = 32, task_options: dict | None = None,
+                        generator: Generator | None = None) -> dict[str, Any]:
+    """Corpus BLEU and chrF (sacrebleu, with its signatures) of MODEL's outputs against references.
+
+    The outputs are made as `onnxpipe translate` (or `summarize`, task_options summarize=True) makes
+    them. With `against`, a second export runs on the same sources: its scores and how often the two
+    produce the same text.
+    """
+    metrics = _sacrebleu()
+    generator = generator or generate_onnx
+    task_options = dict(task_options or {})
+    folder, manifest = load_seq2seq(model)
+    if references is not None:
+        data = read_references(data_path, references)
+    else:
+        data = read_labelled(data_path, text_column, reference_column, data_format, label_option="--reference-column")
+    out = generator(folder, data, device, batch_size, task_options)
+    scored = [i for i, t in enumerate(out.texts) if t is not None]
+    refs = [data.labels[i] for i in scored]
+    hyps = [out.texts[i] for i in scored]
+    report: dict[str, Any] = {
+        "model": folder.name, "path": str(folder), "precision": manifest.get("precision"),
+        "provider": out.provider, "data": str(data_path), "task": SEQ2SEQ,
+        "examples": len(scored), "skipped_empty": len(data) - len(scored), "truncated": out.truncated,
+        "scores": metrics(hyps, refs),
+    }
+    notes = [out.device_note] if out.device_note else []
+    if against is not None:
+        other_folder, other_manifest = load_seq2seq(against)
+        other = generator(other_folder, data, device, batch_size, task_options)
+        other_hyps = [other.texts[i] for i in scored]
+        same = sum(a == b for a, b in zip(hyps, other_hyps))
+        report["against"] = {
+            "model": other_folder.name, "path": str(other_folder), "precision": other_manifest.get("precision"),
+            "provider": other.provider, "scores": metrics(other_hyps, refs),
+            "agreement": {"examples": len(scored), "same": same, "differ": len(scored) - same,
+                          "agreement": same / len(scored) if scored else 0.0},
+        }
+        if other.device_note:
+            notes.append(other.device_note)
+    report["notes"] = notes
+    return report
+
+
+def _sacrebleu() -> Callable[[list[str], list[str]], dict[str, Any]]:
+    try:
+        from sacrebleu.metrics import BLEU, CHRF
+    except ImportError:
+        from onnxpipe.errors import MissingExtraError
+
+        raise MissingExtraError("export", "eval of translations and summaries", "sacrebleu") from None
+
+    def score(hyps: list[str], refs: list[str]) -> dict[str, Any]:
+        if not hyps:
+            raise UsageError("no non-empty sources to score")
+        bleu, chrf = BLEU(), CHRF()
+        b, c = bleu.corpus_score(hyps, [refs]), chrf.corpus_score(hyps, [refs])
+        return {
+            "bleu": {"score": b.score, "precisions": list(b.precisions), "bp": b.bp, "sys_len": b.sys_len,
+                     "ref_len": b.ref_len, "signature": str(bleu.get_signature()), "text": str(b)},
+            "chrf": {"score": c.score, "signature": str(chrf.get_signature()), "text": str(c)},
+        }
+
+    return score
+
+
+class _CollectText:
+    """A writer for the engine that keeps each record's output text instead of writing it."""
+
+    def __init__(self, count: int, task: Any):
+        self.task = task
+        self.texts: list[str | None] = [None] * count
+
+    def write(self, record, result, error=None) -> None:
+        if result is not None:
+            self.texts[record.seq] = self.task.to_text(result)
+
+    def write_partial(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def generate_onnx(folder: Path, data: Labelled, device: str, batch_size: int, task_options: dict) -> Generated:
+    """Outputs for the sources of DATA exactly as `onnxpipe translate`/`summarize` make them."""
+    from onnxpipe.runtime import load_model
+    from onnxpipe.stream.engine import Engine, EngineOptions
+    from onnxpipe.stream.records import Record
+    from onnxpipe.tasks.seq2seq import Seq2SeqTask
+
+    model = load_model(folder, device=device)
+    task = Seq2SeqTask(model, **task_options)
+    collect = _CollectText(len(data), task)
+    records = (Record(seq=i, text=text, source=data.source, line=line, nbytes=len(text) + 1)
+               for i, (text, line) in enumerate(zip(data.texts, data.lines)))
+    summary = Engine(task, collect, EngineOptions(batch_size=batch_size, max_batch_tokens=8192)).run_records(records)
+    return Generated(collect.texts, model.provider or "", model.device_note, summary.truncated)

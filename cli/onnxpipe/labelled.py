@@ -67,7 +67,7 @@ def _label(value: object) -> str:
 
 
 def read_labelled(path: str | Path, text_column: str = "text", label_column: str = "label",
-                  fmt: str | None = None) -> Labelled:
+                  fmt: str | None = None, label_option: str = "--label-column") -> Labelled:
     """Read every (text, label) pair of PATH. CSV/TSV need a header row naming the columns.
 
     CSV follows RFC 4180 (quotes, doubled quotes, newlines inside quotes); TSV has no quoting.
@@ -83,11 +83,12 @@ def read_labelled(path: str | Path, text_column: str = "text", label_column: str
     if not text.strip():
         raise InputError(f"{source} is empty: it needs a header row and labelled examples")
     if fmt == "jsonl":
-        return _read_jsonl(text, source, text_column, label_column)
-    return _read_delimited(text, source, "," if fmt == "csv" else "\t", text_column, label_column)
+        return _read_jsonl(text, source, text_column, label_column, label_option)
+    return _read_delimited(text, source, "," if fmt == "csv" else "\t", text_column, label_column, label_option)
 
 
-def _read_delimited(text: str, source: str, delimiter: str, text_column: str, label_column: str) -> Labelled:
+def _read_delimited(text: str, source: str, delimiter: str, text_column: str, label_column: str,
+                    label_option: str = "--label-column") -> Labelled:
     if delimiter == "\t":
         # TSV as the shell tools read it (cut, paste, awk -F'\t'): no quoting, a quote is a character.
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -99,7 +100,7 @@ def _read_delimited(text: str, source: str, delimiter: str, text_column: str, la
         raise InputError(f"malformed header: {exc}", line=1, source=source) from None
     header = [h.strip() for h in header]
     columns = {}
-    for wanted, option in ((text_column, "--text-column"), (label_column, "--label-column")):
+    for wanted, option in ((text_column, "--text-column"), (label_column, label_option)):
         if wanted not in header:
             raise InputError(
                 f"no column {wanted!r} in the header (columns: {', '.join(header)}); pass {option}",
@@ -130,7 +131,8 @@ def _read_delimited(text: str, source: str, delimiter: str, text_column: str, la
     return _nonempty(out, source)
 
 
-def _read_jsonl(text: str, source: str, text_column: str, label_column: str) -> Labelled:
+def _read_jsonl(text: str, source: str, text_column: str, label_column: str,
+                label_option: str = "--label-column") -> Labelled:
     out = Labelled([], [], [], source)
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -141,14 +143,14 @@ def _read_jsonl(text: str, source: str, text_column: str, label_column: str) -> 
             raise InputError(f"malformed JSON: {exc.msg} (column {exc.colno})", line=number, source=source) from None
         if not isinstance(record, dict):
             raise InputError("a JSONL record must be an object", line=number, source=source)
-        for wanted, option in ((text_column, "--text-column"), (label_column, "--label-column")):
+        for wanted, option in ((text_column, "--text-column"), (label_column, label_option)):
             if wanted not in record:
                 raise InputError(
                     f"no field {wanted!r} (fields: {', '.join(record)}); pass {option}", line=number, source=source
                 )
         value = record[label_column]
         if value is None or isinstance(value, (list, dict)) or (isinstance(value, float) and math.isnan(value)):
-            raise InputError(f"label {value!r} is not a single class name or number", line=number, source=source)
+            raise InputError(f"{label_column} {value!r} is not a single string or number", line=number, source=source)
         _append(out, str(record[text_column] or ""), _label(value), number, source, label_column)
     return _nonempty(out, source)
 
@@ -156,7 +158,7 @@ def _read_jsonl(text: str, source: str, text_column: str, label_column: str) -> 
 def _append(out: Labelled, text: str, label: str, line: int, source: str, label_column: str) -> None:
     label = _label(label)
     if not label:
-        raise InputError(f"empty label in column {label_column!r}", line=line, source=source)
+        raise InputError(f"empty value in column {label_column!r}", line=line, source=source)
     out.texts.append(text.strip())
     out.labels.append(label)
     out.lines.append(line)

@@ -1,20 +1,49 @@
-"""`onnxpipe eval`: score a classification export on labelled data, through ONNX Runtime."""
+"""`onnxpipe eval`: score an export on labelled data, through ONNX Runtime.
+
+Classifiers get accuracy, P/R/F1 and the confusion matrix; encoder-decoders (translate, summarize)
+get sacrebleu's corpus BLEU and chrF against references.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import click
 
 from onnxpipe.commands._options import complete_export_names
+from onnxpipe.commands.translate import generation_options, generation_overrides
+
+# Options that only mean something for one kind of export: (parameter, flag, its default).
+_CLASSIFY_ONLY = (("label_column", "--label-column", "label"), ("label_map", "--label-map", None))
+_SEQ2SEQ_ONLY = (("reference_column", "--reference-column", "reference"), ("references", "--references", None),
+                 ("summarize", "--summarize", False), ("source_lang", "--source-lang", None),
+                 ("target_lang", "--target-lang", None), ("prefix", "--prefix", None),
+                 ("num_beams", "--num-beams", None), ("length_penalty", "--length-penalty", None),
+                 ("max_length", "--max-length", None), ("max_new_tokens", "--max-new-tokens", None),
+                 ("min_length", "--min-length", None), ("no_repeat_ngram_size", "--no-repeat-ngram-size", None),
+                 ("early_stopping", "--early-stopping", None),
+                 ("num_return_sequences", "--num-return-sequences", None))
 
 
 @click.command("eval")
 @click.option("-m", "--model", required=True, metavar="MODEL", shell_complete=complete_export_names,
               help="Export name (in the export home) or folder.")
 @click.argument("data", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--text-column", default="text", show_default=True, help="Column (or JSONL field) holding the text.")
-@click.option("--label-column", default="label", show_default=True, help="Column (or JSONL field) holding the true label.")
+@click.option("--text-column", default="text", show_default=True,
+              help="Column (or JSONL field) holding the text (the source, for translations).")
+@click.option("--label-column", default="label", show_default=True,
+              help="Classifiers: column (or JSONL field) holding the true label.")
 @click.option("--label-map", metavar="RAW=NAME,...",
-              help='Translate the file\'s labels to the model\'s, e.g. "1=positive,-1=negative".')
+              help='Classifiers: translate the file\'s labels to the model\'s, e.g. "1=positive,-1=negative".')
+@click.option("--reference-column", default="reference", show_default=True,
+              help="Translations and summaries: column (or JSONL field) holding the reference.")
+@click.option("--references", type=click.Path(exists=True, dir_okay=False, path_type=str), metavar="FILE",
+              help="Translations and summaries: DATA is plain text, one source per line, and FILE holds "
+                   "one reference per line.")
+@click.option("--summarize", is_flag=True, help="Use the model's summarization settings, as onnxpipe summarize does.")
+@click.option("--source-lang", metavar="CODE", help="Source language of a multilingual model (as for translate).")
+@click.option("--target-lang", metavar="CODE", help="Target language of a multilingual model (as for translate).")
+@generation_options
 @click.option("--format", "data_format", type=click.Choice(["csv", "tsv", "jsonl"]),
               help="Data format when the file name does not tell.")
 @click.option("--against", metavar="MODEL", shell_complete=complete_export_names,
@@ -23,28 +52,57 @@ from onnxpipe.commands._options import complete_export_names
 @click.option("--brief", is_flag=True, help="Only the summary lines on stderr: no per-class table, no confusion matrix.")
 @click.option("--device", default="auto", show_default=True, envvar="ONNXPIPE_DEVICE", metavar="auto|cpu|cuda[:N]",
               help="Where ONNX Runtime runs the model. [env: ONNXPIPE_DEVICE]")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Texts per batch.")
-def eval_command(model: str, data: str, text_column: str, label_column: str, label_map: str | None,
-                 data_format: str | None, against: str | None, as_json: bool, brief: bool, device: str,
-                 batch_size: int) -> None:
-    """Score a text-classification export on a labelled file.
+@click.option("--batch-size", type=click.IntRange(min=1), metavar="N",
+              help="Texts per batch. [default: 64 for classifiers, 32 for translations]")
+def eval_command(model: str, data: str, data_format: str | None, against: str | None, as_json: bool, brief: bool,
+                 device: str, batch_size: int | None, **kw: Any) -> None:
+    """Score an export on a labelled file: a classifier, or a translation/summarisation model.
 
-    DATA is .csv or .tsv with a header row, or .jsonl. The predictions come from the
-    ONNX export, as `onnxpipe classify` makes them. Accuracy, macro and per-class
-    precision, recall and F1 and the confusion matrix go to stderr; --json writes them
-    to stdout as well. --against runs a second export and reports how often they agree.
+    DATA is .csv or .tsv with a header row, or .jsonl. The outputs come from the ONNX
+    export, as `onnxpipe classify` or `onnxpipe translate` (with --summarize, `onnxpipe
+    summarize`) makes them, with the same decoding options.
+
+    Classifiers: accuracy, macro and per-class precision, recall and F1 and the confusion
+    matrix, on stderr. Translations and summaries: corpus BLEU and chrF from sacrebleu
+    against the reference column (or, with --references FILE, DATA is plain text with one
+    source per line), with sacrebleu's signatures. --json writes the figures to stdout as
+    well. --against runs a second export and reports how often the two agree.
 
     \b
       onnxpipe eval -m sentiment --label-map "1=positive,-1=negative" heldout.tsv
       onnxpipe eval -m sentiment-int8 --against sentiment --json heldout.tsv | jq .against.agreement
+      onnxpipe eval -m opus-mt-en-de newstest.en --references newstest.de
+      onnxpipe eval -m opus-mt-en-de --reference-column de --text-column en --json pairs.tsv | jq .scores.bleu.score
     """
     from onnxpipe import console
-    from onnxpipe.evaluation import evaluate_classification
+    from onnxpipe.errors import UsageError
+    from onnxpipe.evaluation import SEQ2SEQ, evaluate_classification, evaluate_generation
+    from onnxpipe.home import resolve_model
+    from onnxpipe.manifest import read_manifest
 
-    report = evaluate_classification(
-        model, data, text_column=text_column, label_column=label_column, label_map=label_map,
-        data_format=data_format, against=against, device=device, batch_size=batch_size,
-    )
+    folder = resolve_model(model)
+    task = read_manifest(folder).get("task")
+    seq2seq = task == SEQ2SEQ
+    wrong = _CLASSIFY_ONLY if seq2seq else _SEQ2SEQ_ONLY
+    given = [flag for name, flag, default in wrong if kw[name] != default]
+    if given:
+        meant = "text-classification" if seq2seq else SEQ2SEQ
+        raise UsageError(f"{', '.join(given)}: only for {meant} exports ({folder.name} is a {task} export)")
+    if seq2seq:
+        if (kw["num_return_sequences"] or 1) > 1:
+            raise UsageError("--num-return-sequences: eval scores the best output of each source only")
+        options = {"summarize": kw["summarize"], "prefix": kw["prefix"], "source_lang": kw["source_lang"],
+                   "target_lang": kw["target_lang"], **generation_overrides(dict(kw))}
+        report = evaluate_generation(
+            model, data, text_column=kw["text_column"], reference_column=kw["reference_column"],
+            references=kw["references"], data_format=data_format, against=against, device=device,
+            batch_size=batch_size or 32, task_options=options,
+        )
+    else:
+        report = evaluate_classification(
+            model, data, text_column=kw["text_column"], label_column=kw["label_column"], label_map=kw["label_map"],
+            data_format=data_format, against=against, device=device, batch_size=batch_size or 64,
+        )
     for note in report["notes"]:
         console.info(note)
     if report["skipped_empty"]:
@@ -52,7 +110,10 @@ def eval_command(model: str, data: str, text_column: str, label_column: str, lab
     if report["truncated"]:
         console.warn(f"{report['truncated']} text(s) longer than the model's maximum length were truncated")
     if console.VERBOSITY["level"] >= 0:
-        _print_report(report, tables=not brief)
+        if seq2seq:
+            _print_generation(report)
+        else:
+            _print_report(report, tables=not brief)
     if as_json:
         import json
 
@@ -61,6 +122,25 @@ def eval_command(model: str, data: str, text_column: str, label_column: str, lab
 
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
+
+
+def _print_generation(report: dict) -> None:
+    from onnxpipe.console import stderr
+
+    out = stderr()
+    runs = [report] + ([report["against"]] if "against" in report else [])
+    for run in runs:
+        s = run["scores"]
+        out.print(f"[bold]{run['model']}[/bold] ({run.get('precision') or '?'}, {run['provider']}) on {report['data']}: "
+                  f"BLEU [bold]{s['bleu']['score']:.2f}[/bold], chrF [bold]{s['chrf']['score']:.2f}[/bold] "
+                  f"({report['examples']} sentences)")
+        out.print(f"  {s['bleu']['text']}", markup=False)
+    out.print(f"BLEU signature: {report['scores']['bleu']['signature']}", markup=False)
+    out.print(f"chrF signature: {report['scores']['chrf']['signature']}", markup=False)
+    if "against" in report:
+        a = report["against"]["agreement"]
+        out.print(f"agreement {report['model']} vs {report['against']['model']}: [bold]{_pct(a['agreement'])}[/bold] "
+                  f"({a['same']}/{a['examples']} identical outputs, {a['differ']} differ)")
 
 
 def _print_report(report: dict, tables: bool = True) -> None:
