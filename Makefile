@@ -113,6 +113,9 @@ bench: models $(BENCH_STAMP)
 	set -o pipefail; for m in sentiment sentiment-int8 minilm smollm2; do \
 	    $(ONNXPIPE) bench -m $$m --device cpu --threads $(BENCH_THREADS) --markdown | tee $(RESULTS)/bench-$$m.md; echo; \
 	done
+	set -o pipefail; for c in "classify sentiment" "embed minilm"; do set -- $$c; \
+	    $(PY) benchmarks/batch_sizes.py $$1 exports/$$2 $(SENTIMENT)/heldout.txt --threads $(BENCH_THREADS) \
+	    | tee $(RESULTS)/batch-sizes-$$2.md; done
 	set -o pipefail; $(PY) benchmarks/generate.py --threads $(BENCH_THREADS) --json $(RESULTS)/generate.json | tee $(RESULTS)/generate.md
 	set -o pipefail; $(PY) benchmarks/seq2seq.py build/opus-mt-shaped --threads $(BENCH_THREADS) \
 	    --json $(RESULTS)/seq2seq.json | tee $(RESULTS)/seq2seq.md
