@@ -363,3 +363,21 @@ def test_cache_gather_graph(tiny):
     finally:
         lm.decoder.graph_gather = False
     assert [[c.token_ids for c in n] for n in by_graph] == [[c.token_ids for c in n] for n in by_numpy]
+
+
+def test_reorder_rows_in_place_matches_a_gather():
+    """The CPU cache reorder: same batch size -> rows moved in place (overlapping moves included),
+    smaller batch -> a gather into new values; both equal numpy's x[rows]."""
+    import onnxruntime as ort
+
+    from onnxpipe.tasks.causal import reorder_rows
+
+    rng = np.random.default_rng(0)
+    base = [rng.standard_normal((6, 2, 3, 4)).astype(np.float32) for _ in range(3)]
+    for rows in ([0, 1, 2, 3, 4, 5], [1, 0, 0, 3, 5, 4], [5, 5, 5, 0, 0, 0], [2, 3, 4, 5, 0, 1], [4, 0, 2]):
+        rows = np.array(rows)
+        values = [ort.OrtValue.ortvalue_from_numpy(b.copy()) for b in base]
+        out = reorder_rows(values, rows)
+        for b, v in zip(base, out):
+            np.testing.assert_array_equal(v.numpy(), b[rows])
+        assert (out is values) == (len(rows) == 6)

@@ -92,13 +92,13 @@ class Seq2SeqRunner:
         return OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", self.device_id)
 
     def gather(self, values: list, rows: np.ndarray) -> list:
-        """VALUES' rows `rows` (in that order), on their device."""
-        from onnxruntime import OrtValue
-
+        """VALUES' rows `rows` (in that order), on their device (on CPU, reordered in place where they can be)."""
         self.gathers += 1
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if not self.graph_gather:
-            return [OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows])) for v in values]
+            from onnxpipe.tasks.causal import reorder_rows
+
+            return reorder_rows(values, rows)
         session = self._gather_sessions.get(len(values))
         if session is None:
             # One Gather graph shared with generate (tasks.causal), built without the onnx package.
