@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import time
@@ -32,6 +30,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "cli"))
+
+import harness  # noqa: E402  (benchmarks/, beside this script)
 
 PROMPTS = [
     "What is the capital of France?",
@@ -52,6 +52,7 @@ PROMPTS = [
     "Suggest a name for a small command-line tool.",
 ]
 PEERS = ("onnxpipe", "optimum", "transformers", "llama.cpp")
+PEER_PACKAGES = ("onnxruntime-gpu", "onnxruntime", "torch", "transformers", "optimum", "optimum-onnx", "llama-cpp-python")
 
 
 # --- one system, in a child process ---------------------------------------------------------
@@ -178,20 +179,8 @@ def child(args: argparse.Namespace) -> None:
         result = run_llama_cpp(args.gguf, args.batch, args.new_tokens, args.threads, args.repeat)
     else:
         raise SystemExit(f"unknown system {args.child}")
-    result["peak_rss_mb"] = round(_peak_rss_kb() / 1024, 1)
+    result["peak_rss_mb"] = round(harness.peak_rss_mb(), 1)
     print(json.dumps(result))
-
-
-def _peak_rss_kb() -> int:
-    """This process's own high-water RSS (VmHWM). Not getrusage: Linux carries ru_maxrss over fork and
-    exec, so a child would report its parent's peak when that was higher."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-# --- the parent: set-up, one child per system and batch, the tables -----------------------------
 
 
 def hf_folder(gguf: Path, out: Path) -> Path:
@@ -244,16 +233,6 @@ def weight_bytes_per_token(export: Path) -> int:
     return params
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", default=",".join(PEERS))
@@ -297,10 +276,10 @@ def main() -> None:
     per_token = weight_bytes_per_token(args.export)
     bound = bw * 1e9 / per_token
     report = {
-        "date": time.strftime("%Y-%m-%d"), "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
+        "date": time.strftime("%Y-%m-%d"), "machine": harness.machine(),
         "threads": args.threads, "new_tokens": args.new_tokens, "prompts": len(PROMPTS),
         "bandwidth_gb_s": round(bw, 2), "weight_mb_per_token": round(per_token / 1e6, 1),
-        "batch1_bound_tokens_per_s": round(bound, 2), "versions": versions(), "results": results,
+        "batch1_bound_tokens_per_s": round(bound, 2), "versions": {k: v for k, v in harness.versions(*PEER_PACKAGES).items() if v}, "results": results,
     }
     print(markdown(report))
     if args.json:
@@ -320,18 +299,6 @@ def measure(system: str, batch: int, args: argparse.Namespace) -> dict:
         lines = proc.stderr.strip().splitlines() or ["failed"]
         return {"error": lines[-1][:300]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("onnxruntime-gpu", "onnxruntime", "torch", "transformers", "optimum", "optimum-onnx", "llama-cpp-python"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def markdown(report: dict) -> str:

@@ -83,6 +83,20 @@ def machine() -> dict:
     return machine_info()
 
 
+def peak_rss_mb() -> float:
+    """This process's own high-water RSS (VmHWM), for a child to report about itself.
+
+    Linux carries ru_maxrss over fork and exec, so `run`'s wait4 figure is the child's only while
+    the parent stays smaller than it; a parent that loads a model first must let the child say.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def load_average() -> list[float]:
     """1, 5 and 15-minute load averages: on a shared machine, how busy the neighbours were."""
     return [round(x, 2) for x in os.getloadavg()]

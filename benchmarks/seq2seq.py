@@ -29,6 +29,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent / "cli"))
 
+import harness  # noqa: E402  (benchmarks/, beside this script)
+
 VOCAB = 58101
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
@@ -174,14 +176,6 @@ def best_of(run) -> float:
     return min(times)
 
 
-def _peak_rss_mb() -> float:
-    """This process's high-water RSS. Not getrusage in the parent: Linux carries ru_maxrss over fork/exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
@@ -215,7 +209,7 @@ def main() -> None:
     REPEAT["n"] = max(1, args.repeat)
     if args.child:
         seconds = runs[args.child]()
-        print(json.dumps({"seconds": round(seconds, 4), "peak_rss_mb": round(_peak_rss_mb(), 1)}))
+        print(json.dumps({"seconds": round(seconds, 4), "peak_rss_mb": round(harness.peak_rss_mb(), 1)}))
         return
     print(f"batch {rows}, {args.num_beams} beams, {args.new_tokens} forced tokens, CPU, {args.threads} threads")
     results = {}

@@ -10,8 +10,9 @@ live in man/text/common.txt.
 
 Text format: paragraphs separated by blank lines; a block of lines starting with `$ ` (a
 command that tests/test_readme.py runs), two spaces (shown, not run: it needs the network) or
-`# ` (a comment) is shown verbatim; `- ` starts a bullet; `@TERM<TAB>TEXT` lines are a term list. In SEE ALSO, a first line of `name(N), ...` references
-becomes the usual bold cross-references.
+`# ` (a comment) is shown verbatim; `- ` starts a bullet; `@TERM<TAB>TEXT` lines are a term
+list. In SEE ALSO, a first line of `name(N), ...` references becomes the usual bold
+cross-references.
 """
 
 from __future__ import annotations

@@ -350,7 +350,7 @@ def test_cache_gather_graph(tiny):
     """The Gather graph that reorders the cache on CUDA (written without the onnx package) is a valid
     model and gives the same ids as numpy's gather; run here on CPU, the only device CI has."""
     onnx = pytest.importorskip("onnx")
-    from onnxpipe.tasks.causal import _gather_model
+    from onnxpipe.tasks.kv_cache import gather_model as _gather_model
 
     onnx.checker.check_model(onnx.load_from_string(_gather_model(3, 1)), full_check=True)
     arch, model, tokenizer, lm = tiny
@@ -370,7 +370,7 @@ def test_reorder_rows_in_place_matches_a_gather():
     smaller batch -> a gather into new values; both equal numpy's x[rows]."""
     import onnxruntime as ort
 
-    from onnxpipe.tasks.causal import reorder_rows
+    from onnxpipe.tasks.kv_cache import reorder_rows
 
     rng = np.random.default_rng(0)
     base = [rng.standard_normal((6, 2, 3, 4)).astype(np.float32) for _ in range(3)]

@@ -161,12 +161,18 @@ def test_doctor_imports_no_export_stack():
     assert not imported & {"torch", "transformers", "optimum", "onnx"}
 
 
-def test_gpu_from_nvidia_smi(tmp_path, monkeypatch):
+def _fake_nvidia_smi(tmp_path, monkeypatch, script: str):
+    """An nvidia-smi on PATH that runs SCRIPT (sh)."""
     smi = tmp_path / "bin" / "nvidia-smi"
     smi.parent.mkdir()
-    smi.write_text("#!/bin/sh\necho '0, NVIDIA H200, 143771, 0, 570.86.15'\n")
+    smi.write_text("#!/bin/sh\n" + script)
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{smi.parent}{os.pathsep}{os.environ['PATH']}")
+    return smi
+
+
+def test_gpu_from_nvidia_smi(tmp_path, monkeypatch):
+    smi = _fake_nvidia_smi(tmp_path, monkeypatch, "echo '0, NVIDIA H200, 143771, 0, 570.86.15'\n")
     report, _ = _report("--device", "cpu")
     assert report["gpu"] == {"nvidia_smi": str(smi), "error": None, "devices": [
         {"index": 0, "name": "NVIDIA H200", "memory_total_mib": 143771, "memory_used_mib": 0, "driver": "570.86.15"}]}
@@ -174,10 +180,7 @@ def test_gpu_from_nvidia_smi(tmp_path, monkeypatch):
 
 
 def test_a_failing_nvidia_smi_is_reported(tmp_path, monkeypatch):
-    smi = tmp_path / "bin" / "nvidia-smi"
-    smi.parent.mkdir()
-    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\nexit 9\n")
-    smi.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{smi.parent}{os.pathsep}{os.environ['PATH']}")
+    _fake_nvidia_smi(tmp_path, monkeypatch,
+                     "echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\nexit 9\n")
     gpu = _report("--device", "cpu")[0]["gpu"]
     assert gpu["devices"] == [] and gpu["error"].startswith("NVIDIA-SMI has failed")

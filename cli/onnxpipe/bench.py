@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -31,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from onnxpipe import __version__
+from onnxpipe import __version__, machine
 from onnxpipe.errors import InputError, UsageError
 from onnxpipe.stream.records import Record
 
@@ -433,31 +432,15 @@ def read_lines(path: str, limit: int) -> list[str]:
 # --- the machine -----------------------------------------------------------------------------------
 
 
-def _cpuinfo() -> list[dict[str, str]]:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    cpus = []
-    for block in text.strip().split("\n\n"):
-        entry = {}
-        for line in block.splitlines():
-            key, _, value = line.partition(":")
-            entry[key.strip()] = value.strip()
-        cpus.append(entry)
-    return cpus
-
-
 def physical_cores() -> int:
     """Physical cores, as ONNX Runtime counts them for its default intra-op threads."""
-    cores = {(c.get("physical id"), c.get("core id")) for c in _cpuinfo() if "core id" in c}
-    return len(cores) or os.cpu_count() or 1
+    return machine.physical_cores() or os.cpu_count() or 1
 
 
 def machine_info() -> dict[str, Any]:
     import platform
 
-    cpus = _cpuinfo()
+    cpus = machine.cpuinfo()
     model = next((c.get("model name") for c in cpus if c.get("model name")), None) or platform.processor() or None
     memory = None
     try:
@@ -477,15 +460,8 @@ def machine_info() -> dict[str, Any]:
 
 def gpu_names() -> list[str]:
     """NVIDIA GPU names, from nvidia-smi or the driver's /proc entries; [] when there is none."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return [line.strip() for line in out.stdout.splitlines() if line.strip()]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    names = []
-    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+    names = [gpu["name"] for gpu in machine.nvidia_gpus()["devices"]]
+    for info in [] if names else sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
         for line in info.read_text(errors="replace").splitlines():
             if line.startswith("Model:"):
                 names.append(line.split(":", 1)[1].strip())

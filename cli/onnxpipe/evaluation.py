@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from onnxpipe.errors import InputError, UsageError
 from onnxpipe.home import resolve_model
-from onnxpipe.labelled import Labelled, apply_label_map, parse_label_map, read_labelled
+from onnxpipe.labelled import Labelled, apply_label_map, decode_utf8, parse_label_map, read_labelled
 from onnxpipe.manifest import read_manifest
 from onnxpipe.metrics import agreement, classification_metrics
 
@@ -119,15 +119,15 @@ def evaluate_classification(model: str | Path, data_path: str | Path, *, text_co
 
 
 class _Collect:
-    """A writer for the engine that keeps each record's best label id instead of writing it."""
+    """A writer for the engine that keeps value_of(result) per record instead of writing it."""
 
-    def __init__(self, count: int, labels: list[str]):
-        self.index = {name: i for i, name in enumerate(labels)}
-        self.predictions: list[int | None] = [None] * count
+    def __init__(self, count: int, value_of: Callable[[Any], Any]):
+        self.value_of = value_of
+        self.values: list[Any] = [None] * count
 
     def write(self, record, result, error=None) -> None:
-        if result is not None and result.labels:
-            self.predictions[record.seq] = self.index.get(result.labels[0])
+        if result is not None:
+            self.values[record.seq] = self.value_of(result)
 
     def write_partial(self, text: str) -> None:
         pass
@@ -139,23 +139,33 @@ class _Collect:
         pass
 
 
+def _run_texts(task: Any, data: Labelled, value_of: Callable[[Any], Any], options: Any) -> tuple[list[Any], Any]:
+    """value_of(result) for each text of DATA, through the streaming engine as the task commands run it
+    (an empty text gets None), and the engine's summary."""
+    from onnxpipe.stream.engine import Engine
+    from onnxpipe.stream.records import Record
+
+    collect = _Collect(len(data), value_of)
+    records = (Record(seq=i, text=text, source=data.source, line=line, nbytes=len(text) + 1)
+               for i, (text, line) in enumerate(zip(data.texts, data.lines)))
+    summary = Engine(task, collect, options).run_records(records)
+    return collect.values, summary
+
+
 def predict_onnx(folder: Path, manifest: dict, data: Labelled, device: str, batch_size: int) -> Prediction:
     """Label ids for the texts of DATA exactly as `onnxpipe classify` makes them: same runtime, task and batcher.
 
     An empty text gets no prediction (None), as classify gives it an empty result.
     """
     from onnxpipe.runtime import load_model
-    from onnxpipe.stream.engine import Engine, EngineOptions
-    from onnxpipe.stream.records import Record
+    from onnxpipe.stream.engine import EngineOptions
     from onnxpipe.tasks.classify import ClassifyTask
 
     model = load_model(folder, device=device)
-    task = ClassifyTask(model)
-    collect = _Collect(len(data), list(manifest["labels"]))
-    records = (Record(seq=i, text=text, source=data.source, line=line, nbytes=len(text) + 1)
-               for i, (text, line) in enumerate(zip(data.texts, data.lines)))
-    summary = Engine(task, collect, EngineOptions(batch_size=batch_size)).run_records(records)
-    return Prediction(collect.predictions, model.provider or "", model.device_note, summary.truncated)
+    index = {name: i for i, name in enumerate(manifest["labels"])}
+    labels, summary = _run_texts(ClassifyTask(model), data, lambda r: index.get(r.labels[0]) if r.labels else None,
+                                 EngineOptions(batch_size=batch_size))
+    return Prediction(labels, model.provider or "", model.device_note, summary.truncated)
 
 
 # --- translation and summarisation ---------------------------------------------------------
@@ -183,13 +193,11 @@ def read_references(data_path: str | Path, references: str | Path) -> Labelled:
 
 
 def _plain_lines(path: Path) -> list[str]:
-    from onnxpipe.labelled import _decode
-
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
-    lines = _decode(raw, str(path)).split("\n")
+    lines = decode_utf8(raw, str(path)).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     if not lines:
@@ -278,38 +286,13 @@ def _sacrebleu() -> Callable[[list[str], list[str]], dict[str, Any]]:
     return score
 
 
-class _CollectText:
-    """A writer for the engine that keeps each record's output text instead of writing it."""
-
-    def __init__(self, count: int, task: Any):
-        self.task = task
-        self.texts: list[str | None] = [None] * count
-
-    def write(self, record, result, error=None) -> None:
-        if result is not None:
-            self.texts[record.seq] = self.task.to_text(result)
-
-    def write_partial(self, text: str) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def generate_onnx(folder: Path, data: Labelled, device: str, batch_size: int, task_options: dict) -> Generated:
     """Outputs for the sources of DATA exactly as `onnxpipe translate`/`summarize` make them."""
     from onnxpipe.runtime import load_model
-    from onnxpipe.stream.engine import Engine, EngineOptions
-    from onnxpipe.stream.records import Record
+    from onnxpipe.stream.engine import EngineOptions
     from onnxpipe.tasks.seq2seq import Seq2SeqTask
 
     model = load_model(folder, device=device)
     task = Seq2SeqTask(model, **task_options)
-    collect = _CollectText(len(data), task)
-    records = (Record(seq=i, text=text, source=data.source, line=line, nbytes=len(text) + 1)
-               for i, (text, line) in enumerate(zip(data.texts, data.lines)))
-    summary = Engine(task, collect, EngineOptions(batch_size=batch_size, max_batch_tokens=8192)).run_records(records)
-    return Generated(collect.texts, model.provider or "", model.device_note, summary.truncated)
+    texts, summary = _run_texts(task, data, task.to_text, EngineOptions(batch_size=batch_size, max_batch_tokens=8192))
+    return Generated(texts, model.provider or "", model.device_note, summary.truncated)

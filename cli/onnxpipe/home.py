@@ -24,11 +24,15 @@ def export_home() -> Path:
 
 
 def list_exports(home: Path | None = None) -> list[Path]:
-    """Export folders in the home, sorted by name (folders without a manifest are skipped)."""
+    """Export folders in the home, sorted by name.
+
+    Folders without a manifest are skipped, and so are hidden ones: the temporaries of a running or
+    killed export, which already hold a manifest before they are renamed into place.
+    """
     home = home or export_home()
     if not home.is_dir():
         return []
-    return sorted(p for p in home.iterdir() if (p / MANIFEST_NAME).is_file())
+    return sorted(p for p in home.iterdir() if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file())
 
 
 def resolve_model(ref: str | os.PathLike) -> Path:

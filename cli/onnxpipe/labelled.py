@@ -46,7 +46,8 @@ def detect_format(path: Path, fmt: str | None = None) -> str:
     return found
 
 
-def _decode(raw: bytes, source: str) -> str:
+def decode_utf8(raw: bytes, source: str) -> str:
+    """RAW as UTF-8 (a BOM dropped), or an InputError naming SOURCE's line with the bad byte."""
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -79,7 +80,7 @@ def read_labelled(path: str | Path, text_column: str = "text", label_column: str
         raw = path.read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read {source}: {exc.strerror}") from None
-    text = _decode(raw, source)
+    text = decode_utf8(raw, source)
     if not text.strip():
         raise InputError(f"{source} is empty: it needs a header row and labelled examples")
     if fmt == "jsonl":

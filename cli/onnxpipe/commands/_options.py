@@ -49,13 +49,13 @@ def complete_export_names(ctx: click.Context, param: click.Parameter, incomplete
 
     from click.shell_completion import CompletionItem
 
-    from onnxpipe.home import MANIFEST_NAME, export_home
+    from onnxpipe.home import MANIFEST_NAME, list_exports
 
     if "/" in incomplete or incomplete.startswith((".", "~")):
         return [CompletionItem(incomplete, type="dir")]
     items = []
     try:
-        folders = sorted(p for p in export_home().iterdir() if p.name.startswith(incomplete) and not p.name.startswith("."))
+        folders = [p for p in list_exports() if p.name.startswith(incomplete)]
     except OSError:
         folders = []
     for folder in folders:

@@ -8,21 +8,19 @@ the [export] extra is looked up in the installed metadata, never imported.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import io
 import json
 import os
 import platform
 import re
-import shutil
-import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import click
+
+from onnxpipe.machine import nvidia_gpus, physical_cores
 
 TENSORRT = "TensorrtExecutionProvider"
 ORT_PACKAGES = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
@@ -78,7 +76,7 @@ def collect_report(cuda_index: int = 0) -> dict[str, Any]:
     # Probe the sessions first: loading libraries by hand below could make CUDA work here
     # where an ordinary onnxpipe run would not.
     cuda = _cuda_report(ort_info, providers)
-    gpu = _gpu()
+    gpu = nvidia_gpus()
     if cuda["usable"] is False and not gpu["devices"] and not cuda["driver"]["found"]:
         cuda["reason"] = ("there is no NVIDIA driver (libcuda.so.1 is missing"
                           + ("; no nvidia-smi" if not gpu["nvidia_smi"] else "")
@@ -137,10 +135,8 @@ def _probe(ort, name: str, cuda_index: int) -> dict[str, Any]:
     """Make a session on the tiny model with NAME first, run it, and say what really ran."""
     import numpy as np
 
-    from onnxpipe.runtime.device import CPU, captured_stderr_fd, cuda_failure_reason, preload_cuda_libraries
+    from onnxpipe.runtime.device import CPU, cuda_failure_reason, loading_providers
 
-    if name != CPU:
-        preload_cuda_libraries()  # as the task commands do before a CUDA session
     model = _tiny_model()
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -148,9 +144,8 @@ def _probe(ort, name: str, cuda_index: int) -> dict[str, Any]:
     wanted: Any = (name, {"device_id": cuda_index}) if name in ("CUDAExecutionProvider", TENSORRT) else name
     providers = [wanted] if name == CPU else [wanted, CPU]
     result: dict[str, Any] = {"name": name, "listed": True, "loads": False, "runs": False, "reason": None}
-    said = io.StringIO()  # onnxruntime prints its "EP Error" banner with print(): keep it off our stdout
     error = None
-    with captured_stderr_fd() as log, contextlib.redirect_stdout(said):
+    with loading_providers() as log:  # as the task commands make their sessions
         try:
             session = ort.InferenceSession(model, sess_options=options, providers=providers)
             got = session.get_providers()
@@ -164,7 +159,7 @@ def _probe(ort, name: str, cuda_index: int) -> dict[str, Any]:
         except Exception as exc:  # any provider failure is a finding, not a crash
             error = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
     if not result["runs"]:
-        text = "".join(log) + said.getvalue()
+        text = "".join(log)
         result["reason"] = error or (cuda_failure_reason(text) if text.strip() else "onnxruntime fell back to the CPU")
     return result
 
@@ -290,55 +285,9 @@ def _cuda_report(ort_info: dict[str, Any], providers: list[dict[str, Any]]) -> d
     return report
 
 
-def _gpu() -> dict[str, Any]:
-    smi = shutil.which("nvidia-smi")
-    out: dict[str, Any] = {"nvidia_smi": smi, "devices": [], "error": None}
-    if not smi:
-        return out
-    query = "index,name,memory.total,memory.used,driver_version"
-    try:
-        proc = subprocess.run([smi, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        out["error"] = str(exc)
-        return out
-    if proc.returncode != 0:
-        out["error"] = (proc.stdout + proc.stderr).strip().splitlines()[0] if (proc.stdout + proc.stderr).strip() \
-            else f"nvidia-smi exited with {proc.returncode}"
-        return out
-    for line in proc.stdout.strip().splitlines():
-        cells = [c.strip() for c in line.split(",")]
-        if len(cells) == 5:
-            index, name, total, used, driver = cells
-            out["devices"].append({"index": int(index) if index.isdigit() else index, "name": name,
-                                "memory_total_mib": _int(total), "memory_used_mib": _int(used), "driver": driver})
-    return out
-
-
-def _int(text: str) -> int | None:
-    return int(text) if text.isdigit() else None
-
-
-def _physical_cores() -> int | None:
-    """Distinct (package, core) pairs in /proc/cpuinfo; None where it cannot tell."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    cores, package = set(), None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "physical id":
-            package = value.strip()
-        elif key == "core id":
-            cores.add((package, value.strip()))
-    return len(cores) or None
-
-
 def _threads() -> dict[str, Any]:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    physical = _physical_cores()
+    physical = physical_cores()
     quota = None
     try:
         limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
@@ -363,7 +312,7 @@ def _export_home() -> dict[str, Any]:
 
     home = export_home()
     exports = []
-    for folder in (p for p in list_exports(home) if not p.name.startswith(".")):
+    for folder in list_exports(home):
         try:
             m = read_manifest(folder)
             exports.append({"name": folder.name, "task": m.get("task"), "precision": m.get("precision"),

@@ -13,16 +13,11 @@ import click
 from onnxpipe.commands._options import complete_export_names
 from onnxpipe.commands.translate import generation_options, generation_overrides
 
-# Options that only mean something for one kind of export: (parameter, flag, its default).
-_CLASSIFY_ONLY = (("label_column", "--label-column", "label"), ("label_map", "--label-map", None))
-_SEQ2SEQ_ONLY = (("reference_column", "--reference-column", "reference"), ("references", "--references", None),
-                 ("summarize", "--summarize", False), ("source_lang", "--source-lang", None),
-                 ("target_lang", "--target-lang", None), ("prefix", "--prefix", None),
-                 ("num_beams", "--num-beams", None), ("length_penalty", "--length-penalty", None),
-                 ("max_length", "--max-length", None), ("max_new_tokens", "--max-new-tokens", None),
-                 ("min_length", "--min-length", None), ("no_repeat_ngram_size", "--no-repeat-ngram-size", None),
-                 ("early_stopping", "--early-stopping", None),
-                 ("num_return_sequences", "--num-return-sequences", None))
+# Options that only mean something for one kind of export (parameter names): the decoding ones are
+# translate's own, read off its decorator so that a new decoding flag needs no entry here.
+_CLASSIFY_ONLY = ("label_column", "label_map")
+_SEQ2SEQ_ONLY = ("reference_column", "references", "summarize", "source_lang", "target_lang",
+                 *(p.name for p in generation_options(lambda: None).__click_params__))
 
 
 @click.command("eval")
@@ -84,7 +79,9 @@ def eval_command(model: str, data: str, data_format: str | None, against: str | 
     task = read_manifest(folder).get("task")
     seq2seq = task == SEQ2SEQ
     wrong = _CLASSIFY_ONLY if seq2seq else _SEQ2SEQ_ONLY
-    given = [flag for name, flag, default in wrong if kw[name] != default]
+    ctx = click.get_current_context()
+    flags = {p.name: max(p.opts, key=len) for p in ctx.command.params}
+    given = [flags[name] for name in wrong if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
     if given:
         meant = "text-classification" if seq2seq else SEQ2SEQ
         raise UsageError(f"{', '.join(given)}: only for {meant} exports ({folder.name} is a {task} export)")

@@ -23,8 +23,7 @@ def models(as_json: bool) -> None:
 
     home = export_home()
     rows = []
-    # Hidden folders are unfinished exports (temporaries of a running or killed export).
-    for folder in (p for p in list_exports(home) if not p.name.startswith(".")):
+    for folder in list_exports(home):
         try:
             m = read_manifest(folder)
         except OnnxpipeError as exc:

@@ -103,11 +103,12 @@ def validate(
             )
     outputs = figures.pop("outputs")
     failures = []
-    if budget.atol is not None:
-        failures = [f"{name} differs by {o['max_abs_diff']:.3g} > {budget.atol:g}" for name, o in outputs.items()
-                    if not o["max_abs_diff"] <= budget.atol]  # `not <=` also catches NaN
-    failures += [f"{name} is not finite" for name, o in outputs.items() if o["max_abs_diff"] != o["max_abs_diff"]
-                 and budget.atol is None]
+    for name, o in outputs.items():
+        diff = o["max_abs_diff"]
+        if diff != diff:  # NaN: a broken graph, whatever the budget
+            failures.append(f"{name} is not finite")
+        elif budget.atol is not None and diff > budget.atol:
+            failures.append(f"{name} differs by {diff:.3g} > {budget.atol:g}")
     if "label_agreement" in figures and figures["label_agreement"] < budget.min_label_agreement:
         failures.append(f"label agreement {figures['label_agreement']:.3f} < {budget.min_label_agreement}")
     if "greedy" in figures and figures["greedy"]["agreement"] < budget.min_greedy_agreement:

@@ -8,6 +8,9 @@ fd 2 are captured and boiled down to one line.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import os
 import re
 import sys
@@ -79,19 +82,13 @@ def captured_stderr_fd() -> Iterator[list[str]]:
             captured.append(tmp.read().decode("utf-8", "replace"))
 
 
-_PRELOADED: list[bool] = []
-
-
+@functools.cache
 def preload_cuda_libraries() -> None:
-    """Load the CUDA/cuDNN libraries of the `nvidia-*` pip packages (`onnxruntime-gpu[cuda,cudnn]`).
+    """Load the CUDA/cuDNN libraries of the `nvidia-*` pip packages (`onnxruntime-gpu[cuda,cudnn]`), once.
 
     The provider finds them only on the loader's path; `onnxruntime.preload_dlls()` loads them from
-    site-packages first. It reports failures with print(), so its stdout is kept off ours (stdout is
-    for results); what it says is moot anyway, as the session's providers tell the truth afterwards.
+    site-packages first. What it says on failure is moot: the session's providers tell the truth.
     """
-    if _PRELOADED:
-        return
-    _PRELOADED.append(True)
     import importlib.util
 
     try:
@@ -99,19 +96,32 @@ def preload_cuda_libraries() -> None:
             return
     except (ImportError, ValueError):
         return
-    import contextlib
-    import io
-
     import onnxruntime as ort
 
     preload = getattr(ort, "preload_dlls", None)
-    if preload is None:
-        return
-    with contextlib.redirect_stdout(io.StringIO()):
+    if preload is not None:
         try:
             preload()
         except Exception:  # a broken CUDA install: the session reports it in its own words
             pass
+
+
+@contextmanager
+def loading_providers() -> Iterator[list[str]]:
+    """The block that makes a session which may load a GPU provider: the CUDA pip libraries preloaded,
+    and what the loaders say captured (yields a list holding that text once the block has ended).
+
+    Two channels: ORT's C++ logger writes to fd 2, and onnxruntime print()s its "EP Error ... Falling
+    back" banner (and preload_dlls its complaints) to Python's stdout, which is for results only.
+    """
+    said = io.StringIO()
+    with captured_stderr_fd() as log:
+        try:
+            with contextlib.redirect_stdout(said):
+                preload_cuda_libraries()
+                yield log
+        finally:
+            log.append(said.getvalue())
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

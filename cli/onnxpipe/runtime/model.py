@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from functools import cached_property
 from pathlib import Path
@@ -12,8 +10,7 @@ from typing import Any
 from onnxpipe.errors import DeviceError, ModelNotFoundError, UsageError
 from onnxpipe.home import resolve_model
 from onnxpipe.manifest import read_manifest
-from onnxpipe.runtime.device import (CPU, CUDA, Device, captured_stderr_fd, cuda_failure_reason, parse_device,
-                                     preload_cuda_libraries, providers_for)
+from onnxpipe.runtime.device import CPU, CUDA, Device, cuda_failure_reason, loading_providers, parse_device, providers_for
 
 # Position ids of these models start after the padding index, so `max_position_embeddings`
 # counts `pad_token_id + 1` slots that no token can use (RoBERTa: 514 -> 512 tokens).
@@ -134,13 +131,8 @@ class ExportedModel:
         providers = providers_for(self.device, ort.get_available_providers())
         wants_cuda = providers[0] != CPU
         if wants_cuda:
-            # A CUDA provider that fails to load makes onnxruntime print an "EP Error" banner with print(),
-            # on stdout, before it retries on the CPU: stdout is for results, so it joins the captured log.
-            said = io.StringIO()
-            with captured_stderr_fd() as log, contextlib.redirect_stdout(said):
-                preload_cuda_libraries()
+            with loading_providers() as log:
                 session = ort.InferenceSession(str(path), sess_options=self.session_options(), providers=providers)
-            log.append(said.getvalue())
         else:
             log = []
             session = ort.InferenceSession(str(path), sess_options=self.session_options(), providers=providers)

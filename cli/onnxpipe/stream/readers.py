@@ -1,14 +1,14 @@
 """Input: raw lines from files and stdin, read in a background thread, parsed into Records.
 
-The thread reads stdin with `os.read` on its file descriptor (files with `read1`), which returns
-what the producer has written so far instead of waiting for a full buffer. It never reads through
-sys.stdin's BufferedReader: a daemon thread blocked inside it holds the buffer's lock, and the
-interpreter aborts (SIGABRT, "could not acquire lock ... at interpreter shutdown") when Ctrl-C
-ends the main thread while the producer is still open. The thread and hands over whole lines in chunks through a bounded queue. So
-memory stays bounded (a few chunks plus the line being read), and the engine can tell "the
-producer is slow" (no chunk within the idle time: run what is buffered) from "the producer is
-fast" (chunks keep coming: fill the window). Lines are split on b"\\n" only: CR, form feeds,
-U+2028 and other characters that str.splitlines() treats as breaks stay inside their record.
+The thread reads with `os.read` on the file descriptor, which returns what the producer has written
+so far instead of waiting for a full buffer. It never reads through sys.stdin's BufferedReader: a
+daemon thread blocked inside it holds the buffer's lock, and the interpreter aborts (SIGABRT, "could
+not acquire lock ... at interpreter shutdown") when Ctrl-C ends the main thread while the producer
+is still open. The thread hands over whole lines in chunks through a bounded queue. So memory stays
+bounded (a few chunks plus the line being read), and the engine can tell "the producer is slow" (no
+chunk within the idle time: run what is buffered) from "the producer is fast" (chunks keep coming:
+fill the window). Lines are split on b"\\n" only: CR, form feeds, U+2028 and other characters that
+str.splitlines() treats as breaks stay inside their record.
 """
 
 from __future__ import annotations

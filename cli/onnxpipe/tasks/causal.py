@@ -11,8 +11,7 @@ depend on what it is batched with.
 With IO binding the presents stay where the provider put them (GPU memory on CUDA) and go straight back
 in as pasts. Per step the host sends input_ids, position_ids and attention_mask (and the row indices when
 rows are dropped or beams reordered) and receives the logits: `CopyStats` counts these copies. Dropping
-rows and following beams gather the cache on its device: with numpy on CPU, with a tiny Gather graph on
-CUDA. The search itself is `onnxpipe.decoding`, shared with the encoder-decoders.
+rows and following beams reorder the cache on its device (tasks.kv_cache). The search itself is `onnxpipe.decoding`, shared with the encoder-decoders.
 """
 
 from __future__ import annotations
@@ -26,11 +25,11 @@ import numpy as np
 
 from onnxpipe.decoding import GenerationConfig, Hypothesis, generate
 from onnxpipe.errors import ModelNotFoundError, OnnxpipeError, UsageError
+from onnxpipe.tasks.kv_cache import CacheReorder
 
 DEFAULT_MAX_NEW_TOKENS = 256
 LOGITS_BUDGET = 1 << 26  # floats of prefill logits held at once (256 MB): the graph makes them for every position
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
-_ONNX_ELEM = {np.float32: 1, np.float16: 10}
 
 
 @dataclass
@@ -81,8 +80,7 @@ class CausalDecoder:
         vocab = outputs["logits"].shape[-1]
         self.vocab_size = vocab if isinstance(vocab, int) else 65536  # unknown: assume a large one
         self.stats = CopyStats()
-        self.graph_gather = self.device != "cpu"  # on CPU numpy gathers the cache in place of a graph
-        self._gather_session = None
+        self.reorder = CacheReorder(session, self.kv_dtype, self.device, device_id)
 
     # --- the cache ----------------------------------------------------------------------
 
@@ -94,22 +92,21 @@ class CausalDecoder:
             return [OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype)) for _ in self.past_names]
         return [OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda", self.device_id) for _ in self.past_names]
 
+    @property
+    def graph_gather(self) -> bool:
+        """Whether the cache is reordered by a Gather graph (CUDA) rather than numpy (CPU)."""
+        return self.reorder.graph
+
+    @graph_gather.setter
+    def graph_gather(self, value: bool) -> None:
+        self.reorder.graph = value
+
     def gather(self, past: list, rows: np.ndarray) -> list:
-        """The cache of rows `rows` (in that order), kept on its device (on CPU, reordered in place where it can be)."""
+        """The cache of rows `rows` (in that order), kept on its device (see tasks.kv_cache)."""
         self.stats.cache_gathers += 1
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
-        if not self.graph_gather:
-            return reorder_rows(past, rows)
-        if self._gather_session is None:
-            self._gather_session = _gather_session(len(past), self.kv_dtype, self.session, self.device_id)
-        binding = self._gather_session.io_binding()
-        binding.bind_cpu_input("rows", rows)
-        self.stats.h2d += 1
-        for i, value in enumerate(past):
-            binding.bind_ortvalue_input(f"x{i}", value)
-            binding.bind_output(f"y{i}", self.device, self.device_id)
-        self._gather_session.run_with_iobinding(binding)
-        return binding.get_outputs()
+        if self.reorder.graph:
+            self.stats.h2d += 1  # the row indices
+        return self.reorder(past, rows)
 
     # --- running the graph --------------------------------------------------------------
 
@@ -180,82 +177,6 @@ class CausalDecoder:
             return logits
 
         return logits, step
-
-
-def reorder_rows(values: list, rows: np.ndarray) -> list:
-    """VALUES (CPU OrtValues of one batch) with row i taken from row rows[i], as new or the same values.
-
-    When the batch keeps its size (beams moving), only the rows whose parent is another row are
-    copied, in place: most beams continue themselves (three quarters of the rows in a 4-beam search),
-    so this copies a fraction of the cache where a gather copied all of it. The values are the presents
-    of the run before, which nothing else holds. A smaller batch (finished rows dropped) is gathered.
-    """
-    from onnxruntime import OrtValue
-
-    if values and len(rows) == values[0].shape()[0]:
-        moved = np.flatnonzero(rows != np.arange(len(rows)))
-        if len(moved):
-            sources = rows[moved]
-            for value in values:
-                array = value.numpy()
-                array[moved] = array[sources]  # the right side is gathered first: overlaps are safe
-        return values
-    return [OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows])) for v in values]
-
-
-def _gather_session(n: int, dtype, model_session, device_id: int):
-    """A session that gathers rows of n tensors at once (Gather axis 0), to reorder a cache on its device.
-
-    It runs on MODEL_SESSION's provider with its thread count; its threads do not spin after a run, so
-    they leave the cores to the model's own run that follows.
-    """
-    import onnxruntime as ort
-
-    model = _gather_model(n, _ONNX_ELEM[dtype])
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    threads = model_session.get_session_options().intra_op_num_threads
-    if threads:
-        options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    cuda = "CUDAExecutionProvider" in model_session.get_providers()
-    return ort.InferenceSession(model, options, providers=[("CUDAExecutionProvider", {"device_id": device_id})]
-                                if cuda else ["CPUExecutionProvider"])
-
-
-def _gather_model(n: int, elem_type: int) -> bytes:
-    """ONNX ModelProto bytes for y_i = Gather(x_i, rows, axis=0), i < n, written without the onnx package
-    (the runtime does not depend on it). Field numbers are those of onnx.proto3."""
-
-    def varint(v: int) -> bytes:
-        out = bytearray()
-        while True:
-            byte, v = v & 0x7F, v >> 7
-            out.append(byte | (0x80 if v else 0))
-            if not v:
-                return bytes(out)
-
-    def num(field_no: int, v: int) -> bytes:
-        return varint(field_no << 3) + varint(v)
-
-    def blob(field_no: int, data: bytes | str) -> bytes:
-        data = data.encode() if isinstance(data, str) else data
-        return varint(field_no << 3 | 2) + varint(len(data)) + data
-
-    def value_info(name: str, elem: int, rank: int) -> bytes:
-        dims = b"".join(blob(1, blob(2, f"{name}_{d}")) for d in range(rank))
-        tensor_type = num(1, elem) + blob(2, dims)
-        return blob(1, name) + blob(2, blob(1, tensor_type))
-
-    nodes = b"".join(
-        blob(1, blob(1, f"x{i}") + blob(1, "rows") + blob(2, f"y{i}") + blob(4, "Gather")
-             + blob(5, blob(1, "axis") + num(3, 0) + num(20, 2)))
-        for i in range(n)
-    )
-    inputs = blob(11, value_info("rows", 7, 1)) + b"".join(blob(11, value_info(f"x{i}", elem_type, 4)) for i in range(n))
-    outputs = b"".join(blob(12, value_info(f"y{i}", elem_type, 4)) for i in range(n))
-    graph = nodes + blob(2, "gather_rows") + inputs + outputs
-    return num(1, 8) + blob(8, blob(1, "") + num(2, 13)) + blob(7, graph)
 
 
 # --- text ------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import numpy as np
 from onnxpipe.decoding import GenerationConfig, Hypothesis, generate
 from onnxpipe.errors import ModelNotFoundError, UsageError
 from onnxpipe.stream.records import Item, Record
+from onnxpipe.tasks.kv_cache import CacheReorder
 
 DEFAULT_MAX_NEW_TOKENS = 256  # when the model sets no max_length (transformers would stop at 20)
 # Decoders with relative positions (no table to run out of).
@@ -79,11 +80,8 @@ class Seq2SeqRunner:
         self.gathers = 0
         vocab = {o.name: o for o in decoder.get_outputs()}["logits"].shape[-1]
         self.vocab_size = vocab if isinstance(vocab, int) else None
-        self._logits_buffers: dict[int, list] = {}  # rows -> two float32 (rows, 1, vocab) arrays, used in turn
-        self._gather_sessions: dict[int, Any] = {}
-        # On CPU numpy reorders the cache: ONNX Runtime's Gather graph is faster in isolation, but in a
-        # 58k-vocabulary beam search it was slower overall and raised the peak RSS from 1.7 to 2.4 GB.
-        self.graph_gather = self.device != "cpu"
+        self._logits_buffers: list[np.ndarray] = []  # two flat float32 arrays, used in turn
+        self.reorder = CacheReorder(decoder, self.kv_dtype, self.device, device_id)
 
     # --- values on the device -------------------------------------------------------------
     def _placeholder(self, shape: tuple, dtype) -> Any:
@@ -95,27 +93,9 @@ class Seq2SeqRunner:
         return OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", self.device_id)
 
     def gather(self, values: list, rows: np.ndarray) -> list:
-        """VALUES' rows `rows` (in that order), on their device (on CPU, reordered in place where they can be)."""
+        """VALUES' rows `rows` (in that order), on their device (see tasks.kv_cache)."""
         self.gathers += 1
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
-        if not self.graph_gather:
-            from onnxpipe.tasks.causal import reorder_rows
-
-            return reorder_rows(values, rows)
-        session = self._gather_sessions.get(len(values))
-        if session is None:
-            # One Gather graph shared with generate (tasks.causal), built without the onnx package.
-            from onnxpipe.tasks.causal import _gather_session
-
-            session = _gather_session(len(values), self.kv_dtype, self.decoder, self.device_id)
-            self._gather_sessions[len(values)] = session
-        binding = session.io_binding()
-        binding.bind_cpu_input("rows", rows)
-        for i, value in enumerate(values):
-            binding.bind_ortvalue_input(f"x{i}", value)
-            binding.bind_output(f"y{i}", self.device, self.device_id)
-        session.run_with_iobinding(binding)
-        return binding.get_outputs()
+        return self.reorder(values, rows)
 
     # --- running the graphs ---------------------------------------------------------------
     def encode(self, ids: np.ndarray, mask: np.ndarray) -> Any:
@@ -163,17 +143,18 @@ class Seq2SeqRunner:
     def _logits_buffer(self, rows: int) -> np.ndarray | None:
         """A (rows, 1, vocab) float32 array for the next step's logits, or None (GPU, unknown vocabulary).
 
-        Two per batch size, used in turn: the search is done with a step's logits before it asks for
-        the next step's, and the second array keeps even a one-step-late reader safe. It saves copying
-        the rows x vocabulary logits out of ONNX Runtime (30 MB a step for 128 beams of opus-mt).
+        Views of two flat arrays, used in turn and grown to the largest batch seen: the search is done
+        with a step's logits before it asks for the next step's, and the second array keeps even a
+        one-step-late reader safe. It saves copying the rows x vocabulary logits out of ONNX Runtime
+        (30 MB a step for 128 beams of opus-mt).
         """
         if self.device != "cpu" or self.vocab_size is None:
             return None
-        pair = self._logits_buffers.get(rows)
-        if pair is None:
-            pair = self._logits_buffers[rows] = [np.empty((rows, 1, self.vocab_size), np.float32) for _ in range(2)]
-        pair.reverse()
-        return pair[0]
+        size = rows * self.vocab_size
+        if not self._logits_buffers or self._logits_buffers[0].size < size:
+            self._logits_buffers = [np.empty(size, np.float32) for _ in range(2)]
+        self._logits_buffers.reverse()
+        return self._logits_buffers[0][:size].reshape(rows, 1, self.vocab_size)
 
     def start(self, ids: np.ndarray, mask: np.ndarray, decoder_start: int):
         """Encode the batch and run the first decoder step; return its logits and the `Step` that continues."""
