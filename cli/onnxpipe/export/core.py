@@ -33,6 +33,7 @@ Progress = Callable[[str, str], None]
 TMP_MARK = ".onnxpipe-tmp-"
 STAGES = ("load", "export", "validate", "write")
 FP16_PROVIDER = "CUDAExecutionProvider"  # fp16 is built for, and validated on, CUDA
+GRAPHS = ("auto", "fused", "optimum")  # who writes the graph: auto = onnxpipe's fused one where it applies
 
 
 def _no_progress(stage: str, message: str) -> None:
@@ -63,6 +64,7 @@ def export_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     opset: int | None = None,
+    graph: str = "auto",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Export SOURCE (folder, .gguf file or hub id) into the folder OUTPUT; return the manifest written there."""
@@ -79,6 +81,8 @@ def export_model(
         raise UsageError(f"unknown quantisation {quantize!r}", hint="one of: " + ", ".join(QUANTIZATIONS))
     if fp16 and quantize:
         raise UsageError("--fp16 and --quantize exclude each other", hint="fp16 is for CUDA, int8 for the CPU")
+    if graph not in GRAPHS:
+        raise UsageError(f"unknown graph {graph!r}", hint="one of: " + ", ".join(GRAPHS))
     _check_target(output, force)
     texts, inputs_note = _validation_texts(validate_with)
     if fp16:
@@ -93,7 +97,7 @@ def export_model(
         manifest = _build(
             source, tmp, output.name, task,
             dict(optimize=optimize, quantize=quantize, fp16=fp16, trust_remote_code=trust_remote_code,
-                 revision=revision, opset=opset),
+                 revision=revision, opset=opset, graph=graph),
             texts, inputs_note, progress,
         )
         progress("write", f"writing {output}")
@@ -122,6 +126,9 @@ def _build(source, tmp: Path, name: str, task: str | None, opts: dict, texts: li
     family = FAMILY[task]
     model_type = config.get("model_type")
     check_exportable(model_type, task)
+    from types import SimpleNamespace
+
+    builder = _choose_graph(opts, family, SimpleNamespace(**config))  # before the model loads: fail fast
     with quiet_libraries():
         toks = load_tokenizers(src.folder, config, opts["trust_remote_code"])
         try:
@@ -133,8 +140,16 @@ def _build(source, tmp: Path, name: str, task: str | None, opts: dict, texts: li
     progress("load", f"{type(model).__name__} ({model_type}), task {task}, {_count_parameters(model)} parameters")
 
     out = tmp / "export"
-    progress("export", f"exporting {optimum_task(task)} with optimum" + (f", optimisation {opts['optimize']}" if opts["optimize"] else ""))
-    files = _export_graphs(model, out, task, family, opts)
+    if builder == "fused":
+        from onnxpipe.export import fused
+
+        progress("export", f"building onnxpipe's fused {model_type} graph (GroupQueryAttention; exact 4-bit blocks kept)")
+        with quiet_libraries():
+            files, weights = fused.export(model, out, opts["opset"])
+        progress("export", "weight matrices: " + ", ".join(f"{n} {k}" for k, n in weights.items() if n))
+    else:
+        progress("export", f"exporting {optimum_task(task)} with optimum" + (f", optimisation {opts['optimize']}" if opts["optimize"] else ""))
+        files, weights = _export_graphs(model, out, task, family, opts), None
     with quiet_libraries():
         tokenizer_record = save_tokenizers(toks, out)
         check_texts = list(dict.fromkeys(val.GENERATED_TEXTS + texts[:256]))
@@ -172,10 +187,37 @@ def _build(source, tmp: Path, name: str, task: str | None, opts: dict, texts: li
 
     manifest = _manifest(name, task, family, config, out, files, tokenizer_record, special, src, precision,
                          opts, report)
+    manifest["graph"]["builder"] = "onnxpipe-fused" if builder == "fused" else "optimum"
+    if weights is not None:
+        manifest["graph"]["weights"] = weights
     if quantization:
         manifest["quantization"] = quantization
     write_manifest(out, manifest)
     return manifest
+
+
+def _choose_graph(opts: dict, family: str, config) -> str:
+    """"fused" (onnxpipe's own graph, export.fused) or "optimum", from --graph and what applies."""
+    from onnxpipe.export import fused
+
+    wanted = opts.get("graph") or "auto"
+    if wanted == "optimum":
+        return "optimum"
+    reason = None if family == "decoder" else "text-generation only"
+    reason = reason or fused.unsupported_reason(config)
+    for flag, why in (("optimize", "--optimize"), ("quantize", "--quantize"), ("fp16", "--fp16")):
+        if reason is None and opts.get(flag):
+            reason = f"{why} (it is made for optimum's graph)"
+    if reason is None and wanted == "auto":
+        from onnxpipe.export.variants import cuda_unusable_reason
+
+        if cuda_unusable_reason() is None:  # this machine runs CUDA: the fused fp32 graph is for CPUs
+            reason = "CUDA works here"
+    if reason is None:
+        return "fused"
+    if wanted == "fused":
+        raise UsageError(f"--graph fused is not available here: {reason}", hint="drop --graph, or pass --graph optimum")
+    return "optimum"
 
 
 def _export_graphs(model, out: Path, task: str, family: str, opts: dict) -> dict[str, str]:

@@ -319,7 +319,8 @@ def _decoder(model, sess, tokenizer, texts, special_tokens) -> dict[str, Any]:
             result = dict(zip(output_names, sess.run(None, feeds)))
             logits = result["logits"][:, -1].astype(np.float32)
             if step == 0:
-                _merge(outputs, "logits", _diff(first_all, result["logits"]))
+                # A fused graph returns the last position's logits only.
+                _merge(outputs, "logits", _diff(first_all[:, -result["logits"].shape[1]:], result["logits"]))
                 presents = [result[n_] for n_ in output_names if n_.startswith("present.")]
                 for name, ref, got in zip([n_ for n_ in output_names if n_.startswith("present.")], first_presents, presents):
                     _merge(outputs, name, _diff(ref, got))

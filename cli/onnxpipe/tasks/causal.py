@@ -77,6 +77,9 @@ class CausalDecoder:
         if not isinstance(heads, int) or not isinstance(head_dim, int):
             raise ModelNotFoundError("the key/value inputs have no fixed head shape", hint="re-export the model")
         self.kv_heads, self.head_dim = heads, head_dim
+        # onnxpipe's fused graph (export.fused) returns the last position's logits only: its prefill is
+        # one run, which GroupQueryAttention needs (it takes a prompt after a past only at batch 1).
+        self.last_logits_only = outputs["logits"].shape[1] == 1
         vocab = outputs["logits"].shape[-1]
         self.vocab_size = vocab if isinstance(vocab, int) else 65536  # unknown: assume a large one
         self.stats = CopyStats()
@@ -144,8 +147,9 @@ class CausalDecoder:
     def prefill(self, prompts: Sequence[Sequence[int]], pad_id: int = 0):
         """Run the left-padded prompts; return their next-token logits and the `Step` that continues them.
 
-        The graph computes logits for every position, so a long batch is run in chunks of positions (the
-        cache carries over) to keep those logits within LOGITS_BUDGET floats.
+        optimum's graph computes logits for every position, so a long batch is run in chunks of positions
+        (the cache carries over) to keep those logits within LOGITS_BUDGET floats; a fused graph makes the
+        last position's only and takes the batch in one run.
         """
         from onnxpipe.decoding import left_pad
 
@@ -155,7 +159,7 @@ class CausalDecoder:
         positions = np.cumsum(mask, axis=1) - 1
         positions[mask == 0] = 1  # as transformers does; hidden by the mask anyway
         past = self._empty_past(rows)
-        chunk = max(16, LOGITS_BUDGET // (rows * self.vocab_size))
+        chunk = width if self.last_logits_only else max(16, LOGITS_BUDGET // (rows * self.vocab_size))
         for lo in range(0, width, chunk):
             hi = min(lo + chunk, width)
             logits, past = self._run(np.ascontiguousarray(ids[:, lo:hi]), np.ascontiguousarray(mask[:, :hi]),
@@ -468,6 +472,11 @@ class GenerateTask:
         session = model.session()  # sets model.provider: what really runs
         device = "cuda" if model.provider == "CUDAExecutionProvider" else "cpu"
         self.model = model
+        if device == "cuda" and (model.manifest.get("graph") or {}).get("builder") == "onnxpipe-fused":
+            from onnxpipe import console
+
+            console.warn(f"{model.manifest.get('name')} is onnxpipe's fused graph, built for the CPU: on CUDA "
+                         "its float32 attention runs on the CPU. Re-export with --graph optimum for the GPU")
         self.lm = CausalLM.from_session(model.folder, session, device, model.device.index, model.manifest)
         self.config = self.lm.defaults.update(**(overrides or {}))
         if self.config.max_new_tokens is None:

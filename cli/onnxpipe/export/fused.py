@@ -1,0 +1,317 @@
+"""onnxpipe's own decoder graph for Llama-family models, built on ONNX Runtime's fused kernels.
+
+optimum's export of a Llama decoder is the traced PyTorch code: about a hundred small shape, mask and
+rotary nodes per layer (3,150 nodes a step for SmolLM2-135M), which cost a third of a batch-1 step on
+the CPU. This graph is written node by node from the checkpoint's weights instead, with the operators
+ONNX Runtime fuses for this architecture (the ones its onnxruntime-genai model builder uses):
+
+    Gather (embedding)
+    per layer: [Skip]SimplifiedLayerNormalization (RMSNorm, with the residual add)
+               MatMul q|k|v packed -> Split -> RotaryEmbedding(q), RotaryEmbedding(k)
+               GroupQueryAttention (causal, attention_bias = the padding mask) -> MatMul o_proj
+               SkipSimplifiedLayerNormalization -> MatMul gate|up packed -> Split -> SiLU * up -> MatMul down
+    last position only: Add -> SimplifiedLayerNormalization -> MatMul lm_head
+
+It has the inputs and outputs of optimum's `text-generation-with-past` graph, so the runtime drives it the
+same way (tasks.causal): input_ids, attention_mask, position_ids and past_key_values.N.key/value in;
+logits and present.N.key/value out, the cache in (batch, kv_heads, length, head_dim). Two differences:
+the logits are those of the last position only, (batch, 1, vocab), which also saves the prefill its
+vocab x prompt-length product; and GroupQueryAttention takes a prompt with a non-empty past only at
+batch 1, so a prompt is run in one piece. Left padding works as in optimum's graph: the attention mask
+becomes an additive bias (finfo.min on pads), the rows' cache lengths are all the mask's width, and the
+rotary positions are the position_ids the runtime computes (transformers' cumsum(mask) - 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GRAPH_NAME = "onnxpipe-fused-llama"
+SUPPORTED_MODEL_TYPES = ("llama",)
+EXTERNAL_DATA_BYTES = 1_800_000_000  # above this the weights go to model.onnx_data (protobuf's 2 GB limit)
+
+
+def unsupported_reason(config: Any) -> str | None:
+    """Why the fused graph cannot express this checkpoint, or None when it can."""
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return f"model type {getattr(config, 'model_type', None)} (fused graphs exist for {', '.join(SUPPORTED_MODEL_TYPES)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act}"
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        return "biased projections"
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return "pretraining_tp > 1"
+    return None
+
+
+BLOCK = 32  # GGUF's Q4_0/Q4_1/Q8_0 block: 32 weights of one row share a scale (and Q4_1 an offset)
+
+
+@dataclass
+class Nibbles:
+    """One MatMulNBits operand: w = scale * (q - zero) (+ offset), q in 0..15, per block of BLOCK weights
+    along the input dimension of an (out, in) matrix."""
+
+    q: np.ndarray  # (out, in // BLOCK, BLOCK) uint8
+    scales: np.ndarray  # (out, in // BLOCK) float32
+    zero: int  # 8 (MatMulNBits' default) or 0
+    offsets: np.ndarray | None = None  # (out, in // BLOCK) float32: Q4_1's m
+
+    def packed(self) -> np.ndarray:
+        """MatMulNBits' B: (out, blocks, BLOCK / 2) bytes, the first weight of each pair in the low nibble."""
+        return (self.q[..., 0::2] | (self.q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _fp16_candidates(estimate: np.ndarray):
+    """A float32 estimate of float16 scales, rounded to float16, then each neighbour (the estimate's own
+    rounding can land one float16 step off)."""
+    first = estimate.astype(np.float16)
+    for cand in (first, np.nextafter(first, np.float16(np.inf)), np.nextafter(first, np.float16(0))):
+        yield cand.astype(np.float32)
+
+
+def _solve(b: np.ndarray, estimate: np.ndarray, levels, rebuild):
+    """Per block, the first float16 scale d (of _fp16_candidates) for which q = levels(d) reproduces the
+    block exactly through rebuild(d, q); None unless every block is reproduced."""
+    best_q = np.zeros(b.shape, np.int16)
+    best_d = np.zeros(b.shape[:-1], np.float32)
+    done = np.zeros(b.shape[:-1], bool)
+    for d in _fp16_candidates(estimate):
+        q = levels(d)
+        ok = (rebuild(d, q) == b).all(-1)
+        new = ok & ~done
+        best_q[new], best_d[new] = q[new], d[new]
+        done |= ok
+        if done.all():
+            return best_d, best_q
+    return None
+
+
+def exact_blocks(w: np.ndarray) -> tuple[str, list[Nibbles]] | None:
+    """W's exact 4-bit block form, as (kind, operands whose products add up to x @ w.T), or None.
+
+    A checkpoint converted from a GGUF (transformers dequantizes it to float32) holds only 16 or 256
+    values per block. Recovering the blocks is not a quantisation: every weight must equal the float32
+    that gguf-py's dequantizer computes from the blocks, or the whole matrix stays float32.
+      Q4_0: w = d * (q - 8)      one MatMulNBits (zero point 8)
+      Q4_1: w = d * q + m        one MatMulNBits (zero point 0), plus m times x's block sums
+      Q8_0: w = d * q, q int8    q = 16 hi + lo: two MatMulNBits, 16 d * hi and d * lo
+    """
+    rows, cols = w.shape
+    if cols % BLOCK or not np.isfinite(w).all():
+        return None
+    b = w.astype(np.float32, copy=False).reshape(rows, cols // BLOCK, BLOCK)
+    f32 = np.float32
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        # Q4_0: the weight of largest magnitude is q = 0, so d = -w / 8 exactly.
+        idx = np.abs(b).argmax(-1)
+        d = -np.take_along_axis(b, idx[..., None], -1)[..., 0] / f32(8)
+        q = np.where(d[..., None] != 0, np.rint(b / d[..., None]), 0)
+        if (np.abs(q + f32(0.5)) <= 8).all() and np.array_equal(d[..., None] * q.astype(f32), b):
+            return "q4_0", [Nibbles((q + 8).astype(np.uint8), d.astype(f32), 8)]
+        # Q4_1: the smallest weight is q = 0 (m = min, a float16) and the largest q = 15.
+        lo, hi = b.min(-1), b.max(-1)
+        if np.array_equal(lo.astype(np.float16).astype(f32), lo):
+            solved = _solve(b, (hi - lo) / f32(15),
+                            lambda d: np.clip(np.where(d[..., None] > 0, np.rint((b - lo[..., None]) / d[..., None]), 0), 0, 15),
+                            lambda d, q: d[..., None] * q.astype(f32) + lo[..., None])
+            if solved is not None:
+                d, q = solved
+                return "q4_1", [Nibbles(q.astype(np.uint8), d, 0, lo.astype(f32))]
+        # Q8_0: the weight of largest magnitude is q = +-127.
+        amax = np.abs(b).max(-1)
+        solved = _solve(b, amax / f32(127),
+                        lambda d: np.clip(np.where(d[..., None] > 0, np.rint(b / d[..., None]), 0), -128, 127),
+                        lambda d, q: q.astype(f32) * d[..., None])
+        if solved is not None:
+            d, q = solved
+            high, low = np.floor_divide(q, 16), np.mod(q, 16)  # high in -8..7, low in 0..15
+            return "q8_0", [Nibbles((high + 8).astype(np.uint8), d * f32(16), 8), Nibbles(low.astype(np.uint8), d, 0)]
+    return None
+
+
+def build(model: Any, out: Path, opset: int | None = None, block_weights: bool = True) -> tuple[str, dict]:
+    """Write OUT/model.onnx for the Llama-family PyTorch MODEL (a *ForCausalLM); return the file name."""
+    import onnx
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    config = model.config
+    reason = unsupported_reason(config)
+    if reason:
+        raise ValueError(f"no fused graph for {reason}")
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    layers = config.num_hidden_layers
+    eps = float(config.rms_norm_eps)
+    max_positions = int(config.max_position_embeddings)
+    state = {k: v.detach().to(torch.float32).cpu().numpy() for k, v in model.state_dict().items()}
+
+    inits: list = []
+    nodes: list = []
+
+    def init(name: str, array: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(name: str, values, dtype=np.int64) -> str:
+        return init(name, np.array(values, dtype=dtype))
+
+    def node(op: str, inputs: list[str], outputs: list[str] | int = 1, domain: str = "", name: str | None = None,
+             **attrs) -> list[str]:
+        name = name or f"{op}_{len(nodes)}"
+        if isinstance(outputs, int):
+            outputs = [f"{name}/out{i}" for i in range(outputs)]
+        nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
+        return outputs
+
+    ms = "com.microsoft"
+    weights = {"float32": 0, "q4_0": 0, "q4_1": 0, "q8_0": 0}
+
+    def linear(x: str, name: str, w: np.ndarray) -> str:
+        """x @ w.T for an (out, in) weight: MatMulNBits where W is exactly 4-bit blocks, else MatMul."""
+        found = exact_blocks(w) if block_weights else None
+        if found is None:
+            weights["float32"] += 1
+            return node("MatMul", [x, init(name, w.T)], name=name)[0]
+        kind, parts = found
+        weights[kind] += 1
+        rows, cols = w.shape
+        terms = []
+        for j, part in enumerate(parts):
+            tag = f"{name}.{kind}" + (f".{j}" if len(parts) > 1 else "")
+            ins = [x, init(tag + ".q", part.packed()), init(tag + ".scales", part.scales)]
+            if part.zero != 8:
+                ins.append(init(tag + ".zero", np.full((rows, (cols // BLOCK + 1) // 2), part.zero * 17, np.uint8)))
+            terms.append(node("MatMulNBits", ins, domain=ms, name=tag, K=cols, N=rows, bits=4, block_size=BLOCK,
+                              accuracy_level=1)[0])
+            if part.offsets is not None:  # sum_k x_k * m_block(k) = (x's block sums) @ offsets.T
+                grouped = node("Reshape", [x, const(tag + ".blocks", [0, 0, cols // BLOCK, BLOCK])], name=tag + ".group")[0]
+                sums = node("ReduceSum", [grouped, const(tag + ".axis", [-1])], keepdims=0, name=tag + ".block_sums")[0]
+                terms.append(node("MatMul", [sums, init(tag + ".offsets", part.offsets.T)], name=tag + ".offset")[0])
+        y = terms[0]
+        for t in terms[1:]:
+            y = node("Add", [y, t], name=f"{name}.add{len(nodes)}")[0]
+        return y
+
+    # --- shared inputs: the padding bias, the cache lengths, the rotary tables -----------------
+    # Rotary tables as transformers computes them (rope scaling included): cos/sin of every position.
+    with torch.no_grad():
+        probe = torch.zeros(1, 1, head_dim, dtype=torch.float32)
+        pos = torch.arange(max_positions, dtype=torch.long)[None]
+        cos, sin = model.model.rotary_emb(probe, pos)
+    half = head_dim // 2
+    cos_cache = init("rotary.cos", cos[0, :, :half].to(torch.float32).numpy())
+    sin_cache = init("rotary.sin", sin[0, :, :half].to(torch.float32).numpy())
+
+    ids_shape = node("Shape", ["input_ids"])[0]
+    batch = node("Slice", [ids_shape, const("c.0", [0]), const("c.1", [1])])[0]
+    seq = node("Slice", [ids_shape, "c.1", const("c.2", [2])])[0]
+    mask_shape = node("Shape", ["attention_mask"])[0]
+    total = node("Slice", [mask_shape, "c.1", "c.2"])[0]  # (1,) int64: past + new
+    total32 = node("Cast", [node("Squeeze", [total, const("c.axes0", [0])])[0]], to=TensorProto.INT32)[0]
+    seqlens = node("Cast", [node("Expand", [node("Sub", [total, "c.1"])[0], batch])[0]], to=TensorProto.INT32)[0]
+    mask_f = node("Cast", ["attention_mask"], to=TensorProto.FLOAT)[0]
+    pad = node("Sub", [init("c.one", np.array(1.0, np.float32)), mask_f])[0]
+    bias2 = node("Mul", [pad, init("c.min", np.array(np.finfo(np.float32).min, np.float32))])[0]
+    bias4 = node("Unsqueeze", [bias2, const("c.axes12", [1, 2])])[0]
+    bias_shape = node("Concat", [batch, "c.1", seq, total], axis=0)[0]
+    bias = node("Expand", [bias4, bias_shape])[0]
+
+    # --- the layers --------------------------------------------------------------------------
+    residual = node("Gather", [init("model.embed_tokens.weight", state["model.embed_tokens.weight"]), "input_ids"],
+                    name="embed")[0]
+    x = node("SimplifiedLayerNormalization", [residual, init("l0.ln1", state["model.layers.0.input_layernorm.weight"])],
+             axis=-1, epsilon=eps, stash_type=1, name="l0.ln1")[0]
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    split_qkv = const("c.split_qkv", [q_size, kv_size, kv_size])
+    split_mlp = const("c.split_mlp", [config.intermediate_size, config.intermediate_size])
+    presents = []
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        wqkv = np.concatenate([state[p + "self_attn.q_proj.weight"], state[p + "self_attn.k_proj.weight"],
+                               state[p + "self_attn.v_proj.weight"]], axis=0)
+        qkv = linear(x, f"l{i}.qkv", wqkv)
+        q, k, v = node("Split", [qkv, split_qkv], 3, axis=-1, name=f"l{i}.split_qkv")
+        q = node("RotaryEmbedding", [q, "position_ids", cos_cache, sin_cache], domain=ms, name=f"l{i}.rotary_q")[0]
+        k = node("RotaryEmbedding", [k, "position_ids", cos_cache, sin_cache], domain=ms, name=f"l{i}.rotary_k")[0]
+        pk, pv = f"present.{i}.key", f"present.{i}.value"
+        attn = node("GroupQueryAttention",
+                    [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total32,
+                     "", "", "", bias],
+                    [f"l{i}.attn", pk, pv], domain=ms, name=f"l{i}.attn",
+                    num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim ** -0.5), do_rotary=0)[0]
+        presents += [pk, pv]
+        o = linear(attn, f"l{i}.o", state[p + "self_attn.o_proj.weight"])
+        x, _, _, residual = node("SkipSimplifiedLayerNormalization",
+                                 [o, residual, init(f"l{i}.ln2", state[p + "post_attention_layernorm.weight"])],
+                                 4, domain=ms, epsilon=eps, name=f"l{i}.ln2")
+        wgu = np.concatenate([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]], axis=0)
+        gu = linear(x, f"l{i}.gate_up", wgu)
+        g, u = node("Split", [gu, split_mlp], 2, axis=-1, name=f"l{i}.split_mlp")
+        act = node("Mul", [g, node("Sigmoid", [g], name=f"l{i}.sigmoid")[0]], name=f"l{i}.silu")[0]
+        down = linear(node("Mul", [act, u], name=f"l{i}.gated")[0], f"l{i}.down", state[p + "mlp.down_proj.weight"])
+        if i + 1 < layers:
+            x, _, _, residual = node("SkipSimplifiedLayerNormalization",
+                                     [down, residual, init(f"l{i + 1}.ln1",
+                                                           state[f"model.layers.{i + 1}.input_layernorm.weight"])],
+                                     4, domain=ms, epsilon=eps, name=f"l{i + 1}.ln1")
+    # --- the last position only --------------------------------------------------------------
+    last = const("c.last", [-1])
+    end = const("c.end", [np.iinfo(np.int64).max])
+    h = node("Add", [node("Slice", [down, last, end, "c.1"])[0], node("Slice", [residual, last, end, "c.1"])[0]])[0]
+    h = node("SimplifiedLayerNormalization", [h, init("norm", state["model.norm.weight"])],
+             axis=-1, epsilon=eps, stash_type=1, name="norm")[0]
+    head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
+    logits = linear(h, "lm_head", head)
+    node("Identity", [logits], ["logits"], name="logits")
+
+    def value(name: str, elem: int, dims: list) -> Any:
+        return helper.make_tensor_value_info(name, elem, dims)
+
+    inputs = [value("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              value("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+              value("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
+    outputs = [value("logits", TensorProto.FLOAT, ["batch_size", 1, config.vocab_size])]
+    for i in range(layers):
+        for kind in ("key", "value"):
+            inputs.append(value(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+                                ["batch_size", kv_heads, "past_sequence_length", head_dim]))
+            outputs.append(value(f"present.{i}.{kind}", TensorProto.FLOAT,
+                                 ["batch_size", kv_heads, "total_sequence_length", head_dim]))
+    graph = helper.make_graph(nodes, GRAPH_NAME, inputs, outputs, inits)
+    proto = helper.make_model(graph, producer_name="onnxpipe", opset_imports=[
+        helper.make_opsetid("", opset or 17), helper.make_opsetid(ms, 1)])
+    proto.ir_version = 8
+    path = Path(out) / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if sum(len(t.raw_data) for t in inits) > EXTERNAL_DATA_BYTES:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx_data")
+    else:
+        onnx.save_model(proto, str(path))
+    return path.name, weights
+
+
+def export(model: Any, out: Path, opset: int | None = None) -> tuple[dict[str, str], dict[str, int]]:
+    """The export folder's graph and configs, as optimum writes them: ({"model": file}, weight kinds)."""
+    out = Path(out)
+    name, weights = build(model, out, opset)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:  # as optimum does: generation settings left in config.json move over
+        for key, value in model.config._get_non_default_generation_parameters().items():
+            setattr(generation, key, value)
+            setattr(model.config, key, None)
+    model.config.save_pretrained(out)
+    if generation is not None:
+        try:
+            generation.save_pretrained(out)
+        except Exception:  # transformers refuses to save an invalid one; optimum then skips it too
+            pass
+    return {"model": name}, weights

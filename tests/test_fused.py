@@ -1,0 +1,138 @@
+"""onnxpipe's fused Llama graph (export.fused): exact recovery of GGUF blocks, the graph's shape, --graph.
+
+The ids of greedy, beam and sampled generation on the fused exports are compared with transformers in
+test_decoding.py (the "llama" and "llama-blocks" cases), and on the real SmolLM2 in test_generate.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from onnxpipe.errors import UsageError
+from onnxpipe.export.fused import BLOCK, exact_blocks
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as T  # noqa: E402
+from gguf import quants  # noqa: E402
+
+
+def _dequantized(kind, shape=(48, 96), seed=0) -> np.ndarray:
+    w = np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * 0.05
+    return quants.dequantize(quants.quantize(w, kind), kind).reshape(shape)
+
+
+def _rebuild(parts) -> np.ndarray:
+    """The weights the MatMulNBits operands stand for, in float64: sum of scale * (q - zero) (+ offset)."""
+    total = 0
+    for p in parts:
+        v = (p.q.astype(np.float64) - p.zero) * p.scales[..., None]
+        if p.offsets is not None:
+            v = v + p.offsets[..., None]
+        total = total + v
+    return total.reshape(total.shape[0], -1)
+
+
+@pytest.mark.parametrize("kind", [T.Q4_0, T.Q4_1, T.Q8_0])
+def test_gguf_blocks_are_recovered_exactly(kind):
+    w = _dequantized(kind)
+    found = exact_blocks(w)
+    assert found is not None and found[0] == kind.name.lower()
+    kind_name, parts = found
+    assert len(parts) == (2 if kind == T.Q8_0 else 1)
+    for p in parts:
+        assert p.q.dtype == np.uint8 and p.q.max() <= 15
+        assert p.packed().shape == (w.shape[0], w.shape[1] // BLOCK, BLOCK // 2)
+        # The packing MatMulNBits reads: the first of each pair in the low nibble.
+        assert (p.packed()[..., 0] & 0x0F).tolist() == p.q[..., 0].tolist()
+        assert (p.packed()[..., 0] >> 4).tolist() == p.q[..., 1].tolist()
+    assert np.array_equal(_rebuild(parts).astype(np.float32), w)
+
+
+def test_anything_else_stays_float32():
+    rng = np.random.default_rng(1)
+    assert exact_blocks(rng.standard_normal((16, 64)).astype(np.float32)) is None
+    assert exact_blocks(_dequantized(T.Q4_1, (16, 64))[:, :40]) is None  # not whole blocks
+    for kind in (T.Q4_0, T.Q4_1, T.Q8_0):
+        w = _dequantized(kind, (16, 64))
+        w[7, 33] = np.nextafter(w[7, 33], np.float32(1))  # one weight one float32 step off
+        assert exact_blocks(w) is None, kind
+    w = _dequantized(T.Q4_1, (16, 64))
+    w[0, 0] = np.nan
+    assert exact_blocks(w) is None
+
+
+def test_constant_and_zero_blocks():
+    w = np.zeros((4, 64), np.float32)
+    assert exact_blocks(w)[0] == "q4_0"
+    w = _dequantized(T.Q4_1, (4, 64))
+    w[1, :BLOCK] = np.float16(0.0123)  # a block of one value, as Q4_1 stores it: d = 0, m = the value
+    kind, parts = exact_blocks(w)
+    assert kind == "q4_1" and parts[0].scales[1, 0] == 0
+    assert np.array_equal(_rebuild(parts).astype(np.float32), w)
+
+
+# --- the exported graph ----------------------------------------------------------------------
+
+
+def _ops(folder) -> dict[str, int]:
+    import onnx
+
+    counts: dict[str, int] = {}
+    for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def test_fused_export_of_gguf_blocks(exported):
+    folder = exported("llama", checkpoint_kw={"blocks": True})
+    manifest = json.loads((folder / "onnxpipe.json").read_text())
+    graph = manifest["graph"]
+    assert graph["builder"] == "onnxpipe-fused"
+    # tiny_models.gguf_blocks: 2 layers x (qkv, o, gate_up, down); layer 0 Q4_1, layer 1 Q4_0; lm_head Q8_0.
+    assert graph["weights"] == {"float32": 0, "q4_0": 4, "q4_1": 4, "q8_0": 1}
+    ops = _ops(folder)
+    assert ops["GroupQueryAttention"] == 2 and ops["RotaryEmbedding"] == 4
+    assert ops["MatMulNBits"] == 4 + 4 + 2 and ops["MatMul"] == 4  # the Q4_1 offsets' block sums
+    validation = manifest["validation"]
+    assert validation["passed"] and validation["greedy"]["identical"] == validation["greedy"]["sequences"]
+    assert validation["outputs"]["logits"]["max_abs_diff"] < 1e-4
+
+
+def test_fused_export_of_float32_weights_is_smaller_than_optimums(exported):
+    fused, optimum = exported("llama"), exported("llama", graph="optimum")
+    assert json.loads((fused / "onnxpipe.json").read_text())["graph"]["weights"] == {
+        "float32": 9, "q4_0": 0, "q4_1": 0, "q8_0": 0}
+    assert json.loads((optimum / "onnxpipe.json").read_text())["graph"]["builder"] == "optimum"
+    # About a tenth of the nodes of optimum's trace; the same inputs and outputs.
+    assert sum(_ops(fused).values()) * 5 < sum(_ops(optimum).values())
+    same = ("inputs", "outputs", "num_layers", "num_kv_heads", "head_dim")
+    f, o = (json.loads((x / "onnxpipe.json").read_text())["graph"] for x in (fused, optimum))
+    assert {k: f[k] for k in same} == {k: o[k] for k in same}
+
+
+def test_graph_flag_refuses_what_the_fused_graph_cannot_do(checkpoint, tmp_path):
+    from onnxpipe.export import export_model
+
+    with pytest.raises(UsageError, match="text-generation only"):
+        export_model(checkpoint("bert"), tmp_path / "a", graph="fused")
+    with pytest.raises(UsageError, match="model type gpt2"):
+        export_model(checkpoint("gpt2"), tmp_path / "b", graph="fused")
+    with pytest.raises(UsageError, match="--quantize"):
+        export_model(checkpoint("llama"), tmp_path / "c", graph="fused", quantize="int8")
+    with pytest.raises(UsageError, match="unknown graph"):
+        export_model(checkpoint("llama"), tmp_path / "d", graph="mine")
+    assert not any(tmp_path.iterdir())  # nothing left behind
+
+
+def test_cli_graph_flag(checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from onnxpipe.main import cli
+
+    result = CliRunner().invoke(cli, ["export", str(checkpoint("gpt2")), "-o", str(tmp_path / "x"), "--graph", "fused"])
+    assert result.exit_code == 2
+    assert "--graph fused is not available here: model type gpt2" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
