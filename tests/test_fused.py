@@ -136,3 +136,18 @@ def test_cli_graph_flag(checkpoint, tmp_path):
     assert result.exit_code == 2
     assert "--graph fused is not available here: model type gpt2" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("graph, warned", [("auto", True), ("optimum", False)])
+def test_generate_warns_when_a_fused_export_meets_cuda(exported, monkeypatch, capsys, graph, warned):
+    """ONNX Runtime's CUDA GroupQueryAttention is fp16-only: on CUDA the fused fp32 graph would run its
+    attention on the CPU, so generate says so (faked here: no GPU runs the tests)."""
+    from onnxpipe.runtime.model import ExportedModel
+    from onnxpipe.tasks.causal import GenerateTask
+
+    model = ExportedModel(exported("llama", **({"graph": graph} if graph != "auto" else {})), device="cpu")
+    session = model.session()
+    model.provider = "CUDAExecutionProvider"
+    monkeypatch.setattr(model, "session", lambda name="model": session)
+    GenerateTask(model)
+    assert ("Re-export with --graph optimum" in capsys.readouterr().err) == warned

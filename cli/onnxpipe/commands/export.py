@@ -49,7 +49,8 @@ def export(source: str, task: str | None, name: str | None, output: Path | None,
     \b
       onnxpipe export ./my-finetuned-bert --name sentiment
       onnxpipe export ./opus-mt-en-de --validate-with en.txt
-      onnxpipe export ./smollm2.gguf --name smollm2 --quantize int8
+      onnxpipe export ./smollm2.gguf --name smollm2
+      onnxpipe export ./smollm2.gguf --name smollm2-optimum --graph optimum
     """
     from onnxpipe.export import export_model
     from onnxpipe.home import export_home

@@ -1,8 +1,9 @@
 """Decoder-only generation on an exported model: prefill, key/value cache, IO binding; text in, text out.
 
-The exported graph (optimum's `text-generation-with-past`) takes `input_ids`, `attention_mask`,
-`position_ids` and `past_key_values.N.key/value` (batch, kv_heads, past, head_dim), and returns
-`logits` and `present.N.key/value` with the new position appended. The prompt is run once with an
+The exported graph (optimum's `text-generation-with-past`, or onnxpipe's fused Llama graph, which has
+the same inputs and outputs: export.fused) takes `input_ids`, `attention_mask`, `position_ids` and
+`past_key_values.N.key/value` (batch, kv_heads, past, head_dim), and returns `logits` (every position's,
+or the fused graph's last position only) and `present.N.key/value` with the new position appended. The prompt is run once with an
 empty past (prefill); every later step feeds one id per row and the presents of the step before as
 pasts, so nothing is recomputed. Prompts in a batch are left-padded: the attention mask hides the pads
 and position ids count real tokens only (transformers' `cumsum(mask) - 1`), so a row's logits do not
