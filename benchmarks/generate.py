@@ -217,45 +217,40 @@ def smollm2_gguf() -> Path:
     return Path(out)
 
 
-def bandwidth_gbs(threads: int, size_mb: int = 512, repeat: int = 5) -> float:
-    """Copy bandwidth (bytes read + written per second) of THREADS concurrent large numpy copies (numpy
-    releases the GIL while copying), best of REPEAT: what the cores together can stream from memory."""
+def _best_concurrent(calls, repeat: int) -> float:
+    """Seconds of the fastest of REPEAT rounds that run CALLS (fn, args) each in its own thread, at once
+    (numpy releases the GIL in its loops); a first round faults the pages in."""
     import threading
 
+    best = float("inf")
+    for _ in range(repeat + 1):
+        workers = [threading.Thread(target=fn, args=args) for fn, args in calls]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bandwidth_gbs(threads: int, size_mb: int = 512, repeat: int = 5) -> float:
+    """Copy bandwidth (bytes read + written per second) of THREADS concurrent large numpy copies, best of
+    REPEAT: what the cores together can stream from memory and back."""
     import numpy as np
 
     src = [np.ones(size_mb * (1 << 20) // 8) for _ in range(threads)]
     dst = [np.empty_like(a) for a in src]
-    best = float("inf")
-    for _ in range(repeat + 1):  # the first pass faults the pages in
-        workers = [threading.Thread(target=np.copyto, args=(d, a)) for d, a in zip(dst, src)]
-        start = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        best = min(best, time.perf_counter() - start)
-    return 2 * sum(a.nbytes for a in src) / best / 1e9
+    return 2 * sum(a.nbytes for a in src) / _best_concurrent([(np.copyto, (d, a)) for d, a in zip(dst, src)], repeat) / 1e9
 
 
 def read_bandwidth_gbs(threads: int, size_mb: int = 512, repeat: int = 5) -> float:
-    """Read bandwidth (bytes read per second) of THREADS concurrent numpy sums over large float32 arrays
-    (numpy releases the GIL in the loop), best of REPEAT: how fast the cores can stream weights in."""
-    import threading
-
+    """Read bandwidth (bytes read per second) of THREADS concurrent numpy sums over large float32 arrays,
+    best of REPEAT: how fast the cores can stream weights in."""
     import numpy as np
 
     src = [np.ones(size_mb * (1 << 20) // 4, np.float32) for _ in range(threads)]
-    best = float("inf")
-    for _ in range(repeat + 1):
-        workers = [threading.Thread(target=np.add.reduce, args=(a,)) for a in src]
-        start = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        best = min(best, time.perf_counter() - start)
-    return sum(a.nbytes for a in src) / best / 1e9
+    return sum(a.nbytes for a in src) / _best_concurrent([(np.add.reduce, (a,)) for a in src], repeat) / 1e9
 
 
 def weight_bytes_per_token(export: Path) -> int:

@@ -151,3 +151,35 @@ def test_generate_warns_when_a_fused_export_meets_cuda(exported, monkeypatch, ca
     monkeypatch.setattr(model, "session", lambda name="model": session)
     GenerateTask(model)
     assert ("Re-export with --graph optimum" in capsys.readouterr().err) == warned
+
+
+@pytest.mark.parametrize("rope", ["llama3", "linear"])
+def test_rope_scaling_ids_equal_transformers(exported, checkpoint, rope):
+    """The rotary tables are transformers' own (rope scaling included): greedy ids over prompts of
+    different lengths in one left-padded batch equal transformers' generate."""
+    import torch
+    import transformers
+
+    from onnxpipe.tasks.causal import CausalLM
+
+    folder = checkpoint("llama", rope=rope)
+    lm = CausalLM.load(exported("llama", checkpoint_kw={"rope": rope}), threads=1)
+    assert lm.manifest["graph"]["builder"] == "onnxpipe-fused"
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = tokenizer.eos_token
+    prompts = ["The cat sat on the mat and looked at the long row of houses", "Hello", "A river runs"]
+    config = lm.defaults.update(max_new_tokens=40, min_new_tokens=40, do_sample=False, num_beams=1)
+    ours = [c[0].token_ids for c in lm.generate([tokenizer(p).input_ids for p in prompts], config)]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    assert ours == out[:, enc.input_ids.shape[1]:].tolist()
+
+
+def test_dynamic_rope_keeps_optimums_graph(exported):
+    """Dynamic NTK rope changes its frequencies with the sequence length, which fixed tables cannot
+    follow: auto keeps optimum's graph for it."""
+    folder = exported("llama", checkpoint_kw={"rope": "dynamic"})
+    assert json.loads((folder / "onnxpipe.json").read_text())["graph"]["builder"] == "optimum"

@@ -178,7 +178,16 @@ def gguf_blocks(model) -> None:
     to_blocks(model.lm_head, T.Q8_0)
 
 
-def _llama(out: Path, blocks: bool = False):
+ROPE_SCALING = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+}
+
+
+def _llama(out: Path, blocks: bool = False, rope: str | None = None):
+    import torch
     import transformers
 
     _torch_seed()
@@ -197,8 +206,15 @@ def _llama(out: Path, blocks: bool = False):
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        rope_scaling=ROPE_SCALING[rope] if rope else None,
     )
     model = transformers.LlamaForCausalLM(config)
+    # Sharpen the attention, so that the logits depend on the rotary phases: with the random init they
+    # barely do, and tables that ignore rope scaling still passed validation (4.5e-4 < 1e-3).
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12)
+            layer.self_attn.k_proj.weight.mul_(12)
     if blocks:
         gguf_blocks(model)
     return _save(model, tokenizer, out)
@@ -286,12 +302,12 @@ ARCHITECTURES = ENCODERS + DECODERS + SEQ2SEQ
 
 
 def build(arch: str, out: Path, task: str | None = None, num_labels: int = 3, problem_type: str | None = None,
-          blocks: bool = False) -> Path:
-    """Write a tiny random checkpoint of ARCH for TASK into OUT and return OUT (BLOCKS: Llama only, with
-    the weights of GGUF blocks, see gguf_blocks)."""
+          blocks: bool = False, rope: str | None = None) -> Path:
+    """Write a tiny random checkpoint of ARCH for TASK into OUT and return OUT. Llama only: BLOCKS gives it
+    the weights of GGUF blocks (see gguf_blocks), ROPE a rope_scaling type (ROPE_SCALING)."""
     out = Path(out)
-    if blocks:
-        return _llama(out, blocks=True)
+    if blocks or rope:
+        return _llama(out, blocks=blocks, rope=rope)
     if arch in ENCODERS:
         return _encoder(arch, task or "text-classification", out, num_labels, problem_type)
     builders = {"gpt2": _gpt2, "llama": _llama, "t5": _t5, "bart": _bart, "marian": _marian}

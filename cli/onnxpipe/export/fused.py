@@ -45,6 +45,10 @@ def unsupported_reason(config: Any) -> str | None:
         return "biased projections"
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         return "pretraining_tp > 1"
+    rope = getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if rope_type in ("dynamic", "longrope"):  # their frequencies change with the sequence length
+        return f"{rope_type} rope scaling"
     return None
 
 
