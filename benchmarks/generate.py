@@ -267,7 +267,7 @@ def weight_bytes_per_token(export: Path) -> int:
             consumers.setdefault(name, set()).add(node.op_type)
     total = 0
     for init in model.graph.initializer:
-        if consumers.get(init.name, set()) <= {"Gather", "RotaryEmbedding"} and consumers.get(init.name):
+        if consumers.get(init.name, set()) <= {"Gather", "GatherBlockQuantized", "RotaryEmbedding"} and consumers.get(init.name):
             continue
         if init.data_location == onnx.TensorProto.EXTERNAL:
             total += int(next(e.value for e in init.external_data if e.key == "length"))

@@ -91,9 +91,11 @@ def test_fused_export_of_gguf_blocks(exported):
     manifest = json.loads((folder / "onnxpipe.json").read_text())
     graph = manifest["graph"]
     assert graph["builder"] == "onnxpipe-fused"
-    # tiny_models.gguf_blocks: 2 layers x (qkv, o, gate_up, down); layer 0 Q4_1, layer 1 Q4_0; lm_head Q8_0.
-    assert graph["weights"] == {"float32": 0, "q4_0": 4, "q4_1": 4, "q8_0": 1}
+    # tiny_models.gguf_blocks: 2 layers x (qkv, o, gate_up, down); layer 0 Q4_1, layer 1 Q4_0; lm_head and
+    # the embedding Q8_0.
+    assert graph["weights"] == {"float32": 0, "q4_0": 4, "q4_1": 4, "q8_0": 2}
     ops = _ops(folder)
+    assert ops["GatherBlockQuantized"] == 1 and "Gather" not in ops
     assert ops["GroupQueryAttention"] == 2 and ops["RotaryEmbedding"] == 4
     assert ops["MatMulNBits"] == 4 + 4 + 2 and ops["MatMul"] == 4  # the Q4_1 offsets' block sums
     validation = manifest["validation"]
@@ -104,7 +106,7 @@ def test_fused_export_of_gguf_blocks(exported):
 def test_fused_export_of_float32_weights_is_smaller_than_optimums(exported):
     fused, optimum = exported("llama"), exported("llama", graph="optimum")
     assert json.loads((fused / "onnxpipe.json").read_text())["graph"]["weights"] == {
-        "float32": 9, "q4_0": 0, "q4_1": 0, "q8_0": 0}
+        "float32": 10, "q4_0": 0, "q4_1": 0, "q8_0": 0}  # 2 x 4 projections, lm_head, embedding
     assert json.loads((optimum / "onnxpipe.json").read_text())["graph"]["builder"] == "optimum"
     # About a tenth of the nodes of optimum's trace; the same inputs and outputs.
     assert sum(_ops(fused).values()) * 5 < sum(_ops(optimum).values())
@@ -183,3 +185,34 @@ def test_dynamic_rope_keeps_optimums_graph(exported):
     follow: auto keeps optimum's graph for it."""
     folder = exported("llama", checkpoint_kw={"rope": "dynamic"})
     assert json.loads((folder / "onnxpipe.json").read_text())["graph"]["builder"] == "optimum"
+
+
+@pytest.mark.parametrize("kind", [T.Q8_0, T.Q4_0, T.Q4_1])
+def test_the_embedding_lookup_returns_the_tables_rows_exactly(checkpoint, tmp_path, kind):
+    """Q8_0 and Q4_0 tables become GatherBlockQuantized, whose rows are bit for bit the float32 table's;
+    Q4_1 (offsets) stays a float32 Gather."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    import transformers
+    from onnx import helper
+
+    from onnxpipe.export import fused
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint("llama")).eval()
+    table = model.model.embed_tokens.weight
+    table.data = torch.from_numpy(_dequantized(kind, tuple(table.shape)))
+    _, weights = fused.build(model, tmp_path)
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    (embed,) = [n for n in proto.graph.node if n.name == "embed"]
+    assert embed.op_type == ("Gather" if kind == T.Q4_1 else "GatherBlockQuantized")
+    assert weights["float32"] == 10 - (kind != T.Q4_1)
+    proto.graph.output.append(helper.make_tensor_value_info(embed.output[0], onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 1, 2, 17, table.shape[0] - 1]])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(5)[None]}
+    for i in range(model.config.num_hidden_layers):
+        for part in ("key", "value"):
+            feeds[f"past_key_values.{i}.{part}"] = np.zeros((1, 2, 0, 8), np.float32)
+    (rows,) = session.run([embed.output[0]], feeds)
+    assert np.array_equal(rows[0], table.detach().numpy()[ids[0]])

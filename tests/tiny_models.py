@@ -161,7 +161,8 @@ def _gpt2(out: Path):
 
 def gguf_blocks(model) -> None:
     """Give MODEL's weight matrices the values of GGUF blocks, as a converted .gguf holds: each matrix is
-    quantized and dequantized by gguf-py, layer 0 as Q4_1, later layers as Q4_0, the output layer Q8_0."""
+    quantized and dequantized by gguf-py, layer 0 as Q4_1, later layers as Q4_0, the output layer and the
+    input embedding Q8_0."""
     import torch
     from gguf import GGMLQuantizationType as T
     from gguf import quants
@@ -176,6 +177,7 @@ def gguf_blocks(model) -> None:
                        layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
             to_blocks(linear, kind)
     to_blocks(model.lm_head, T.Q8_0)
+    to_blocks(model.model.embed_tokens, T.Q8_0)
 
 
 ROPE_SCALING = {

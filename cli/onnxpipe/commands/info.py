@@ -143,7 +143,7 @@ def weights_text(g: dict[str, Any]) -> str | None:
     if not kinds:
         return None
     blocks = [f"{n} as {k.upper()} blocks" for k, n in kinds.items() if k != "float32"]
-    text = ", ".join(blocks) + (" (4-bit MatMulNBits, the exact values)" if blocks else "")
+    text = ", ".join(blocks) + (" (kept as blocks: the exact values)" if blocks else "")
     if kinds.get("float32"):
         text += (", " if blocks else "") + f"{kinds['float32']} float32"
     return text

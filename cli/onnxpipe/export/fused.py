@@ -5,7 +5,7 @@ rotary nodes per layer (3,150 nodes a step for SmolLM2-135M), which cost a third
 the CPU. This graph is written node by node from the checkpoint's weights instead, with the operators
 ONNX Runtime fuses for this architecture (the ones its onnxruntime-genai model builder uses):
 
-    Gather (embedding)
+    Gather (embedding; GatherBlockQuantized when the table is exactly Q8_0 or Q4_0 blocks)
     per layer: [Skip]SimplifiedLayerNormalization (RMSNorm, with the residual add)
                MatMul q|k|v packed -> Split -> RotaryEmbedding(q), RotaryEmbedding(k)
                GroupQueryAttention (causal, attention_bias = the padding mask) -> MatMul o_proj
@@ -204,6 +204,24 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
             y = node("Add", [y, t], name=f"{name}.add{len(nodes)}")[0]
         return y
 
+    def embedding(table: np.ndarray) -> str:
+        """The input embedding of input_ids: GatherBlockQuantized on Q8_0 or Q4_0 blocks, else Gather."""
+        found = exact_blocks(table) if block_weights else None
+        if found is None or found[0] not in ("q8_0", "q4_0"):  # Q4_1's offsets have no place in it
+            weights["float32"] += 1
+            return node("Gather", [init("embed", table), "input_ids"], name="embed")[0]
+        kind, parts = found
+        weights[kind] += 1
+        if kind == "q8_0":  # q = 16 hi + lo, stored as q + 128 (the op's default zero point for 8 bits)
+            q = (parts[0].q.astype(np.int16) - 8) * 16 + parts[1].q
+            data, scales, bits = (q + 128).astype(np.uint8), parts[1].scales, 8
+        else:  # two weights a byte, the first in the low nibble; default zero point 8
+            data, scales, bits = parts[0].packed(), parts[0].scales, 4
+        rows = table.shape[0]
+        return node("GatherBlockQuantized", [init("embed.q", data.reshape(rows, -1)), "input_ids",
+                                             init("embed.scales", scales)],
+                    domain=ms, name="embed", bits=bits, block_size=BLOCK, gather_axis=0, quantize_axis=1)[0]
+
     # --- shared inputs: the padding bias, the cache lengths, the rotary tables -----------------
     # Rotary tables as transformers computes them (rope scaling included): cos/sin of every position.
     with torch.no_grad():
@@ -229,8 +247,7 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
     bias = node("Expand", [bias4, bias_shape])[0]
 
     # --- the layers --------------------------------------------------------------------------
-    residual = node("Gather", [init("model.embed_tokens.weight", state["model.embed_tokens.weight"]), "input_ids"],
-                    name="embed")[0]
+    residual = embedding(state["model.embed_tokens.weight"])
     x = node("SimplifiedLayerNormalization", [residual, init("l0.ln1", state["model.layers.0.input_layernorm.weight"])],
              axis=-1, epsilon=eps, stash_type=1, name="l0.ln1")[0]
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
