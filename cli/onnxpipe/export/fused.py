@@ -12,6 +12,10 @@ ONNX Runtime fuses for this architecture (the ones its onnxruntime-genai model b
                SkipSimplifiedLayerNormalization -> MatMul gate|up packed -> Split -> SiLU * up -> MatMul down
     last position only: Add -> SimplifiedLayerNormalization -> MatMul lm_head
 
+Every "MatMul" above is MatMulNBits instead where the weight matrix is exactly GGUF blocks
+(exact_blocks): a checkpoint converted from a .gguf keeps its 4-bit blocks, computed in float32 with
+the very values transformers dequantizes them to, from a fifth of the bytes.
+
 It has the inputs and outputs of optimum's `text-generation-with-past` graph, so the runtime drives it the
 same way (tasks.causal): input_ids, attention_mask, position_ids and past_key_values.N.key/value in;
 logits and present.N.key/value out, the cache in (batch, kv_heads, length, head_dim). Two differences:
@@ -45,6 +49,8 @@ def unsupported_reason(config: Any) -> str | None:
         return "biased projections"
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         return "pretraining_tp > 1"
+    if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1, 1.0):
+        return "partial rotary embeddings"
     rope = getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
     if rope_type in ("dynamic", "longrope"):  # their frequencies change with the sequence length
@@ -191,8 +197,9 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
         for j, part in enumerate(parts):
             tag = f"{name}.{kind}" + (f".{j}" if len(parts) > 1 else "")
             ins = [x, init(tag + ".q", part.packed()), init(tag + ".scales", part.scales)]
-            if part.zero != 8:
-                ins.append(init(tag + ".zero", np.full((rows, (cols // BLOCK + 1) // 2), part.zero * 17, np.uint8)))
+            if part.zero != 8:  # MatMulNBits' default; other zero points go in packed, two a byte
+                ins.append(init(tag + ".zero", np.full((rows, (cols // BLOCK + 1) // 2), part.zero | part.zero << 4,
+                                                       np.uint8)))
             terms.append(node("MatMulNBits", ins, domain=ms, name=tag, K=cols, N=rows, bits=4, block_size=BLOCK,
                               accuracy_level=1)[0])
             if part.offsets is not None:  # sum_k x_k * m_block(k) = (x's block sums) @ offsets.T

@@ -15,6 +15,9 @@ things wrong that matter for generation (transformers 4.57, `integrations/ggml.p
 We let transformers build the vocabulary and merges, then set the special tokens, the
 post-processor and the pre-tokenizer from the GGUF's own metadata, and make config.json and
 generation_config.json agree with the tokenizer.
+
+The folder's weights are the dequantized float32 values; for Llama-family models export.fused finds
+the GGUF blocks in them again, exactly, and keeps those 4-bit.
 """
 
 from __future__ import annotations
