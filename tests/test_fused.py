@@ -216,3 +216,31 @@ def test_the_embedding_lookup_returns_the_tables_rows_exactly(checkpoint, tmp_pa
             feeds[f"past_key_values.{i}.{part}"] = np.zeros((1, 2, 0, 8), np.float32)
     (rows,) = session.run([embed.output[0]], feeds)
     assert np.array_equal(rows[0], table.detach().numpy()[ids[0]])
+
+
+def test_a_tied_float32_output_layer_reads_the_embedding_table(checkpoint, tmp_path):
+    """Tied float32 embeddings are stored once: the output layer is a Gemm on the Gather's table."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    import transformers
+
+    from onnxpipe.export import fused
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint("llama"), tie_word_embeddings=True).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    _, weights = fused.build(model, tmp_path)
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    table = model.model.embed_tokens.weight.detach().numpy()
+    assert sum(int(np.prod(t.dims)) == table.size for t in proto.graph.initializer) == 1  # no second copy
+    assert [n.op_type for n in proto.graph.node if n.name == "lm_head"] == ["Gemm"]
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.array([[5, 9, 33, 7], [1, 2, 3, 4]])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(4), (2, 1))}
+    for i in range(model.config.num_hidden_layers):
+        for part in ("key", "value"):
+            feeds[f"past_key_values.{i}.{part}"] = np.zeros((2, 2, 0, 8), np.float32)
+    (logits,) = session.run(["logits"], feeds)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids)).logits[:, -1:].numpy()
+    assert logits.shape == ref.shape and np.abs(logits - ref).max() < 1e-4

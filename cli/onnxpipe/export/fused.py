@@ -296,9 +296,19 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
     h = node("Add", [node("Slice", [down, last, end, "c.1"])[0], node("Slice", [residual, last, end, "c.1"])[0]])[0]
     h = node("SimplifiedLayerNormalization", [h, init("norm", state["model.norm.weight"])],
              axis=-1, epsilon=eps, stash_type=1, name="norm")[0]
-    head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
-    logits = linear(h, "lm_head", head)
-    node("Identity", [logits], ["logits"], name="logits")
+    table = state["model.embed_tokens.weight"]
+    head = state.get("lm_head.weight", table)
+    tied = head is table or np.array_equal(head, table)
+    if tied and "embed" in {t.name for t in inits} and (not block_weights or exact_blocks(head) is None):
+        # A float32 output layer tied to the float32 embedding: Gemm reads the Gather's table transposed
+        # (transB), as fast as a MatMul on a transposed copy, which would store the table twice.
+        weights["float32"] += 1
+        flat = node("Reshape", [h, const("c.rows", [-1, hidden])], name="lm_head.rows")[0]
+        logits = node("Gemm", [flat, "embed"], transB=1, name="lm_head")[0]
+        node("Unsqueeze", [logits, "c.1"], ["logits"], name="logits")
+    else:
+        logits = linear(h, "lm_head", head)
+        node("Identity", [logits], ["logits"], name="logits")
 
     def value(name: str, elem: int, dims: list) -> Any:
         return helper.make_tensor_value_info(name, elem, dims)
