@@ -77,6 +77,17 @@ def test_constant_and_zero_blocks():
 # --- the exported graph ----------------------------------------------------------------------
 
 
+def _prefill_feeds(model, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The fused graph's inputs for prompts IDS (no padding) with an empty cache."""
+    cfg = model.config
+    rows, width = ids.shape
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(width), (rows, 1))}
+    empty = np.zeros((rows, cfg.num_key_value_heads, 0, cfg.hidden_size // cfg.num_attention_heads), np.float32)
+    for i in range(cfg.num_hidden_layers):
+        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
+    return feeds
+
+
 def _ops(folder) -> dict[str, int]:
     import onnx
 
@@ -210,11 +221,7 @@ def test_the_embedding_lookup_returns_the_tables_rows_exactly(checkpoint, tmp_pa
     proto.graph.output.append(helper.make_tensor_value_info(embed.output[0], onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = np.array([[0, 1, 2, 17, table.shape[0] - 1]])
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(5)[None]}
-    for i in range(model.config.num_hidden_layers):
-        for part in ("key", "value"):
-            feeds[f"past_key_values.{i}.{part}"] = np.zeros((1, 2, 0, 8), np.float32)
-    (rows,) = session.run([embed.output[0]], feeds)
+    (rows,) = session.run([embed.output[0]], _prefill_feeds(model, ids))
     assert np.array_equal(rows[0], table.detach().numpy()[ids[0]])
 
 
@@ -236,11 +243,7 @@ def test_a_tied_float32_output_layer_reads_the_embedding_table(checkpoint, tmp_p
     assert [n.op_type for n in proto.graph.node if n.name == "lm_head"] == ["Gemm"]
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     ids = np.array([[5, 9, 33, 7], [1, 2, 3, 4]])
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(4), (2, 1))}
-    for i in range(model.config.num_hidden_layers):
-        for part in ("key", "value"):
-            feeds[f"past_key_values.{i}.{part}"] = np.zeros((2, 2, 0, 8), np.float32)
-    (logits,) = session.run(["logits"], feeds)
+    (logits,) = session.run(["logits"], _prefill_feeds(model, ids))
     with torch.no_grad():
         ref = model(input_ids=torch.tensor(ids)).logits[:, -1:].numpy()
     assert logits.shape == ref.shape and np.abs(logits - ref).max() < 1e-4

@@ -121,7 +121,7 @@ def exact_blocks(w: np.ndarray) -> tuple[str, list[Nibbles]] | None:
         idx = np.abs(b).argmax(-1)
         d = -np.take_along_axis(b, idx[..., None], -1)[..., 0] / f32(8)
         q = np.where(d[..., None] != 0, np.rint(b / d[..., None]), 0)
-        if (np.abs(q + f32(0.5)) <= 8).all() and np.array_equal(d[..., None] * q.astype(f32), b):
+        if ((q >= -8) & (q <= 7)).all() and np.array_equal(d[..., None] * q.astype(f32), b):
             return "q4_0", [Nibbles((q + 8).astype(np.uint8), d.astype(f32), 8)]
         # Q4_1: the smallest weight is q = 0 (m = min, a float16) and the largest q = 15.
         lo, hi = b.min(-1), b.max(-1)
@@ -184,9 +184,13 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
     ms = "com.microsoft"
     weights = {"float32": 0, "q4_0": 0, "q4_1": 0, "q8_0": 0}
 
-    def linear(x: str, name: str, w: np.ndarray) -> str:
-        """x @ w.T for an (out, in) weight: MatMulNBits where W is exactly 4-bit blocks, else MatMul."""
-        found = exact_blocks(w) if block_weights else None
+    def blocks_of(w: np.ndarray):
+        return exact_blocks(w) if block_weights else None
+
+    def linear(x: str, name: str, w: np.ndarray, found=None) -> str:
+        """x @ w.T for an (out, in) weight: MatMulNBits where W is exactly 4-bit blocks (FOUND, when the
+        caller has them), else MatMul."""
+        found = found or blocks_of(w)
         if found is None:
             weights["float32"] += 1
             return node("MatMul", [x, init(name, w.T)], name=name)[0]
@@ -211,9 +215,8 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
             y = node("Add", [y, t], name=f"{name}.add{len(nodes)}")[0]
         return y
 
-    def embedding(table: np.ndarray) -> str:
-        """The input embedding of input_ids: GatherBlockQuantized on Q8_0 or Q4_0 blocks, else Gather."""
-        found = exact_blocks(table) if block_weights else None
+    def embedding(table: np.ndarray, found) -> str:
+        """The input embedding of input_ids: GatherBlockQuantized on Q8_0 or Q4_0 blocks (FOUND), else Gather."""
         if found is None or found[0] not in ("q8_0", "q4_0"):  # Q4_1's offsets have no place in it
             weights["float32"] += 1
             return node("Gather", [init("embed", table), "input_ids"], name="embed")[0]
@@ -254,7 +257,9 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
     bias = node("Expand", [bias4, bias_shape])[0]
 
     # --- the layers --------------------------------------------------------------------------
-    residual = embedding(state["model.embed_tokens.weight"])
+    table = state["model.embed_tokens.weight"]
+    table_blocks = blocks_of(table)  # once: a tied output layer has the same (2.8 s for SmolLM2's table)
+    residual = embedding(table, table_blocks)
     x = node("SimplifiedLayerNormalization", [residual, init("l0.ln1", state["model.layers.0.input_layernorm.weight"])],
              axis=-1, epsilon=eps, stash_type=1, name="l0.ln1")[0]
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
@@ -296,10 +301,9 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
     h = node("Add", [node("Slice", [down, last, end, "c.1"])[0], node("Slice", [residual, last, end, "c.1"])[0]])[0]
     h = node("SimplifiedLayerNormalization", [h, init("norm", state["model.norm.weight"])],
              axis=-1, epsilon=eps, stash_type=1, name="norm")[0]
-    table = state["model.embed_tokens.weight"]
     head = state.get("lm_head.weight", table)
     tied = head is table or np.array_equal(head, table)
-    if tied and "embed" in {t.name for t in inits} and (not block_weights or exact_blocks(head) is None):
+    if tied and table_blocks is None:
         # A float32 output layer tied to the float32 embedding: Gemm reads the Gather's table transposed
         # (transB), as fast as a MatMul on a transposed copy, which would store the table twice.
         weights["float32"] += 1
@@ -307,7 +311,7 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
         logits = node("Gemm", [flat, "embed"], transB=1, name="lm_head")[0]
         node("Unsqueeze", [logits, "c.1"], ["logits"], name="logits")
     else:
-        logits = linear(h, "lm_head", head)
+        logits = linear(h, "lm_head", head, table_blocks if tied else None)
         node("Identity", [logits], ["logits"], name="logits")
 
     def value(name: str, elem: int, dims: list) -> Any:

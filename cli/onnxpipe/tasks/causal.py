@@ -238,8 +238,13 @@ class CausalLM:
         config = _read_json(folder / "config.json")
         max_positions = config.get("n_positions") or config.get("max_position_embeddings")
         template, names = _chat_template(folder, tok_info)
-        return cls(folder, CausalDecoder(session, device, device_id), tokenizer, manifest, defaults,
-                   max_positions, template, names)
+        decoder = CausalDecoder(session, device, device_id)
+        if decoder.device == "cuda" and (manifest.get("graph") or {}).get("builder") == "onnxpipe-fused":
+            from onnxpipe import console
+
+            console.warn(f"{manifest.get('name', folder.name)} is onnxpipe's fused graph, built for the CPU: on "
+                         "CUDA its float32 attention runs on the CPU. Re-export with --graph optimum for the GPU")
+        return cls(folder, decoder, tokenizer, manifest, defaults, max_positions, template, names)
 
     @classmethod
     def load(cls, folder: Path, providers: Sequence | None = None, threads: int | None = None) -> "CausalLM":
@@ -473,11 +478,6 @@ class GenerateTask:
         session = model.session()  # sets model.provider: what really runs
         device = "cuda" if model.provider == "CUDAExecutionProvider" else "cpu"
         self.model = model
-        if device == "cuda" and (model.manifest.get("graph") or {}).get("builder") == "onnxpipe-fused":
-            from onnxpipe import console
-
-            console.warn(f"{model.manifest.get('name')} is onnxpipe's fused graph, built for the CPU: on CUDA "
-                         "its float32 attention runs on the CPU. Re-export with --graph optimum for the GPU")
         self.lm = CausalLM.from_session(model.folder, session, device, model.device.index, model.manifest)
         self.config = self.lm.defaults.update(**(overrides or {}))
         if self.config.max_new_tokens is None:
