@@ -233,14 +233,16 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
                     domain=ms, name="embed", bits=bits, block_size=BLOCK, gather_axis=0, quantize_axis=1)[0]
 
     # --- shared inputs: the padding bias, the cache lengths, the rotary tables -----------------
-    # Rotary tables as transformers computes them (rope scaling included): cos/sin of every position.
-    with torch.no_grad():
-        probe = torch.zeros(1, 1, head_dim, dtype=torch.float32)
-        pos = torch.arange(max_positions, dtype=torch.long)[None]
-        cos, sin = model.model.rotary_emb(probe, pos)
-    half = head_dim // 2
-    cos_cache = init("rotary.cos", cos[0, :, :half].to(torch.float32).numpy())
-    sin_cache = init("rotary.sin", sin[0, :, :half].to(torch.float32).numpy())
+    # Rotary tables: cos/sin of every position's angles, formed as transformers forms them (its module's
+    # inv_freq, rope scaling included, times the float32 position), then rounded from float64. Not
+    # torch's cos of the whole table: on this VM its second thread's half (positions >= 4096 of 8192)
+    # came out up to 1.5e-4 off in some runs, a different table each export.
+    rotary = model.model.rotary_emb
+    inv_freq = rotary.inv_freq.detach().to(torch.float32).cpu().numpy()
+    angles = (np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]).astype(np.float64)
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    cos_cache = init("rotary.cos", (np.cos(angles) * scaling).astype(np.float32))
+    sin_cache = init("rotary.sin", (np.sin(angles) * scaling).astype(np.float32))
 
     ids_shape = node("Shape", ["input_ids"])[0]
     batch = node("Slice", [ids_shape, const("c.0", [0]), const("c.1", [1])])[0]
