@@ -52,6 +52,10 @@ class ModelNotFoundError(OnnxpipeError):
     """`-m NAME` is neither an export folder nor an export in the export home."""
 
 
+class ExportFolderError(OnnxpipeError):
+    """An export folder that cannot be used as it is: a broken or tampered manifest, graph, tokenizer or config."""
+
+
 class SourceError(OnnxpipeError):
     """The checkpoint to export cannot be read (missing, corrupt, unsupported, offline hub)."""
 

@@ -30,20 +30,34 @@ def list_exports(home: Path | None = None) -> list[Path]:
     killed export, which already hold a manifest before they are renamed into place.
     """
     home = home or export_home()
-    if not home.is_dir():
+    try:
+        if not home.is_dir():
+            return []
+        return sorted(p for p in home.iterdir() if not p.name.startswith(".") and _has_manifest_file(p))
+    except OSError:  # an unreadable home, or a name too long for the file system
         return []
-    return sorted(p for p in home.iterdir() if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file())
 
 
 def resolve_model(ref: str | os.PathLike) -> Path:
     """Turn `-m REF` into an export folder, or fail with the names that exist."""
+    text = str(ref)
+    if len(text) > 1 and text.endswith(("/", os.sep)):  # `-m sentiment/` (shell completion adds the slash)
+        text = text.rstrip("/" + os.sep) or text
+    try:
+        return _resolve(text)
+    except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES...
+        raise ModelNotFoundError(f"cannot use {str(ref)[:80]!r} as an export: {exc.strerror or exc}",
+                                 hint="give a shorter path or an export name") from None
+
+
+def _resolve(ref: str) -> Path:
     path = Path(ref).expanduser()
-    if (path / MANIFEST_NAME).is_file():
+    if _has_manifest_file(path):
         return path
-    named = export_home() / str(ref)
+    named = export_home() / ref
     # A bare name that is also some folder here (the checkpoint `sentiment/` beside the export
     # `sentiment`) means the export: only an export folder wins over a name in the home.
-    if os.sep not in str(ref) and (named / MANIFEST_NAME).is_file():
+    if os.sep not in ref and "/" not in ref and ref not in (".", "..") and _has_manifest_file(named):
         return named
     if path.exists():
         raise ModelNotFoundError(
@@ -53,6 +67,11 @@ def resolve_model(ref: str | os.PathLike) -> Path:
     names = [p.name for p in list_exports()]
     known = ", ".join(names) if names else "none yet"
     raise ModelNotFoundError(
-        f"no export named {str(ref)!r} in {export_home()} (known: {known})",
+        f"no export named {ref!r} in {export_home()} (known: {known})",
         hint="give a path, set ONNXPIPE_HOME, or run onnxpipe export",
     )
+
+
+def _has_manifest_file(folder: Path) -> bool:
+    """FOLDER holds a manifest (a link too: read_manifest then says where it leads). Never raises."""
+    return os.path.lexists(folder / MANIFEST_NAME)

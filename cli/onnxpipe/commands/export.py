@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import unicodedata
 from pathlib import Path
 
 import click
@@ -25,7 +26,9 @@ TASK_CHOICES = (
 @click.option("--task", type=click.Choice(TASK_CHOICES), help="What the export does. Default: inferred from config.json.")
 @click.option("--name", help="Save as NAME in the export home ($ONNXPIPE_HOME). Default: the source's name.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Save into this folder instead.")
-@click.option("--force", is_flag=True, help="Replace an existing export of the same name.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing export of the same name. Only an onnxpipe export is ever replaced: "
+                   "any other folder, or a symbolic link, is refused.")
 @click.option("--optimize", type=click.Choice(["O1", "O2", "O3"]), help="ONNX Runtime graph optimisation level.")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Dynamic int8 quantisation for the CPU.")
 @click.option("--fp16", is_flag=True, help="Half precision for CUDA (needs a working CUDA provider).")
@@ -55,12 +58,14 @@ def export(source: str, task: str | None, name: str | None, output: Path | None,
     from onnxpipe.export import export_model
     from onnxpipe.home import export_home
 
-    if name and output:
+    if name is not None and output:
         raise UsageError("--name and --output exclude each other", hint="--name saves in the export home, --output anywhere")
     if output is None:
-        name = name or default_name(source)
-        if not name or name.startswith(".") or "/" in name or "\\" in name:
-            raise UsageError(f"invalid export name {name!r}", hint="pass --name NAME (no slashes, not starting with '.')")
+        if name is None:
+            name = default_name(source)
+            check_name(name, f"the default name (from {source})", "pass --name NAME")
+        else:
+            check_name(name, "--name", "choose another --name")
         output = export_home() / name
     started = time.monotonic()
     manifest = export_model(
@@ -69,6 +74,26 @@ def export(source: str, task: str | None, name: str | None, output: Path | None,
         graph=graph, progress=_progress,
     )
     _summary(manifest, output, time.monotonic() - started)
+
+
+MAX_NAME = 100
+
+
+def check_name(name: str, what: str, hint: str) -> None:
+    """An export name is one plain path component: typed after -m, listed by `models`, safe in a shell line."""
+    problem = None
+    if not name:
+        problem = "is empty"
+    elif len(name) > MAX_NAME:
+        problem = f"is {len(name)} characters long; the limit is {MAX_NAME}"
+    elif any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+        problem = "holds a control character (a newline, tab, or similar)"
+    elif name.startswith(".") or "/" in name or "\\" in name:
+        problem = "starts with '.' or holds a slash"
+    if problem:
+        shown = name if len(name) <= 40 else name[:40] + "..."
+        raise UsageError(f"{what} {shown!r} {problem}: not a valid export name",
+                         hint=f"{hint} (up to {MAX_NAME} characters, no slashes or control characters)")
 
 
 def default_name(source: str) -> str:

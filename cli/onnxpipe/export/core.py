@@ -5,8 +5,14 @@ are reported through the `progress` callback, and library chatter is kept off st
 
 The export is built in a hidden folder beside the target (`.NAME.onnxpipe-tmp-PID-XXXX/`) and
 renamed into place only after validation passed, so a killed or failed export leaves nothing
-under the final name. Stray temporary folders of dead processes are removed by the next export
-to the same parent folder.
+under the final name. SIGTERM takes the same way out as Ctrl-C (the temporary is removed); after
+`kill -9`, the stray temporaries (and `-old` folders) of dead processes are removed by the next
+export to the same parent folder, links unlinked, never followed.
+
+The target is the user's: `--force` replaces an onnxpipe export (a folder whose `onnxpipe.json`
+parses as ours, holding nothing onnxpipe did not write) and nothing else. An empty folder is
+used as it is; any other folder, a symbolic link, the source checkpoint, a folder inside it or
+around it, and the current folder (unless it is an export) are refused before anything is written.
 
 Manifest keys beyond manifest.py's list: `source.weights` (file names hashed), `tokenizer.check`
 (the fast/slow comparison), `graph.encoder_inputs`/`encoder_outputs` (seq2seq), and
@@ -16,24 +22,33 @@ weights, how many MatMuls were kept in fp32).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from onnxpipe.errors import ExportError, MissingExtraError, OnnxpipeError, SourceError, UsageError
 from onnxpipe.export.tasks import FAMILY, TASKS, check_exportable, check_task, infer_task, optimum_task  # noqa: F401
-from onnxpipe.manifest import write_manifest
+from onnxpipe.manifest import checksums, looks_like_export, write_manifest
 
 Progress = Callable[[str, str], None]
 TMP_MARK = ".onnxpipe-tmp-"
 STAGES = ("load", "export", "validate", "write")
 FP16_PROVIDER = "CUDAExecutionProvider"  # fp16 is built for, and validated on, CUDA
 GRAPHS = ("auto", "fused", "optimum")  # who writes the graph: auto = onnxpipe's fused one where it applies
+NAME_MAX = 255  # bytes in one path component on Linux and macOS file systems
+# --validate-with: the validators use at most 256 lines, and tokenize each whole before they truncate,
+# so a 20 MB line would cost GBs. Like the streaming commands, cut long lines before tokenizing.
+VALIDATION_LINES = 256
+VALIDATION_LINE_CHARS = 16_000
 
 
 def _no_progress(stage: str, message: str) -> None:
@@ -71,7 +86,7 @@ def export_model(
     from onnxpipe.export.variants import OPTIMIZATION_LEVELS, QUANTIZATIONS
 
     progress = progress or _no_progress
-    output = Path(output).expanduser()
+    output = Path(os.path.abspath(Path(output).expanduser()))  # `-o .` and `-o ../x` get a real name
     require_export_stack()
     if task is not None:
         check_task(task)
@@ -83,29 +98,35 @@ def export_model(
         raise UsageError("--fp16 and --quantize exclude each other", hint="fp16 is for CUDA, int8 for the CPU")
     if graph not in GRAPHS:
         raise UsageError(f"unknown graph {graph!r}", hint="one of: " + ", ".join(GRAPHS))
-    _check_target(output, force)
+    _check_target(output, force, source)
     texts, inputs_note = _validation_texts(validate_with)
     if fp16:
         from onnxpipe.export.variants import require_cuda_for_fp16
 
         require_cuda_for_fp16()  # before anything is written
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(output.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}{TMP_MARK}{os.getpid()}-", dir=output.parent))
     try:
-        manifest = _build(
-            source, tmp, output.name, task,
-            dict(optimize=optimize, quantize=quantize, fp16=fp16, trust_remote_code=trust_remote_code,
-                 revision=revision, opset=opset, graph=graph),
-            texts, inputs_note, progress,
-        )
-        progress("write", f"writing {output}")
-        _check_target(output, force)
-        _move_into_place(tmp / "export", output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(output.parent)
+        # The name is cut in the temporary's: NAME + the mark must fit in NAME_MAX too.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name[:64]}{TMP_MARK}{os.getpid()}-", dir=output.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write into {output.parent}: {exc.strerror or exc}",
+                          hint="choose an --output in a folder you can write to") from None
+    try:
+        with _sigterm_as_interrupt():
+            manifest = _build(
+                source, tmp, output.name, task,
+                dict(optimize=optimize, quantize=quantize, fp16=fp16, trust_remote_code=trust_remote_code,
+                     revision=revision, opset=opset, graph=graph),
+                texts, inputs_note, progress,
+            )
+            progress("write", f"writing {output}")
+            _check_target(output, force, source)
+            _move_into_place(tmp / "export", output)
         return manifest
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
 
 
 # --- the stages -------------------------------------------------------------------------
@@ -192,6 +213,7 @@ def _build(source, tmp: Path, name: str, task: str | None, opts: dict, texts: li
         manifest["graph"]["weights"] = weights
     if quantization:
         manifest["quantization"] = quantization
+    manifest["checksums"] = checksums(out)  # `onnxpipe verify` and `info` compare the folder with these
     write_manifest(out, manifest)
     return manifest
 
@@ -289,37 +311,138 @@ def _manifest(name, task, family, config, out: Path, files, tokenizer_record, sp
 
 # --- pieces -----------------------------------------------------------------------------
 
-def _check_target(output: Path, force: bool) -> None:
-    if output.exists() or output.is_symlink():
-        if not output.is_dir():
-            raise UsageError(f"{output} exists and is not a folder", hint="choose another --output or --name")
-        if not force:
-            raise UsageError(f"{output} already exists", hint="pass --force to replace it")
+def _check_target(output: Path, force: bool, source: str | Path | None = None) -> None:
+    """Refuse, before anything is written, every OUTPUT that --force must not replace (see the module doc)."""
+    try:
+        _check_target_path(output, force, source)
+    except OSError as exc:
+        raise UsageError(f"cannot use {output} as the output folder: {exc.strerror or exc}",
+                         hint="choose another --output or --name") from None
+
+
+def _check_target_path(output: Path, force: bool, source: str | Path | None) -> None:
+    for part in output.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise OSError(errno.ENAMETOOLONG, f"a name of {len(os.fsencode(part))} bytes is longer than the "
+                                              f"file system allows ({NAME_MAX})")
+    if source is not None:
+        _check_not_source(output, source)
+    if os.path.islink(output):
+        raise UsageError(f"{output} is a symbolic link; refusing to replace it or what it points to",
+                         hint="give the folder itself as --output, or remove the link")
+    if not os.path.lexists(output):
+        return
+    if not output.is_dir():
+        raise UsageError(f"{output} exists and is not a folder", hint="choose another --output or --name")
+    entries = sorted(os.listdir(output))
+    here = os.path.realpath(os.getcwd())
+    is_cwd = os.path.commonpath([os.path.realpath(output), here]) == os.path.realpath(output)
+    if not entries and not is_cwd:
+        return  # an empty folder is used as it is
+    if not looks_like_export(output):
+        what = "the current folder, which " if is_cwd else ""
+        if not entries:
+            raise UsageError(f"{output} is the current folder; refusing to export into it",
+                             hint="give a new folder as --output")
+        noun = "file" if all(os.path.isfile(output / e) and not os.path.islink(output / e) for e in entries) else "entry"
+        noun = noun if len(entries) == 1 else ("files" if noun == "file" else "entries")
+        raise UsageError(
+            f"{output} is {what}a folder that holds {len(entries)} {noun} that {'is' if len(entries) == 1 else 'are'} "
+            f"not an onnxpipe export ({_some(entries)}); refusing to replace it",
+            hint="--force replaces only onnxpipe exports: choose another --output or --name",
+        )
+    if not force:
+        raise UsageError(f"{output} already exists", hint="pass --force to replace it")
+    foreign = _not_written_by_us(output)
+    if foreign:
+        raise UsageError(
+            f"{output} is an onnxpipe export that also holds {len(foreign)} file{'s' if len(foreign) > 1 else ''} "
+            f"onnxpipe did not write ({_some(foreign)}); refusing to replace it",
+            hint="move those files out first, or choose another --output or --name",
+        )
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f", and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _not_written_by_us(folder: Path) -> list[str]:
+    """Files in the export FOLDER that its manifest's checksums do not list (none known: none)."""
+    from onnxpipe.manifest import folder_files, read_json_object
+
+    recorded = (read_json_object(folder) or {}).get("checksums")
+    if not isinstance(recorded, dict):
+        return []  # an export from before checksums were recorded: its files are not known one by one
+    return [rel for rel in folder_files(folder) if rel not in recorded]
+
+
+def _check_not_source(output: Path, source: str | Path) -> None:
+    """The output must not be the source checkpoint, inside it, or around it: replacing it would delete it."""
+    path = Path(str(source)).expanduser()
+    if not path.exists():
+        return  # a hub id
+    src, out = os.path.realpath(path), os.path.realpath(output)
+    if path.is_file():  # a .gguf file: only an output that is it or holds it would delete it
+        clash = out == src or os.path.commonpath([out, src]) == out
+    else:
+        clash = os.path.commonpath([out, src]) in (out, src)
+    if clash:
+        where = ("is" if out == src else "holds" if os.path.commonpath([out, src]) == out else "is inside")
+        raise UsageError(f"the output {output} {where} the source {source}; refusing to write there",
+                         hint="choose an --output outside the checkpoint")
 
 
 def _move_into_place(built: Path, output: Path) -> None:
     """Rename BUILT to OUTPUT; an existing OUTPUT (--force) is swapped out first, then removed."""
     old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}{TMP_MARK}{os.getpid()}-old")
-        shutil.rmtree(old, ignore_errors=True)
+    if os.path.lexists(output):
+        old = output.with_name(f".{output.name[:64]}{TMP_MARK}{os.getpid()}-old")
+        _remove(old)
         output.rename(old)
     try:
         built.rename(output)
     except OSError as exc:
         if old is not None:
             old.rename(output)
-        raise ExportError(f"cannot move the export into {output}: {exc}") from None
+        raise ExportError(f"cannot move the export into {output}: {exc.strerror or exc}") from None
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Delete PATH: a link is unlinked (what it points to is never touched), a folder removed whole."""
+    try:
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+            os.unlink(path)
+        elif os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def clean_stale_temporaries(parent: Path) -> None:
-    """Remove temporary export folders left by processes that no longer run (killed exports)."""
+    """Remove temporary export folders (and `-old` swaps) left by processes that no longer run (killed exports)."""
     for path in parent.glob(f".*{TMP_MARK}*"):
         pid_text = path.name.split(TMP_MARK, 1)[1].split("-", 1)[0]
-        if pid_text.isdigit() and not _alive(int(pid_text)):
-            shutil.rmtree(path, ignore_errors=True)
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _alive(int(pid_text)):
+            _remove(path)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, a job scheduler's timeout) ends the export as Ctrl-C does: temporaries removed, exit 130."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _alive(pid: int) -> bool:
@@ -333,21 +456,39 @@ def _alive(pid: int) -> bool:
 
 
 def _validation_texts(validate_with: str | Path | None) -> tuple[list[str], str]:
+    """The first VALIDATION_LINES non-empty lines of the file, each cut to VALIDATION_LINE_CHARS: read
+    line by line with a bounded buffer, so neither a huge file nor a 20 MB line is read whole."""
     from onnxpipe.export.validate import GENERATED_TEXTS
 
     note = f"{len(GENERATED_TEXTS)} generated texts"
     if validate_with is None:
         return [], note
     path = Path(validate_with)
+    limit = VALIDATION_LINE_CHARS * 4  # bytes: UTF-8 takes at most 4 a character
+    lines: list[str] = []
+    cut = 0
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            while len(lines) < VALIDATION_LINES:
+                raw = f.readline(limit)
+                if not raw:
+                    break
+                long = len(raw) == limit and not raw.endswith(b"\n")
+                if long:  # the rest of the line is skipped, never held
+                    while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                        pass
+                text = raw.decode("utf-8", errors="replace").strip()
+                if len(text) > VALIDATION_LINE_CHARS:
+                    text, long = text[:VALIDATION_LINE_CHARS], True
+                cut += long
+                if text:
+                    lines.append(text)
     except OSError as exc:
         raise UsageError(f"--validate-with {path}: {exc.strerror or exc}") from None
-    lines = [line.strip() for line in raw.decode("utf-8", errors="replace").splitlines()]
-    lines = [line for line in lines if line]
     if not lines:
         raise UsageError(f"--validate-with {path} has no non-empty lines")
-    return lines, f"{note} + {len(lines)} lines of {path.name}"
+    extra = f", {cut} cut to {VALIDATION_LINE_CHARS:,} characters" if cut else ""
+    return lines, f"{note} + {len(lines)} lines of {path.name}{extra}"
 
 
 def _special_tokens(from_tokenizer: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -19,7 +19,10 @@ from onnxpipe.errors import SourceError
 
 # A hub id: "name" or "owner/name", no path separators beyond one, nothing that looks like a path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-# What a hub export needs; *.bin only when the repository has no safetensors.
+# Loading a pickle runs whatever code it holds: onnxpipe reads safetensors only.
+PICKLE_HINT = ("if you trust where it came from, load it with transformers and save it again with "
+               "save_pretrained(DIR, safe_serialization=True)")
+# What a hub export needs (and the safetensors weights).
 _HUB_FILES = ["*.json", "*.txt", "*.model", "*.spm", "*.jinja", "*.tiktoken", "*.py"]
 
 
@@ -89,8 +92,15 @@ def check_folder(folder: Path) -> Source:
 
 
 def find_weights(folder: Path) -> list[Path]:
-    """The weight files transformers would load, safetensors first."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    """The weight files transformers would load: safetensors only.
+
+    A pickled `pytorch_model.bin` runs code when it is loaded, so it is refused, never opened."""
+    if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
+        for name in ("pytorch_model.bin", "pytorch_model.bin.index.json"):
+            if (folder / name).is_file():
+                raise SourceError(f"{folder / name}: unsafe pickle checkpoint; convert it to safetensors",
+                                  hint=PICKLE_HINT)
+    for index_name in ("model.safetensors.index.json",):
         index = folder / index_name
         if index.is_file():
             try:
@@ -101,11 +111,10 @@ def find_weights(folder: Path) -> list[Path]:
             if missing:
                 raise SourceError(f"{folder / missing[0]} is missing (listed in {index.name}): partial checkpoint")
             return [folder / s for s in shards]
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return [folder / name]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
     raise SourceError(
-        f"{folder} has no weights (model.safetensors or pytorch_model.bin)",
+        f"{folder} has no weights (model.safetensors)",
         hint="copy the weights next to config.json",
     )
 
@@ -161,8 +170,12 @@ def _from_hub(repo_id: str, revision: str | None) -> Source:
         try:
             api = huggingface_hub.HfApi()
             files = api.list_repo_files(repo_id, revision=revision)
-            weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
-            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_FILES + weights))
+            if not any(f.endswith(".safetensors") for f in files):
+                raise SourceError(f"{repo_id!r} has only pickled weights (*.bin): unsafe pickle checkpoint; "
+                                  "convert it to safetensors", hint=PICKLE_HINT)
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_FILES + ["*.safetensors"]))
+        except SourceError:
+            raise
         except huggingface_hub.utils.RepositoryNotFoundError:
             raise SourceError(f"{repo_id!r} is not a local folder and no such repository on the Hugging Face Hub") from None
         except huggingface_hub.utils.RevisionNotFoundError:
