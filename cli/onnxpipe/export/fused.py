@@ -39,10 +39,26 @@ SUPPORTED_MODEL_TYPES = ("llama",)
 EXTERNAL_DATA_BYTES = 1_800_000_000  # above this the weights go to model.onnx_data (protobuf's 2 GB limit)
 
 
+# What the Llama-like families add that this graph does not build: they go through optimum's graph.
+FAMILY_DIFFERENCES = {
+    "qwen2": "q/k/v projection biases",
+    "qwen3": "q/k RMSNorm",
+    "mistral": "sliding window attention",
+    "phi3": "packed qkv and gate_up projections",
+    "gemma": "scaled embeddings, gelu and (1 + weight) RMSNorm",
+    "gemma2": "scaled embeddings, gelu, soft-capping and sliding window attention",
+    "gemma3_text": "scaled embeddings, gelu, q/k RMSNorm and sliding window attention",
+}
+
+
 def unsupported_reason(config: Any) -> str | None:
     """Why the fused graph cannot express this checkpoint, or None when it can."""
-    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        return f"model type {getattr(config, 'model_type', None)} (fused graphs exist for {', '.join(SUPPORTED_MODEL_TYPES)})"
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        differs = f"{FAMILY_DIFFERENCES[model_type]}; " if model_type in FAMILY_DIFFERENCES else ""
+        return f"model type {model_type} ({differs}fused graphs exist for {', '.join(SUPPORTED_MODEL_TYPES)})"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding window attention"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act}"
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
