@@ -86,13 +86,22 @@ def check_exportable(model_type: str | None, task: str) -> str:
             ours = sorted({t.replace("-with-past", "") for t in tasks} & set(TASKS))
             raise SourceError(
                 f"optimum cannot export model type {model_type!r} for {task}; for {model_type} it supports: "
-                + (", ".join(ours) or "none of onnxpipe's tasks"),
+                + (", ".join(ours) or "none of onnxpipe's tasks") + _family_note(model_type, task),
                 hint="pass --task with one of those",
             )
     supported = sorted(mt for mt in known if wanted in _onnx_tasks(mt))
     raise SourceError(
-        f"optimum cannot export model type {model_type!r}; model types it exports for {task}: " + ", ".join(supported)
+        f"optimum cannot export model type {model_type!r}" + _family_note(model_type, task)
+        + f"; model types it exports for {task}: " + ", ".join(supported)
     )
+
+
+def _family_note(model_type: str | None, task: str) -> str:
+    """What the family registry (export/families.py, the README's table) says about MODEL_TYPE, as a clause."""
+    from onnxpipe.export.families import failure_note
+
+    note = failure_note(model_type, task)
+    return f" ({note})" if note else ""
 
 
 def load_model(folder, task: str, use_safetensors: bool, trust_remote_code: bool):

@@ -57,6 +57,9 @@ def load_tokenizers(folder: Path, config: dict[str, Any], trust_remote_code: boo
     backend = Tokenizer.from_str(backend.to_str())
     backend.no_padding()
     backend.no_truncation()
+    from onnxpipe.export.spm_exact import match_slow
+
+    backend = match_slow(tok, backend)  # where transformers' fast converter is inexact (ALBERT)
     return FastTokenizers(
         source=backend,
         reference=tok,
