@@ -20,15 +20,34 @@ def stderr():
 def info(message: str) -> None:
     """A status line (suppressed by -q)."""
     if VERBOSITY["level"] >= 0:
-        stderr().print(message, markup=False)
+        _print(message)
 
 
 def debug(message: str) -> None:
     """Shown only with -v."""
     if VERBOSITY["level"] >= 1:
-        stderr().print(message, markup=False, style="dim")
+        _print(message, style="dim")
 
 
 def warn(message: str) -> None:
     """Warnings are shown even with -q: they say something went differently than asked."""
-    stderr().print(f"onnxpipe: warning: {message}", markup=False, style="yellow")
+    _print(f"onnxpipe: warning: {message}", style="yellow")
+
+
+def _print(message: str, style: str | None = None) -> None:
+    """stderr is best effort: a full or broken stderr never fails a run that can succeed."""
+    try:
+        stderr().print(message, markup=False, style=style)
+    except (OSError, ValueError):
+        _discard_stderr()
+
+
+def _discard_stderr() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stderr.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass

@@ -7,9 +7,18 @@ modules import nothing heavy at module level.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
+
+if os.path.basename(sys.argv[0] if sys.argv else "") in ("onnxpipe", "onnxpipe.exe"):
+    # The console script: take SIGINT/SIGTERM and fill closed std descriptors before the imports
+    # below (click alone takes ~70 ms), so Ctrl-C at any moment ends quietly (onnxpipe.signals).
+    from onnxpipe import signals as _signals
+
+    _signals.install()
+
+import errno
+import importlib
 
 import click
 
@@ -47,30 +56,61 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
     def invoke(self, ctx: click.Context):
+        from onnxpipe import signals
+
+        show_traceback = bool(ctx.params.get("traceback"))  # --traceback or ONNXPIPE_TRACEBACK
         try:
-            return super().invoke(ctx)
-        except OnnxpipeError as exc:
-            if ctx.obj and ctx.obj.get("traceback"):
+            with signals.running():
+                return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except BaseException as exc:
+            if isinstance(exc, BrokenPipeError):  # the reader went away: quietly, even with --traceback
+                signals.discard_stdout()
+                ctx.exit(int(ExitStatus.BROKEN_PIPE))
+            interrupt = signals.interrupt_of(exc)  # Ctrl-C or SIGTERM, even when it surfaced as another error
+            if isinstance(exc, SystemExit) or show_traceback:
                 raise
-            click.echo(f"onnxpipe: error: {exc}", err=True)
-            ctx.exit(int(exc.exit_status))
-        except KeyboardInterrupt:
-            if ctx.obj and ctx.obj.get("traceback"):
-                raise
-            click.echo("onnxpipe: interrupted", err=True)
-            ctx.exit(int(ExitStatus.INTERRUPTED))
-        except BrokenPipeError:
-            _silence_stdout()
-            ctx.exit(int(ExitStatus.BROKEN_PIPE))
+            if interrupt is not None:
+                _fail(ctx, *signals.message(interrupt))
+            _fail(ctx, f"onnxpipe: error: {_describe(exc)}", int(getattr(exc, "exit_status", ExitStatus.ERROR)))
 
 
-def _silence_stdout() -> None:
-    """After the reader left, make the interpreter's final flush of stdout a no-op."""
+def _describe(exc: BaseException) -> str:
+    """The one line for an error: domain errors say it themselves; the rest say what failed."""
+    if isinstance(exc, OnnxpipeError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return _os_error(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory (try a smaller --batch-size or --max-batch-tokens)"
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    return f"unexpected {type(exc).__name__}: {detail} (a bug: rerun with --traceback and report it)"
+
+
+def _fail(ctx: click.Context, line: str, status: int) -> None:
+    """One line on stderr (if stderr can take it), stdout made safe for the final flush, then exit."""
+    from onnxpipe import signals
+
     try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        sys.stdout.flush()
+    except (OSError, ValueError, AttributeError):
+        signals.discard_stdout()
+    try:
+        click.echo(line, err=True)
     except (OSError, ValueError):
         pass
+    ctx.exit(status)
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError that no command turned into a domain error: what failed, in the system's words."""
+    reason = exc.strerror or str(exc)
+    if exc.filename:
+        return f"{exc.filename}: {reason}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EBADF):
+        return f"cannot write output: {reason}"
+    return reason
 
 
 def _version_message() -> str:
@@ -115,7 +155,17 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, traceback: bool) -> None:
 
 
 def main() -> None:
-    cli(prog_name="onnxpipe")
+    try:
+        cli(prog_name="onnxpipe")
+    except OSError as exc:  # --help or --version on a full or closed stdout, before any command ran
+        from onnxpipe import signals
+
+        signals.discard_stdout()
+        try:
+            click.echo(f"onnxpipe: error: {_os_error(exc)}", err=True)
+        except (OSError, ValueError):
+            pass
+        sys.exit(int(ExitStatus.ERROR))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import queue
+import re
 import stat
 import sys
 import threading
@@ -30,6 +31,7 @@ STDIN = "-"
 IDLE = object()  # yielded by LineSource.chunks when no input arrived within the idle time
 _EOF = object()
 _READ_SIZE = 1 << 16
+_WAKE = 0.25  # seconds: the longest the main thread blocks on the queue before it checks for signals
 
 
 @dataclass
@@ -73,10 +75,15 @@ class LineSource:
         quiet = False
         while True:
             try:
-                item = self._queue.get(timeout=None if quiet or idle is None else idle)
+                # Never an unbounded wait: a signal that the kernel delivered to another thread
+                # (the reader, ONNX Runtime's pool) runs its Python handler only when the main
+                # thread wakes up, so it wakes up at least every _WAKE seconds (Ctrl-C wins).
+                waiting_for_idle = not quiet and idle is not None
+                item = self._queue.get(timeout=idle if waiting_for_idle else _WAKE)
             except queue.Empty:
-                quiet = True
-                yield IDLE
+                if waiting_for_idle:
+                    quiet = True
+                    yield IDLE
                 continue
             quiet = False
             if item is _EOF:
@@ -143,7 +150,19 @@ class LineSource:
 
 
 def _binary_stdin() -> IO[bytes]:
+    if stdin_is_closed():
+        raise InputError(STDIN_CLOSED)
     return getattr(sys.stdin, "buffer", sys.stdin)
+
+
+STDIN_CLOSED = "cannot read <stdin>: it is closed (give FILE arguments, or redirect stdin)"
+
+
+def stdin_is_closed() -> bool:
+    """stdin was closed when onnxpipe started (`<&-`)."""
+    from onnxpipe.signals import is_closed
+
+    return is_closed(sys.stdin)
 
 
 def _reader(stream: IO[bytes]):
@@ -222,12 +241,14 @@ class RecordParser:
             record.fields = {}
             return
         try:
-            obj = json.loads(text)
+            obj, record.raw_numbers = _loads(text)
         except ValueError as exc:
             record.error = f"malformed JSON: {exc}"
+            record.raw = text
             return
         if not isinstance(obj, dict):
-            record.error = f"expected a JSON object, got {type(obj).__name__}"
+            record.error = f"expected a JSON object, got {_json_type(obj)}"
+            record.raw = text
             return
         record.fields = obj
         if self.field not in obj:
@@ -254,8 +275,79 @@ class RecordParser:
         index = self.column - 1
         if index >= len(record.columns):
             record.error = f"has {len(record.columns)} column(s), --column {self.column} asked"
+            record.raw = line
             return
         record.text = record.columns[index]
+
+
+# --- JSON records -----------------------------------------------------------------------------
+
+MAX_JSON_DEPTH = 256  # arrays/objects inside each other; deeper is refused (Python's parser and
+# writer recurse, and a RecursionError would end the whole run, not one record)
+_BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|([\[{])|([\]}])')
+
+
+_BIG_EXPONENT = re.compile(r"[eE][+-]?0*[0-9]{3,}")  # 1e400 would be parsed as inf
+
+
+class RawNumber(str):
+    """A JSON number Python cannot hold exactly (over 4,300 digits, or beyond a double's range):
+    kept as written, and written back as written (see JsonlWriter)."""
+
+
+def loads_record(text: str):
+    """json.loads for one input record: one ValueError for anything that is not plain JSON.
+
+    NaN, Infinity and -Infinity are refused (they are not JSON, and JSON output could not carry
+    them); numbers Python cannot represent exactly pass through as RawNumber.
+    """
+    return _loads(text)[0]
+
+
+def _loads(text: str) -> tuple[object, bool]:
+    """(the value, whether it may hold RawNumbers)."""
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(text) > MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        if _BIG_EXPONENT.search(text) is None:  # the fast path: numbers parsed in C
+            try:
+                return json.loads(text, parse_constant=_refuse_constant), False
+            except ValueError as exc:
+                if "digits" not in str(exc):  # not Python's int length limit
+                    raise
+        return json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_refuse_constant), True
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+
+
+def _depth(text: str) -> int:
+    depth = deepest = 0
+    for match in _BRACKETS.finditer(text):
+        if match.group(1):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif match.group(2):
+            depth -= 1
+    return deepest
+
+
+def _parse_int(digits: str):
+    return int(digits) if len(digits) <= 4000 else RawNumber(digits)
+
+
+def _parse_float(literal: str):
+    value = float(literal)
+    return value if value not in (float("inf"), float("-inf")) else RawNumber(literal)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number (write it as a string or null)")
+
+
+def _json_type(value) -> str:
+    if isinstance(value, RawNumber) or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "a number"
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def records_from_texts(texts: Sequence[str], source: str = "<args>") -> list[Record]:

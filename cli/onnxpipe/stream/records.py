@@ -25,6 +25,8 @@ class Record:
     error: str | None = None
     nbytes: int = 0
     replaced: bool = False  # invalid UTF-8 was replaced with U+FFFD
+    raw: str | None = None  # the input line, kept when it could not be parsed (error records carry it)
+    raw_numbers: bool = False  # `fields` holds numbers kept as written (readers.RawNumber)
 
     @property
     def where(self) -> str:

@@ -12,9 +12,10 @@ from typing import IO, Any, Callable, Sequence
 import click
 
 from onnxpipe import console
-from onnxpipe.errors import ExitStatus, UsageError
+from onnxpipe.errors import ExitStatus, InputError, OnnxpipeError, UsageError
+from onnxpipe.signals import is_closed
 from onnxpipe.stream.engine import Engine, EngineOptions, Summary
-from onnxpipe.stream.readers import LineSource, RecordParser
+from onnxpipe.stream.readers import STDIN, STDIN_CLOSED, LineSource, RecordParser, stdin_is_closed
 from onnxpipe.stream.records import Record
 from onnxpipe.stream.writers import make_writer
 
@@ -31,6 +32,11 @@ def run_stream_command(model_ref: str, stream: Any, make_task: Callable[[Any], A
 
     if stream.field is not None and stream.column is not None:
         raise UsageError("--field (JSONL input) and --column (TSV input) cannot be used together")
+    # Closed standard streams are refused before the model loads (onnxpipe.signals fills them).
+    if records is None and STDIN in stream.inputs and stdin_is_closed():
+        raise InputError(STDIN_CLOSED)
+    if stream.output in ("-", "") and is_closed(sys.stdout):
+        raise OnnxpipeError("cannot write results: stdout is closed (give -o FILE, or redirect stdout)")
     options = EngineOptions(batch_size=stream.batch_size, max_batch_tokens=stream.max_batch_tokens,
                             on_error=stream.on_error, **(engine_options or {}))
     model = load_model(model_ref, device=stream.device, threads=stream.threads)
@@ -79,7 +85,7 @@ def _open_output(path: str, fmt: str) -> tuple[IO[bytes], bool]:
     try:
         return open(path, "w+b" if fmt == "npy" else "wb"), True
     except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise OnnxpipeError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _binary(stream) -> IO[bytes]:

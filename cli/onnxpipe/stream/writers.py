@@ -7,10 +7,11 @@ A BrokenPipeError from a write is left to propagate: the root command turns it i
 from __future__ import annotations
 
 import json
+import os
 import struct
 from typing import IO, Any, Protocol
 
-from onnxpipe.errors import UsageError
+from onnxpipe.errors import OnnxpipeError, UsageError
 from onnxpipe.stream.records import Record
 
 FORMATS = ("text", "jsonl", "tsv")
@@ -43,6 +44,15 @@ def escape_cell(text: str) -> str:
     return text.replace("\t", "\\t") if "\t" in text else text
 
 
+class OutputError(OnnxpipeError):
+    """Results cannot be written: the run stops (what was flushed before stays written)."""
+
+    def __init__(self, stream: Any, exc: OSError):
+        name = getattr(stream, "name", None)
+        where = "stdout" if name in (None, "<stdout>", 1) or not isinstance(name, str) else name
+        super().__init__(f"cannot write results to {where}: {exc.strerror or exc}")
+
+
 class Formatter(Protocol):
     """What a task provides to turn its results into output. `result` is None for an empty or failed record."""
 
@@ -72,11 +82,16 @@ class Writer:
         raise NotImplementedError
 
     def flush(self) -> None:
-        if self._lines:
-            data = b"".join(self._lines)
-            self._lines = []
-            self.stream.write(data)
-        self.stream.flush()
+        try:
+            if self._lines:
+                data = b"".join(self._lines)
+                self._lines = []
+                self.stream.write(data)
+            self.stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # a full disk (ENOSPC), a closed stdout (EBADF), an I/O error
+            raise OutputError(self.stream, exc) from exc
 
     def close(self) -> None:
         self.flush()
@@ -105,26 +120,71 @@ class JsonlWriter(Writer):
     """The input record (JSONL input) or {"text": ...}, plus the task's fields, plus "error" if any."""
 
     def render(self, record, result, error):
-        obj = dict(record.fields) if record.fields is not None else {"text": record.text}
+        if record.fields is not None:
+            obj = dict(record.fields)
+        elif record.raw is not None:  # a line that could not be read as a record: keep it as it came
+            obj = {"input": record.raw}
+        else:
+            obj = {"text": record.text}
         obj.update(self.task.to_fields(result))
         if error is not None:
             obj["error"] = error
+        raw_numbers: list[str] = []
+        if record.raw_numbers:
+            obj = _hold_raw_numbers(obj, raw_numbers)
+        try:
+            line = self._dumps(obj, raw_numbers)
+        except RecursionError:  # cannot happen for parsed input (its depth is bounded), only for results
+            line = self._dumps({"input": record.raw if record.raw is not None else record.text,
+                                "error": "result nested too deeply to write"}, [])
+        return line
+
+    @staticmethod
+    def _dumps(obj, raw_numbers: list[str]) -> bytes:
         try:
             line = json.dumps(obj, ensure_ascii=False, allow_nan=False)
             if "\u2028" in line or "\u2029" in line or "\x85" in line:  # line breaks to str.splitlines()
                 line = line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
-            return (line + "\n").encode("utf-8")
+            return (_put_raw_numbers(line, raw_numbers, False) + "\n").encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates passed through from the input: keep them escaped
-            return (json.dumps(obj, ensure_ascii=True) + "\n").encode("ascii")
+            return (_put_raw_numbers(json.dumps(obj, ensure_ascii=True), raw_numbers, True) + "\n").encode("ascii")
         except ValueError:  # NaN/inf scores: JSON has no such numbers
-            return (json.dumps(_finite(obj), ensure_ascii=False) + "\n").encode("utf-8", "replace")
+            line = json.dumps(_finite(obj), ensure_ascii=False)
+            return (_put_raw_numbers(line, raw_numbers, False) + "\n").encode("utf-8", "replace")
+
+
+# Numbers that Python cannot hold exactly (readers.RawNumber) are written back as they were read:
+# json.dumps would quote them, so each is written as a unique placeholder string, then swapped.
+_PLACEHOLDER = "\ue000onnxpipe-number-" + os.urandom(6).hex() + "-"
+
+
+def _hold_raw_numbers(value, held: list[str]):
+    from onnxpipe.stream.readers import RawNumber
+
+    if isinstance(value, RawNumber):
+        held.append(str(value))
+        return _PLACEHOLDER + str(len(held) - 1) + "\ue000"
+    if isinstance(value, dict):
+        return {k: _hold_raw_numbers(v, held) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_hold_raw_numbers(v, held) for v in value]
+    return value
+
+
+def _put_raw_numbers(line: str, held: list[str], ascii_only: bool) -> str:
+    for i, number in enumerate(held):
+        line = line.replace(json.dumps(_PLACEHOLDER + str(i) + "\ue000", ensure_ascii=ascii_only), number)
+    return line
 
 
 class TsvWriter(Writer):
     """The input row (TSV input) or the text, then the task's columns; tabs and newlines escaped."""
 
     def render(self, record, result, error):
-        cells = list(record.columns) if record.columns is not None else [escape_cell(record.text)]
+        if record.columns is not None:
+            cells = list(record.columns)
+        else:
+            cells = [escape_cell(record.raw if record.raw is not None else record.text)]
         if result is None:
             cells += [""] * max(1, len(self.task.to_columns(None)))
         else:
