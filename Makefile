@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test demo models bench man clean
+.PHONY: venv test demo models bench man clean fuzz
 
 venv: $(STAMP)
 
@@ -24,6 +24,12 @@ $(STAMP): pyproject.toml
 
 test: venv
 	$(PY) -m pytest -q
+
+# The fuzz targets (tests/fuzz/targets.py: record parser + writer, manifest loader), FUZZ_SECONDS each;
+# `make test` runs them for a few seconds (tests/test_fuzz.py).
+FUZZ_SECONDS ?= 60
+fuzz: venv
+	$(PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS)
 
 # --- make models: the real exports in exports/, built once (file targets; a second run does nothing)
 ONNXPIPE := $(VENV)/bin/onnxpipe
