@@ -129,6 +129,29 @@ def test_readme_examples_use_real_options():
     assert all(b.why_not for b in readme_blocks() if not b.run)
 
 
+def _python_blocks(text: str) -> list[tuple[int, str]]:
+    """(line, code) of the README's ```python blocks."""
+    lines, blocks, i = text.splitlines(), [], 0
+    while i < len(lines):
+        if lines[i].strip() == "```python":
+            j = lines.index("```", i + 1)
+            blocks.append((i + 1, "\n".join(lines[i + 1:j])))
+            i = j
+        i += 1
+    return blocks
+
+
+def test_readme_python_blocks_run(tmp_path, stand_ins):
+    """The Python API section runs as shown, against the same stand-ins as the tour."""
+    blocks = _python_blocks((REPO / "README.md").read_text(encoding="utf-8"))
+    assert blocks, "the README shows the Python API"
+    root = _layout(tmp_path / "checkout", stand_ins)
+    for line, code in blocks:
+        (root / "block.py").write_text(code, encoding="utf-8")
+        proc = _run("python block.py", root, f"the python block at README.md:{line}")
+        assert proc.stdout.strip()
+
+
 # --- man pages -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("page", ["onnxpipe", *(f"onnxpipe-{c}" for c in COMMANDS)])

@@ -1,0 +1,187 @@
+"""The Python API: load an export once, then run lists or streams of texts through it.
+
+    import onnxpipe
+    clf = onnxpipe.load("sentiment", device="auto", threads=2)   # a name in the export home, or a path
+    clf(["great film", "dull"])          # -> [Result, Result], one per input, in input order
+    clf("great film", top_k=2)           # one text in, one Result out; the task's options as keywords
+    for r in clf.stream(lines): ...      # any iterable in, results out in input order, batched inside
+    gen = onnxpipe.load("smollm2"); gen("Hello", max_new_tokens=20, chat=True).generated_text
+
+It runs the same engine as the CLI (length-sorted batches, order restored, empty inputs kept), and a
+result's `to_dict()` is exactly the record that the command's `--format jsonl` writes for that line.
+Nothing here prints: where the model runs is in `Pipeline.provider` and `Pipeline.device_note`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, overload
+
+from onnxpipe.errors import UsageError
+from onnxpipe.registry import TaskFamily, family_for_export
+
+__all__ = ["Pipeline", "Result", "load"]
+
+_STREAM_WINDOW = 256  # records per engine window in stream(): results flow out after each window
+
+
+@dataclass(frozen=True)
+class Result:
+    """One input's result. `fields` are the task's JSONL fields (`label`, `embedding`, `generated_text`, ...),
+    also readable as attributes (`result.label`); `value` is the task's own typed result (None for an
+    empty or failed input); `error` says why an input failed (with on_error="null")."""
+
+    text: str
+    fields: Mapping[str, Any]
+    value: Any = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSONL record the CLI writes for this input: {"text": ..., **fields, "error": ... if any}."""
+        record: dict[str, Any] = {"text": self.text, **self.fields}
+        if self.error is not None:
+            record["error"] = self.error
+        return record
+
+    def __getattr__(self, name: str) -> Any:
+        fields = self.__dict__.get("fields") or {}
+        if name in fields:
+            return fields[name]
+        raise AttributeError(f"{type(self).__name__} has no field {name!r} (fields: {', '.join(fields) or 'none'})")
+
+
+class _Collector:
+    """The engine's writer for the API: keeps (record, result, error) in the order the engine writes them."""
+
+    def __init__(self, task: Any):
+        self.task = task
+        self.rows: list[tuple[Any, Any, str | None]] = []
+
+    def write(self, record: Any, result: Any, error: str | None = None) -> None:
+        self.rows.append((record, result, error))
+
+    def write_partial(self, text: str) -> None:  # pragma: no cover - the API never streams pieces
+        raise UsageError("the Python API does not stream partial results")
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def take(self) -> list[Result]:
+        rows, self.rows = self.rows, []
+        return [Result(record.text, self.task.to_fields(result), result, error) for record, result, error in rows]
+
+
+class Pipeline:
+    """An opened export and its task family. Sessions are made once and reused by every call."""
+
+    def __init__(self, model: Any, family: TaskFamily, batch_size: int | None = None,
+                 max_batch_tokens: int | None = None, on_error: str = "fail"):
+        self.model = model
+        self.family = family
+        self.batch_size = batch_size or family.batch_size
+        self.max_batch_tokens = max_batch_tokens or family.max_batch_tokens
+        self.on_error = on_error
+        self._tasks: dict[tuple[tuple[str, Any], ...], Any] = {}
+
+    @property
+    def task(self) -> str:
+        """The task family's name: classify, embed, tag, fill-mask, generate, translate or summarize."""
+        return self.family.name
+
+    @property
+    def name(self) -> str:
+        return str(self.model.name)
+
+    @property
+    def provider(self) -> str | None:
+        """The execution provider the sessions really got (known after the first call)."""
+        provider: str | None = self.model.provider
+        return provider
+
+    @property
+    def device_note(self) -> str | None:
+        """What the CLI says on stderr about the device: where it runs, and why when it fell back to CPU."""
+        note: str | None = self.model.device_note
+        return note
+
+    def __repr__(self) -> str:
+        return f"<onnxpipe.Pipeline {self.family.name} {self.name!r} on {self.provider or self.model.device}>"
+
+    @overload
+    def __call__(self, inputs: str, **options: Any) -> Result: ...
+    @overload
+    def __call__(self, inputs: Sequence[str], **options: Any) -> list[Result]: ...
+
+    def __call__(self, inputs: str | Sequence[str], **options: Any) -> Result | list[Result]:
+        """Run INPUTS (a text, or a list of texts) with the task's OPTIONS; one Result per text, in order."""
+        if isinstance(inputs, str):
+            return self._run([inputs], options)[0]
+        return self._run(list(inputs), options)
+
+    def stream(self, inputs: Iterable[str], **options: Any) -> Iterator[Result]:
+        """Results for any iterable of texts, lazily and in input order; memory stays bounded."""
+        window: list[str] = []
+        for text in inputs:
+            window.append(text)
+            if len(window) >= _STREAM_WINDOW:
+                yield from self._run(window, options)
+                window = []
+        if window:
+            yield from self._run(window, options)
+
+    # --- inside -------------------------------------------------------------------------------
+    def task_for(self, options: Mapping[str, Any]) -> Any:
+        """The task object for OPTIONS, made once per distinct set of options."""
+        key = tuple(sorted((k, _hashable(v)) for k, v in options.items()))
+        if key not in self._tasks:
+            self._tasks[key] = self.family.make_task(self.model, options)
+        return self._tasks[key]
+
+    def _run(self, texts: list[str], options: Mapping[str, Any]) -> list[Result]:
+        from onnxpipe.stream.engine import Engine, EngineOptions
+        from onnxpipe.stream.records import Record
+
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise UsageError(f"input {i} is a {type(text).__name__}, not a str")
+        task = self.task_for(options)
+        collector = _Collector(task)
+        engine_options = EngineOptions(batch_size=self.batch_size, max_batch_tokens=self.max_batch_tokens,
+                                       on_error=self.on_error, window=max(len(texts), 1))
+        records = [Record(seq=i, text=t, source="<api>", line=i + 1, nbytes=len(t) + 1) for i, t in enumerate(texts)]
+        Engine(task, collector, engine_options).run_records(records)  # type: ignore[arg-type]
+        return collector.take()
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+def load(name_or_path: str | Path, device: str = "auto", threads: int | None = None, *, task: str | None = None,
+         batch_size: int | None = None, max_batch_tokens: int | None = None, on_error: str = "fail") -> Pipeline:
+    """Open an export (a name in the export home, or a path) for its task.
+
+    DEVICE is auto, cpu, cuda or cuda:N, as the CLI's --device (cuda never falls back to the CPU);
+    THREADS the intra-op threads. TASK picks the family where an export serves more than one
+    (text2text-generation: "translate", the default, or "summarize"). ON_ERROR "fail" raises at the
+    first input that cannot run; "null" gives it a Result with `error` set instead.
+    """
+    from onnxpipe.runtime import load_model
+
+    if on_error not in ("fail", "null"):
+        raise UsageError(f"on_error must be 'fail' or 'null', not {on_error!r}")
+    model = load_model(name_or_path, device=device, threads=threads)
+    family = family_for_export(model.task, task)
+    pipeline = Pipeline(model, family, batch_size=batch_size, max_batch_tokens=max_batch_tokens, on_error=on_error)
+    for graph in model.manifest.get("files") or {}:  # a device error belongs to load(), not to the first call
+        model.session(graph)
+    return pipeline
