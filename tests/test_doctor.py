@@ -98,9 +98,10 @@ def test_bad_device_is_a_usage_error():
 def test_export_home_and_its_exports(tmp_path):
     home = Path(os.environ["ONNXPIPE_HOME"])
     (home / "sentiment").mkdir(parents=True)
+    (home / "sentiment" / "model.onnx").write_bytes(b"graph")  # the manifest's schema wants its graph there
     (home / "sentiment" / "onnxpipe.json").write_text(json.dumps(
-        {"format": 1, "name": "sentiment", "task": "text-classification", "precision": "int8",
-         "validation": {"passed": True}}))
+        {"format": 1, "name": "sentiment", "task": "text-classification", "family": "encoder",
+         "files": {"model": "model.onnx"}, "precision": "int8", "validation": {"passed": True}}))
     (home / "broken").mkdir()
     (home / "broken" / "onnxpipe.json").write_text("{not json")
     report, _ = _report("--device", "cpu")

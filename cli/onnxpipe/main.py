@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "export": "onnxpipe.commands.export:export",
     "models": "onnxpipe.commands.models:models",
     "info": "onnxpipe.commands.info:info",
+    "verify": "onnxpipe.commands.verify:verify",
     "classify": "onnxpipe.commands.classify:classify",
     "embed": "onnxpipe.commands.embed:embed",
     "tag": "onnxpipe.commands.tag:tag",

@@ -124,6 +124,8 @@ def manifest_paths(data: dict[str, Any]) -> list[tuple[str, str]]:
     tok = data.get("tokenizer") or {}
     paths += [(f"tokenizer.{k}", tok[k]) for k in ("file", "target_file", "chat_template") if tok.get(k) is not None]
     paths += [("checksums", k) for k in (data.get("checksums") or {})]
+    for i, layer in enumerate(data.get("dense") or []):  # sentence-transformers Dense layers (.npy files)
+        paths += [(f"dense[{i}].{k}", layer[k]) for k in ("weight", "bias") if layer.get(k) is not None]
     return paths
 
 
@@ -154,9 +156,9 @@ def _schema_problem(data: Any) -> str | None:
         if key not in data:
             return f"the manifest has no {key!r}"
     task, family = data["task"], data["family"]
-    if task not in FAMILY:
+    if not isinstance(task, str) or task not in FAMILY:
         return f"unknown task {task!r} (known: {', '.join(FAMILY)})"
-    if family != FAMILY[task]:
+    if not isinstance(family, str) or family != FAMILY[task]:
         return f"family {family!r} does not fit task {task} (expected {FAMILY[task]!r})"
     types = {
         "name": (str,), "files": (dict,), "tokenizer": (dict,), "special_tokens": (dict, type(None)),
@@ -164,7 +166,7 @@ def _schema_problem(data: Any) -> str | None:
         "normalize": (bool,), "opset": (int, type(None)), "precision": (str, type(None)),
         "optimization": (str, type(None)), "graph": (dict,), "validation": (dict, type(None)),
         "versions": (dict,), "source": (dict,), "architecture": (str, type(None)), "model_type": (str, type(None)),
-        "checksums": (dict,),
+        "checksums": (dict,), "dense": (list,), "max_seq_length": (int, type(None)),
     }
     for key, allowed in types.items():
         if key in data and not isinstance(data[key], allowed):
@@ -183,6 +185,10 @@ def _schema_problem(data: Any) -> str | None:
             return f"tokenizer.{key} is a JSON {_kind(tok[key])}, expected a string"
     if "max_length" in tok and tok["max_length"] is not None and (not isinstance(tok["max_length"], int) or isinstance(tok["max_length"], bool)):
         return f"tokenizer.max_length is a JSON {_kind(tok['max_length'])}, expected an integer"
+    for i, layer in enumerate(data.get("dense") or []):
+        if not isinstance(layer, dict) or not isinstance(layer.get("weight"), str) \
+                or not isinstance(layer.get("bias"), (str, type(None))):
+            return f"dense[{i}] must be an object with a \"weight\" file name (and a \"bias\" one or null)"
     labels = data.get("labels")
     if labels is not None and not all(isinstance(label, str) for label in labels):
         return "labels must be a list of strings"

@@ -49,6 +49,11 @@ def export(source: str, task: str | None, name: str | None, output: Path | None,
     against the PyTorch model (outputs, labels, greedy ids) and kept only if it passes;
     progress and a summary go to stderr.
 
+    --force replaces an onnxpipe export and nothing else: a folder of other files, a
+    symbolic link, the source checkpoint (or a folder around or inside it) and the current
+    folder are refused before anything is written. A pickled pytorch_model.bin is refused:
+    convert it to safetensors.
+
     \b
       onnxpipe export ./my-finetuned-bert --name sentiment
       onnxpipe export ./opus-mt-en-de --validate-with en.txt

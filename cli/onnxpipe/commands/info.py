@@ -18,11 +18,18 @@ def info(model: str, as_json: bool) -> None:
 
     MODEL is an export folder or a name in the export home.
     """
+    from onnxpipe import console
     from onnxpipe.home import resolve_model
-    from onnxpipe.manifest import read_manifest
+    from onnxpipe.manifest import file_problems, read_manifest
 
     folder = resolve_model(model)
     manifest = read_manifest(folder)
+    problems = file_problems(folder, manifest)
+    recorded = manifest.get("checksums")
+    if recorded is not None and problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        console.warn(f"{folder.name}: {len(problems)} file{'s' if len(problems) > 1 else ''} no longer match the "
+                     f"manifest ({shown}): run onnxpipe verify {model}, or re-export it")
     if as_json:
         click.echo(json.dumps(manifest, indent=2, ensure_ascii=False))
         return
@@ -33,8 +40,14 @@ def info(model: str, as_json: bool) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
-    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    size = folder_size(folder)
     source = manifest.get("source") or {}
+    if recorded is None:
+        integrity = problems[0]
+    elif problems:
+        integrity = f"{len(problems)} of {len(recorded)} files changed since the export (run onnxpipe verify)"
+    else:
+        integrity = f"{len(recorded)} files, sizes as recorded (onnxpipe verify checks the sha256)"
     rows = [
         ("name", manifest.get("name")),
         ("path", str(folder)),
@@ -45,6 +58,7 @@ def info(model: str, as_json: bool) -> None:
         ("sha256", source.get("sha256")),
         ("files", ", ".join(f"{k}={v}" for k, v in (manifest.get("files") or {}).items())),
         ("size", human_size(size)),
+        ("checksums", integrity),
         ("precision", manifest.get("precision")),
         ("optimization", manifest.get("optimization") or "none"),
         ("opset", manifest.get("opset")),
@@ -71,6 +85,22 @@ def info(model: str, as_json: bool) -> None:
     versions = manifest.get("versions") or {}
     out.print()
     out.print("made with " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + f" on {manifest.get('created')}")
+
+
+def folder_size(folder) -> int:
+    """Bytes of the regular files under FOLDER; links are not followed, unreadable parts are skipped."""
+    import os
+
+    total = 0
+    for root, dirs, names in os.walk(folder):
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if not os.path.islink(os.path.join(root, name)):
+                total += st.st_size
+    return total
 
 
 def human_size(size: int) -> str:

@@ -13,22 +13,28 @@ def models(as_json: bool) -> None:
     """List the exports in the export home ($ONNXPIPE_HOME).
 
     Shows each export's name, task, architecture, precision, size and whether it
-    passed validation.
+    passed validation. An export whose manifest is broken is listed as "broken: WHY", one
+    whose files no longer have the sizes the manifest records as "changed: WHY" (`onnxpipe
+    verify NAME` checks every checksum).
     """
     from onnxpipe import console
-    from onnxpipe.commands.info import human_size
+    from onnxpipe.commands.info import folder_size, human_size
     from onnxpipe.errors import OnnxpipeError
     from onnxpipe.home import export_home, list_exports
-    from onnxpipe.manifest import read_manifest
+    from onnxpipe.manifest import file_problems, read_manifest
 
     home = export_home()
     rows = []
     for folder in list_exports(home):
+        problem = None
         try:
             m = read_manifest(folder)
+            changed = [p for p in file_problems(folder, m) if m.get("checksums") is not None]
+            if changed:
+                problem = "changed: " + changed[0] + (f" (+{len(changed) - 1} more)" if len(changed) > 1 else "")
         except OnnxpipeError as exc:
-            m = {"task": None, "architecture": None, "precision": None, "validation": {}, "error": str(exc)}
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            m = {}
+            problem = "broken: " + str(exc).replace(f"{folder}/", "").replace(str(folder), folder.name)
         variant = m.get("precision")
         if m.get("optimization"):
             variant = f"{variant} {m['optimization']}"
@@ -37,8 +43,9 @@ def models(as_json: bool) -> None:
             "task": m.get("task"),
             "architecture": m.get("architecture"),
             "precision": variant,
-            "size": size,
-            "validated": bool((m.get("validation") or {}).get("passed")),
+            "size": folder_size(folder),
+            "validated": problem is None and bool((m.get("validation") or {}).get("passed")),
+            "problem": problem,
             "path": str(folder),
         })
     if as_json:
@@ -51,7 +58,7 @@ def models(as_json: bool) -> None:
     header = ("name", "task", "architecture", "precision", "size", "validated")
     table = [header] + [
         (r["name"], r["task"] or "?", r["architecture"] or "?", r["precision"] or "?", human_size(r["size"]),
-         "yes" if r["validated"] else "no")
+         r["problem"] or ("yes" if r["validated"] else "no"))
         for r in rows
     ]
     # Plain aligned columns: never truncated, whatever the terminal width, and easy to `awk`.

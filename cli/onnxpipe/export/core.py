@@ -430,8 +430,10 @@ def clean_stale_temporaries(parent: Path) -> None:
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (kill, a job scheduler's timeout) ends the export as Ctrl-C does: temporaries removed, exit 130."""
-    if threading.current_thread() is not threading.main_thread():
+    """SIGTERM (kill, a job scheduler's timeout) ends the export as Ctrl-C does: the temporary is removed.
+
+    Only where nobody took SIGTERM yet (the Python API): the CLI's own handler already raises."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
 

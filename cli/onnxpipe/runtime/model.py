@@ -7,14 +7,59 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from onnxpipe.errors import DeviceError, ModelNotFoundError, UsageError
+from onnxpipe.errors import DeviceError, ExportFolderError, ModelNotFoundError, UsageError
 from onnxpipe.home import resolve_model
-from onnxpipe.manifest import read_manifest
+from onnxpipe.manifest import inside, read_manifest
 from onnxpipe.runtime.device import CPU, CUDA, Device, cuda_failure_reason, loading_providers, parse_device, providers_for
 
 # Position ids of these models start after the padding index, so `max_position_embeddings`
 # counts `pad_token_id + 1` slots that no token can use (RoBERTa: 514 -> 512 tokens).
 _POSITION_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod", "mpnet"}
+# The command that runs each task's exports, for messages that say what to do next.
+COMMAND_FOR_TASK = {
+    "text-classification": "classify",
+    "token-classification": "tag",
+    "feature-extraction": "embed",
+    "fill-mask": "fill-mask",
+    "text-generation": "generate",
+    "text2text-generation": "translate or onnxpipe summarize",
+}
+_REEXPORT = "run onnxpipe verify to see what changed, or re-run onnxpipe export"
+
+
+def read_json_file(folder: Path, name: str) -> dict[str, Any]:
+    """FOLDER/NAME as a JSON object; {} when absent; one ExportFolderError line when broken or outside FOLDER."""
+    path = inside(folder, name)
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ExportFolderError(f"{path} is not valid JSON: {_first_line(exc)}", hint=_REEXPORT) from None
+    if not isinstance(data, dict):
+        raise ExportFolderError(f"{path} does not hold a JSON object", hint=_REEXPORT)
+    return data
+
+
+def load_tokenizer(folder: Path, name: str):
+    """The `tokenizers` Tokenizer saved as FOLDER/NAME, without padding or truncation; one line when broken."""
+    from tokenizers import Tokenizer
+
+    path = inside(folder, name)
+    if not path.is_file():
+        raise ExportFolderError(f"{folder} has no {name}", hint="re-run onnxpipe export")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for any broken file
+        raise ExportFolderError(f"{path} is not a usable tokenizer: {_first_line(exc)}", hint=_REEXPORT) from None
+    tok.no_padding()  # the tasks pad each batch to its own longest row
+    tok.no_truncation()
+    return tok
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 class ExportedModel:
@@ -22,8 +67,10 @@ class ExportedModel:
 
     def __init__(self, folder: Path, device: Device | str = "auto", threads: int | None = None):
         self.folder = Path(folder)
+        self.device = device if isinstance(device, Device) else parse_device(device)  # a usage error comes first
         self.manifest: dict[str, Any] = read_manifest(self.folder)
-        self.device = device if isinstance(device, Device) else parse_device(device)
+        for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+            read_json_file(self.folder, name)  # a broken one fails here, in one line, not deep inside a task
         self.threads = threads
         self.provider: str | None = None  # set by the first session
         self.device_note: str | None = None  # one line for stderr saying what runs where, and why
@@ -41,8 +88,7 @@ class ExportedModel:
 
     @cached_property
     def config(self) -> dict[str, Any]:
-        path = self.folder / "config.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        return read_json_file(self.folder, "config.json")
 
     @property
     def special_tokens(self) -> dict[str, Any]:
@@ -67,20 +113,11 @@ class ExportedModel:
         return self._load_tokenizer(name) if name else self.tokenizer
 
     def _load_tokenizer(self, name: str):
-        from tokenizers import Tokenizer
-
-        path = self.folder / name
-        if not path.is_file():
-            raise ModelNotFoundError(f"{self.folder} has no {name}", hint="re-run onnxpipe export")
-        tok = Tokenizer.from_file(str(path))
-        tok.no_padding()  # the tasks pad each batch to its own longest row
-        tok.no_truncation()
-        return tok
+        return load_tokenizer(self.folder, name)
 
     @cached_property
     def tokenizer_config(self) -> dict[str, Any]:
-        path = self.folder / "tokenizer_config.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        return read_json_file(self.folder, "tokenizer_config.json")
 
     @cached_property
     def max_length(self) -> int:
@@ -107,7 +144,7 @@ class ExportedModel:
                     f"export {self.name} has no {name!r} graph (it has: {', '.join(files) or 'none'})",
                     hint="is this the right model for this command?",
                 )
-            self._sessions[name] = self._make_session(self.folder / files[name])
+            self._sessions[name] = self._make_session(inside(self.folder, files[name]))
         return self._sessions[name]
 
     def session_options(self):
@@ -128,14 +165,19 @@ class ExportedModel:
         ort.set_default_logger_severity(3)
         if not path.is_file():
             raise ModelNotFoundError(f"{path} is missing", hint="re-run onnxpipe export")
+        if path.stat().st_size == 0:
+            raise ExportFolderError(f"{path} is empty", hint=_REEXPORT)
         providers = providers_for(self.device, ort.get_available_providers())
         wants_cuda = providers[0] != CPU
-        if wants_cuda:
-            with loading_providers() as log:
+        try:
+            if wants_cuda:
+                with loading_providers() as log:
+                    session = ort.InferenceSession(str(path), sess_options=self.session_options(), providers=providers)
+            else:
+                log = []
                 session = ort.InferenceSession(str(path), sess_options=self.session_options(), providers=providers)
-        else:
-            log = []
-            session = ort.InferenceSession(str(path), sess_options=self.session_options(), providers=providers)
+        except Exception as exc:  # onnxruntime's own exception types: truncated protobuf, data outside the folder...
+            raise ExportFolderError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}", hint=_REEXPORT) from None
         got = session.get_providers()[0]
         if wants_cuda and got != CUDA:
             reason = cuda_failure_reason("".join(log))
@@ -152,9 +194,11 @@ class ExportedModel:
     def check_task(self, *tasks: str) -> None:
         """Refuse an export made for another task, naming the command that fits it."""
         if self.task not in tasks:
+            name = self.folder.name  # what -m finds it by (the manifest's name may be an older one)
             raise UsageError(
-                f"{self.name} is a {self.task} export; this command needs {' or '.join(tasks)}",
-                hint=f"use the command for {self.task}, or export the model with --task {tasks[0]}",
+                f"{name} is a {self.task} export; this command needs a {' or '.join(tasks)} export",
+                hint=f"run onnxpipe {COMMAND_FOR_TASK[self.task]} -m {name}, "
+                     f"or export the checkpoint again with --task {tasks[0]}",
             )
 
 

@@ -212,9 +212,8 @@ class CausalLM:
 
     @classmethod
     def from_session(cls, folder: Path, session, device: str = "cpu", device_id: int = 0, manifest: dict | None = None) -> "CausalLM":
-        from tokenizers import Tokenizer
-
         from onnxpipe.manifest import read_manifest
+        from onnxpipe.runtime.model import load_tokenizer
 
         folder = Path(folder)
         manifest = manifest or read_manifest(folder)
@@ -224,9 +223,7 @@ class CausalLM:
                 hint="generate runs decoder-only exports; use translate/summarize for encoder-decoders",
             )
         tok_info = manifest.get("tokenizer") or {}
-        tokenizer = Tokenizer.from_file(str(folder / tok_info.get("file", "tokenizer.json")))
-        tokenizer.no_padding()
-        tokenizer.no_truncation()
+        tokenizer = load_tokenizer(folder, tok_info.get("file") or "tokenizer.json")  # one line when broken
         special = manifest.get("special_tokens") or {}
         defaults = GenerationConfig.from_file(folder / "generation_config.json")
         if not defaults.eos_token_id:
