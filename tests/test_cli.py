@@ -26,7 +26,12 @@ def test_every_command_has_help():
         assert result.exit_code == 0, (name, result.output)
         assert "Usage:" in result.stdout
         command = cli.get_command(None, name)
-        assert command.help and command.short_help != "", name
+        summary = command.get_short_help_str(limit=200)  # what `onnxpipe --help` lists beside the name
+        assert command.help and len(summary.split()) >= 3 and summary[0].isupper(), (name, summary)
+    listing = runner.invoke(cli, ["--help"]).stdout.split("Commands:", 1)[1]
+    for name in COMMANDS:  # each listed with its summary, not a bare name
+        row = next(line for line in listing.splitlines() if line.split()[:1] == [name])
+        assert len(row.split()) >= 3, row
 
 
 def test_version_names_onnxruntime_and_providers():

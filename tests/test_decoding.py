@@ -18,9 +18,16 @@ import pytest
 from onnxpipe.decoding import GenerationConfig, History, generate
 from onnxpipe.decoding import processors as P
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-from transformers.generation import logits_process as hf  # noqa: E402
+
+
+def _torch():
+    """torch, or skip: only the comparisons with transformers need it (the search tests are numpy)."""
+    return pytest.importorskip("torch")
+
+
+def _hf():
+    _torch()
+    return pytest.importorskip("transformers.generation.logits_process")
 
 PROMPTS = [
     "The quick brown fox",
@@ -50,32 +57,36 @@ def _ours(proc, ids, scores, prompt_width=None):
 
 
 def _theirs(proc, ids, scores):
+    torch = _torch()
     return proc(torch.from_numpy(ids), torch.from_numpy(scores.copy())).numpy()
 
 
 @pytest.mark.parametrize(
     "ours, theirs",
     [
-        (P.RepetitionPenalty(1.7), hf.RepetitionPenaltyLogitsProcessor(1.7)),
-        (P.RepetitionPenalty(0.6), hf.RepetitionPenaltyLogitsProcessor(0.6)),
-        (P.NoRepeatNGram(1), hf.NoRepeatNGramLogitsProcessor(1)),
-        (P.NoRepeatNGram(2), hf.NoRepeatNGramLogitsProcessor(2)),
-        (P.NoRepeatNGram(3), hf.NoRepeatNGramLogitsProcessor(3)),
-        (P.NoRepeatNGram(13), hf.NoRepeatNGramLogitsProcessor(13)),
-        (P.NoBadWords([[3], [5, 1], [2, 2, 7], [9]], [9]), hf.NoBadWordsLogitsProcessor([[3], [5, 1], [2, 2, 7], [9]], 9)),
-        (P.MinLength(13, [4, 7]), hf.MinLengthLogitsProcessor(13, [4, 7])),
-        (P.MinLength(12, [4]), hf.MinLengthLogitsProcessor(12, [4])),
-        (P.ForcedBOS(6), hf.ForcedBOSTokenLogitsProcessor(6)),
-        (P.Temperature(0.7), hf.TemperatureLogitsWarper(0.7)),
-        (P.TopK(5), hf.TopKLogitsWarper(5)),
-        (P.TopK(1, min_tokens_to_keep=3), hf.TopKLogitsWarper(1, min_tokens_to_keep=3)),
-        (P.TopP(0.8), hf.TopPLogitsWarper(0.8)),
-        (P.TopP(0.05, min_tokens_to_keep=2), hf.TopPLogitsWarper(0.05, min_tokens_to_keep=2)),
-        (P.SuppressTokens([1, 4]), hf.SuppressTokensLogitsProcessor([1, 4])),
+        (P.RepetitionPenalty(1.7), ("RepetitionPenaltyLogitsProcessor", (1.7))),
+        (P.RepetitionPenalty(0.6), ("RepetitionPenaltyLogitsProcessor", (0.6))),
+        (P.NoRepeatNGram(1), ("NoRepeatNGramLogitsProcessor", (1))),
+        (P.NoRepeatNGram(2), ("NoRepeatNGramLogitsProcessor", (2))),
+        (P.NoRepeatNGram(3), ("NoRepeatNGramLogitsProcessor", (3))),
+        (P.NoRepeatNGram(13), ("NoRepeatNGramLogitsProcessor", (13))),
+        (P.NoBadWords([[3], [5, 1], [2, 2, 7], [9]], [9]), ("NoBadWordsLogitsProcessor", ([[3], [5, 1], [2, 2, 7], [9]], 9))),
+        (P.MinLength(13, [4, 7]), ("MinLengthLogitsProcessor", (13, [4, 7]))),
+        (P.MinLength(12, [4]), ("MinLengthLogitsProcessor", (12, [4]))),
+        (P.ForcedBOS(6), ("ForcedBOSTokenLogitsProcessor", (6))),
+        (P.Temperature(0.7), ("TemperatureLogitsWarper", (0.7))),
+        (P.TopK(5), ("TopKLogitsWarper", (5))),
+        (P.TopK(1, min_tokens_to_keep=3), ("TopKLogitsWarper", (1,), {"min_tokens_to_keep": 3})),
+        (P.TopP(0.8), ("TopPLogitsWarper", (0.8))),
+        (P.TopP(0.05, min_tokens_to_keep=2), ("TopPLogitsWarper", (0.05,), {"min_tokens_to_keep": 2})),
+        (P.SuppressTokens([1, 4]), ("SuppressTokensLogitsProcessor", ([1, 4]))),
     ],
-    ids=lambda p: type(p).__name__,
+    ids=lambda p: type(p).__name__ if not isinstance(p, tuple) else p[0],
 )
 def test_processor_matches_transformers(ours, theirs):
+    name, args, *kwargs = theirs
+    args = args if isinstance(args, tuple) else (args,)
+    theirs = getattr(_hf(), name)(*args, **(kwargs[0] if kwargs else {}))
     for seed in range(5):
         ids, scores = _random_case(seed=seed)
         np.testing.assert_array_equal(_ours(ours, ids, scores), _theirs(theirs, ids, scores))
@@ -85,6 +96,7 @@ def test_processor_matches_transformers(ours, theirs):
 
 
 def test_min_new_tokens_and_forced_eos_match_transformers():
+    hf = _hf()
     ids, scores = _random_case()
     for generated in (0, 3, 4, 5):
         width = ids.shape[1] - generated
@@ -173,6 +185,7 @@ def test_finished_rows_leave_the_batch():
 @pytest.fixture(scope="module")
 def one_torch_thread():
     # Two cores shared by several runs: torch's second thread spins and makes generate ~10x slower.
+    torch = _torch()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -193,6 +206,7 @@ TINY = {
 def tiny(request, exported, checkpoint, one_torch_thread):
     from onnxpipe.tasks.causal import CausalLM
 
+    transformers = pytest.importorskip("transformers")
     arch, checkpoint_kw, options = TINY[request.param]
     folder = checkpoint(arch, **checkpoint_kw)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -208,7 +222,7 @@ def _frequent_tokens(model, tokenizer, n=30, **kw) -> list[int]:
     """Ids that many rows produce with these settings and no eos, most frequent first."""
     kw = {k: v for k, v in kw.items() if k not in ("num_return_sequences", "min_new_tokens")}
     enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    with torch.no_grad():
+    with _torch().no_grad():
         out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, eos_token_id=None, **kw)
     counts = {}
     for row in out[:, enc.input_ids.shape[1]:].tolist():
@@ -239,7 +253,7 @@ def _eos_for(tiny, case) -> list[int]:
 
 def _reference(model, tokenizer, prompts, eos, **kw):
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    with torch.no_grad():
+    with _torch().no_grad():
         out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **kw)
     width = enc.input_ids.shape[1]
     n = kw.get("num_return_sequences", 1)

@@ -11,14 +11,13 @@ from click.testing import CliRunner
 from onnxpipe.main import cli
 from onnxpipe.metrics import agreement, classification_metrics
 
-sklearn_metrics = pytest.importorskip("sklearn.metrics")
-
 TEXTS = ["A good movie with a great cast and a moving story.", "This film was boring, too long and badly acted.",
          "I loved every minute of it!", "The worst thing I have seen this year.", "Short.",
          "Paris is the capital of France.", "Numbers like 42 appear in text too.", "She said hello and left."]
 
 
 def _sklearn(y_true, y_pred, n):
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")  # the oracle; the tests without it still run
     labels = list(range(n))
     p, r, f, s = sklearn_metrics.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     mp, mr, mf, _ = sklearn_metrics.precision_recall_fscore_support(
