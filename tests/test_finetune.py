@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from onnxpipe.errors import InputError, MissingExtraError
-from onnxpipe.export.finetune import prepare_data, split_indices
+from onnxpipe.training.finetune import prepare_data, split_indices
 from onnxpipe.main import cli
 
 POSITIVE = ["a good movie with a great cast", "i loved every minute of it", "a moving story, great and good",
@@ -170,6 +170,34 @@ def test_missing_extra_says_what_to_install(tmp_path, monkeypatch):
     data = _write_tsv(tmp_path / "d.tsv", _rows(2))
     monkeypatch.setitem(sys.modules, "accelerate", None)
     with pytest.raises(MissingExtraError, match=r"install onnxpipe\[export\]"):
-        from onnxpipe.export.finetune import finetune
+        from onnxpipe.training.finetune import finetune
 
         finetune(tmp_path, data, tmp_path / "out")
+
+
+@pytest.mark.parametrize("what", ["foreign", "base", "data-folder", "link"])
+def test_force_never_replaces_what_finetune_did_not_write(tmp_path, checkpoint, what):
+    """--force replaces a folder finetune wrote, nothing else; refused before any training, files intact."""
+    base = checkpoint("bert", "feature-extraction")
+    data = _write_tsv(tmp_path / "data" / "d.tsv", _rows(2)) if (tmp_path / "data").mkdir() is None else None
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_bytes(b"precious\n")
+    output = {"foreign": victim, "base": base, "data-folder": tmp_path / "data", "link": tmp_path / "link"}[what]
+    if what == "link":
+        output.symlink_to(victim)
+    before = {p: p.read_bytes() for p in [*base.iterdir(), data, victim / "notes.txt"] if p.is_file()}
+    result = _finetune(base, "--data", data, "--output", output, "--force")
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "refusing" in result.stderr
+    assert "Traceback" not in result.output and "step " not in result.stderr  # no training happened
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_force_replaces_a_folder_finetune_wrote(trained, tmp_path):
+    from onnxpipe.training.finetune import check_output
+
+    _, hf, _ = trained
+    check_output(hf, True)  # its own earlier output: may be replaced
+    with pytest.raises(Exception, match="pass --force"):
+        check_output(hf, False)

@@ -46,8 +46,8 @@ def finetune(base: str, data: str, output: str, text_column: str, label_column: 
     """
     from pathlib import Path
 
-    from onnxpipe.export.finetune import TrainingOptions
-    from onnxpipe.export.finetune import finetune as run_finetune
+    from onnxpipe.training.finetune import TrainingOptions
+    from onnxpipe.training.finetune import finetune as run_finetune
     from onnxpipe.home import export_home
 
     target = None
@@ -59,11 +59,12 @@ def finetune(base: str, data: str, output: str, text_column: str, label_column: 
             raise UsageError(f"export {target} exists", hint="pass --force to replace it")
     options = TrainingOptions(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                               max_length=max_length, seed=seed, logging_steps=logging_steps)
+    from onnxpipe import console
+
     run_finetune(base, data, output, text_column=text_column, label_column=label_column, label_map=label_map,
                  validation_split=validation_split, validation_file=validation_file, options=options,
-                 data_format=data_format, force=force)
+                 data_format=data_format, force=force, report=console.info, warn=console.warn)
     if target is not None:
-        from onnxpipe import console
         from onnxpipe.export import export_model
 
         console.info(f"exporting {output} to {target}")

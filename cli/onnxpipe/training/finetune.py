@@ -1,28 +1,35 @@
 """Supervised fine-tuning for text classification: labelled file -> Hugging Face checkpoint folder.
 
-It lives with the export code because it needs the same stack (torch, transformers, accelerate).
-The result is an ordinary checkpoint folder that `onnxpipe export` takes; `export=` does both.
-Training is transformers' Trainer; this module only prepares the data, reports and saves.
+It needs the export stack (torch, transformers, accelerate), imported inside the functions. The
+result is an ordinary checkpoint folder that `onnxpipe export` takes. Training is transformers'
+Trainer; this module only prepares the data, saves, and reports through the `report` and `warn`
+callbacks (it never prints). `--force` replaces only a folder that finetune itself wrote.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from onnxpipe import console
 from onnxpipe.errors import InputError, MissingExtraError, SourceError, UsageError
 from onnxpipe.labelled import Labelled, apply_label_map, parse_label_map, read_labelled, sorted_labels
 from onnxpipe.metrics import classification_metrics
 
 SUMMARY_NAME = "onnxpipe_finetune.json"
+Report = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    pass
 
 
 @dataclass
@@ -77,7 +84,8 @@ def _require_stack() -> None:
 
 def prepare_data(data_path: str | Path, text_column: str, label_column: str, label_map: str | None,
                  validation_split: float | None, validation_file: str | Path | None, seed: int,
-                 data_format: str | None = None) -> tuple[Labelled, Labelled | None, list[str], list[str]]:
+                 data_format: str | None = None, warn: Report = _quiet,
+                 ) -> tuple[Labelled, Labelled | None, list[str], list[str]]:
     """Read, map and split. Returns (train, validation or None, raw labels by id, label names by id)."""
     mapping = parse_label_map(label_map)
     data = read_labelled(data_path, text_column, label_column, data_format)
@@ -90,7 +98,7 @@ def prepare_data(data_path: str | Path, text_column: str, label_column: str, lab
     if mapping:
         apply_label_map(data, mapping)  # fails on an unmapped label, naming its line
         for unused in sorted(set(mapping) - set(raw_labels)):
-            console.warn(f"--label-map entry {unused!r} matches no label in {data.source}")
+            warn(f"--label-map entry {unused!r} matches no label in {data.source}")
     names = [mapping.get(r, r) for r in raw_labels]
     to_name = dict(zip(raw_labels, names))
     data = Labelled(data.texts, [to_name[r] for r in data.labels], data.lines, data.source)
@@ -136,7 +144,36 @@ def _encode(tokenizer, data: Labelled, label2id: dict[str, int], max_length: int
     return _Encoded(dict(enc), [label2id[l] for l in data.labels]), truncated
 
 
-def _progress_callback():
+def check_output(output: Path, force: bool, *inputs: str | Path | None) -> None:
+    """Refuse an OUTPUT that --force must not replace: only a folder that finetune wrote (it holds
+    onnxpipe_finetune.json) or an empty one is replaced; never a link, another folder, or a folder
+    that is or holds the base checkpoint or the data."""
+    if os.path.islink(output):
+        raise UsageError(f"{output} is a symbolic link; refusing to replace it or what it points to",
+                         hint="give the folder itself as --output")
+    out = os.path.realpath(output)
+    for item in inputs:
+        if item is None or not os.path.exists(item):
+            continue
+        src = os.path.realpath(item)
+        if os.path.commonpath([out, src]) == out:
+            raise UsageError(f"the output {output} {'is' if out == src else 'holds'} {item}; "
+                             "refusing to write there", hint="choose another --output")
+    if not os.path.lexists(output):
+        return
+    if not output.is_dir():
+        raise UsageError(f"{output} exists and is not a folder", hint="choose another --output")
+    entries = sorted(os.listdir(output))
+    if entries and not (output / SUMMARY_NAME).is_file():
+        shown = ", ".join(entries[:3]) + (f", and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise UsageError(f"{output} holds {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} that onnxpipe "
+                         f"finetune did not write ({shown}); refusing to replace it",
+                         hint="--force replaces only a folder made by onnxpipe finetune: choose another --output")
+    if not force:
+        raise UsageError(f"{output} exists", hint="pass --force to replace it")
+
+
+def _progress_callback(report: Report):
     from transformers import TrainerCallback
 
     class StderrProgress(TrainerCallback):
@@ -145,7 +182,7 @@ def _progress_callback():
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
             if "loss" in logs:
-                console.info(
+                report(
                     f"step {state.global_step}/{state.max_steps}  epoch {logs.get('epoch', state.epoch or 0):.2f}  "
                     f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}"
                 )
@@ -156,17 +193,20 @@ def _progress_callback():
 def finetune(base: str | Path, data: str | Path, output: str | Path, *, text_column: str = "text",
              label_column: str = "label", label_map: str | None = None, validation_split: float | None = None,
              validation_file: str | Path | None = None, options: TrainingOptions | None = None,
-             data_format: str | None = None, force: bool = False) -> dict[str, Any]:
-    """Fine-tune BASE on DATA into the checkpoint folder OUTPUT and return the training summary."""
+             data_format: str | None = None, force: bool = False, report: Report = _quiet,
+             warn: Report = _quiet) -> dict[str, Any]:
+    """Fine-tune BASE on DATA into the checkpoint folder OUTPUT and return the training summary.
+
+    REPORT gets the progress lines, WARN what went differently than asked (the command prints both).
+    """
     options = options or TrainingOptions()
     output = Path(output)
-    if output.exists() and not force:
-        raise UsageError(f"{output} exists", hint="pass --force to replace it")
+    check_output(output, force, base, data, validation_file)
     for name in ("epochs", "learning_rate", "batch_size", "max_length", "logging_steps"):
         if getattr(options, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, not {getattr(options, name)}")
     train, val, raw_labels, names = prepare_data(
-        data, text_column, label_column, label_map, validation_split, validation_file, options.seed, data_format
+        data, text_column, label_column, label_map, validation_split, validation_file, options.seed, data_format, warn
     )
     if len(sorted_labels(train.labels)) < 2:
         raise InputError("after the validation split the training part has one class only; lower --validation-split")
@@ -196,15 +236,15 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, *, text_col
         raise SourceError(f"cannot load {base} for sequence classification: {exc}") from None
     finally:
         transformers.logging.set_verbosity(previous)
-    console.info(f"fine-tuning {base} ({model.config.model_type}) for {len(names)} labels: "
+    report(f"fine-tuning {base} ({model.config.model_type}) for {len(names)} labels: "
                  + ", ".join(f"{i}={n}" for i, n in id2label.items()))
-    console.info(f"{len(train)} training examples, "
+    report(f"{len(train)} training examples, "
                  + (f"{len(val)} validation examples" if val else "no validation set"))
 
     train_ds, truncated = _encode(tokenizer, train, label2id, options.max_length)
     val_ds = _encode(tokenizer, val, label2id, options.max_length)[0] if val else None
     if truncated:
-        console.warn(f"{truncated} training example(s) longer than --max-length {options.max_length} were truncated")
+        warn(f"{truncated} training example(s) longer than --max-length {options.max_length} were truncated")
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
@@ -233,11 +273,11 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, *, text_col
         # The Trainer's own printers write dicts to stdout; stdout is for results only.
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(_progress_callback())
+        trainer.add_callback(_progress_callback(report))
         started = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - started
-        console.info(f"trained {result.global_step} steps in {seconds:.1f}s (mean loss {result.training_loss:.4f})")
+        report(f"trained {result.global_step} steps in {seconds:.1f}s (mean loss {result.training_loss:.4f})")
 
         metrics = None
         if val_ds is not None:
@@ -245,7 +285,7 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, *, text_col
             if isinstance(logits, tuple):
                 logits = logits[0]
             metrics = classification_metrics(val_ds.label_ids, np.argmax(logits, axis=-1).tolist(), names)
-            console.info(
+            report(
                 f"validation ({metrics['examples']} examples): accuracy {metrics['accuracy']:.4f}  "
                 f"macro precision {metrics['macro']['precision']:.4f}  recall {metrics['macro']['recall']:.4f}  "
                 f"f1 {metrics['macro']['f1']:.4f}"
@@ -268,10 +308,14 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, *, text_col
             "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
         }
         (final / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        if output.exists():
-            shutil.rmtree(output)
+        check_output(output, force, base, data, validation_file)  # again: the folder may have changed meanwhile
+        if output.is_dir() and any(output.iterdir()):
+            old = tmp / "replaced"
+            output.rename(old)  # removed with tmp, after the new folder is in place
+        elif output.is_dir():
+            output.rmdir()
         final.rename(output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    console.info(f"saved {output}")
+    report(f"saved {output}")
     return summary
