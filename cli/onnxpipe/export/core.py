@@ -17,7 +17,9 @@ around it, and the current folder (unless it is an export) are refused before an
 Manifest keys beyond manifest.py's list: `source.weights` (file names hashed), `tokenizer.check`
 (the fast/slow comparison), `graph.encoder_inputs`/`encoder_outputs` (seq2seq), and
 `validation.fp32` (the fp32 report a variant was built from), `quantization` (int8 only: method,
-weights, how many MatMuls were kept in fp32).
+weights, how many MatMuls were kept in fp32), and for feature-extraction from sentence-transformers
+files: `dense` (a list of {"weight", "bias": .npy paths in the export, "activation", "shape"}) and
+`max_seq_length`; `pooling` may join several modes with "+" ("cls+mean"), as sentence-transformers concatenates them.
 """
 
 from __future__ import annotations
@@ -150,6 +152,8 @@ def _build(source, tmp: Path, name: str, task: str | None, opts: dict, texts: li
     from types import SimpleNamespace
 
     builder = _choose_graph(opts, family, SimpleNamespace(**config))  # before the model loads: fail fast
+    if builder == "optimum":
+        _check_traceable(SimpleNamespace(**config))
     with quiet_libraries():
         toks = load_tokenizers(src.folder, config, opts["trust_remote_code"])
         try:
@@ -218,6 +222,23 @@ def _build(source, tmp: Path, name: str, task: str | None, opts: dict, texts: li
     return manifest
 
 
+def _check_traceable(config) -> None:
+    """Refuse what optimum's traced graph cannot follow within the positions the runtime allows.
+
+    longrope (Phi-3 128k) switches from short to long factors once a sequence passes
+    original_max_position_embeddings: a Python branch, which the trace fixes to the dummy inputs' (short)
+    side, and the validation texts are too short to notice. (dynamic NTK only changes past
+    max_position_embeddings, where the runtime never goes.)"""
+    rope = getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    original = getattr(config, "original_max_position_embeddings", None) or rope.get("original_max_position_embeddings")
+    if kind == "longrope" and original and original < (getattr(config, "max_position_embeddings", 0) or 0):
+        raise ExportError(
+            f"{config.model_type} with longrope rope scaling cannot be exported exactly: optimum's graph keeps the "
+            f"short factors, so sequences past original_max_position_embeddings ({original}) would differ from PyTorch"
+        )
+
+
 def _choose_graph(opts: dict, family: str, config) -> str:
     """"fused" (onnxpipe's own graph, export.fused) or "optimum", from --graph and what applies."""
     from onnxpipe.export import fused
@@ -284,7 +305,7 @@ def _manifest(name, task, family, config, out: Path, files, tokenizer_record, sp
         labels = [id2label.get(str(i), f"LABEL_{i}") for i in range(len(id2label))]
     source_record = dict(src.record)
     source_record["weights"] = [p.name for p in src.weights]
-    pooling, normalize = _pooling(src.folder) if task == "feature-extraction" else (None, False)
+    embedding = _pooling(src.folder, out) if task == "feature-extraction" else {"pooling": None, "normalize": False}
     return {
         "name": name,
         "task": task,
@@ -297,8 +318,7 @@ def _manifest(name, task, family, config, out: Path, files, tokenizer_record, sp
         "special_tokens": special,
         "labels": labels,
         "problem_type": cfg.get("problem_type") if labels else None,
-        "pooling": pooling,
-        "normalize": normalize,
+        **embedding,  # pooling, normalize (+ dense, max_seq_length from sentence-transformers files)
         "opset": _opset(out / next(iter(files.values()))),
         "precision": precision,
         "optimization": opts["optimize"],
@@ -340,14 +360,13 @@ def _check_target_path(output: Path, force: bool, source: str | Path | None) -> 
     if not entries and not is_cwd:
         return  # an empty folder is used as it is
     if not looks_like_export(output):
-        what = "the current folder, which " if is_cwd else ""
         if not entries:
             raise UsageError(f"{output} is the current folder; refusing to export into it",
                              hint="give a new folder as --output")
         noun = "file" if all(os.path.isfile(output / e) and not os.path.islink(output / e) for e in entries) else "entry"
         noun = noun if len(entries) == 1 else ("files" if noun == "file" else "entries")
         raise UsageError(
-            f"{output} is {what}a folder that holds {len(entries)} {noun} that {'is' if len(entries) == 1 else 'are'} "
+            f"{output}{' (the current folder)' if is_cwd else ''} holds {len(entries)} {noun} that {'is' if len(entries) == 1 else 'are'} "
             f"not an onnxpipe export ({_some(entries)}); refusing to replace it",
             hint="--force replaces only onnxpipe exports: choose another --output or --name",
         )
@@ -543,23 +562,43 @@ def _opset(path: Path) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def _pooling(folder: Path) -> tuple[str, bool]:
-    """A sentence-transformers folder says how it pools and whether it normalises; else mean, raw."""
-    pooling_cfg = folder / "1_Pooling" / "config.json"
-    modules = folder / "modules.json"
-    pooling, normalize = "mean", False
-    try:
-        if pooling_cfg.is_file():
-            cfg = json.loads(pooling_cfg.read_text(encoding="utf-8"))
-            if cfg.get("pooling_mode_cls_token"):
-                pooling = "cls"
-            elif cfg.get("pooling_mode_max_tokens"):
-                pooling = "max"
-        if modules.is_file():
-            normalize = any("Normalize" in m.get("type", "") for m in json.loads(modules.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, AttributeError, TypeError):
-        pass
-    return pooling, normalize
+def _pooling(folder: Path, out: Path) -> dict[str, Any]:
+    """The manifest's embedding keys: from a sentence-transformers folder (modules.json: Pooling, Dense,
+    Normalize, max_seq_length), else mean pooling, not normalised. Dense weights are written into the
+    export as float32 .npy files, which the runtime applies with numpy (no torch)."""
+    from onnxpipe.tasks.embed import read_sentence_transformers
+
+    declared = read_sentence_transformers(folder)
+    if declared is None:
+        return {"pooling": "mean", "normalize": False}
+    dense = []
+    for i, layer in enumerate(declared["dense"]):
+        dense.append(_dense_files(folder / layer["path"], out, i, layer))
+    record = {"pooling": declared["pooling"], "normalize": declared["normalize"]}
+    if dense:
+        record["dense"] = dense
+    if declared["max_seq_length"]:
+        record["max_seq_length"] = int(declared["max_seq_length"])
+    return record
+
+
+def _dense_files(folder: Path, out: Path, index: int, layer: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise SourceError(f"{folder} has no model.safetensors (a pickled Dense layer is not read)",
+                          hint="re-save the model with sentence-transformers' save(), which writes safetensors")
+    tensors = load_file(str(weights))
+    (out / "dense").mkdir(exist_ok=True)
+    record: dict[str, Any] = {"weight": f"dense/{index}_weight.npy", "bias": None, "activation": layer["activation"]}
+    np.save(out / record["weight"], tensors["linear.weight"].astype(np.float32))
+    if "linear.bias" in tensors:
+        record["bias"] = f"dense/{index}_bias.npy"
+        np.save(out / record["bias"], tensors["linear.bias"].astype(np.float32))
+    record["shape"] = list(tensors["linear.weight"].shape)
+    return record
 
 
 def tool_versions() -> dict[str, str | None]:
