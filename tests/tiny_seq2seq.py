@@ -98,13 +98,42 @@ def _marian_multi(out: Path) -> Path:
     return _save(model, tokenizer, out)
 
 
+def _pegasus(out: Path) -> Path:
+    """Pegasus as google/pegasus-* ships it: a slow PegasusTokenizer (spiece.model; ids offset by 103 for
+    <pad>, </s>, <mask_1>, <mask_2>, <unk_2>..<unk_102>), sinusoidal positions, scaled embeddings, and a
+    generation config with beams, no_repeat_ngram_size, a banned word and forced eos."""
+    import transformers
+
+    _torch_seed()
+    out.mkdir(parents=True, exist_ok=True)
+    spm_file = train_sentencepiece(out, "spiece", vocab_size=200, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    (out / "spiece.vocab").unlink()
+    tokenizer = transformers.PegasusTokenizer(vocab_file=str(spm_file), model_max_length=128)
+    config = transformers.PegasusConfig(
+        vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, forced_eos_token_id=1,
+        scale_embedding=True, **_COMMON,
+    )
+    model = transformers.PegasusForConditionalGeneration(config)
+    model.generation_config = transformers.GenerationConfig(
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, forced_eos_token_id=1, num_beams=4,
+        length_penalty=0.8, max_length=40, no_repeat_ngram_size=3, bad_words_ids=[[tokenizer.unk_token_id]],
+    )
+    _save(model, tokenizer, out)
+    (out / "tokenizer.json").unlink(missing_ok=True)  # slow only, as the hub's google/pegasus-* folders
+    return out
+
+
 # eos output-row scale per architecture, found by generating for 16 lines of CORPUS with greedy search:
 # a few end within 2-10 tokens, some later, the rest run to 30 tokens.
-EOS_SCALE = {"t5": 2.0, "marian": 1.2, "marian_multi": 1.2, "bart": -3.0, "mbart": 3.0, "nllb": 12.0}
+EOS_SCALE = {"t5": 2.0, "marian": 1.2, "marian_multi": 1.2, "bart": -3.0, "mbart": 3.0, "nllb": 12.0, "mbart50": 6.0,
+             "pegasus": -1.4}
+KEEP_POSITIONS = {"pegasus"}  # its sinusoidal table is what the family test is about
 
 
-def sharpen(source: Path, out: Path, eos_scale: float, std: float = 0.3, seed: int = 1) -> Path:
-    """A copy of the checkpoint SOURCE with weight matrices redrawn from N(0, std) and eos's row scaled."""
+def sharpen(source: Path, out: Path, eos_scale: float, std: float = 0.3, seed: int = 1,
+            keep_positions: bool = False) -> Path:
+    """A copy of the checkpoint SOURCE with weight matrices redrawn from N(0, std) and eos's row scaled
+    (KEEP_POSITIONS: not the position tables, so sinusoidal ones stay sinusoidal)."""
     import shutil
 
     import torch
@@ -115,8 +144,8 @@ def sharpen(source: Path, out: Path, eos_scale: float, std: float = 0.3, seed: i
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(source)
     torch.manual_seed(seed)
     with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and not (keep_positions and "embed_positions" in name):
                 param.normal_(0.0, std)
         eos = model.generation_config.eos_token_id
         model.get_output_embeddings().weight[eos] *= eos_scale
@@ -124,7 +153,8 @@ def sharpen(source: Path, out: Path, eos_scale: float, std: float = 0.3, seed: i
     return out
 
 
-BUILDERS = {"marian_multi": _marian_multi, "mbart": _mbart, "mbart50": lambda out: _mbart(out, fifty=True), "nllb": _nllb}
+BUILDERS = {"marian_multi": _marian_multi, "mbart": _mbart, "mbart50": lambda out: _mbart(out, fifty=True), "nllb": _nllb,
+            "pegasus": _pegasus}
 
 
 def build(arch: str, out: Path) -> Path:
@@ -145,7 +175,7 @@ def sharpened_export(arch: str, root: Path, base_checkpoint) -> tuple[Path, Path
 
         root = Path(root) / f"s2s-{arch}"
         base = build(arch, root / "base") if arch in BUILDERS else base_checkpoint(arch)
-        ckpt = sharpen(base, root / "ckpt", EOS_SCALE[arch])
+        ckpt = sharpen(base, root / "ckpt", EOS_SCALE[arch], keep_positions=arch in KEEP_POSITIONS)
         export_model(ckpt, root / "export")
         _EXPORTS[arch] = (ckpt, root / "export")
     return _EXPORTS[arch]
