@@ -282,3 +282,17 @@ def test_fused_graph_refuses_with_the_difference(family, arch):
     assert "\n" not in message
     assert {"qwen2": "bias", "mistral": "sliding window", "phi3": "packed", "gemma": "scaled embeddings"}[arch] in message
     assert not (export.parent / "fused").exists()
+
+
+def test_phi3_longrope_is_refused_in_one_line(tmp_path):
+    """longrope switches factors past original_max_position_embeddings (16 here) in a Python branch that the
+    trace fixes: the export must refuse, not write a graph that is wrong for long prompts."""
+    from onnxpipe.errors import ExportError
+    from onnxpipe.export import export_model
+
+    ckpt = tiny_decoders.build("phi3-longrope", tmp_path / "ckpt")
+    with pytest.raises(ExportError) as info:
+        export_model(ckpt, tmp_path / "export", task="text-generation")
+    message = str(info.value)
+    assert "\n" not in message and "longrope" in message and "original_max_position_embeddings (16)" in message
+    assert not (tmp_path / "export").exists()

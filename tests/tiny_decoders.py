@@ -98,7 +98,7 @@ def _mistral(out: Path) -> Path:
     return _save(model, tokenizer, out)
 
 
-def _phi3(out: Path, rope: dict | None = None) -> Path:
+def _phi3(out: Path, rope: dict | None = None, original_max: int = 256) -> Path:
     import torch
     import transformers
 
@@ -112,7 +112,7 @@ def _phi3(out: Path, rope: dict | None = None) -> Path:
     )
     config = transformers.Phi3Config(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=original_max,
         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False, rope_scaling=rope,
         sliding_window=None,
     )
@@ -141,12 +141,15 @@ def _gemma(out: Path) -> Path:
 
 
 LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0}
+# Phi-3 128k's scaling: short factors up to original_max_position_embeddings, long ones past it (head_dim 8: 4 each)
+LONGROPE = {"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [4.0] * 4}
 
 BUILDERS = {
     "qwen2": _qwen2,
     "qwen2-linear": lambda out: _qwen2(out, rope=LINEAR_ROPE),
     "mistral": _mistral,
     "phi3": _phi3,
+    "phi3-longrope": lambda out: _phi3(out, rope=LONGROPE, original_max=16),
     "gemma": _gemma,
 }
 
