@@ -98,7 +98,7 @@ def check_name(name: str, what: str, hint: str) -> None:
     if problem:
         shown = name if len(name) <= 40 else name[:40] + "..."
         raise UsageError(f"{what} {shown!r} {problem}: not a valid export name",
-                         hint=f"{hint} (up to {MAX_NAME} characters, no slashes or control characters)")
+                         hint=f"{hint}: up to {MAX_NAME} characters, no slashes or control characters")
 
 
 def default_name(source: str) -> str:

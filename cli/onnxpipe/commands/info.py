@@ -28,7 +28,7 @@ def info(model: str, as_json: bool) -> None:
     recorded = manifest.get("checksums")
     if recorded is not None and problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        console.warn(f"{folder.name}: {len(problems)} file{'s' if len(problems) > 1 else ''} no longer match the "
+        console.warn(f"{folder.name}: {len(problems)} file{'s no longer match' if len(problems) > 1 else ' no longer matches'} the "
                      f"manifest ({shown}): run onnxpipe verify {model}, or re-export it")
     if as_json:
         click.echo(json.dumps(manifest, indent=2, ensure_ascii=False))
