@@ -6,7 +6,8 @@ refuses them) and checked against transformers: the export validates, the greedy
 renders the chat template as transformers does. The features that set each family apart are in the
 checkpoints: Qwen2's q/k/v biases and a vocabulary padded past the tokenizer's, Mistral's sliding window
 (4) shorter than every prompt (10-30 tokens) and than the generation, Phi-3's packed projections, Gemma's
-scaled embeddings, gelu and independent head_dim; a Qwen2 with linear rope scaling.
+scaled embeddings, gelu and independent head_dim; Qwen2s with linear and yarn rope scaling; and the
+newer Qwen3 (q/k norms), Gemma2 (soft-capping, windowed layers) and Gemma3 (local/global layers).
 
 As in test_decoding.py, random tiny models seldom produce their own eos, so each comparison declares a
 frequent id as eos (with the model's own as a second id) such that some rows end on it and some run to
@@ -39,7 +40,7 @@ PROMPTS = [
     "She said: \"hello, world\" and left the room.",
     "Tokenizers split words into pieces: un-break-able, re-think-ing, and",
 ]
-FAMILIES = ["qwen2", "mistral", "phi3", "gemma", "qwen2-linear"]
+FAMILIES = ["qwen2", "mistral", "phi3", "gemma", "qwen2-linear", "qwen2-yarn", "qwen3", "gemma2", "gemma3"]
 GREEDY = dict(do_sample=False, max_new_tokens=24)
 BEAM = dict(do_sample=False, num_beams=4, num_return_sequences=2, max_new_tokens=16)
 CASES = {"greedy": GREEDY, "beam": BEAM}
@@ -217,11 +218,12 @@ def test_qwen2_ids_past_the_tokenizer_decode_like_transformers(family, one_torch
         assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
 
 
-def test_linear_rope_scaling_matters(family, one_torch_thread):
-    """The linear-scaled Qwen2 passes its parity tests (above); its ids differ from the unscaled one's."""
+@pytest.mark.parametrize("kind", ["linear", "yarn"])
+def test_rope_scaling_matters(family, kind, one_torch_thread):
+    """The rope-scaled Qwen2s pass their parity tests (above); their ids differ from the unscaled one's."""
     base_ckpt, _, _ = family("qwen2")
-    ckpt, export, manifest = family("qwen2-linear")
-    assert json.loads((export / "config.json").read_text())["rope_scaling"]["rope_type"] == "linear"
+    ckpt, export, manifest = family(f"qwen2-{kind}")
+    assert json.loads((export / "config.json").read_text())["rope_scaling"]["rope_type"] == kind
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt)
     tokenizer.padding_side = "left"
     scaled = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()

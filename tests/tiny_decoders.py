@@ -2,13 +2,14 @@
 Qwen2, Mistral, Phi-3 and Gemma, each with what makes its family differ from Llama, so that an export
 that ignored it would give other ids:
 
-- Qwen2: non-zero q/k/v biases; a config vocabulary padded past the tokenizer's (the logits have columns
+- Qwen2: non-zero q/k/v biases (and variants with linear and yarn rope scaling); a config vocabulary padded past the tokenizer's (the logits have columns
   no token uses, as Qwen2.5's 151,936 vs 151,665); a ChatML chat template and two eos ids (<|im_end|>,
   <|endoftext|>) in the generation config.
 - Mistral: a sliding window (4) shorter than every prompt, so attention outside the window matters.
 - Phi-3: packed qkv_proj and gate_up_proj.
 - Gemma: embeddings scaled by sqrt(hidden), gelu (tanh), head_dim independent of hidden / heads, and
   RMSNorm weights offset by one.
+- Qwen3, Gemma2, Gemma3 (text): q/k RMSNorm, soft-capping, sliding windows on some layers (_newer).
 
 Like tiny_models._llama, the q and k projections are sharpened (x12), so the logits depend on the rotary
 phases and on which positions attend to which: with the random init they barely do.
@@ -140,17 +141,51 @@ def _gemma(out: Path) -> Path:
     return _save(model, tokenizer, out)
 
 
+def _newer(out: Path, kind: str) -> Path:
+    """Qwen3 (q/k RMSNorm), Gemma2 (soft-capped logits, sliding window on every other layer) and Gemma3
+    (q/k RMSNorm, local/global layers with their own rope bases), Gemma's with a window of 4."""
+    import transformers
+
+    _torch_seed()
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "qwen3":  # Qwen's byte-level BPE, as _qwen2
+        vocab, merges = train_bytelevel_bpe(out, special=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+        tokenizer = transformers.Qwen2TokenizerFast(vocab_file=str(vocab), merges_file=str(merges), unk_token=None,
+                                                    bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+        tokenizer.model_max_length = 256
+    else:
+        tokenizer = _spm_llama_tokenizer(out, "GemmaTokenizerFast")
+    eos, pad = (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False)
+    if kind == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common))
+    else:
+        gemma = dict(sliding_window=SLIDING_WINDOW, query_pre_attn_scalar=8, **common)
+        model = (transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**gemma)) if kind == "gemma2"
+                 else transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**gemma)))
+    _sharpen(model)
+    return _save(model, tokenizer, out)
+
+
 LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0}
+# Qwen2.5's long-context scaling: static frequencies and an attention factor (0.1 ln 4 + 1), traced as constants
+YARN_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 # Phi-3 128k's scaling: short factors up to original_max_position_embeddings, long ones past it (head_dim 8: 4 each)
 LONGROPE = {"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [4.0] * 4}
 
 BUILDERS = {
     "qwen2": _qwen2,
     "qwen2-linear": lambda out: _qwen2(out, rope=LINEAR_ROPE),
+    "qwen2-yarn": lambda out: _qwen2(out, rope=YARN_ROPE),
     "mistral": _mistral,
     "phi3": _phi3,
     "phi3-longrope": lambda out: _phi3(out, rope=LONGROPE, original_max=16),
     "gemma": _gemma,
+    "qwen3": lambda out: _newer(out, "qwen3"),
+    "gemma2": lambda out: _newer(out, "gemma2"),
+    "gemma3": lambda out: _newer(out, "gemma3"),
 }
 
 

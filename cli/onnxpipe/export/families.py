@@ -109,6 +109,12 @@ FAMILIES: tuple[Family, ...] = (
            ("test_families_decoders.py",), "optimum's graph; packed qkv and gate_up"),
     Family("gemma", "Gemma", ("gemma",), "decoder", EXPORTS, ("text-generation",), _GEN, TOKENIZER_SPM_FAST,
            ("test_families_decoders.py",), "optimum's graph; scaled embeddings, gelu, head_dim 16"),
+    Family("qwen3", "Qwen3", ("qwen3",), "decoder", EXPORTS, ("text-generation",), _GEN, TOKENIZER_FAST,
+           ("test_families_decoders.py",), "optimum's graph; q/k RMSNorm"),
+    Family("gemma2", "Gemma 2", ("gemma2",), "decoder", EXPORTS, ("text-generation",), _GEN, TOKENIZER_SPM_FAST,
+           ("test_families_decoders.py",), "optimum's graph; soft-capping, sliding window (4) on alternate layers"),
+    Family("gemma3", "Gemma 3 (text)", ("gemma3_text",), "decoder", EXPORTS, ("text-generation",), _GEN,
+           TOKENIZER_SPM_FAST, ("test_families_decoders.py",), "optimum's graph; q/k RMSNorm, local/global layers"),
 )
 
 _STATUSES = (EXPORTS, FAILS, UNTESTED)
