@@ -174,15 +174,16 @@ def test_prompts_exceed_mistrals_window(family):
     assert min(lengths) > 5 * tiny_decoders.SLIDING_WINDOW and max(lengths) < 64
 
 
-def test_the_window_changes_the_output(family, one_torch_thread):
+@pytest.mark.parametrize("arch", ["mistral", "phi3", "gemma2"])
+def test_the_window_changes_the_output(family, arch, one_torch_thread):
     """The comparisons above would not notice a graph that ignored the window if the window did not
     matter: without it, transformers itself generates other ids for these prompts."""
-    ckpt, export, manifest = family("mistral")
+    ckpt, export, manifest = family(arch)
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt)
     tokenizer.padding_side = "left"
     tokenizer.pad_token = tokenizer.eos_token
     windowed = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
-    unwindowed = transformers.AutoModelForCausalLM.from_pretrained(ckpt, sliding_window=None).eval()
+    unwindowed = transformers.AutoModelForCausalLM.from_pretrained(ckpt, sliding_window=1024).eval()  # wider than all
     eos = [manifest["special_tokens"]["eos_token_id"][0]]
     assert _reference(windowed, tokenizer, PROMPTS, eos, **GREEDY) != _reference(unwindowed, tokenizer, PROMPTS, eos, **GREEDY)
 

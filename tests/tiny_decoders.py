@@ -6,7 +6,7 @@ that ignored it would give other ids:
   no token uses, as Qwen2.5's 151,936 vs 151,665); a ChatML chat template and two eos ids (<|im_end|>,
   <|endoftext|>) in the generation config.
 - Mistral: a sliding window (4) shorter than every prompt, so attention outside the window matters.
-- Phi-3: packed qkv_proj and gate_up_proj.
+- Phi-3: packed qkv_proj and gate_up_proj, and a sliding window (8) as Phi-3-mini-4k has (2047).
 - Gemma: embeddings scaled by sqrt(hidden), gelu (tanh), head_dim independent of hidden / heads, and
   RMSNorm weights offset by one.
 - Qwen3, Gemma2, Gemma3 (text): q/k RMSNorm, soft-capping, sliding windows on some layers (_newer).
@@ -115,7 +115,7 @@ def _phi3(out: Path, rope: dict | None = None, original_max: int = 256) -> Path:
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=original_max,
         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False, rope_scaling=rope,
-        sliding_window=None,
+        sliding_window=8,  # Phi-3-mini-4k has a window too (2047): shorter than the prompts here
     )
     model = transformers.Phi3ForCausalLM(config)
     with torch.no_grad():  # qkv_proj packs q | k | v rows: sharpen q and k

@@ -106,7 +106,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("mistral", "Mistral", ("mistral",), "decoder", EXPORTS, ("text-generation",), _GEN, TOKENIZER_SPM_FAST,
            ("test_families_decoders.py",), "optimum's graph; sliding window (4) shorter than the prompts"),
     Family("phi3", "Phi-3", ("phi3",), "decoder", EXPORTS, ("text-generation",), _GEN, TOKENIZER_SPM_FAST,
-           ("test_families_decoders.py",), "optimum's graph; packed qkv and gate_up"),
+           ("test_families_decoders.py",), "optimum's graph; packed qkv and gate_up, sliding window (8)"),
     Family("gemma", "Gemma", ("gemma",), "decoder", EXPORTS, ("text-generation",), _GEN, TOKENIZER_SPM_FAST,
            ("test_families_decoders.py",), "optimum's graph; scaled embeddings, gelu, head_dim 16"),
     Family("qwen3", "Qwen3", ("qwen3",), "decoder", EXPORTS, ("text-generation",), _GEN, TOKENIZER_FAST,
