@@ -85,6 +85,10 @@ BAD_MANIFESTS = {
     "not JSON": (lambda m: "{", "is not valid JSON"),
     "deep nesting": (lambda m: "[" * 100_000 + "]" * 100_000, "is not valid JSON"),
     "a file that is missing": (_set(files={"model": "gone.onnx"}), "files.model names gone.onnx, which is missing"),
+    "graph inputs that are not names": (_set(graph={"inputs": [[1]], "outputs": ["logits"]}),
+                                        "graph.inputs must be a list of names"),
+    "a negative token id": (_set(special_tokens={"pad_token_id": -1}), "special_tokens.pad_token_id must be a token id"),
+    "a token id that is text": (_set(special_tokens={"eos_token_id": ["</s>"]}), "special_tokens.eos_token_id must"),
 }
 
 
@@ -96,6 +100,15 @@ def test_a_bad_manifest_is_one_line_naming_the_file(exported, case):
     for args in (["info", "bad"], ["classify", "-m", "bad"], ["verify", "bad"]):
         result = run(*args, input="a good movie\n")
         assert_one_line(result, 1, str(folder / "onnxpipe.json"), fragment)
+
+
+@pytest.mark.parametrize("report", [{"outputs": {"logits": {"max_abs_diff": "big"}}}, {"cosine_similarity": 0.5},
+                                    {"failures": [[1]]}])
+def test_info_of_a_malformed_report_is_one_line_and_prints_nothing_else(exported, report):
+    folder = install(exported, "odd")
+    edit_manifest(folder, _set(validation={"passed": True, **report}))
+    assert_one_line(run("info", "odd"), 1, "onnxpipe.json: a field that info shows is malformed")
+    assert run("info", "--json", "odd").exit_code == 0  # the manifest as it is stays readable
 
 
 def test_models_lists_good_exports_and_marks_broken_ones(exported):

@@ -185,6 +185,13 @@ def _schema_problem(data: Any) -> str | None:
             return f"tokenizer.{key} is a JSON {_kind(tok[key])}, expected a string"
     if "max_length" in tok and tok["max_length"] is not None and (not isinstance(tok["max_length"], int) or isinstance(tok["max_length"], bool)):
         return f"tokenizer.max_length is a JSON {_kind(tok['max_length'])}, expected an integer"
+    graph = data.get("graph") or {}
+    for key in ("inputs", "outputs", "encoder_inputs", "encoder_outputs"):
+        if key in graph and not (isinstance(graph[key], list) and all(isinstance(n, str) for n in graph[key])):
+            return f"graph.{key} must be a list of names"
+    for key in ("num_layers", "num_kv_heads", "head_dim"):
+        if graph.get(key) is not None and not _is_count(graph[key]):
+            return f"graph.{key} must be a positive integer or null"
     for i, layer in enumerate(data.get("dense") or []):
         if not isinstance(layer, dict) or not isinstance(layer.get("weight"), str) \
                 or not isinstance(layer.get("bias"), (str, type(None))):
@@ -194,8 +201,8 @@ def _schema_problem(data: Any) -> str | None:
         return "labels must be a list of strings"
     for id_key, value in (data.get("special_tokens") or {}).items():
         values = value if isinstance(value, list) else [value]
-        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in values):
-            return f"special_tokens.{id_key} must be a token id (an integer), a list of them, or null"
+        if id_key.endswith("_token_id") and not all(_is_token_id(v) for v in values):
+            return f"special_tokens.{id_key} must be a token id (an integer from 0), a list of them, or null"
     for rel, entry in (data.get("checksums") or {}).items():
         if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and not isinstance(entry["size"], bool)
                 and isinstance(entry.get("sha256"), str)):
@@ -205,6 +212,18 @@ def _schema_problem(data: Any) -> str | None:
 
 _JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer", bool: "boolean", float: "number",
                type(None): "null"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return _is_int(value) and 0 < value < (1 << 31)
+
+
+def _is_token_id(value: Any) -> bool:
+    return value is None or (_is_int(value) and 0 <= value < (1 << 31))
 
 
 def _kind(value: Any) -> str:

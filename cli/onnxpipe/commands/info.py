@@ -33,10 +33,27 @@ def info(model: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(manifest, indent=2, ensure_ascii=False))
         return
+    from rich.errors import ConsoleError
+
+    try:
+        text = _render(folder, manifest, problems, recorded)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ConsoleError) as exc:  # a tampered field
+        from onnxpipe.errors import ExportFolderError
+        from onnxpipe.home import MANIFEST_NAME
+
+        raise ExportFolderError(f"{folder / MANIFEST_NAME}: a field that info shows is malformed "
+                                f"({type(exc).__name__}: {exc})", hint="re-run onnxpipe export") from None
+    click.echo(text, nl=False)
+
+
+def _render(folder, manifest: dict[str, Any], problems: list[str], recorded: dict | None) -> str:
+    """The readable report, whole: nothing is printed when a field of it cannot be shown."""
+    import io
+
     from rich.console import Console
     from rich.table import Table
 
-    out = Console(highlight=False, soft_wrap=True)
+    out = Console(highlight=False, soft_wrap=True, file=io.StringIO(), width=Console().width)
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -85,6 +102,7 @@ def info(model: str, as_json: bool) -> None:
     versions = manifest.get("versions") or {}
     out.print()
     out.print("made with " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + f" on {manifest.get('created')}")
+    return out.file.getvalue()
 
 
 def folder_size(folder) -> int:
