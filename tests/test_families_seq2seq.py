@@ -224,6 +224,20 @@ def test_unknown_language_code_is_one_line(s2s, arch, which, known):
     assert known in result.stderr
 
 
+@pytest.mark.parametrize("arch, short, code", [("mbart50", "ro", "ro_RO"), ("nllb", "ron", "ron_Latn")])
+def test_language_part_alone_picks_the_code(s2s, arch, short, code):
+    """'ro' is mBART's ro_RO and 'ron' NLLB's ron_Latn when one code has that language, as is the code in
+    lower case; a near miss is named in the error."""
+    ckpt, export = s2s(arch)
+    runs = [_run("translate", "-m", export, "--target-lang", lang, "--max-new-tokens", 6, "--format", "jsonl",
+                 input="Short.\nThe quick brown fox.\n") for lang in (short, code.lower(), code)]
+    assert all(r.exit_code == 0 for r in runs), runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout == runs[2].stdout
+    result = _run("translate", "-m", export, "--target-lang", code[:-1] + "x", input="Short.\n")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert f"did you mean {code}" in result.stderr
+
+
 def test_summarize_pegasus_matches_transformers(s2s, one_torch_thread):
     """summarize with no decoding options runs Pegasus's generation config, as transformers' generate does."""
     ckpt, export = s2s("pegasus")
