@@ -311,6 +311,18 @@ def test_validate_with_cuts_long_lines_and_caps_their_number(tmp_path):
     assert note.endswith(f"+ {VALIDATION_LINES} lines of big.txt, 1 cut to 16,000 characters")
 
 
+def test_validate_with_a_device_or_an_endless_line_is_bounded(tmp_path, monkeypatch):
+    import onnxpipe.export.core as core
+
+    with pytest.raises(core.UsageError, match="not a regular file"):
+        core._validation_texts("/dev/zero")
+    monkeypatch.setattr(core, "VALIDATION_BYTES", 1 << 20)
+    path = tmp_path / "endless.txt"
+    path.write_bytes(b"x" * (3 << 20) + b"\nnever read\n")
+    texts, note = core._validation_texts(path)
+    assert texts == ["x" * core.VALIDATION_LINE_CHARS] and "1 cut" in note
+
+
 def test_validate_with_a_20mb_line_exports(checkpoint, tmp_path):
     path = tmp_path / "huge.txt"
     path.write_text("a good movie " * ((20 << 20) // 13) + "\nthe worst film\n", encoding="utf-8")

@@ -51,6 +51,7 @@ NAME_MAX = 255  # bytes in one path component on Linux and macOS file systems
 # so a 20 MB line would cost GBs. Like the streaming commands, cut long lines before tokenizing.
 VALIDATION_LINES = 256
 VALIDATION_LINE_CHARS = 16_000
+VALIDATION_BYTES = 256 << 20  # read no further than this (a file of one endless line)
 
 
 def _no_progress(stage: str, message: str) -> None:
@@ -489,14 +490,16 @@ def _validation_texts(validate_with: str | Path | None) -> tuple[list[str], str]
     lines: list[str] = []
     cut = 0
     try:
+        if not path.is_file():  # /dev/zero or a FIFO would be read for ever
+            raise UsageError(f"--validate-with {path}: not a regular file", hint="give a text file, one input a line")
         with open(path, "rb") as f:
-            while len(lines) < VALIDATION_LINES:
+            while len(lines) < VALIDATION_LINES and f.tell() < VALIDATION_BYTES:
                 raw = f.readline(limit)
                 if not raw:
                     break
                 long = len(raw) == limit and not raw.endswith(b"\n")
                 if long:  # the rest of the line is skipped, never held
-                    while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    while f.tell() < VALIDATION_BYTES and (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
                         pass
                 text = raw.decode("utf-8", errors="replace").strip()
                 if len(text) > VALIDATION_LINE_CHARS:
