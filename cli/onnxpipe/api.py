@@ -9,7 +9,9 @@
 
 It runs the same engine as the CLI (length-sorted batches, order restored, empty inputs kept), and a
 result's `to_dict()` is exactly the record that the command's `--format jsonl` writes for that line.
-Nothing here prints: where the model runs is in `Pipeline.provider` and `Pipeline.device_note`.
+Nothing here prints: where the model runs is in `Pipeline.provider` and `Pipeline.device_note`; a
+`threads` above the usable CPUs is capped to them with a `RuntimeWarning` (the warnings module, so
+the caller decides whether it shows), and `Pipeline.threads` is the value in use.
 """
 
 from __future__ import annotations
@@ -104,6 +106,12 @@ class Pipeline:
         return provider
 
     @property
+    def threads(self) -> int | None:
+        """The intra-op threads in use: load()'s `threads`, capped at the usable CPUs (None: ONNX Runtime's default)."""
+        threads: int | None = self.model.threads
+        return threads
+
+    @property
     def device_note(self) -> str | None:
         """What the CLI says on stderr about the device: where it runs, and why when it fell back to CPU."""
         note: str | None = self.model.device_note
@@ -171,7 +179,7 @@ def load(name_or_path: str | Path, device: str = "auto", threads: int | None = N
     """Open an export (a name in the export home, or a path) for its task.
 
     DEVICE is auto, cpu, cuda or cuda:N, as the CLI's --device (cuda never falls back to the CPU);
-    THREADS the intra-op threads. TASK picks the family where an export serves more than one
+    THREADS the intra-op threads (more than the usable CPUs: capped, with a RuntimeWarning). TASK picks the family where an export serves more than one
     (text2text-generation: "translate", the default, or "summarize"). ON_ERROR "fail" raises at the
     first input that cannot run; "null" gives it a Result with `error` set instead.
     """
@@ -179,9 +187,27 @@ def load(name_or_path: str | Path, device: str = "auto", threads: int | None = N
 
     if on_error not in ("fail", "null"):
         raise UsageError(f"on_error must be 'fail' or 'null', not {on_error!r}")
+    if threads is not None:
+        threads = _capped_threads(threads)
     model = load_model(name_or_path, device=device, threads=threads)
     family = family_for_export(model.task, task)
     pipeline = Pipeline(model, family, batch_size=batch_size, max_batch_tokens=max_batch_tokens, on_error=on_error)
     for graph in model.manifest.get("files") or {}:  # a device error belongs to load(), not to the first call
         model.session(graph)
     return pipeline
+
+
+def _capped_threads(threads: Any) -> int:
+    """THREADS checked (a positive int) and capped at the usable CPUs, with a RuntimeWarning when capped."""
+    import warnings
+
+    from onnxpipe.machine import usable_cpus
+
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UsageError(f"threads must be a positive int or None, not {threads!r}")
+    usable = usable_cpus()
+    if threads > usable:
+        warnings.warn(f"threads={threads}: only {usable} CPU(s) usable here; using {usable}",
+                      RuntimeWarning, stacklevel=3)
+        return usable
+    return threads

@@ -7,6 +7,7 @@ translations and summaries). Nothing here prints.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -67,14 +68,14 @@ def label_ids(data: Labelled, labels: list[str]) -> list[int]:
 def evaluate_classification(model: str | Path, data_path: str | Path, *, text_column: str = "text",
                             label_column: str = "label", label_map: str | None = None,
                             data_format: str | None = None, against: str | Path | None = None,
-                            device: str = "auto", batch_size: int = 64,
+                            device: str = "auto", threads: int | None = None, batch_size: int = 64,
                             predictor: Predictor | None = None) -> dict[str, Any]:
     """Accuracy, macro and per-class P/R/F1 and the confusion matrix of MODEL on DATA_PATH.
 
     With `against`, the second export runs on the same texts: its own figures plus how often
     the two agree (e.g. an int8 export against its fp32 original).
     """
-    predictor = predictor or predict_onnx
+    predictor = predictor or functools.partial(predict_onnx, threads=threads)
     folder, manifest = load_classifier(model)
     labels = list(manifest["labels"])
     data = read_labelled(data_path, text_column, label_column, data_format)
@@ -152,7 +153,8 @@ def _run_texts(task: Any, data: Labelled, value_of: Callable[[Any], Any], option
     return collect.values, summary
 
 
-def predict_onnx(folder: Path, manifest: dict, data: Labelled, device: str, batch_size: int) -> Prediction:
+def predict_onnx(folder: Path, manifest: dict, data: Labelled, device: str, batch_size: int,
+                 threads: int | None = None) -> Prediction:
     """Label ids for the texts of DATA exactly as `onnxpipe classify` makes them: same runtime, task and batcher.
 
     An empty text gets no prediction (None), as classify gives it an empty result.
@@ -161,7 +163,7 @@ def predict_onnx(folder: Path, manifest: dict, data: Labelled, device: str, batc
     from onnxpipe.stream.engine import EngineOptions
     from onnxpipe.tasks.classify import ClassifyTask
 
-    model = load_model(folder, device=device)
+    model = load_model(folder, device=device, threads=threads)
     index = {name: i for i, name in enumerate(manifest["labels"])}
     labels, summary = _run_texts(ClassifyTask(model), data, lambda r: index.get(r.labels[0]) if r.labels else None,
                                  EngineOptions(batch_size=batch_size))
@@ -211,6 +213,7 @@ class Generated:
     provider: str
     device_note: str | None = None
     truncated: int = 0
+    position_note: str | None = None  # outputs that stopped at the decoder's limit before max_new_tokens
 
 
 # (export folder, data, device, batch_size, task options) -> Generated
@@ -220,8 +223,8 @@ Generator = Callable[[Path, Labelled, str, int, dict], Generated]
 def evaluate_generation(model: str | Path, data_path: str | Path, *, text_column: str = "text",
                         reference_column: str = "reference", references: str | Path | None = None,
                         data_format: str | None = None, against: str | Path | None = None,
-                        device: str = "auto", batch_size: int = 32, task_options: dict | None = None,
-                        generator: Generator | None = None) -> dict[str, Any]:
+                        device: str = "auto", threads: int | None = None, batch_size: int = 32,
+                        task_options: dict | None = None, generator: Generator | None = None) -> dict[str, Any]:
     """Corpus BLEU and chrF (sacrebleu, with its signatures) of MODEL's outputs against references.
 
     The outputs are made as `onnxpipe translate` (or `summarize`, task_options summarize=True) makes
@@ -229,7 +232,7 @@ def evaluate_generation(model: str | Path, data_path: str | Path, *, text_column
     produce the same text.
     """
     metrics = _sacrebleu()
-    generator = generator or generate_onnx
+    generator = generator or functools.partial(generate_onnx, threads=threads)
     task_options = dict(task_options or {})
     folder, manifest = load_seq2seq(model)
     if references is not None:
@@ -247,6 +250,7 @@ def evaluate_generation(model: str | Path, data_path: str | Path, *, text_column
         "scores": metrics(hyps, refs),
     }
     notes = [out.device_note] if out.device_note else []
+    report["warnings"] = [w.position_note for w in (out,) if w.position_note]
     if against is not None:
         other_folder, other_manifest = load_seq2seq(against)
         other = generator(other_folder, data, device, batch_size, task_options)
@@ -260,6 +264,8 @@ def evaluate_generation(model: str | Path, data_path: str | Path, *, text_column
         }
         if other.device_note:
             notes.append(other.device_note)
+        if other.position_note:
+            report["warnings"].append(f"{other_folder.name}: {other.position_note}")
     report["notes"] = notes
     return report
 
@@ -286,13 +292,18 @@ def _sacrebleu() -> Callable[[list[str], list[str]], dict[str, Any]]:
     return score
 
 
-def generate_onnx(folder: Path, data: Labelled, device: str, batch_size: int, task_options: dict) -> Generated:
+def generate_onnx(folder: Path, data: Labelled, device: str, batch_size: int, task_options: dict,
+                  threads: int | None = None) -> Generated:
     """Outputs for the sources of DATA exactly as `onnxpipe translate`/`summarize` make them."""
     from onnxpipe.runtime import load_model
     from onnxpipe.stream.engine import EngineOptions
     from onnxpipe.tasks.seq2seq import Seq2SeqTask
 
-    model = load_model(folder, device=device)
+    model = load_model(folder, device=device, threads=threads)
     task = Seq2SeqTask(model, **task_options)
     texts, summary = _run_texts(task, data, task.to_text, EngineOptions(batch_size=batch_size, max_batch_tokens=8192))
-    return Generated(texts, model.provider or "", model.device_note, summary.truncated)
+    note = None
+    if task.position_limited:
+        note = (f"{task.position_limited} output(s) stopped at {task.position_limit}, "
+                f"before max_new_tokens {task.requested_max_new_tokens}")
+    return Generated(texts, model.provider or "", model.device_note, summary.truncated, note)

@@ -5,6 +5,7 @@ Shared by `onnxpipe doctor` (what can run here) and `onnxpipe bench` (the machin
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -61,3 +62,20 @@ def physical_cores() -> int | None:
     """Distinct (package, core) pairs: what ONNX Runtime counts for its default intra-op threads."""
     cores = {(c.get("physical id"), c.get("core id")) for c in cpuinfo() if "core id" in c}
     return len(cores) or None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
+def cap_threads(threads: int | None) -> int | None:
+    """THREADS at most usable_cpus() (None stays None: ONNX Runtime's default).
+
+    More intra-op threads than CPUs buy nothing: they spin and wait on each other, and 10**6 of them
+    exhaust the machine before the first batch.
+    """
+    return None if threads is None else min(int(threads), usable_cpus())

@@ -73,10 +73,45 @@ model_option = click.option(
 )
 
 
+def cap_threads_option(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """--threads above the CPUs this process may use is capped to them, with one warning line."""
+    if value is None:
+        return None
+    from onnxpipe.machine import usable_cpus
+
+    usable = usable_cpus()
+    if value > usable:
+        from onnxpipe import console
+
+        console.warn(f"--threads {value}: only {usable} CPU(s) usable here; using {usable} threads")
+        return usable
+    return value
+
+
+def check_beams_option(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """--num-beams / --num-return-sequences: at most MAX_NUM_BEAMS, refused in one line before the model loads."""
+    if value is None:
+        return None
+    from onnxpipe.decoding.config import MAX_NUM_BEAMS
+
+    if value > MAX_NUM_BEAMS:
+        from onnxpipe.errors import UsageError
+
+        flag = max(param.opts, key=len)
+        raise UsageError(f"{flag} {value}: at most {MAX_NUM_BEAMS} (each beam keeps its own cache and a "
+                         "vocabulary of scores per step)")
+    return value
+
+
+threads_option = click.option(
+    "--threads", type=click.IntRange(min=1), metavar="N", callback=cap_threads_option,
+    help="Intra-op threads for ONNX Runtime (default: one per physical core; at most the usable CPUs).",
+)
+
+
 def device_options(f: Callable) -> Callable:
     """--device and --threads, for any command that makes ONNX Runtime sessions."""
-    f = click.option("--threads", type=click.IntRange(min=1), metavar="N",
-                     help="Intra-op threads for ONNX Runtime (default: one per physical core).")(f)
+    f = threads_option(f)
     f = click.option("--device", default="auto", show_default=True, envvar="ONNXPIPE_DEVICE", metavar="auto|cpu|cuda[:N]",
                      help="Where to run. auto uses CUDA when it really works, else CPU; "
                           "cuda fails rather than fall back to CPU. [env: ONNXPIPE_DEVICE]")(f)

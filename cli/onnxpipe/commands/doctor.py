@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from onnxpipe.machine import nvidia_gpus, physical_cores
+from onnxpipe.machine import nvidia_gpus, physical_cores, usable_cpus
 
 TENSORRT = "TensorrtExecutionProvider"
 ORT_PACKAGES = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
@@ -286,7 +286,7 @@ def _cuda_report(ort_info: dict[str, Any], providers: list[dict[str, Any]]) -> d
 
 
 def _threads() -> dict[str, Any]:
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable = usable_cpus()
     physical = physical_cores()
     quota = None
     try:
@@ -300,7 +300,8 @@ def _threads() -> dict[str, Any]:
         "usable_cpus": usable,
         "physical_cores": physical,
         "cgroup_cpu_quota": quota,
-        "intra_op_default": "onnxruntime's default: one thread per physical core; --threads N sets it",
+        "intra_op_default": "onnxruntime's default: one thread per physical core; --threads N sets it "
+                            "(at most the usable CPUs)",
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from onnxpipe.commands._options import complete_export_names
+from onnxpipe.commands._options import complete_export_names, threads_option
 from onnxpipe.commands.translate import generation_options, generation_overrides
 
 # Options that only mean something for one kind of export (parameter names): the decoding ones are
@@ -47,10 +47,11 @@ _SEQ2SEQ_ONLY = ("reference_column", "references", "summarize", "source_lang", "
 @click.option("--brief", is_flag=True, help="Only the summary lines on stderr: no per-class table, no confusion matrix.")
 @click.option("--device", default="auto", show_default=True, envvar="ONNXPIPE_DEVICE", metavar="auto|cpu|cuda[:N]",
               help="Where ONNX Runtime runs the model. [env: ONNXPIPE_DEVICE]")
+@threads_option
 @click.option("--batch-size", type=click.IntRange(min=1), metavar="N",
               help="Texts per batch. [default: 64 for classifiers, 32 for translations]")
 def eval_command(model: str, data: str, data_format: str | None, against: str | None, as_json: bool, brief: bool,
-                 device: str, batch_size: int | None, **kw: Any) -> None:
+                 device: str, threads: int | None, batch_size: int | None, **kw: Any) -> None:
     """Score an export on a labelled file: a classifier, or a translation/summarisation model.
 
     DATA is .csv or .tsv with a header row, or .jsonl. The outputs come from the ONNX
@@ -93,17 +94,20 @@ def eval_command(model: str, data: str, data_format: str | None, against: str | 
         report = evaluate_generation(
             model, data, text_column=kw["text_column"], reference_column=kw["reference_column"],
             references=kw["references"], data_format=data_format, against=against, device=device,
-            batch_size=batch_size or 32, task_options=options,
+            threads=threads, batch_size=batch_size or 32, task_options=options,
         )
     else:
         report = evaluate_classification(
             model, data, text_column=kw["text_column"], label_column=kw["label_column"], label_map=kw["label_map"],
-            data_format=data_format, against=against, device=device, batch_size=batch_size or 64,
+            data_format=data_format, against=against, device=device, threads=threads,
+            batch_size=batch_size or 64,
         )
     for note in report["notes"]:
         console.info(note)
     if report["skipped_empty"]:
         console.warn(f"{report['skipped_empty']} example(s) with an empty text were not scored")
+    for warning in report.get("warnings", ()):
+        console.warn(warning)
     if report["truncated"]:
         console.warn(f"{report['truncated']} text(s) longer than the model's maximum length were truncated")
     if console.VERBOSITY["level"] >= 0:

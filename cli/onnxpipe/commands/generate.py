@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from onnxpipe.commands._options import StreamOptions, model_option, stream_options
+from onnxpipe.commands._options import StreamOptions, check_beams_option, model_option, stream_options
 
 
 @click.command("generate")
@@ -28,13 +28,14 @@ from onnxpipe.commands._options import StreamOptions, model_option, stream_optio
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0), metavar="P", help="Sample from the smallest set of tokens with probability P.")
 @click.option("--seed", type=int, metavar="N",
               help="Seed for sampling: the same seed gives the same text for a line, whatever the batch size.")
-@click.option("--num-beams", type=click.IntRange(min=1), metavar="N", help="Beam search with N beams.")
+@click.option("--num-beams", type=click.IntRange(min=1), metavar="N", callback=check_beams_option,
+              help="Beam search with N beams (at most 64).")
 @click.option("--length-penalty", type=float, metavar="X",
               help="Beam search: scores are divided by length**X (>0 favours longer text). [default: 1.0]")
 @click.option("--early-stopping", type=click.Choice(["true", "false", "never"]),
               help="Beam search: stop when N hypotheses are done (true), by transformers' heuristic (false), "
                    "or only when no beam can improve (never). [default: false]")
-@click.option("--num-return-sequences", type=click.IntRange(min=1), metavar="N",
+@click.option("--num-return-sequences", type=click.IntRange(min=1), metavar="N", callback=check_beams_option,
               help="Beam search: the N best completions (JSONL field 'sequences').")
 @click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), metavar="X",
               help="Penalise tokens already in the prompt or the output (>1 discourages repeats).")

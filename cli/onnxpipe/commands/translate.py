@@ -6,14 +6,14 @@ from typing import Any, Callable
 
 import click
 
-from onnxpipe.commands._options import StreamOptions, model_option, stream_options
+from onnxpipe.commands._options import StreamOptions, check_beams_option, model_option, stream_options
 
 
 def generation_options(f: Callable) -> Callable:
     """The decoding flags translate and summarize share; unset ones come from the model's files."""
     options = [
-        click.option("--num-beams", type=click.IntRange(min=1), metavar="N",
-                     help="Beam search with N beams (1: greedy). [default: the model's generation_config]"),
+        click.option("--num-beams", type=click.IntRange(min=1), metavar="N", callback=check_beams_option,
+                     help="Beam search with N beams (1: greedy; at most 64). [default: the model's generation_config]"),
         click.option("--length-penalty", type=float, metavar="X",
                      help="Beam search: scores are divided by length**X (>0 favours longer output). [default: 1.0]"),
         click.option("--max-length", type=click.IntRange(min=2), metavar="N",
@@ -27,7 +27,7 @@ def generation_options(f: Callable) -> Callable:
         click.option("--early-stopping", type=click.Choice(["true", "false", "never"]),
                      help="Beam search: stop when N hypotheses are done (true), by transformers' heuristic "
                           "(false), or only when no beam can improve (never)."),
-        click.option("--num-return-sequences", type=click.IntRange(min=1), metavar="N",
+        click.option("--num-return-sequences", type=click.IntRange(min=1), metavar="N", callback=check_beams_option,
                      help="The N best outputs of the beam search (--format jsonl: field 'sequences')."),
         click.option("--prefix", metavar="TEXT",
                      help="Put TEXT before every input line (T5: \"translate English to German: \"). "

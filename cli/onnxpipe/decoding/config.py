@@ -15,6 +15,12 @@ from typing import Any, Union
 
 EarlyStopping = Union[bool, str]  # True, False or "never", as in transformers
 
+# At most this many beams (and so n-best outputs). transformers and CTranslate2 set no bound; serving
+# front-ends bound it tightly (TGI's --max-best-of defaults to 2). Each step holds rows x beams x vocab
+# float32 scores and a key/value cache per beam: 64 beams of a 256k vocabulary are 64 MB of scores per
+# input row per step (1 GB for a batch of 16), and beam-search quality stops improving well before that.
+MAX_NUM_BEAMS = 64
+
 
 @dataclass
 class GenerationConfig:
@@ -69,8 +75,8 @@ class GenerationConfig:
         """Raise ValueError with a one-line reason for settings that cannot work."""
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
-        if self.num_beams < 1:
-            raise ValueError("num_beams must be at least 1")
+        if not 1 <= self.num_beams <= MAX_NUM_BEAMS:
+            raise ValueError(f"num_beams ({self.num_beams}) must be between 1 and {MAX_NUM_BEAMS}")
         if not 1 <= self.num_return_sequences <= self.num_beams:
             raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be between 1 and num_beams ({self.num_beams})")
         if self.do_sample and not self.temperature > 0:

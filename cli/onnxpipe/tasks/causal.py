@@ -195,6 +195,7 @@ class Completion:
     prompt_tokens: int
     score: float | None = None
     truncated: bool = False  # the prompt was cut to fit the model's positions
+    position_limited: bool = False  # stopped at the model's last position, short of max_new_tokens
 
 
 @dataclass
@@ -255,7 +256,9 @@ class CausalLM:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
-            options.intra_op_num_threads = threads
+            from onnxpipe.machine import cap_threads
+
+            options.intra_op_num_threads = cap_threads(threads)
         files = manifest.get("files") or {}
         session = ort.InferenceSession(str(folder / files.get("model", "model.onnx")), options,
                                        providers=list(providers or ["CPUExecutionProvider"]))
@@ -324,6 +327,9 @@ class CausalLM:
             for j, (i, nbest) in enumerate(zip(run, hyps)):
                 streamed = texts.text(keys[i]) if texts is not None and not beams else None
                 results[i] = [self._completion(h, len(run_prompts[j]), i in truncated, stop, streamed) for h in nbest]
+                if limits[j] < max_new:  # the prompt leaves fewer positions than max_new_tokens
+                    for c in results[i]:
+                        c.position_limited = c.finish_reason != "stop" and len(c.token_ids) >= limits[j]
                 if texts is not None:
                     texts.finish(keys[i], results[i][0].text)
         return results  # type: ignore[return-value]
@@ -487,6 +493,11 @@ class GenerateTask:
             self.lm.render_chat("", system)  # no template: fail now, before any input is read
         self.chat, self.system, self.stop = chat, system, [s for s in stop if s]
         self.generated_tokens = 0
+        # Records that stopped at the model's last position before max_new_tokens (the command says so).
+        self.requested_max_new_tokens = self.config.max_new_tokens
+        self.position_limited = 0
+        positions = self.lm.max_positions
+        self.position_limit = f"the model's {positions} positions (prompt + completion)" if positions else None
 
     @property
     def provider(self) -> str | None:
@@ -516,12 +527,14 @@ class GenerateTask:
         results = self.lm.generate([item.data for item in batch], self.config,
                                    keys=[item.record.seq for item in batch], stop=self.stop)
         self.generated_tokens += sum(len(c.token_ids) for nbest in results for c in nbest)
+        self.position_limited += sum(nbest[0].position_limited for nbest in results)
         return results
 
     def run_streaming(self, item: Any, emit: Callable[[str], None]) -> list[Completion]:
         results = self.lm.generate([item.data], self.config, keys=[item.record.seq], stop=self.stop,
                                    on_text=lambda _key, chunk: emit(chunk))
         self.generated_tokens += sum(len(c.token_ids) for c in results[0])
+        self.position_limited += results[0][0].position_limited
         return results[0]
 
     # --- formatters ---------------------------------------------------------------------------
