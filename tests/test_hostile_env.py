@@ -181,7 +181,8 @@ def test_a_signal_while_the_engine_waits_on_stdin(signum, status, word, exported
     try:
         proc.stdin.write(b"good movie\n")
         proc.stdin.flush()
-        assert proc.stdout.readline().strip()  # loaded, and now blocked on an open stdin
+        # Loaded, and now blocked on an open stdin (else the run ended early: show why).
+        assert proc.stdout.readline().strip(), proc.communicate(timeout=60)[1].decode(errors="replace")[-2000:]
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)  # closes stdin: a lost signal would exit 0 here
     finally:
@@ -229,3 +230,13 @@ def test_a_bad_tsv_row_keeps_its_input(exported):
     assert result.exit_code == 3
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert rows[1]["input"] == "only-one" and "has 1 column(s)" in rows[1]["error"]
+
+
+def test_a_recursion_error_in_the_json_parser_is_a_value_error(monkeypatch):
+    """The depth guard refuses deep lines before Python's parser sees them; were it ever passed (a
+    larger MAX_JSON_DEPTH), the parser's RecursionError must still be one bad record, not the run's end."""
+    from onnxpipe.stream import readers
+
+    monkeypatch.setattr(readers, "MAX_JSON_DEPTH", 10**9)
+    with pytest.raises(ValueError, match="nested deeper than"):
+        readers.loads_record("[" * 100_000 + "]" * 100_000)

@@ -142,7 +142,8 @@ def test_interrupt_exits_130_without_traceback(exported):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         proc.stdin.write(b"good movie\n")
         proc.stdin.flush()
-        assert proc.stdout.readline().strip()  # the model is loaded and the engine waits for input
+        # The model is loaded and the engine waits for input (else the run ended early: show why).
+        assert proc.stdout.readline().strip(), proc.communicate(timeout=60)[1].decode(errors="replace")[-2000:]
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130, err.decode(errors="replace")[-800:]
