@@ -240,3 +240,16 @@ def test_a_recursion_error_in_the_json_parser_is_a_value_error(monkeypatch):
     monkeypatch.setattr(readers, "MAX_JSON_DEPTH", 10**9)
     with pytest.raises(ValueError, match="nested deeper than"):
         readers.loads_record("[" * 100_000 + "]" * 100_000)
+
+
+def test_a_file_opened_after_start_up_never_takes_a_closed_standard_descriptor(tmp_path):
+    """With 0, 1 and 2 closed, the next file opened would get descriptor 0, and whatever a C library
+    writes to "stdout" or "stderr" would land in it (an -o FILE, an export's model.onnx). install()
+    fills them with /dev/null first; the probe records which descriptor it got."""
+    script = ("import os, sys; from onnxpipe import signals; signals.install(); "
+              "fd = os.open('probe', os.O_WRONLY | os.O_CREAT, 0o644); "
+              "os.write(fd, f'{fd} {signals.is_closed(sys.stdin)} {signals.is_closed(sys.stdout)}'.encode())")
+    subprocess.run(["bash", "-c", f"{_quote(PY)} -c {_quote(script)} <&- >&- 2>&-"], cwd=tmp_path, timeout=60,
+                   check=True)
+    fd, stdin_closed, stdout_closed = (tmp_path / "probe").read_text().split()
+    assert int(fd) > 2 and stdin_closed == stdout_closed == "True"
