@@ -303,7 +303,7 @@ def generate_onnx(folder: Path, data: Labelled, device: str, batch_size: int, ta
     task = Seq2SeqTask(model, **task_options)
     texts, summary = _run_texts(task, data, task.to_text, EngineOptions(batch_size=batch_size, max_batch_tokens=8192))
     note = None
-    if task.position_limited:
+    if getattr(task, "position_limited", 0):  # as run_stream_command reads it
         note = (f"{task.position_limited} output(s) stopped at {task.position_limit}, "
                 f"before max_new_tokens {task.requested_max_new_tokens}")
     return Generated(texts, model.provider or "", model.device_note, summary.truncated, note)
