@@ -148,7 +148,7 @@ def run_bench(model_ref: str | Path, options: BenchOptions, device: str = "auto"
     report = BenchReport(
         model=model.name, path=str(model.folder), task=str(model.task), precision=model.manifest.get("precision"),
         optimization=model.manifest.get("optimization"), provider=model.provider, device=str(model.device),
-        threads=threads or physical_cores(), machine=machine_info(), versions=versions(), warmup=options.warmup,
+        threads=model.threads or physical_cores(), machine=machine_info(), versions=versions(), warmup=options.warmup,
         repeat=options.repeat, input=options.input_name, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     for measurement in bench.measurements():
@@ -355,7 +355,7 @@ class _Seq2SeqBench(_GeneratorBench):
         self.new_limit = self.task.max_new_tokens
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+        return self.model.graph_ids(self.tokenizer.encode(text).ids)
 
     def start(self, prompts):
         ids = np.asarray(prompts, dtype=np.int64) if len({len(p) for p in prompts}) == 1 else None

@@ -70,6 +70,7 @@ def _render(folder, manifest: dict[str, Any], problems: list[str], recorded: dic
         ("path", str(folder)),
         ("task", manifest.get("task")),
         ("architecture", f"{manifest.get('architecture')} ({manifest.get('model_type')})"),
+        ("family", _family(manifest.get("model_type"))),
         ("source", f"{source.get('kind')}: {source.get('path') or source.get('id')}"
                    + (f" @ {source['revision']}" if source.get("revision") else "")),
         ("sha256", source.get("sha256")),
@@ -82,7 +83,7 @@ def _render(folder, manifest: dict[str, Any], problems: list[str], recorded: dic
         ("tokenizer", _tokenizer(manifest.get("tokenizer") or {})),
         ("labels", ", ".join(manifest["labels"]) if manifest.get("labels") else None),
         ("problem type", manifest.get("problem_type")),
-        ("pooling", f"{manifest['pooling']}{', normalized' if manifest.get('normalize') else ''}" if manifest.get("pooling") else None),
+        ("pooling", _pooling(manifest) if manifest.get("pooling") else None),
         ("special tokens", ", ".join(f"{k.removesuffix('_token_id')}={v}" for k, v in (manifest.get("special_tokens") or {}).items() if v is not None)),
         ("graph", _graph(manifest.get("graph") or {})),
         ("weights", weights_text(manifest.get("graph") or {})),
@@ -165,6 +166,27 @@ def validation_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _pooling(m: dict[str, Any]) -> str:
+    """"mean, 2 dense layers (32 -> 24 tanh, 24 -> 16 identity), normalized, max 128 tokens"."""
+    parts = [str(m["pooling"])]
+    dense = [d for d in m.get("dense") or [] if isinstance(d, dict)]
+    if dense:
+        shapes = ", ".join(f"{d['shape'][1]} -> {d['shape'][0]} {d.get('activation')}" if len(d.get("shape") or []) == 2
+                           else str(d.get("activation")) for d in dense)
+        parts.append(f"{len(dense)} dense layer{'s' if len(dense) > 1 else ''} ({shapes})")
+    if m.get("normalize"):
+        parts.append("normalized")
+    if m.get("max_seq_length"):
+        parts.append(f"max {m['max_seq_length']} tokens")
+    return ", ".join(parts)
+
+
+def _family(model_type: str | None) -> str | None:
+    from onnxpipe.export.families import describe  # plain data: no export stack needed
+
+    return describe(model_type)
+
+
 def _tokenizer(t: dict[str, Any]) -> str:
     parts = [t.get("file") or "?"]
     if t.get("target_file"):
@@ -182,6 +204,8 @@ def _graph(g: dict[str, Any]) -> str:
         text += f"; KV cache {g['num_layers']} layers x {g.get('num_kv_heads')} heads x {g.get('head_dim')}"
     if g.get("builder") == "onnxpipe-fused":
         text += "; onnxpipe's fused graph (last position's logits)"
+    elif g.get("builder") == "optimum":
+        text += "; optimum's graph"
     return text
 
 

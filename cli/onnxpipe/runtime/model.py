@@ -9,6 +9,7 @@ from typing import Any
 
 from onnxpipe.errors import DeviceError, ExportFolderError, ModelNotFoundError, UsageError
 from onnxpipe.home import resolve_model
+from onnxpipe.machine import cap_threads
 from onnxpipe.manifest import inside, read_manifest
 from onnxpipe.runtime.device import CPU, CUDA, Device, cuda_failure_reason, loading_providers, parse_device, providers_for
 
@@ -57,6 +58,15 @@ def load_tokenizer(folder: Path, name: str):
     return tok
 
 
+def unk_remapped(ids: list[int], unk_remap: dict[str, int] | None) -> list[int]:
+    """IDS with every id at or past unk_remap["from_id"] made unk_remap["unk_id"]: the manifest's record for
+    SentencePiece pieces that the model's vocabulary lacks (Marian, M2M100; export.tokenizer.marian_side)."""
+    if not unk_remap:
+        return list(ids)
+    first, unk = unk_remap["from_id"], unk_remap["unk_id"]
+    return [unk if i >= first else i for i in ids]
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0][:300] if lines else type(exc).__name__
@@ -71,7 +81,7 @@ class ExportedModel:
         self.manifest: dict[str, Any] = read_manifest(self.folder)
         for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
             read_json_file(self.folder, name)  # a broken one fails here, in one line, not deep inside a task
-        self.threads = threads
+        self.threads = cap_threads(threads)  # the CLI warned already; the API warns in load()
         self.provider: str | None = None  # set by the first session
         self.device_note: str | None = None  # one line for stderr saying what runs where, and why
         self._sessions: dict[str, Any] = {}
@@ -114,6 +124,11 @@ class ExportedModel:
 
     def _load_tokenizer(self, name: str):
         return load_tokenizer(self.folder, name)
+
+    def graph_ids(self, ids: list[int]) -> list[int]:
+        """tokenizer.json's IDS as the graph takes them: an id past the vocabulary (a piece that vocab.json
+        lacks, which the slow tokenizer writes as <unk>) would index out of the embedding table."""
+        return unk_remapped(ids, (self.manifest.get("tokenizer") or {}).get("unk_remap"))
 
     @cached_property
     def tokenizer_config(self) -> dict[str, Any]:

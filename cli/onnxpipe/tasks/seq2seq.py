@@ -38,7 +38,9 @@ from onnxpipe.stream.records import Item, Record
 from onnxpipe.tasks.kv_cache import CacheReorder
 
 DEFAULT_MAX_NEW_TOKENS = 256  # when the model sets no max_length (transformers would stop at 20)
-# Decoders with relative positions (no table to run out of).
+# Decoders with relative positions: no table to run out of, so onnxpipe states a bound of its own, the
+# model's input limit (T5: 512, its pre-training length), as absolute models stop at their table
+# (BART 1024, Marian 512): each decoder token keeps its keys/values in every layer for the rest of the run.
 _RELATIVE_POSITIONS = {"t5", "mt5", "longt5", "umt5"}
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # A line longer than this many characters per allowed token is cut before tokenizing (see tasks.encoder).
@@ -244,7 +246,16 @@ class Languages:
                 return candidate
         if not self.codes:
             raise UsageError(f"--{which}-lang: this model has no language codes", hint="drop the option")
-        raise UsageError(f"unknown {which} language {code!r}", hint="known: " + ", ".join(self.codes))
+        # 'fr' for mBART's fr_XX, 'deu' for NLLB's deu_Latn (or the code in other case): taken when only one fits
+        for same in ([c for c in self.codes if c.lower() == code.lower()],
+                     [c for c in self.codes if c.split("_")[0].lower() == code.lower()]):
+            if len(same) == 1:
+                return same[0]
+        import difflib
+
+        close = same or difflib.get_close_matches(code, self.codes, n=3, cutoff=0.5)
+        raise UsageError(f"unknown {which} language {code!r}" + (f"; did you mean {', '.join(close)}?" if close else ""),
+                         hint="known: " + ", ".join(sorted(self.codes)))
 
     def token_id(self, code: str) -> int:
         return int(self.tokenizer.token_to_id(code))
@@ -390,8 +401,16 @@ class Seq2SeqTask:
             gen = gen.update(max_new_tokens=max(1, max_length - 1))
         elif gen.max_new_tokens is None:
             gen = gen.update(max_new_tokens=gen.max_length - 1 if gen.max_length else DEFAULT_MAX_NEW_TOKENS)
-        positions = config.get("max_position_embeddings") if self.model_type not in _RELATIVE_POSITIONS else None
+        relative = self.model_type in _RELATIVE_POSITIONS
+        positions = model.max_length if relative else config.get("max_position_embeddings")
         self.max_new_tokens = min(gen.max_new_tokens, positions - 1) if positions else gen.max_new_tokens
+        # Records whose output stopped at that limit before max_new_tokens (the command says so once).
+        self.requested_max_new_tokens = gen.max_new_tokens
+        self.position_limited = 0
+        self.position_limit = (None if self.max_new_tokens >= gen.max_new_tokens else
+                               f"{self.model_type}'s limit of {positions - 1} decoder tokens" +
+                               (" (relative positions: onnxpipe's bound, the model's input length)" if relative
+                                else f" ({positions} positions, the start token included)"))
         try:
             gen.validate()
         except ValueError as exc:
@@ -427,13 +446,17 @@ class Seq2SeqTask:
         for record, text, encoding in zip(records, texts, self.tokenizer.encode_batch(texts)):
             if len(text) < len(self.source_text(record.text)) and not encoding.overflowing:
                 encoding = self.tokenizer.encode(self.source_text(record.text))  # the cut was not needed
-            items.append(Item(record, len(encoding.ids), data=encoding.ids, truncated=bool(encoding.overflowing)))
+            items.append(Item(record, len(encoding.ids), data=self.model.graph_ids(encoding.ids),
+                              truncated=bool(encoding.overflowing)))
         return items
 
     def run(self, batch: Sequence[Item]) -> list[Seq2SeqResult]:
         hyps = self.runner.generate([item.data for item in batch], self.generation_config, self.pad_id,
                                     self.max_new_tokens, keys=[item.record.seq for item in batch])
         self.generated_tokens += sum(len(nbest[0].token_ids) for nbest in hyps)
+        if self.position_limit is not None:
+            # At the limit, whether it ended there on length or on a forced eos (BART, Marian).
+            self.position_limited += sum(len(nbest[0].token_ids) >= self.max_new_tokens for nbest in hyps)
         return [self._result(nbest, len(item.data)) for item, nbest in zip(batch, hyps)]
 
     def _result(self, nbest: list[Hypothesis], source_tokens: int) -> Seq2SeqResult:
