@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tiny_models import _save, _torch_seed, train_sentencepiece
+from tiny_models import CORPUS, _save, _torch_seed, train_sentencepiece
 
 _T5 = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2, num_heads=4,
            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
@@ -46,39 +46,82 @@ def t5_variant(variant: str, out: Path) -> Path:
     return _save(model, tokenizer, out)
 
 
-def spm_vocab(out: Path, name: str, vocab_size: int, first: dict[str, int], drop_every: int = 0) -> tuple[Path, dict[str, int]]:
-    """Train NAME.spm on CORPUS and a vocab.json that starts with FIRST, then holds the spm's pieces in
-    spm order; every DROP_EVERY-th multi-character piece is left out (as a real vocabulary lacks
-    pieces its training data never produced)."""
+# CORPUS and lines with the characters the hostile texts use (accents, CJK, Hangul, Cyrillic, emoji,
+# combining marks), so that a SentencePiece model trained on it has pieces for them, which a vocab.json
+# can then lack.
+WIDE_CORPUS = CORPUS + [
+    "Zoë et Søren à Kraków et Reykjavík : naïve façade, jalapeño, Zürich, São Paulo.",
+    "東京は日本の首都です。北京是中国的首都。東京と北京。",
+    "서울은 한국의 수도입니다. 서울과 한국.",
+    "Съешь же ещё этих булок, да выпей чаю.",
+    "Emoji 😀 and 👍🏽 and ❤️ and ✓ ☃ in a line; 😀 again.",
+    "Combining marks: Z\u0335\u0321a\u0336\u0322l\u0337\u0328g\u0338o and n\u0303.",
+] * 4
+# Not "o\u0302\u0323" (as in HOSTILE_TEXTS): tokenizers' Precompiled normalizer drops the U+0323 that
+# sentencepiece keeps (huggingface/tokenizers#2116), which the export's check then refuses; with no
+# "ô" or U+0323 piece both sides give <unk> there.
+
+
+def train_spm(out: Path, name: str, vocab_size: int, corpus: list[str] = CORPUS, **kw) -> Path:
+    """NAME.spm, a unigram SentencePiece model trained on CORPUS (no bos/eos/pad pieces, <unk> first)."""
     import sentencepiece as spm
 
-    model = train_sentencepiece(out, name, vocab_size=vocab_size, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1)
-    spm_file = model.rename(out / f"{name}.spm")
+    prefix = out / name
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(prefix), vocab_size=vocab_size,
+                                   model_type="unigram", hard_vocab_limit=False, character_coverage=1.0,
+                                   minloglevel=2, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, **kw)
     (out / f"{name}.vocab").unlink()
-    vocab = dict(first)
-    sp = spm.SentencePieceProcessor(model_file=str(spm_file))
-    dropped = 0
-    for i in range(sp.get_piece_size()):
-        piece = sp.id_to_piece(i)
-        if sp.is_unknown(i) or sp.is_control(i) or piece in vocab:
-            continue
-        if drop_every and len(piece.lstrip("\u2581")) > 1:
-            dropped += 1
-            if dropped % drop_every == 0:
+    return prefix.with_suffix(".model").rename(out / f"{name}.spm")
+
+
+def vocab_of(spm_files: list[Path], first: dict[str, int], drop_every: int = 0) -> tuple[dict[str, int], list[str]]:
+    """A vocab.json that starts with FIRST and then holds the pieces of SPM_FILES in spm order, and the
+    pieces it leaves out: with DROP_EVERY, every DROP_EVERY-th multi-character piece and every other piece
+    with a non-ASCII character (as a real vocabulary lacks pieces its training data never produced)."""
+    import sentencepiece as spm
+
+    vocab, dropped = dict(first), []
+    multi = foreign = 0
+    for spm_file in spm_files:
+        sp = spm.SentencePieceProcessor(model_file=str(spm_file))
+        for i in range(sp.get_piece_size()):
+            piece = sp.id_to_piece(i)
+            if sp.is_unknown(i) or sp.is_control(i) or piece in vocab or piece in dropped:
                 continue
-        vocab[piece] = len(vocab)
-    return spm_file, vocab
+            if drop_every:
+                text = piece.lstrip("\u2581")
+                if not text.isascii():
+                    foreign += 1
+                    if foreign % 2:
+                        dropped.append(piece)
+                        continue
+                elif len(text) > 1:
+                    multi += 1
+                    if multi % drop_every == 0:
+                        dropped.append(piece)
+                        continue
+            vocab[piece] = len(vocab)
+    return vocab, dropped
 
 
-def m2m100(out: Path) -> Path:
+def spm_vocab(out: Path, name: str, vocab_size: int, first: dict[str, int], drop_every: int = 0,
+              corpus: list[str] = CORPUS) -> tuple[Path, dict[str, int]]:
+    """NAME.spm trained on CORPUS and a vocab.json of its pieces (see vocab_of)."""
+    spm_file = train_spm(out, name, vocab_size, corpus)
+    return spm_file, vocab_of([spm_file], first, drop_every)[0]
+
+
+def m2m100(out: Path, drop_every: int = 0) -> Path:
     """M2M100 (facebook/m2m100_418M layout): sentencepiece.bpe.model + vocab.json in fairseq order
-    (<s> 0, <pad> 1, </s> 2, <unk> 3), the `__en__` language codes after the vocabulary; slow-only."""
+    (<s> 0, <pad> 1, </s> 2, <unk> 3), the `__en__` language codes after the vocabulary; slow-only.
+    With DROP_EVERY, the spm is trained on WIDE_CORPUS and vocab.json lacks some of its pieces."""
     import transformers
 
     _torch_seed()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    spm_file, vocab = spm_vocab(out, "spm", 220, {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3})
+    corpus, size = (WIDE_CORPUS, 320) if drop_every else (CORPUS, 220)
+    spm_file, vocab = spm_vocab(out, "spm", size, {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}, drop_every, corpus)
     spm_file = spm_file.rename(out / "sentencepiece.bpe.model")
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     tokenizer = transformers.M2M100Tokenizer(vocab_file=str(out / "vocab.json"), spm_file=str(spm_file),
@@ -89,4 +132,31 @@ def m2m100(out: Path) -> Path:
         pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, scale_embedding=True,
     )
     model = transformers.M2M100ForConditionalGeneration(config)
+    return _save(model, tokenizer, out)
+
+
+def marian(out: Path, drop_every: int = 5) -> Path:
+    """A Marian checkpoint as Helsinki-NLP ships it (source.spm, target.spm, one vocab.json of both), the
+    spms trained on WIDE_CORPUS and vocab.json lacking some of their pieces, as real opus-mt ones do."""
+    import transformers
+
+    _torch_seed()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = train_spm(out, "source", 260, WIDE_CORPUS)
+    tgt = train_spm(out, "target", 300, WIDE_CORPUS)
+    vocab, _ = vocab_of([src, tgt], {"</s>": 0, "<unk>": 1}, drop_every)
+    vocab["<pad>"] = len(vocab)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
+    tokenizer = transformers.MarianTokenizer(source_spm=str(src), target_spm=str(tgt), vocab=str(out / "vocab.json"),
+                                             source_lang="en", target_lang="de", model_max_length=128)
+    pad = vocab["<pad>"]
+    config = transformers.MarianConfig(
+        vocab_size=len(vocab), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=128,
+        pad_token_id=pad, eos_token_id=0, decoder_start_token_id=pad, forced_eos_token_id=0,
+        bad_words_ids=[[pad]], num_beams=4, max_length=64,
+    )
+    model = transformers.MarianMTModel(config)
+    model.generation_config = transformers.GenerationConfig.from_model_config(config)
     return _save(model, tokenizer, out)

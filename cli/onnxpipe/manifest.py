@@ -18,7 +18,9 @@ torch or transformers. Keys (format 1):
     files             {"model": "model.onnx"} (encoder, decoder) or
                       {"encoder": "encoder_model.onnx", "decoder": "decoder_model_merged.onnx"}
     tokenizer         {"file": "tokenizer.json", "target_file": null | "target_tokenizer.json",
-                       "max_length": int, "chat_template": null | "chat_template.jinja"}
+                       "max_length": int, "chat_template": null | "chat_template.jinja",
+                       "unk_remap", "target_unk_remap": absent | {"from_id": int, "unk_id": int}: ids >= from_id
+                       are SentencePiece pieces vocab.json lacks, given to the graph as unk_id (Marian, M2M100)}
     special_tokens    {"bos_token_id", "eos_token_id" (list), "pad_token_id", "mask_token_id",
                        "unk_token_id", "decoder_start_token_id", "sep_token_id", "cls_token_id"}
     labels            list of label names by id (classifiers), else null
@@ -185,6 +187,12 @@ def _schema_problem(data: Any) -> str | None:
             return f"tokenizer.{key} is a JSON {_kind(tok[key])}, expected a string"
     if "max_length" in tok and tok["max_length"] is not None and (not isinstance(tok["max_length"], int) or isinstance(tok["max_length"], bool)):
         return f"tokenizer.max_length is a JSON {_kind(tok['max_length'])}, expected an integer"
+    for key in ("unk_remap", "target_unk_remap"):
+        remap = tok.get(key)
+        if remap is not None and not (isinstance(remap, dict) and set(remap) == {"from_id", "unk_id"} and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in remap.values())
+                and remap["unk_id"] < remap["from_id"]):
+            return f"tokenizer.{key} must be {{\"from_id\": int, \"unk_id\": int}} (unk_id below from_id) or null"
     graph = data.get("graph") or {}
     for key in ("inputs", "outputs", "encoder_inputs", "encoder_outputs"):
         if key in graph and not (isinstance(graph[key], list) and all(isinstance(n, str) for n in graph[key])):

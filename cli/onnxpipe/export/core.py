@@ -140,7 +140,7 @@ def _build(source, tmp: Path, name: str, task: str | None, opts: dict, texts: li
     from onnxpipe.export import validate as val
     from onnxpipe.export.quiet import quiet_libraries
     from onnxpipe.export.source import resolve_source
-    from onnxpipe.export.tokenizer import check_tokenizers, load_tokenizers, save_tokenizers
+    from onnxpipe.export.tokenizer import check_tokenizers, for_graph, load_tokenizers, save_tokenizers
 
     progress("load", f"loading {source}")
     with quiet_libraries():
@@ -183,7 +183,7 @@ def _build(source, tmp: Path, name: str, task: str | None, opts: dict, texts: li
 
     from tokenizers import Tokenizer
 
-    fast = Tokenizer.from_file(str(out / "tokenizer.json"))
+    fast = for_graph(Tokenizer.from_file(str(out / "tokenizer.json")), tokenizer_record.get("unk_remap"))
     special = _special_tokens(toks.special_tokens, out)
     all_texts = val.GENERATED_TEXTS + texts
     precision = "fp16" if opts["fp16"] else (opts["quantize"] or "fp32")

@@ -15,7 +15,7 @@ adds U+2581 in front and removes every trailing U+2581, the literal ones include
 approximate that with `Strip` (which strips all Unicode whitespace, so a lone \\x85 vanishes where
 sentencepiece keeps it as an unknown piece) and with Metaspace's prepend (which skips a text that
 already starts with U+2581 and keeps a text that the charsmap emptied, such as a lone U+200B, as
-one U+2581). `_sentencepiece` rebuilds those steps on U+0020 and U+2581 only.
+one U+2581). `sentencepiece_normalization` rebuilds those steps on U+0020 and U+2581 only.
 
 What stays inexact is `tokenizers`' Precompiled itself: it maps a whole grapheme cluster of fewer than
 6 bytes by its shortest charsmap key, where sentencepiece takes the longest key and goes on after it
@@ -42,7 +42,7 @@ def match_slow(tok: Any, backend: Any) -> Any:
         return _albert(tok, backend)
     spec = _plain_spm_spec(tok)
     if spec is not None:
-        return _sentencepiece(backend, spec)
+        return sentencepiece_normalization(backend, spec)
     return backend
 
 
@@ -80,11 +80,17 @@ def _plain_spm_spec(tok: Any) -> Any:
     vocab_file = getattr(tok, "vocab_file", None)
     if not vocab_file:
         return None
+    return spm_normalizer_spec(vocab_file)
+
+
+def spm_normalizer_spec(model_file: Any) -> Any:
+    """The normalizer spec of the sentencepiece model in MODEL_FILE, where this pipeline can follow it
+    (None for a model that puts whitespace after pieces or does not escape it)."""
     try:
         from sentencepiece import sentencepiece_model_pb2
 
         proto = sentencepiece_model_pb2.ModelProto()
-        with open(vocab_file, "rb") as f:
+        with open(model_file, "rb") as f:
             proto.ParseFromString(f.read())
     except Exception:
         return None
@@ -94,7 +100,7 @@ def _plain_spm_spec(tok: Any) -> Any:
     return spec
 
 
-def _sentencepiece(backend: Any, spec: Any) -> Any:
+def sentencepiece_normalization(backend: Any, spec: Any) -> Any:
     """BACKEND with sentencepiece's own normalization (charsmap, spaces, dummy prefix) and a Metaspace
     pre-tokenizer that only splits before each U+2581."""
     from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
