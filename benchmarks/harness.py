@@ -78,7 +78,7 @@ def child_json(args: list[str]) -> tuple[dict, Process]:
 
 
 def machine() -> dict:
-    from onnxpipe.bench import machine_info
+    from onnxpipe.measure.speed import machine_info
 
     return machine_info()
 

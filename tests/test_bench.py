@@ -47,7 +47,7 @@ def test_encoder_json_has_every_shape_with_counts(exported):
                                        ("distilbert", "feature-extraction"), ("gpt2", "text-generation"),
                                        ("llama", "text-generation")])
 def test_generated_inputs_have_the_exact_token_length(exported, arch, task):
-    from onnxpipe.bench import text_of_length
+    from onnxpipe.measure.speed import text_of_length
     from onnxpipe.runtime import load_model
 
     tokenizer = load_model(exported(arch, task), device="cpu").tokenizer

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from onnxpipe.main import cli
-from onnxpipe.metrics import agreement, classification_metrics
+from onnxpipe.measure.metrics import agreement, classification_metrics
 
 TEXTS = ["A good movie with a great cast and a moving story.", "This film was boring, too long and badly acted.",
          "I loved every minute of it!", "The worst thing I have seen this year.", "Short.",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import REPO
-from onnxpipe.evaluation import evaluate_classification
+from onnxpipe.measure.quality import evaluate_classification
 
 EXPORTS = REPO / "exports"
 SENTIMENT = REPO / "build" / "sentiment"
@@ -34,7 +34,7 @@ def _pytorch_correct() -> tuple[int, int]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from onnxpipe.labelled import apply_label_map, parse_label_map, read_labelled
+    from onnxpipe.stream.labelled import apply_label_map, parse_label_map, read_labelled
 
     data = apply_label_map(read_labelled(SENTIMENT / "heldout.tsv"), parse_label_map(LABEL_MAP))
     tok = AutoTokenizer.from_pretrained(SENTIMENT / "model")

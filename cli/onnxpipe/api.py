@@ -201,7 +201,7 @@ def _capped_threads(threads: Any) -> int:
     """THREADS checked (a positive int) and capped at the usable CPUs, with a RuntimeWarning when capped."""
     import warnings
 
-    from onnxpipe.machine import usable_cpus
+    from onnxpipe.runtime.machine import usable_cpus
 
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise UsageError(f"threads must be a positive int or None, not {threads!r}")

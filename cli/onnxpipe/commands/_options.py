@@ -77,7 +77,7 @@ def cap_threads_option(ctx: click.Context, param: click.Parameter, value: int | 
     """--threads above the CPUs this process may use is capped to them, with one warning line."""
     if value is None:
         return None
-    from onnxpipe.machine import usable_cpus
+    from onnxpipe.runtime.machine import usable_cpus
 
     usable = usable_cpus()
     if value > usable:

@@ -64,7 +64,7 @@ def bench(model: str, input_path: str | None, batch_sizes: tuple[int, ...] | Non
     import json
 
     from onnxpipe import console
-    from onnxpipe.bench import BenchOptions, read_lines, run_bench
+    from onnxpipe.measure.speed import BenchOptions, read_lines, run_bench
     from onnxpipe.errors import UsageError
 
     if as_json and markdown:

@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from onnxpipe.machine import nvidia_gpus, physical_cores, usable_cpus
+from onnxpipe.runtime.machine import nvidia_gpus, physical_cores, usable_cpus
 
 TENSORRT = "TensorrtExecutionProvider"
 ORT_PACKAGES = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",

@@ -72,7 +72,7 @@ def eval_command(model: str, data: str, data_format: str | None, against: str | 
     """
     from onnxpipe import console
     from onnxpipe.errors import UsageError
-    from onnxpipe.evaluation import SEQ2SEQ, evaluate_classification, evaluate_generation
+    from onnxpipe.measure.quality import SEQ2SEQ, evaluate_classification, evaluate_generation
     from onnxpipe.home import resolve_model
     from onnxpipe.manifest import read_manifest
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from onnxpipe.errors import DeviceError, ExportFolderError, ModelNotFoundError, UsageError
 from onnxpipe.home import resolve_model
-from onnxpipe.machine import cap_threads
+from onnxpipe.runtime.machine import cap_threads
 from onnxpipe.manifest import inside, read_manifest
 from onnxpipe.runtime.device import CPU, CUDA, Device, cuda_failure_reason, loading_providers, parse_device, providers_for
 

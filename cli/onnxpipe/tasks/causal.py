@@ -256,7 +256,7 @@ class CausalLM:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
-            from onnxpipe.machine import cap_threads
+            from onnxpipe.runtime.machine import cap_threads
 
             options.intra_op_num_threads = cap_threads(threads)
         files = manifest.get("files") or {}

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from onnxpipe.errors import InputError, MissingExtraError, SourceError, UsageError
-from onnxpipe.labelled import Labelled, apply_label_map, parse_label_map, read_labelled, sorted_labels
-from onnxpipe.metrics import classification_metrics
+from onnxpipe.stream.labelled import Labelled, apply_label_map, parse_label_map, read_labelled, sorted_labels
+from onnxpipe.measure.metrics import classification_metrics
 
 SUMMARY_NAME = "onnxpipe_finetune.json"
 Report = Callable[[str], None]

@@ -1,7 +1,7 @@
 """Score an export on labelled data through ONNX Runtime: what users run is what gets measured.
 
 No torch, no transformers, no scikit-learn: the predictions come from the export's ONNX graph and
-`tokenizer.json`, the figures from `onnxpipe.metrics` (classification) or sacrebleu (BLEU and chrF of
+`tokenizer.json`, the figures from `onnxpipe.measure.metrics` (classification) or sacrebleu (BLEU and chrF of
 translations and summaries). Nothing here prints.
 """
 
@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 from onnxpipe.errors import InputError, UsageError
 from onnxpipe.home import resolve_model
-from onnxpipe.labelled import Labelled, apply_label_map, decode_utf8, parse_label_map, read_labelled
+from onnxpipe.stream.labelled import Labelled, apply_label_map, decode_utf8, parse_label_map, read_labelled
 from onnxpipe.manifest import read_manifest
-from onnxpipe.metrics import agreement, classification_metrics
+from onnxpipe.measure.metrics import agreement, classification_metrics
 
 CLASSIFICATION = "text-classification"
 SEQ2SEQ = "text2text-generation"

@@ -30,7 +30,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from onnxpipe import __version__, machine
+from onnxpipe import __version__
+from onnxpipe.runtime import machine
 from onnxpipe.errors import InputError, UsageError
 from onnxpipe.stream.records import Record
 
@@ -235,21 +236,10 @@ class _EncoderBench(_Bench):
 
 
 def _encoder_task(model: Any) -> Any:
-    if model.task == "text-classification":
-        from onnxpipe.tasks.classify import ClassifyTask
+    """The task a command runs on this export, with its defaults (the registry knows which)."""
+    from onnxpipe.registry import family_for_export
 
-        return ClassifyTask(model)
-    if model.task == "feature-extraction":
-        from onnxpipe.tasks.embed import EmbedTask
-
-        return EmbedTask(model)
-    if model.task == "token-classification":
-        from onnxpipe.tasks.tag import TagTask
-
-        return TagTask(model)
-    from onnxpipe.tasks.fill_mask import FillMaskTask
-
-    return FillMaskTask(model)
+    return family_for_export(model.task).make_task(model, {})
 
 
 class _GeneratorBench(_Bench):
