@@ -114,7 +114,7 @@ def _progress(stage: str, message: str) -> None:
 
 
 def _summary(manifest: dict, output: Path, seconds: float) -> None:
-    from onnxpipe.commands.info import human_size, validation_rows, weights_text
+    from onnxpipe.commands._format import human_size, validation_rows, weights_text
 
     if console.VERBOSITY["level"] < 0:
         return

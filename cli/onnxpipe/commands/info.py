@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from onnxpipe.commands._format import folder_size, human_size, validation_rows, weights_text
 from onnxpipe.commands._options import complete_export_names
 
 
@@ -106,66 +107,6 @@ def _render(folder, manifest: dict[str, Any], problems: list[str], recorded: dic
     return out.file.getvalue()
 
 
-def folder_size(folder) -> int:
-    """Bytes of the regular files under FOLDER; links are not followed, unreadable parts are skipped."""
-    import os
-
-    total = 0
-    for root, dirs, names in os.walk(folder):
-        for name in names:
-            try:
-                st = os.lstat(os.path.join(root, name))
-            except OSError:
-                continue
-            if not os.path.islink(os.path.join(root, name)):
-                total += st.st_size
-    return total
-
-
-def human_size(size: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"
-
-
-def validation_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
-    """The validation report as (label, text) rows: shared by `info` and the export summary."""
-    if not v:
-        return [("validated", "no report")]
-    rows = [("validated", ("passed" if v.get("passed") else "FAILED") + f" against {v.get('reference', 'PyTorch')}"
-             + (f" on {v['provider']}" if v.get("provider") else ""))]
-    rows.append(("inputs", str(v.get("inputs"))))
-    outputs = v.get("outputs") or {}
-    if outputs:
-        worst = sorted(outputs.items(), key=lambda kv: -(kv[1].get("max_abs_diff") or 0))
-        shown = ", ".join(f"{name} {o['max_abs_diff']:.2g}" for name, o in worst[:4])
-        more = f" (+{len(worst) - 4} more)" if len(worst) > 4 else ""
-        tolerance = v.get("tolerance")
-        limit = f"tolerance {tolerance:g}" if tolerance is not None else "no tolerance: judged on agreement"
-        rows.append(("max abs diff", f"{shown}{more}; {limit}"))
-    if "label_agreement" in v:
-        rows.append(("label agreement", f"{v['label_agreement']:.2%}"))
-    if "greedy" in v:
-        g = v["greedy"]
-        rows.append(("greedy ids", f"{g['identical']}/{g['sequences']} sequences identical over {g['steps']} steps"
-                     f" ({g['agreement']:.0%} of steps before a divergence)"))
-    if "cosine_similarity" in v:
-        c = v["cosine_similarity"]
-        rows.append(("cosine similarity", f"min {c['min']:.4f}, mean {c['mean']:.4f}"))
-    topk = next((k for k in v if k.startswith("top") and k.endswith("_overlap")), None)
-    if topk:
-        rows.append((topk.replace("_", " "), f"{v[topk]:.2%}"))
-    if v.get("fp32"):
-        f = v["fp32"]
-        worst = max((o["max_abs_diff"] for o in (f.get("outputs") or {}).values()), default=0.0)
-        rows.append(("fp32 baseline", ("passed" if f.get("passed") else "failed") + f", max abs diff {worst:.2g}"))
-    for failure in v.get("failures") or []:
-        rows.append(("failure", failure))
-    return rows
-
-
 def _pooling(m: dict[str, Any]) -> str:
     """"mean, 2 dense layers (32 -> 24 tanh, 24 -> 16 identity), normalized, max 128 tokens"."""
     parts = [str(m["pooling"])]
@@ -206,16 +147,4 @@ def _graph(g: dict[str, Any]) -> str:
         text += "; onnxpipe's fused graph (last position's logits)"
     elif g.get("builder") == "optimum":
         text += "; optimum's graph"
-    return text
-
-
-def weights_text(g: dict[str, Any]) -> str | None:
-    """The fused graph's weight matrices by kind: "120 as Q4_1 blocks, 1 as Q8_0 blocks (exact), ..."."""
-    kinds = {k: n for k, n in (g.get("weights") or {}).items() if n}
-    if not kinds:
-        return None
-    blocks = [f"{n} as {k.upper()} blocks" for k, n in kinds.items() if k != "float32"]
-    text = ", ".join(blocks) + (" (kept as blocks: the exact values)" if blocks else "")
-    if kinds.get("float32"):
-        text += (", " if blocks else "") + f"{kinds['float32']} float32"
     return text

@@ -18,7 +18,7 @@ def models(as_json: bool) -> None:
     verify NAME` checks every checksum).
     """
     from onnxpipe import console
-    from onnxpipe.commands.info import folder_size, human_size
+    from onnxpipe.commands._format import folder_size, human_size
     from onnxpipe.errors import OnnxpipeError
     from onnxpipe.home import export_home, list_exports
     from onnxpipe.manifest import file_problems, read_manifest
