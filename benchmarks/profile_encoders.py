@@ -35,6 +35,7 @@ def profile(folder: Path, threads: int, batch_size: int) -> dict:
     import onnxruntime as ort
 
     from onnxpipe.runtime import load_model
+    from onnxpipe.runtime.sessions import make_session
     from onnxpipe.stream.records import Record
 
     model = load_model(folder, device="cpu", threads=threads)
@@ -97,8 +98,7 @@ def profile(folder: Path, threads: int, batch_size: int) -> dict:
     options.intra_op_num_threads = threads
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "onnxpipe-ort-profile")
-    session = ort.InferenceSession(str(folder / (model.manifest.get("files") or {}).get("model", "model.onnx")),
-                                   options, providers=["CPUExecutionProvider"])
+    session = make_session(folder / (model.manifest.get("files") or {}).get("model", "model.onnx"), options=options)
     for batch in batches:
         feed, _ = task.feed(batch)
         session.run(None, feed)

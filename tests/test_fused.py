@@ -203,12 +203,12 @@ def test_the_embedding_lookup_returns_the_tables_rows_exactly(checkpoint, tmp_pa
     """Q8_0 and Q4_0 tables become GatherBlockQuantized, whose rows are bit for bit the float32 table's;
     Q4_1 (offsets) stays a float32 Gather."""
     import onnx
-    import onnxruntime as ort
     import torch
     import transformers
     from onnx import helper
 
     from onnxpipe.export import fused
+    from onnxpipe.runtime.sessions import make_session
 
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint("llama")).eval()
     table = model.model.embed_tokens.weight
@@ -219,7 +219,7 @@ def test_the_embedding_lookup_returns_the_tables_rows_exactly(checkpoint, tmp_pa
     assert embed.op_type == ("Gather" if kind == T.Q4_1 else "GatherBlockQuantized")
     assert weights["float32"] == 10 - (kind != T.Q4_1)
     proto.graph.output.append(helper.make_tensor_value_info(embed.output[0], onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = make_session(proto.SerializeToString())
     ids = np.array([[0, 1, 2, 17, table.shape[0] - 1]])
     (rows,) = session.run([embed.output[0]], _prefill_feeds(model, ids))
     assert np.array_equal(rows[0], table.detach().numpy()[ids[0]])
@@ -228,11 +228,11 @@ def test_the_embedding_lookup_returns_the_tables_rows_exactly(checkpoint, tmp_pa
 def test_a_tied_float32_output_layer_reads_the_embedding_table(checkpoint, tmp_path):
     """Tied float32 embeddings are stored once: the output layer is a Gemm on the Gather's table."""
     import onnx
-    import onnxruntime as ort
     import torch
     import transformers
 
     from onnxpipe.export import fused
+    from onnxpipe.runtime.sessions import make_session
 
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint("llama"), tie_word_embeddings=True).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -241,7 +241,7 @@ def test_a_tied_float32_output_layer_reads_the_embedding_table(checkpoint, tmp_p
     table = model.model.embed_tokens.weight.detach().numpy()
     assert sum(int(np.prod(t.dims)) == table.size for t in proto.graph.initializer) == 1  # no second copy
     assert [n.op_type for n in proto.graph.node if n.name == "lm_head"] == ["Gemm"]
-    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = make_session(tmp_path / "model.onnx")
     ids = np.array([[5, 9, 33, 7], [1, 2, 3, 4]])
     (logits,) = session.run(["logits"], _prefill_feeds(model, ids))
     with torch.no_grad():

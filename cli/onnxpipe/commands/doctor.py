@@ -135,29 +135,27 @@ def _probe(ort, name: str, cuda_index: int) -> dict[str, Any]:
     """Make a session on the tiny model with NAME first, run it, and say what really ran."""
     import numpy as np
 
-    from onnxpipe.runtime.device import CPU, cuda_failure_reason, loading_providers
+    from onnxpipe.runtime.device import CPU, cuda_failure_reason
+    from onnxpipe.runtime.sessions import make_session
 
     model = _tiny_model()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    ort.set_default_logger_severity(3)
     wanted: Any = (name, {"device_id": cuda_index}) if name in ("CUDAExecutionProvider", TENSORRT) else name
     providers = [wanted] if name == CPU else [wanted, CPU]
     result: dict[str, Any] = {"name": name, "listed": True, "loads": False, "runs": False, "reason": None}
     error = None
-    with loading_providers() as log:  # as the task commands make their sessions
-        try:
-            session = ort.InferenceSession(model, sess_options=options, providers=providers)
-            got = session.get_providers()
-            result["loads"] = bool(got) and got[0] == name
-            if result["loads"]:
-                x = np.arange(8, dtype=np.float32).reshape(2, 4)
-                (y,) = session.run(None, {"x": x})
-                result["runs"] = bool(np.array_equal(y, x + x))
-                if not result["runs"]:
-                    error = "the tiny model gave a wrong result"
-        except Exception as exc:  # any provider failure is a finding, not a crash
-            error = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    log: list[str] = []  # what the provider's loaders said, when it fell back
+    try:  # made as the task commands make their sessions
+        session = make_session(model, providers=providers, on_fallback=log.append)
+        got = session.get_providers()
+        result["loads"] = bool(got) and got[0] == name
+        if result["loads"]:
+            x = np.arange(8, dtype=np.float32).reshape(2, 4)
+            (y,) = session.run(None, {"x": x})
+            result["runs"] = bool(np.array_equal(y, x + x))
+            if not result["runs"]:
+                error = "the tiny model gave a wrong result"
+    except Exception as exc:  # any provider failure is a finding, not a crash
+        error = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
     if not result["runs"]:
         text = "".join(log)
         result["reason"] = error or (cuda_failure_reason(text) if text.strip() else "onnxruntime fell back to the CPU")

@@ -131,6 +131,8 @@ def _run_fp32(model, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str
     import onnx
     import onnxruntime as ort
 
+    from onnxpipe.runtime.sessions import make_session
+
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     del copy.graph.value_info[:]
@@ -139,7 +141,7 @@ def _run_fp32(model, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # node outputs as the graph has them
-    sess = ort.InferenceSession(copy.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sess = make_session(copy.SerializeToString(), options=options)
     wanted = [o.name for o in sess.get_outputs()]
     return dict(zip(wanted, sess.run(wanted, feeds)))
 

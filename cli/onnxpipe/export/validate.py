@@ -70,11 +70,9 @@ def budget_for(precision: str, optimization: str | None) -> Budget:
 
 
 def session(path: Path, provider: str = "CPUExecutionProvider"):
-    import onnxruntime as ort
+    from onnxpipe.runtime.sessions import make_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=[provider])
+    return make_session(path, providers=[provider])
 
 
 def validate(

@@ -27,6 +27,8 @@ def cuda_unusable_reason() -> str | None:
         return f"this onnxruntime ({ort.__version__}) has no CUDA execution provider"
     from onnx import TensorProto, helper
 
+    from onnxpipe.runtime.sessions import make_session
+
     graph = helper.make_graph(
         [helper.make_node("Identity", ["x"], ["y"])],
         "probe",
@@ -40,7 +42,7 @@ def cuda_unusable_reason() -> str | None:
     previous = 2
     ort.set_default_logger_severity(4)  # the failed CUDA load logs a multi-line error otherwise
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+        session = make_session(probe.SerializeToString(), options=options, providers=["CUDAExecutionProvider"])
         if "CUDAExecutionProvider" not in session.get_providers():
             return "the CUDA execution provider cannot load here (no GPU, driver or CUDA libraries)"
     except Exception as exc:  # noqa: BLE001 - any failure means "no CUDA"

@@ -7,11 +7,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from onnxpipe.errors import DeviceError, ExportFolderError, ModelNotFoundError, UsageError
+from onnxpipe.errors import ExportFolderError, ModelNotFoundError, OnnxpipeError, UsageError
 from onnxpipe.home import resolve_model
 from onnxpipe.runtime.machine import cap_threads
 from onnxpipe.manifest import inside, read_manifest
-from onnxpipe.runtime.device import CPU, CUDA, Device, cuda_failure_reason, loading_providers, parse_device, providers_for
+from onnxpipe.runtime.device import CUDA, Device, cuda_failure_reason, parse_device
 
 # Position ids of these models start after the padding index, so `max_position_embeddings`
 # counts `pad_token_id + 1` slots that no token can use (RoBERTa: 514 -> 512 tokens).
@@ -175,36 +175,34 @@ class ExportedModel:
         return self._options
 
     def _make_session(self, path: Path):
-        import onnxruntime as ort
+        from onnxpipe.runtime.sessions import make_session
 
-        ort.set_default_logger_severity(3)
         if not path.is_file():
             raise ModelNotFoundError(f"{path} is missing", hint="re-run onnxpipe export")
         if path.stat().st_size == 0:
             raise ExportFolderError(f"{path} is empty", hint=_REEXPORT)
-        providers = providers_for(self.device, ort.get_available_providers())
-        wants_cuda = providers[0] != CPU
+        fell_back: list[str] = []
         try:
-            if wants_cuda:
-                with loading_providers() as log:
-                    session = ort.InferenceSession(str(path), sess_options=self.session_options(), providers=providers)
-            else:
-                log = []
-                session = ort.InferenceSession(str(path), sess_options=self.session_options(), providers=providers)
+            session = make_session(path, self.device, options=self.session_options(), on_fallback=fell_back.append)
+        except OnnxpipeError:  # --device cuda where CUDA cannot run
+            raise
         except Exception as exc:  # onnxruntime's own exception types: truncated protobuf, data outside the folder...
             raise ExportFolderError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}", hint=_REEXPORT) from None
         got = session.get_providers()[0]
-        if wants_cuda and got != CUDA:
-            reason = cuda_failure_reason("".join(log))
-            if self.device.kind == "cuda":
-                raise DeviceError(f"--device {self.device}: CUDA cannot run here ({reason})",
-                                  hint="use --device cpu, or fix the CUDA/cuDNN install")
-            self.device_note = f"CUDA not usable ({reason}); running {self.name} on CPU"
+        if fell_back:
+            self.device_note = f"CUDA not usable ({cuda_failure_reason(fell_back[0])}); running {self.name} on CPU"
         elif self.provider is None:
             where = f"CUDA device {self.device.index}" if got == CUDA else "CPU"
             self.device_note = f"running {self.name} on {where}"
         self.provider = got
         return session
+
+    @property
+    def runs_on(self) -> Device | None:
+        """The device the sessions really run on (CUDA device N, or the CPU); None before the first session."""
+        if self.provider is None:
+            return None
+        return Device("cuda", self.device.index) if self.provider == CUDA else Device("cpu")
 
     def check_task(self, *tasks: str) -> None:
         """Refuse an export made for another task, naming the command that fits it."""

@@ -81,9 +81,11 @@ def _gather_session(n: int, dtype, model_session, device_id: int):
     if threads:
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from onnxpipe.runtime.device import Device
+    from onnxpipe.runtime.sessions import make_session
+
     cuda = "CUDAExecutionProvider" in model_session.get_providers()
-    return ort.InferenceSession(model, options, providers=[("CUDAExecutionProvider", {"device_id": device_id})]
-                                if cuda else ["CPUExecutionProvider"])
+    return make_session(model, Device("cuda", device_id) if cuda else Device("cpu"), options=options)
 
 
 def gather_model(n: int, elem_type: int) -> bytes:
