@@ -134,3 +134,31 @@ def test_export_of_another_task_is_refused(exported):
     result = _run("translate", "-m", str(exported("bert", "text-classification")), input="a\n")
     assert result.exit_code == 2 and result.stdout == ""
     assert "text-classification export" in result.stderr
+
+
+def test_both_length_spellings_mean_what_transformers_means(s2s):
+    """--max-length/--min-length count the decoder start token; --max-new-tokens/--min-new-tokens do not."""
+    import torch
+    import transformers
+
+    ckpt, export = s2s("marian")
+    stdin = "".join(line + "\n" for line in TEXTS[:8])
+    new = _run("translate", "-m", str(export), "--device", "cpu", "--num-beams", "1", "--min-new-tokens", "9",
+               "--max-new-tokens", "12", input=stdin)
+    whole = _run("translate", "-m", str(export), "--device", "cpu", "--num-beams", "1", "--min-length", "10",
+                 "--max-length", "13", input=stdin)
+    free = _run("translate", "-m", str(export), "--device", "cpu", "--num-beams", "1", "--max-new-tokens", "12",
+                input=stdin)
+    assert new.exit_code == whole.exit_code == free.exit_code == 0, new.output + whole.output
+    assert new.stdout == whole.stdout
+    assert new.stdout != free.stdout  # the minimum changes some outputs: the flags are not ignored
+
+    tokenizer = transformers.MarianTokenizer.from_pretrained(ckpt)
+    model = transformers.MarianMTModel.from_pretrained(ckpt).eval()
+    batch = tokenizer(TEXTS[:8], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        by_new = model.generate(**batch, num_beams=1, min_new_tokens=9, max_new_tokens=12)
+        by_length = model.generate(**batch, num_beams=1, min_length=10, max_length=13)
+    expected = tokenizer.batch_decode(by_new, skip_special_tokens=True)
+    assert expected == tokenizer.batch_decode(by_length, skip_special_tokens=True)
+    assert new.stdout.split("\n")[:-1] == expected

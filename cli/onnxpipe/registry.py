@@ -16,13 +16,14 @@ from typing import Any
 from onnxpipe.errors import UsageError
 
 # The decoding options, named as GenerationConfig names them: generate takes all of these, translate and
-# summarize the search ones (SEQ2SEQ_DECODING).
+# summarize the search ones (SEQ2SEQ_DECODING); commands/_decoding.py defines their flags from these lists.
+# generate has no max_length yet: a decoder-only max_length counts the prompt, a limit per row of a batch.
 DECODING_OPTIONS: tuple[str, ...] = (
-    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "num_beams",
+    "max_new_tokens", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k", "top_p", "seed", "num_beams",
     "length_penalty", "early_stopping", "num_return_sequences", "repetition_penalty", "no_repeat_ngram_size",
 )
 SEQ2SEQ_DECODING: tuple[str, ...] = (
-    "num_beams", "length_penalty", "max_length", "max_new_tokens", "min_length", "no_repeat_ngram_size",
+    "num_beams", "length_penalty", "max_length", "max_new_tokens", "min_length", "min_new_tokens", "no_repeat_ngram_size",
     "num_return_sequences", "early_stopping",
 )
 
@@ -40,10 +41,13 @@ def sampling_settings(overrides: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class TaskFamily:
-    """One task family: `name` is the command (`classify`), `export_tasks` the manifest tasks it serves."""
+    """One task family: `name` is the command (`classify`), `export_tasks` the manifest tasks it serves,
+    `kind` the graphs its exports hold: "encoder" (one encoder pass), "decoder" (a decoder-only model with
+    its KV cache) or "seq2seq" (an encoder and a merged decoder)."""
 
     name: str
     export_tasks: tuple[str, ...]
+    kind: str
     task_class: str  # "module:Class", imported on first use
     options: tuple[str, ...]  # keyword options of the task, as the API takes them
     batch_size: int = 32
@@ -75,19 +79,31 @@ def _generate(family: TaskFamily, model: Any, options: dict[str, Any]) -> Any:
 
 _FACTORIES: dict[str, Callable[[TaskFamily, Any, dict[str, Any]], Any]] = {"generate": _generate}
 
+# In the order `export --task` lists them; where families share an export task, the first is its default.
 FAMILIES: dict[str, TaskFamily] = {f.name: f for f in (
-    TaskFamily("classify", ("text-classification",), "onnxpipe.tasks.classify:ClassifyTask",
+    TaskFamily("classify", ("text-classification",), "encoder", "onnxpipe.tasks.classify:ClassifyTask",
                ("top_k", "threshold", "function")),
-    TaskFamily("embed", ("feature-extraction",), "onnxpipe.tasks.embed:EmbedTask", ("pooling", "normalize")),
-    TaskFamily("tag", ("token-classification",), "onnxpipe.tasks.tag:TagTask", ("aggregation",)),
-    TaskFamily("fill-mask", ("fill-mask",), "onnxpipe.tasks.fill_mask:FillMaskTask", ("top_k",)),
-    TaskFamily("generate", ("text-generation",), "onnxpipe.tasks.causal:GenerateTask",
+    TaskFamily("tag", ("token-classification",), "encoder", "onnxpipe.tasks.tag:TagTask", ("aggregation",)),
+    TaskFamily("embed", ("feature-extraction",), "encoder", "onnxpipe.tasks.embed:EmbedTask", ("pooling", "normalize")),
+    TaskFamily("fill-mask", ("fill-mask",), "encoder", "onnxpipe.tasks.fill_mask:FillMaskTask", ("top_k",)),
+    TaskFamily("generate", ("text-generation",), "decoder", "onnxpipe.tasks.causal:GenerateTask",
                ("chat", "system", "stop", *DECODING_OPTIONS), batch_size=16),
-    TaskFamily("translate", ("text2text-generation",), "onnxpipe.tasks.seq2seq:Seq2SeqTask",
+    TaskFamily("translate", ("text2text-generation",), "seq2seq", "onnxpipe.tasks.seq2seq:Seq2SeqTask",
                ("prefix", "source_lang", "target_lang", *SEQ2SEQ_DECODING), max_batch_tokens=8192),
-    TaskFamily("summarize", ("text2text-generation",), "onnxpipe.tasks.seq2seq:Seq2SeqTask",
+    TaskFamily("summarize", ("text2text-generation",), "seq2seq", "onnxpipe.tasks.seq2seq:Seq2SeqTask",
                ("prefix", *SEQ2SEQ_DECODING), batch_size=16, fixed={"summarize": True}),
 )}
+
+
+def export_tasks(kind: str | None = None) -> tuple[str, ...]:
+    """The export tasks onnxpipe runs (of KIND: encoder, decoder, seq2seq), each once, in registry order."""
+    tasks = [t for f in FAMILIES.values() if kind is None or f.kind == kind for t in f.export_tasks]
+    return tuple(dict.fromkeys(tasks))
+
+
+def export_kind(export_task: str) -> str:
+    """The graphs an export of EXPORT_TASK holds: "encoder", "decoder" or "seq2seq"."""
+    return family_for_export(export_task).kind
 
 
 def family_named(name: str) -> TaskFamily:

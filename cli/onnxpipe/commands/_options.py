@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import click
 
@@ -122,14 +122,19 @@ _STREAM_KEYS = ("inputs", "output", "output_format", "field", "column", "batch_s
                 "on_error", "device", "threads", "progress")
 
 
-def stream_options(formats: tuple[str, ...] = ("text", "jsonl", "tsv"),
-                   batch_size: int = DEFAULT_BATCH_SIZE,
-                   max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS) -> Callable:
+def stream_options(formats: tuple[str, ...] = ("text", "jsonl", "tsv"), family: str | None = None) -> Callable:
     """The options every streaming command has; the command receives them as `stream: StreamOptions`.
 
-    FORMATS are the output formats the command can write (embed adds npy); BATCH_SIZE and
-    MAX_BATCH_TOKENS the command's defaults (generation wants smaller batches than encoders).
+    FORMATS are the output formats the command can write (embed adds npy); FAMILY is the command's
+    task family in the registry, whose batching defaults --batch-size and --max-batch-tokens show
+    (generation wants smaller batches than encoders).
     """
+    batch_size, max_batch_tokens = DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
+    if family is not None:
+        from onnxpipe.registry import family_named
+
+        entry = family_named(family)
+        batch_size, max_batch_tokens = entry.batch_size, entry.max_batch_tokens
 
     def decorator(f: Callable) -> Callable:
         @functools.wraps(f)
@@ -165,3 +170,23 @@ def stream_options(formats: tuple[str, ...] = ("text", "jsonl", "tsv"),
         return wrapper
 
     return decorator
+
+
+def run_family(family: str, model: str, stream: StreamOptions, options: dict[str, Any], **kw: Any) -> tuple[Any, Any]:
+    """Stream the inputs through FAMILY's task (the registry's entry) made with OPTIONS: (summary, task).
+
+    The export must be one of the family's export tasks; KW goes to run_stream_command (engine
+    options, records). The task is None when the run stopped before the model loaded.
+    """
+    from onnxpipe.registry import family_named
+    from onnxpipe.stream.run import run_stream_command
+
+    entry = family_named(family)
+    tasks: list[Any] = []
+
+    def make_task(m: Any) -> Any:
+        tasks.append(entry.make_task(m, options))
+        return tasks[0]
+
+    summary = run_stream_command(model, stream, make_task, tasks=entry.export_tasks, **kw)
+    return summary, (tasks[0] if tasks else None)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from onnxpipe.commands._options import StreamOptions, model_option, stream_options
+from onnxpipe.commands._options import StreamOptions, model_option, run_family, stream_options
 
 
 @click.command("classify")
 @model_option
-@stream_options()
+@stream_options(family="classify")
 @click.option("-k", "--top-k", type=click.IntRange(min=1), metavar="K",
               help="Keep the K best labels. [default: 1, or all labels when --threshold is given]")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), metavar="T",
@@ -28,8 +28,4 @@ def classify(model: str, stream: StreamOptions, top_k: int | None, threshold: fl
       onnxpipe classify -m sentiment --format jsonl --top-k 2 reviews.txt > labels.jsonl
       jq -c '{id, text: .body}' posts.jsonl | onnxpipe classify -m topics --field text --threshold 0.5
     """
-    from onnxpipe.stream.run import run_stream_command
-    from onnxpipe.tasks.classify import ClassifyTask
-
-    run_stream_command(model, stream, lambda m: ClassifyTask(m, top_k=top_k, threshold=threshold),
-                       tasks=ClassifyTask.task_names)
+    run_family("classify", model, stream, {"top_k": top_k, "threshold": threshold})

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from onnxpipe.commands._options import StreamOptions, model_option, stream_options
+from onnxpipe.commands._options import StreamOptions, model_option, run_family, stream_options
 
 
 @click.command("embed")
 @model_option
-@stream_options(formats=("text", "jsonl", "tsv", "npy"))
+@stream_options(formats=("text", "jsonl", "tsv", "npy"), family="embed")
 @click.option("--pooling", type=click.Choice(["mean", "cls", "max", "mean_sqrt_len", "weightedmean", "lasttoken"]),
               help="How token vectors become one vector (before any Dense layers the export carries). "
                    "[default: what the export declares (its sentence-transformers pooling), else mean]")
@@ -27,8 +27,4 @@ def embed(model: str, stream: StreamOptions, pooling: str | None, normalize: boo
       onnxpipe embed -m minilm --format npy -o vectors.npy sentences.txt
       jq -c '{id, text: .body}' posts.jsonl | onnxpipe embed -m minilm --field text > vectors.jsonl
     """
-    from onnxpipe.stream.run import run_stream_command
-    from onnxpipe.tasks.embed import EmbedTask
-
-    run_stream_command(model, stream, lambda m: EmbedTask(m, pooling=pooling, normalize=normalize),
-                       tasks=EmbedTask.task_names)
+    run_family("embed", model, stream, {"pooling": pooling, "normalize": normalize})

@@ -10,14 +10,14 @@ from typing import Any
 
 import click
 
+from onnxpipe.commands._decoding import decoding_names, decoding_options, decoding_overrides, prefix_option
 from onnxpipe.commands._options import complete_export_names, threads_option
-from onnxpipe.commands.translate import generation_options, generation_overrides
 
 # Options that only mean something for one kind of export (parameter names): the decoding ones are
-# translate's own, read off its decorator so that a new decoding flag needs no entry here.
+# translate's, from the registry, so that a new decoding flag needs no entry here.
 _CLASSIFY_ONLY = ("label_column", "label_map")
-_SEQ2SEQ_ONLY = ("reference_column", "references", "summarize", "source_lang", "target_lang",
-                 *(p.name for p in generation_options(lambda: None).__click_params__))
+_SEQ2SEQ_ONLY = ("reference_column", "references", "summarize", "source_lang", "target_lang", "prefix",
+                 *decoding_names("translate"))
 
 
 @click.command("eval")
@@ -38,7 +38,8 @@ _SEQ2SEQ_ONLY = ("reference_column", "references", "summarize", "source_lang", "
 @click.option("--summarize", is_flag=True, help="Use the model's summarization settings, as onnxpipe summarize does.")
 @click.option("--source-lang", metavar="CODE", help="Source language of a multilingual model (as for translate).")
 @click.option("--target-lang", metavar="CODE", help="Target language of a multilingual model (as for translate).")
-@generation_options
+@decoding_options("translate")
+@prefix_option
 @click.option("--format", "data_format", type=click.Choice(["csv", "tsv", "jsonl"]),
               help="Data format when the file name does not tell.")
 @click.option("--against", metavar="MODEL", shell_complete=complete_export_names,
@@ -90,7 +91,7 @@ def eval_command(model: str, data: str, data_format: str | None, against: str | 
         if (kw["num_return_sequences"] or 1) > 1:
             raise UsageError("--num-return-sequences: eval scores the best output of each source only")
         options = {"summarize": kw["summarize"], "prefix": kw["prefix"], "source_lang": kw["source_lang"],
-                   "target_lang": kw["target_lang"], **generation_overrides(dict(kw))}
+                   "target_lang": kw["target_lang"], **decoding_overrides(dict(kw))}
         report = evaluate_generation(
             model, data, text_column=kw["text_column"], reference_column=kw["reference_column"],
             references=kw["references"], data_format=data_format, against=against, device=device,

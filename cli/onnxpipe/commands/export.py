@@ -10,15 +10,9 @@ import click
 
 from onnxpipe import console
 from onnxpipe.errors import UsageError
+from onnxpipe.registry import export_tasks
 
-TASK_CHOICES = (
-    "text-classification",
-    "token-classification",
-    "feature-extraction",
-    "fill-mask",
-    "text-generation",
-    "text2text-generation",
-)
+TASK_CHOICES = export_tasks()  # the registry's, in its order
 
 
 @click.command("export")

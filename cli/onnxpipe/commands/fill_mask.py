@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from onnxpipe.commands._options import StreamOptions, model_option, stream_options
+from onnxpipe.commands._options import StreamOptions, model_option, run_family, stream_options
 
 
 @click.command("fill-mask")
 @model_option
-@stream_options()
+@stream_options(family="fill-mask")
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=5, show_default=True, metavar="K",
               help="Candidates per mask token.")
 def fill_mask(model: str, stream: StreamOptions, top_k: int) -> None:
@@ -26,7 +26,4 @@ def fill_mask(model: str, stream: StreamOptions, top_k: int) -> None:
       echo "Paris is the [MASK] of France." | onnxpipe fill-mask -m bert-base
       onnxpipe fill-mask -m roberta --format jsonl -k 3 --on-error null cloze.txt
     """
-    from onnxpipe.stream.run import run_stream_command
-    from onnxpipe.tasks.fill_mask import FillMaskTask
-
-    run_stream_command(model, stream, lambda m: FillMaskTask(m, top_k=top_k), tasks=FillMaskTask.task_names)
+    run_family("fill-mask", model, stream, {"top_k": top_k})

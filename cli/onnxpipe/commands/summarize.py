@@ -6,14 +6,16 @@ from typing import Any
 
 import click
 
+from onnxpipe.commands._decoding import decoding_options, decoding_overrides, prefix_option
 from onnxpipe.commands._options import StreamOptions, model_option, stream_options
-from onnxpipe.commands.translate import generation_options, generation_overrides, run_seq2seq
+from onnxpipe.commands._seq2seq import run_seq2seq
 
 
 @click.command("summarize")
 @model_option
-@stream_options(batch_size=16, max_batch_tokens=16384)
-@generation_options
+@stream_options(family="summarize")
+@decoding_options("summarize")
+@prefix_option
 def summarize(model: str, stream: StreamOptions, prefix: str | None, **kw: Any) -> None:
     """Summarize each input line (a whole document per line) with an encoder-decoder export.
 
@@ -26,4 +28,4 @@ def summarize(model: str, stream: StreamOptions, prefix: str | None, **kw: Any) 
       jq -r .article news.jsonl | onnxpipe summarize -m bart-cnn > summaries.txt
       onnxpipe summarize -m t5-small --field body --format jsonl posts.jsonl
     """
-    run_seq2seq(model, stream, True, prefix, None, None, generation_overrides(kw))
+    run_seq2seq(model, stream, "summarize", prefix, None, None, decoding_overrides(kw))

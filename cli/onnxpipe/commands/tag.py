@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from onnxpipe.commands._options import StreamOptions, model_option, stream_options
+from onnxpipe.commands._options import StreamOptions, model_option, run_family, stream_options
 
 
 @click.command("tag")
 @model_option
-@stream_options()
+@stream_options(family="tag")
 @click.option("--aggregation", type=click.Choice(["simple", "first", "average", "max", "none"]), default="simple",
               show_default=True,
               help="How word pieces become entities, as in transformers' token-classification pipeline: "
@@ -28,7 +28,4 @@ def tag(model: str, stream: StreamOptions, aggregation: str) -> None:
       onnxpipe tag -m ner news.txt
       onnxpipe tag -m ner --format jsonl --aggregation first < news.txt | jq -c '.entities'
     """
-    from onnxpipe.stream.run import run_stream_command
-    from onnxpipe.tasks.tag import TagTask
-
-    run_stream_command(model, stream, lambda m: TagTask(m, aggregation=aggregation), tasks=TagTask.task_names)
+    run_family("tag", model, stream, {"aggregation": aggregation})

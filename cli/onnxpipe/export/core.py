@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxpipe.errors import ExportError, MissingExtraError, OnnxpipeError, SourceError, UsageError
-from onnxpipe.export.tasks import FAMILY, TASKS, check_exportable, check_task, infer_task, optimum_task  # noqa: F401
+from onnxpipe.export.tasks import FAMILY, check_exportable, check_task, infer_task, optimum_task
 from onnxpipe.manifest import checksums, looks_like_export, write_manifest
 
 Progress = Callable[[str, str], None]

@@ -9,23 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from onnxpipe.errors import SourceError, UsageError
+from onnxpipe.registry import export_kind, export_tasks
 
-TASKS = (
-    "text-classification",
-    "token-classification",
-    "feature-extraction",
-    "fill-mask",
-    "text-generation",
-    "text2text-generation",
-)
-FAMILY = {
-    "text-classification": "encoder",
-    "token-classification": "encoder",
-    "feature-extraction": "encoder",
-    "fill-mask": "encoder",
-    "text-generation": "decoder",
-    "text2text-generation": "seq2seq",
-}
+# The registry's export tasks, and the graphs each exports (encoder, decoder or seq2seq).
+TASKS: tuple[str, ...] = export_tasks()
+FAMILY: dict[str, str] = {task: export_kind(task) for task in TASKS}
 # Architecture-name suffix -> task, most specific first.
 _SUFFIX_TASK = (
     ("ForSequenceClassification", "text-classification"),

@@ -17,9 +17,10 @@ from onnxpipe.home import resolve_model
 from onnxpipe.stream.labelled import Labelled, apply_label_map, decode_utf8, parse_label_map, read_labelled
 from onnxpipe.manifest import read_manifest
 from onnxpipe.measure.metrics import agreement, classification_metrics
+from onnxpipe.registry import FAMILIES
 
-CLASSIFICATION = "text-classification"
-SEQ2SEQ = "text2text-generation"
+CLASSIFICATION = FAMILIES["classify"].export_tasks[0]
+SEQ2SEQ = FAMILIES["translate"].export_tasks[0]
 
 
 
@@ -161,11 +162,11 @@ def predict_onnx(folder: Path, manifest: dict, data: Labelled, device: str, batc
     """
     from onnxpipe.runtime import load_model
     from onnxpipe.stream.engine import EngineOptions
-    from onnxpipe.tasks.classify import ClassifyTask
 
     model = load_model(folder, device=device, threads=threads)
     index = {name: i for i, name in enumerate(manifest["labels"])}
-    labels, summary = _run_texts(ClassifyTask(model), data, lambda r: index.get(r.labels[0]) if r.labels else None,
+    task = FAMILIES["classify"].make_task(model, {})
+    labels, summary = _run_texts(task, data, lambda r: index.get(r.labels[0]) if r.labels else None,
                                  EngineOptions(batch_size=batch_size))
     return Prediction(labels, model.provider or "", model.device_note, summary.truncated)
 
@@ -297,10 +298,13 @@ def generate_onnx(folder: Path, data: Labelled, device: str, batch_size: int, ta
     """Outputs for the sources of DATA exactly as `onnxpipe translate`/`summarize` make them."""
     from onnxpipe.runtime import load_model
     from onnxpipe.stream.engine import EngineOptions
-    from onnxpipe.tasks.seq2seq import Seq2SeqTask
 
+    options = dict(task_options)
+    family = FAMILIES["summarize" if options.pop("summarize", False) else "translate"]
+    if family.name == "summarize":  # no languages to choose: given ones are refused by make_task
+        options = {k: v for k, v in options.items() if not (k in ("source_lang", "target_lang") and v is None)}
     model = load_model(folder, device=device, threads=threads)
-    task = Seq2SeqTask(model, **task_options)
+    task = family.make_task(model, options)
     texts, summary = _run_texts(task, data, task.to_text, EngineOptions(batch_size=batch_size, max_batch_tokens=8192))
     note = None
     if getattr(task, "position_limited", 0):  # as run_stream_command reads it

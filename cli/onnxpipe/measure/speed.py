@@ -33,11 +33,11 @@ import numpy as np
 from onnxpipe import __version__
 from onnxpipe.runtime import machine
 from onnxpipe.errors import InputError, UsageError
+from onnxpipe.registry import export_kind, export_tasks
 from onnxpipe.stream.records import Record
 
-ENCODER_TASKS = ("text-classification", "feature-extraction", "token-classification", "fill-mask")
-GENERATOR_TASKS = ("text-generation", "text2text-generation")
-TASKS = ENCODER_TASKS + GENERATOR_TASKS
+TASKS = export_tasks()  # every task family's exports bench, by the graphs they hold
+ENCODER_TASKS = export_tasks("encoder")
 
 DEFAULT_ENCODER_BATCH_SIZES = (1, 8, 32)
 DEFAULT_GENERATOR_BATCH_SIZES = (1, 8)
@@ -140,12 +140,7 @@ def run_bench(model_ref: str | Path, options: BenchOptions, device: str = "auto"
     if model.task not in TASKS:
         raise UsageError(f"cannot bench a {model.task} export", hint="supported: " + ", ".join(sorted(TASKS)))
     _check_options(model, options)
-    if model.task in ENCODER_TASKS:
-        bench: _Bench = _EncoderBench(model, options)
-    elif model.task == "text-generation":
-        bench = _CausalBench(model, options)
-    else:
-        bench = _Seq2SeqBench(model, options)
+    bench: _Bench = _BENCHES[export_kind(model.task)](model, options)
     report = BenchReport(
         model=model.name, path=str(model.folder), task=str(model.task), precision=model.manifest.get("precision"),
         optimization=model.manifest.get("optimization"), provider=model.provider, device=str(model.device),
@@ -396,6 +391,9 @@ def text_of_length(tokenizer: Any, tokens: int, prefix: str = "") -> str:
                     return text
     raise UsageError(f"cannot make an input of exactly {tokens} tokens with this tokenizer",
                      hint=f"use at least {specials + 1} tokens")
+
+
+_BENCHES: dict[str, type[_Bench]] = {"encoder": _EncoderBench, "decoder": _CausalBench, "seq2seq": _Seq2SeqBench}
 
 
 def read_lines(path: str, limit: int) -> list[str]:

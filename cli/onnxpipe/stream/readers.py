@@ -203,10 +203,6 @@ class RecordParser:
         self.seq = 0
         self.replaced = 0  # records with invalid UTF-8 (or lone surrogates in JSON) replaced
 
-    @property
-    def input_format(self) -> str:
-        return "jsonl" if self.field is not None else "tsv" if self.column is not None else "text"
-
     def parse(self, chunk: RawChunk) -> list[Record]:
         out = []
         for offset, raw in enumerate(chunk.lines):
@@ -353,10 +349,3 @@ def _json_type(value) -> str:
 def records_from_texts(texts: Sequence[str], source: str = "<args>") -> list[Record]:
     """Records for texts that did not come from a stream (`-p PROMPT`, tests)."""
     return [Record(seq=i, text=t, source=source, line=i + 1, nbytes=len(t) + 1) for i, t in enumerate(texts)]
-
-
-def stdin_is_terminal() -> bool:
-    try:
-        return sys.stdin.isatty()
-    except (AttributeError, ValueError):
-        return False

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from typing import IO, Any, Protocol
 
 from onnxpipe.errors import OnnxpipeError, UsageError
@@ -195,11 +194,9 @@ class TsvWriter(Writer):
 class NpyWriter(Writer):
     """A float32 matrix, one row per record, in a seekable .npy file.
 
-    The row count is known only at the end, so the header is written with room to spare and
-    rewritten on close. Empty and failed records are rows of NaN.
+    The row count is known only at the end, so the header is written by numpy.lib.format, which
+    leaves room for the first axis to grow, and rewritten on close. Empty and failed records are rows of NaN.
     """
-
-    HEADER_LEN = 128
 
     def __init__(self, stream: IO[bytes], task: Any):
         super().__init__(stream, task)
@@ -207,7 +204,7 @@ class NpyWriter(Writer):
             raise UsageError("--format npy needs -o FILE (a regular file, not a pipe)")
         self.width: int | None = None
         self.pending_nan = 0
-        self.stream.write(self._header(0, 0))
+        self.header_len = self.stream.write(self._header(0, 0))
 
     def write(self, record, result, error=None):
         import numpy as np
@@ -230,16 +227,23 @@ class NpyWriter(Writer):
     def close(self):
         if self.width is None:
             self.width = 0
+        header = self._header(self.count, self.width)
+        if len(header) != self.header_len:  # numpy pads the header to leave room: not expected
+            raise OnnxpipeError(f"the .npy header for {self.count} x {self.width} no longer fits its place")
         self.stream.seek(0)
-        self.stream.write(self._header(self.count, self.width))
+        self.stream.write(header)
         self.stream.seek(0, 2)
         self.stream.flush()
 
-    def _header(self, rows: int, cols: int) -> bytes:
-        text = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, %d), }" % (rows, cols)
-        body_len = self.HEADER_LEN - 10
-        text = text.ljust(body_len - 1) + "\n"
-        return b"\x93NUMPY\x01\x00" + struct.pack("<H", body_len) + text.encode("latin1")
+    @staticmethod
+    def _header(rows: int, cols: int) -> bytes:
+        import io
+
+        from numpy.lib import format as npy_format
+
+        out = io.BytesIO()
+        npy_format.write_array_header_1_0(out, {"descr": "<f4", "fortran_order": False, "shape": (rows, cols)})
+        return out.getvalue()
 
 
 def _seekable(stream) -> bool:

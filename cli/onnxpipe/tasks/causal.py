@@ -26,6 +26,7 @@ import numpy as np
 
 from onnxpipe.decoding import GenerationConfig, Hypothesis, generate
 from onnxpipe.errors import ModelNotFoundError, OnnxpipeError, UsageError
+from onnxpipe.registry import FAMILIES
 from onnxpipe.tasks.kv_cache import CacheReorder
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -474,7 +475,7 @@ def render_chat_template(template: str, messages: list[dict], special_tokens: di
 class GenerateTask:
     """`onnxpipe generate` on the streaming engine: a record is a prompt, its result the n-best completions."""
 
-    task_names = ("text-generation",)
+    task_names = FAMILIES["generate"].export_tasks  # the registry's
 
     def __init__(self, model: Any, overrides: dict[str, Any] | None = None, chat: bool = False,
                  system: str | None = None, stop: Sequence[str] = ()):

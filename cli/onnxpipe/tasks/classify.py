@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from onnxpipe.registry import FAMILIES
 from onnxpipe.stream.records import Item
 from onnxpipe.tasks.encoder import EncoderTask, sigmoid, softmax
 
@@ -22,7 +23,7 @@ class Classification:
 
 
 class ClassifyTask(EncoderTask):
-    task_names = ("text-classification",)
+    task_names = FAMILIES["classify"].export_tasks  # the registry's
 
     def __init__(self, model: Any, top_k: int | None = None, threshold: float | None = None,
                  function: str | None = None):

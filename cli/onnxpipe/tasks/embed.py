@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from onnxpipe.errors import UsageError
+from onnxpipe.registry import FAMILIES
 from onnxpipe.stream.records import Item
 from onnxpipe.tasks.encoder import EncoderTask
 
@@ -98,7 +99,7 @@ def declared_pooling(model: Any) -> tuple[str, bool]:
 
 
 class EmbedTask(EncoderTask):
-    task_names = ("feature-extraction",)
+    task_names = FAMILIES["embed"].export_tasks  # the registry's
 
     def __init__(self, model: Any, pooling: str | None = None, normalize: bool | None = None):
         super().__init__(model)

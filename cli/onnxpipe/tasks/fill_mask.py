@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from onnxpipe.errors import ModelNotFoundError
+from onnxpipe.registry import FAMILIES
 from onnxpipe.stream.records import Item, Record
 from onnxpipe.tasks.encoder import EncoderTask, softmax
 
@@ -20,7 +21,7 @@ DEFAULT_TOP_K = 5
 
 
 class FillMaskTask(EncoderTask):
-    task_names = ("fill-mask",)
+    task_names = FAMILIES["fill-mask"].export_tasks  # the registry's
 
     def __init__(self, model: Any, top_k: int = DEFAULT_TOP_K):
         super().__init__(model)

@@ -34,6 +34,7 @@ import numpy as np
 
 from onnxpipe.decoding import GenerationConfig, Hypothesis, generate
 from onnxpipe.errors import ModelNotFoundError, UsageError
+from onnxpipe.registry import FAMILIES
 from onnxpipe.stream.records import Item, Record
 from onnxpipe.tasks.kv_cache import CacheReorder
 
@@ -350,7 +351,7 @@ class Seq2SeqResult:
 class Seq2SeqTask:
     """translate / summarize on the streaming engine: records in, generated texts out."""
 
-    task_names = ("text2text-generation",)
+    task_names = FAMILIES["translate"].export_tasks  # the registry's
 
     def __init__(self, model: Any, *, summarize: bool = False, prefix: str | None = None,
                  source_lang: str | None = None, target_lang: str | None = None, **overrides: Any):

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from onnxpipe.registry import FAMILIES
 from onnxpipe.stream.records import Item
 from onnxpipe.tasks.encoder import EncoderTask, softmax
 
@@ -22,7 +23,7 @@ IGNORE_LABELS = ("O",)
 
 
 class TagTask(EncoderTask):
-    task_names = ("token-classification",)
+    task_names = FAMILIES["tag"].export_tasks  # the registry's
 
     def __init__(self, model: Any, aggregation: str = "simple"):
         super().__init__(model)
