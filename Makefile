@@ -25,10 +25,13 @@ $(STAMP): pyproject.toml
 test: venv
 	$(PY) -m pytest -q
 
-# The fuzz targets (tests/fuzz/targets.py: record parser + writer, manifest loader), FUZZ_SECONDS each;
-# `make test` runs them for a few seconds (tests/test_fuzz.py).
+# The fuzz targets (tests/fuzz/targets.py: record parser + writer, manifest loader), FUZZ_SECONDS each:
+# coverage-guided with atheris (libFuzzer), then hypothesis' structured inputs. `make test` runs both
+# engines for a few seconds (tests/test_fuzz.py).
 FUZZ_SECONDS ?= 60
 fuzz: venv
+	set -e; for t in record_parser manifest_loader; do \
+	    $(PY) tests/fuzz/atheris_run.py $$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 2>&1 | tail -n 12; done
 	$(PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS)
 
 # --- make models: the real exports in exports/, built once (file targets; a second run does nothing)

@@ -1,6 +1,9 @@
 """Converted SentencePiece tokenizers (M2M100, Marian) give the slow tokenizer's ids on hostile text, also
 where vocab.json lacks pieces of the spm (extra ids that the runtime maps to <unk>); the equivalence check at
-export says where it differs; M2M100 and such a Marian export and translate as transformers does."""
+export says where it differs; M2M100 and such a Marian export and translate as transformers does.
+
+Families this file proves (keys of export/families.py): m2m_100, marian.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Validation on the outputs' scale: T5 v1.1/flan, mT5 and relu-tied T5 with real-sized logits export,
-validate and generate transformers' ids; a failure says which check failed and names the drifting op."""
+validate and generate transformers' ids; a failure says which check failed and names the drifting op.
+
+Families this file proves (keys of export/families.py): t5-v1.1, mt5.
+"""
 
 from __future__ import annotations
 

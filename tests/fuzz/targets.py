@@ -1,6 +1,8 @@
-"""Fuzz targets (hypothesis as the engine: atheris has no wheel for this Python 3.11 setup).
+"""Fuzz targets: each checks "never anything but the documented outcome" for one input.
 
-Each target is a hypothesis test of "never anything but the documented outcome":
+Two engines drive the same checks: hypothesis here (structured inputs: JSON tokens, mutated
+manifests; what `make test` runs briefly), and atheris (coverage-guided byte mutation, libFuzzer;
+tests/fuzz/atheris_run.py, what `make fuzz` runs). The checks:
 - the record parser + JSONL writer: any bytes as a line, in each input format, give a Record, and
   writing it gives one valid JSON line (or the line as text/TSV) -- never an exception;
 - the manifest loader: any bytes (random, or a mutated real manifest) in onnxpipe.json give a
@@ -48,6 +50,11 @@ class _Task:
 @given(raw=LINES, parser_kw=st.sampled_from([{}, {"field": "text"}, {"column": 2}]),
        fmt=st.sampled_from(["text", "jsonl", "tsv"]), line=st.integers(1, 3))
 def fuzz_record_parser(raw, parser_kw, fmt, line):
+    check_record(raw, parser_kw, fmt, line)
+
+
+def check_record(raw: bytes, parser_kw: dict, fmt: str, line: int) -> None:
+    """RAW (one line, no newline) parsed with PARSER_KW and written as FMT: one valid output line."""
     record = RecordParser(**parser_kw).parse_line(raw, "<stdin>", line)
     out = io.BytesIO()
     writer = make_writer(fmt, out, _Task())
@@ -81,6 +88,11 @@ MUTATIONS = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max
     lambda m: json.dumps({**_manifest(), m[0]: m[1]} if m[2] else
                          {k: v for k, v in _manifest().items() if k != m[0]}).encode()))
 def fuzz_manifest_loader(content):
+    check_manifest(content)
+
+
+def check_manifest(content: bytes) -> None:
+    """CONTENT as onnxpipe.json beside a model and a tokenizer: a manifest or one-line OnnxpipeError."""
     from onnxpipe.manifest import read_manifest
 
     with tempfile.TemporaryDirectory() as tmp:
