@@ -125,3 +125,19 @@ def test_importing_onnxpipe_stays_light():
             "print(sorted(m for m in ('onnxruntime', 'numpy', 'tokenizers', 'onnxpipe.api', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_cli_writers_receive_the_api_result(exported, monkeypatch):
+    """One result model: what --format jsonl writes is the to_dict() of the Result the writer was handed,
+    the same class the API returns."""
+    from onnxpipe.stream import writers
+
+    seen = []
+    real = writers.JsonlWriter.write
+    monkeypatch.setattr(writers.JsonlWriter, "write", lambda self, result: (seen.append(result), real(self, result)))
+    folder = exported("bert", "text-classification")
+    records = _cli_records("classify", folder, ["--top-k", "2"], LINES)
+    assert all(type(r) is onnxpipe.Result for r in seen) and len(seen) == len(LINES)
+    assert [r.to_dict() for r in seen] == records
+    api = onnxpipe.load(folder, device="cpu")(LINES, top_k=2)
+    assert [r.to_dict() for r in api] == records

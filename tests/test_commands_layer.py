@@ -112,7 +112,7 @@ def test_npy_writer_header_is_numpys_and_rewritten_with_the_row_count(tmp_path):
     import numpy as np
     from numpy.lib import format as npy_format
 
-    from onnxpipe.stream.records import Record
+    from onnxpipe.stream.records import Record, Result
     from onnxpipe.stream.writers import NpyWriter
 
     class Vectors:
@@ -124,7 +124,7 @@ def test_npy_writer_header_is_numpys_and_rewritten_with_the_row_count(tmp_path):
     with open(path, "w+b") as stream:
         writer = NpyWriter(stream, Vectors())
         for i, row in enumerate(rows):
-            writer.write(Record(seq=i, text="x", source="-", line=i + 1), row)
+            writer.write(Result(Record(seq=i, text="x", source="-", line=i + 1), row, None, writer.task))
         writer.close()
     got = np.load(path)
     assert got.shape == (1201, 5) and got.dtype == np.float32

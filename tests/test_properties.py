@@ -20,7 +20,7 @@ from onnxpipe.errors import InputError
 from onnxpipe.main import cli
 from onnxpipe.stream.engine import Engine, EngineOptions
 from onnxpipe.stream.readers import LineSource, RecordParser
-from onnxpipe.stream.records import Item
+from onnxpipe.stream.records import Item, Result
 from onnxpipe.stream.writers import escape_cell, escape_text, make_writer, unescape_text
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -154,7 +154,7 @@ def test_jsonl_pass_through_is_exact(value):
     record = RecordParser(field="text").parse_line(json.dumps(obj).encode(), "<stdin>", 1)
     out = io.BytesIO()
     writer = make_writer("jsonl", out, FakeTask())
-    writer.write(record, "T", None)
+    writer.write(Result(record, "T", None, writer.task))
     writer.flush()
     assert json.loads(out.getvalue()) == {**obj, "out": "T"}
 

@@ -17,52 +17,26 @@ the caller decides whether it shows), and `Pipeline.threads` is the value in use
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
 from onnxpipe.errors import UsageError
 from onnxpipe.registry import TaskFamily, family_for_export
+from onnxpipe.stream.records import Result
 
 __all__ = ["Pipeline", "Result", "load"]
 
 _STREAM_WINDOW = 256  # records per engine window in stream(): results flow out after each window
 
 
-@dataclass(frozen=True)
-class Result:
-    """One input's result. `fields` are the task's JSONL fields (`label`, `embedding`, `generated_text`, ...),
-    also readable as attributes (`result.label`); `value` is the task's own typed result (None for an
-    empty or failed input); `error` says why an input failed (with on_error="null")."""
-
-    text: str
-    fields: Mapping[str, Any]
-    value: Any = None
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSONL record the CLI writes for this input: {"text": ..., **fields, "error": ... if any}."""
-        record: dict[str, Any] = {"text": self.text, **self.fields}
-        if self.error is not None:
-            record["error"] = self.error
-        return record
-
-    def __getattr__(self, name: str) -> Any:
-        fields = self.__dict__.get("fields") or {}
-        if name in fields:
-            return fields[name]
-        raise AttributeError(f"{type(self).__name__} has no field {name!r} (fields: {', '.join(fields) or 'none'})")
-
-
 class _Collector:
-    """The engine's writer for the API: keeps (record, result, error) in the order the engine writes them."""
+    """The engine's writer for the API: keeps the Results in the order the engine writes them."""
 
-    def __init__(self, task: Any):
-        self.task = task
-        self.rows: list[tuple[Any, Any, str | None]] = []
+    def __init__(self) -> None:
+        self.results: list[Result] = []
 
-    def write(self, record: Any, result: Any, error: str | None = None) -> None:
-        self.rows.append((record, result, error))
+    def write(self, result: Result) -> None:
+        self.results.append(result)
 
     def write_partial(self, text: str) -> None:  # pragma: no cover - the API never streams pieces
         raise UsageError("the Python API does not stream partial results")
@@ -74,8 +48,8 @@ class _Collector:
         pass
 
     def take(self) -> list[Result]:
-        rows, self.rows = self.rows, []
-        return [Result(record.text, self.task.to_fields(result), result, error) for record, result, error in rows]
+        results, self.results = self.results, []
+        return results
 
 
 class Pipeline:
@@ -158,7 +132,7 @@ class Pipeline:
             if not isinstance(text, str):
                 raise UsageError(f"input {i} is a {type(text).__name__}, not a str")
         task = self.task_for(options)
-        collector = _Collector(task)
+        collector = _Collector()
         engine_options = EngineOptions(batch_size=self.batch_size, max_batch_tokens=self.max_batch_tokens,
                                        on_error=self.on_error, window=max(len(texts), 1))
         records = [Record(seq=i, text=t, source="<api>", line=i + 1, nbytes=len(t) + 1) for i, t in enumerate(texts)]

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from onnxpipe.errors import OnnxpipeError
 from onnxpipe.stream.readers import RecordParser
+from onnxpipe.stream.records import Result
 from onnxpipe.stream.writers import make_writer
 
 FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -58,7 +59,7 @@ def check_record(raw: bytes, parser_kw: dict, fmt: str, line: int) -> None:
     record = RecordParser(**parser_kw).parse_line(raw, "<stdin>", line)
     out = io.BytesIO()
     writer = make_writer(fmt, out, _Task())
-    writer.write(record, None if record.error else "R", record.error)
+    writer.write(Result(record, None if record.error else "R", record.error, writer.task))
     writer.flush()
     text = out.getvalue().decode("utf-8")
     assert text.endswith("\n") and text.count("\n") == 1

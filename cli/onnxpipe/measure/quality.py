@@ -127,9 +127,9 @@ class _Collect:
         self.value_of = value_of
         self.values: list[Any] = [None] * count
 
-    def write(self, record, result, error=None) -> None:
-        if result is not None:
-            self.values[record.seq] = self.value_of(result)
+    def write(self, result) -> None:
+        if result.value is not None:
+            self.values[result.record.seq] = self.value_of(result.value)
 
     def write_partial(self, text: str) -> None:
         pass

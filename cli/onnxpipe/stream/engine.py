@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from onnxpipe.errors import InputError, OnnxpipeError, UsageError
 from onnxpipe.stream.readers import IDLE, LineSource, RecordParser
-from onnxpipe.stream.records import Item, Record
+from onnxpipe.stream.records import Item, Record, Result
 from onnxpipe.stream.writers import Writer
 
 ON_ERROR = ("fail", "null")
@@ -227,7 +227,7 @@ class Engine:
                 result, error = done.pop(record.seq)
                 if error is not None:
                     self._failed(record, error)
-                self.writer.write(record, result, error)
+                self.writer.write(Result(record, result, error, self.task))
                 nbytes += record.nbytes
                 cursor += 1
         finally:

@@ -1,9 +1,11 @@
-"""The units that flow through the engine: a Record (one input line) and an Item (a tokenized record)."""
+"""The units that flow through the engine: a Record (one input line), an Item (a tokenized record) and a
+Result (a record's outcome: what the writers render and the Python API returns)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import Any, Protocol
 
 
 @dataclass
@@ -48,3 +50,62 @@ class Item:
     truncated: bool = False
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Formatter(Protocol):
+    """What a task provides to turn its results into output. `value` is None for an empty or failed record."""
+
+    def to_text(self, value: Any) -> str: ...
+    def to_fields(self, value: Any) -> dict[str, Any]: ...
+    def to_columns(self, value: Any) -> list[str]: ...
+
+
+class Result:
+    """One record's outcome: the CLI's writers render it and the Python API (`onnxpipe.load`) returns it.
+
+    `value` is the task's own typed result (a Classification, an embedding, a list of Completions, ...;
+    None for an empty or failed record), `error` why the record failed, `fields` the task's JSONL fields
+    (computed on first use), also readable as attributes (`result.label`). `to_dict()` is the record
+    that `--format jsonl` writes: the input object (JSONL input) or {"text": ...}, the fields, "error".
+    """
+
+    __slots__ = ("record", "value", "error", "formatter", "__dict__")
+
+    def __init__(self, record: Record, value: Any, error: str | None, formatter: Formatter):
+        self.record = record
+        self.value = value
+        self.error = error
+        self.formatter = formatter
+
+    @property
+    def text(self) -> str:
+        """The input text."""
+        return self.record.text
+
+    @cached_property
+    def fields(self) -> dict[str, Any]:
+        return self.formatter.to_fields(self.value)
+
+    def to_dict(self) -> dict[str, Any]:
+        record = self.record
+        if record.fields is not None:
+            obj = dict(record.fields)
+        elif record.raw is not None:  # a line that could not be read as a record: kept as it came
+            obj = {"input": record.raw}
+        else:
+            obj = {"text": record.text}
+        obj.update(self.fields)
+        if self.error is not None:
+            obj["error"] = self.error
+        return obj
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        fields = self.fields
+        if name in fields:
+            return fields[name]
+        raise AttributeError(f"Result has no field {name!r} (fields: {', '.join(fields) or 'none'})")
+
+    def __repr__(self) -> str:
+        return f"Result(text={self.text!r}, fields={self.fields!r}, error={self.error!r})"

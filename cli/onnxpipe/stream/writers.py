@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 from onnxpipe.errors import OnnxpipeError, UsageError
-from onnxpipe.stream.records import Record
+from onnxpipe.stream.records import Formatter, Result
 
 FORMATS = ("text", "jsonl", "tsv")
 
@@ -52,14 +52,6 @@ class OutputError(OnnxpipeError):
         super().__init__(f"cannot write results to {where}: {exc.strerror or exc}")
 
 
-class Formatter(Protocol):
-    """What a task provides to turn its results into output. `result` is None for an empty or failed record."""
-
-    def to_text(self, result: Any) -> str: ...
-    def to_fields(self, result: Any) -> dict[str, Any]: ...
-    def to_columns(self, result: Any) -> list[str]: ...
-
-
 class Writer:
     """Writes records in the order it is called (the engine calls it in input order)."""
 
@@ -69,15 +61,15 @@ class Writer:
         self.count = 0
         self._lines: list[bytes] = []  # written out by flush(), which the engine calls per batch
 
-    def write(self, record: Record, result: Any, error: str | None = None) -> None:
-        self._lines.append(self.render(record, result, error))
+    def write(self, result: Result) -> None:
+        self._lines.append(self.render(result))
         self.count += 1
 
     def write_partial(self, text: str) -> None:
         """A piece of a result as it is produced (streamed generation); the line ends with write()."""
         raise UsageError("this output format cannot stream partial results")
 
-    def render(self, record: Record, result: Any, error: str | None) -> bytes:
+    def render(self, result: Result) -> bytes:
         raise NotImplementedError
 
     def flush(self) -> None:
@@ -107,27 +99,20 @@ class TextWriter(Writer):
         self.stream.flush()
         self._streamed = True
 
-    def render(self, record, result, error):
+    def render(self, result):
         if self._streamed:  # the text went out piece by piece already: end its line
             self._streamed = False
             return b"\n"
-        text = "" if result is None else escape_text(self.task.to_text(result))
+        text = "" if result.value is None else escape_text(self.task.to_text(result.value))
         return (text + "\n").encode("utf-8", "replace")
 
 
 class JsonlWriter(Writer):
     """The input record (JSONL input) or {"text": ...}, plus the task's fields, plus "error" if any."""
 
-    def render(self, record, result, error):
-        if record.fields is not None:
-            obj = dict(record.fields)
-        elif record.raw is not None:  # a line that could not be read as a record: keep it as it came
-            obj = {"input": record.raw}
-        else:
-            obj = {"text": record.text}
-        obj.update(self.task.to_fields(result))
-        if error is not None:
-            obj["error"] = error
+    def render(self, result):
+        record = result.record
+        obj = result.to_dict()
         raw_numbers: list[str] = []
         if record.raw_numbers:
             obj = _hold_raw_numbers(obj, raw_numbers)
@@ -179,15 +164,16 @@ def _put_raw_numbers(line: str, held: list[str], ascii_only: bool) -> str:
 class TsvWriter(Writer):
     """The input row (TSV input) or the text, then the task's columns; tabs and newlines escaped."""
 
-    def render(self, record, result, error):
+    def render(self, result):
+        record, value = result.record, result.value
         if record.columns is not None:
             cells = list(record.columns)
         else:
             cells = [escape_cell(record.raw if record.raw is not None else record.text)]
-        if result is None:
+        if value is None:
             cells += [""] * max(1, len(self.task.to_columns(None)))
         else:
-            cells += [escape_cell(c) for c in self.task.to_columns(result)]
+            cells += [escape_cell(c) for c in self.task.to_columns(value)]
         return ("\t".join(cells) + "\n").encode("utf-8", "replace")
 
 
@@ -206,10 +192,11 @@ class NpyWriter(Writer):
         self.pending_nan = 0
         self.header_len = self.stream.write(self._header(0, 0))
 
-    def write(self, record, result, error=None):
+    def write(self, result):
         import numpy as np
 
-        vector = None if result is None else np.asarray(self.task.to_vector(result), dtype="<f4").reshape(-1)
+        value = result.value
+        vector = None if value is None else np.asarray(self.task.to_vector(value), dtype="<f4").reshape(-1)
         if vector is None:
             if self.width is None:
                 self.pending_nan += 1
