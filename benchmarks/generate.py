@@ -64,9 +64,10 @@ PEER_PACKAGES = ("onnxruntime-gpu", "onnxruntime", "torch", "transformers", "opt
 
 def run_onnxpipe(export: Path, batch: int, new_tokens: int, threads: int, repeat: int) -> dict:
     from onnxpipe.decoding import GenerationConfig
+    from onnxpipe.runtime import load_model
     from onnxpipe.tasks.causal import CausalLM
 
-    lm = CausalLM.load(export, threads=threads)
+    lm = CausalLM.from_model(load_model(export, device="cpu", threads=threads))
     prompts = [lm.encode(lm.render_chat(p), chat=True) for p in PROMPTS]
     config = lm.defaults.update(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1)
 

@@ -204,6 +204,7 @@ TINY = {
 
 @pytest.fixture(scope="module", params=list(TINY))
 def tiny(request, exported, checkpoint, one_torch_thread):
+    from onnxpipe.runtime import load_model
     from onnxpipe.tasks.causal import CausalLM
 
     transformers = pytest.importorskip("transformers")
@@ -214,7 +215,7 @@ def tiny(request, exported, checkpoint, one_torch_thread):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    lm = CausalLM.load(exported(arch, checkpoint_kw=checkpoint_kw, **options), threads=1)
+    lm = CausalLM.from_model(load_model(exported(arch, checkpoint_kw=checkpoint_kw, **options), device="cpu", threads=1))
     return request.param, model, tokenizer, lm
 
 
@@ -358,14 +359,14 @@ def test_cache_stays_bound_between_steps(tiny):
 def test_long_prompts_are_prefilled_in_chunks(tiny, monkeypatch):
     """optimum's graph makes logits for every prompt position; past a budget the prompt runs in chunks
     over the cache, with the same ids. The fused graph makes the last position's only: one run."""
-    import onnxpipe.tasks.causal as causal
+    import onnxpipe.runtime.decoder as decoder
 
     arch, model, tokenizer, lm = tiny
     prompts = [tokenizer(p * 4).input_ids for p in PROMPTS[:3]]
     config = lm.defaults.update(**GREEDY)
     whole = [c[0].token_ids for c in lm.generate(prompts, config)]
-    lm.decoder.stats = causal.CopyStats()
-    monkeypatch.setattr(causal, "LOGITS_BUDGET", 1)  # chunks of 16 positions
+    lm.decoder.stats = decoder.CopyStats()
+    monkeypatch.setattr(decoder, "LOGITS_BUDGET", 1)  # chunks of 16 positions
     chunked = [c[0].token_ids for c in lm.generate(prompts, config)]
     assert max(len(p) for p in prompts) > 48
     fused = lm.manifest["graph"]["builder"] == "onnxpipe-fused"
@@ -382,7 +383,7 @@ def test_cache_gather_graph(tiny):
     """The Gather graph that reorders the cache on CUDA (written without the onnx package) is a valid
     model and gives the same ids as numpy's gather; run here on CPU, the only device CI has."""
     onnx = pytest.importorskip("onnx")
-    from onnxpipe.tasks.kv_cache import gather_model as _gather_model
+    from onnxpipe.runtime.kv_cache import gather_model as _gather_model
 
     onnx.checker.check_model(onnx.load_from_string(_gather_model(3, 1)), full_check=True)
     arch, model, tokenizer, lm = tiny
@@ -402,7 +403,7 @@ def test_reorder_rows_in_place_matches_a_gather():
     smaller batch -> a gather into new values; both equal numpy's x[rows]."""
     import onnxruntime as ort
 
-    from onnxpipe.tasks.kv_cache import reorder_rows
+    from onnxpipe.runtime.kv_cache import reorder_rows
 
     rng = np.random.default_rng(0)
     base = [rng.standard_normal((6, 2, 3, 4)).astype(np.float32) for _ in range(3)]

@@ -75,6 +75,7 @@ def family(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny(request, family, one_torch_thread):
+    from onnxpipe.runtime import load_model
     from onnxpipe.tasks.causal import CausalLM
 
     ckpt, export, manifest = family(request.param)
@@ -83,7 +84,7 @@ def tiny(request, family, one_torch_thread):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return request.param, model, tokenizer, CausalLM.load(export, threads=1), manifest
+    return request.param, model, tokenizer, CausalLM.from_model(load_model(export, device="cpu", threads=1)), manifest
 
 
 def _reference(model, tokenizer, prompts, eos, **kw):
@@ -195,9 +196,10 @@ def test_qwen2_biases_and_padded_vocabulary(family):
     assert config["vocab_size"] == len(tokenizer) + tiny_decoders.VOCAB_PADDING
     model = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
     assert float(model.model.layers[0].self_attn.q_proj.bias.detach().abs().min()) > 0
+    from onnxpipe.runtime import load_model
     from onnxpipe.tasks.causal import CausalLM
 
-    lm = CausalLM.load(export, threads=1)
+    lm = CausalLM.from_model(load_model(export, device="cpu", threads=1))
     assert lm.decoder.vocab_size == config["vocab_size"]
     # two eos ids from the generation config, the chat template's end of turn first
     assert manifest["special_tokens"]["eos_token_id"] == tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
@@ -206,9 +208,10 @@ def test_qwen2_biases_and_padded_vocabulary(family):
 def test_qwen2_ids_past_the_tokenizer_decode_like_transformers(family, one_torch_thread):
     """Ids no token uses (the padded columns) can be generated; the text is transformers' decode of the ids."""
     ckpt, export, manifest = family("qwen2")
+    from onnxpipe.runtime import load_model
     from onnxpipe.tasks.causal import CausalLM
 
-    lm = CausalLM.load(export, threads=1)
+    lm = CausalLM.from_model(load_model(export, device="cpu", threads=1))
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt)
     config = lm.defaults.update(do_sample=True, seed=3, temperature=3.0, top_k=0, max_new_tokens=40, eos_token_id=[])
     out = lm.generate([tokenizer(p).input_ids for p in PROMPTS], config)

@@ -154,16 +154,28 @@ def test_cli_graph_flag(checkpoint, tmp_path):
 @pytest.mark.parametrize("graph, warned", [("auto", True), ("optimum", False)])
 def test_generate_warns_when_a_fused_export_meets_cuda(exported, monkeypatch, capsys, graph, warned):
     """ONNX Runtime's CUDA GroupQueryAttention is fp16-only: on CUDA the fused fp32 graph would run its
-    attention on the CPU, so generate says so (faked here: no GPU runs the tests)."""
+    attention on the CPU, so generate says so (faked here: no GPU runs the tests). The task notes it;
+    the command prints it (library code never prints)."""
+    from click.testing import CliRunner
+
+    from onnxpipe.main import cli
+    from onnxpipe.runtime.device import Device
     from onnxpipe.runtime.model import ExportedModel
     from onnxpipe.tasks.causal import GenerateTask
 
-    model = ExportedModel(exported("llama", **({"graph": graph} if graph != "auto" else {})), device="cpu")
+    folder = exported("llama", **({"graph": graph} if graph != "auto" else {}))
+    model = ExportedModel(folder, device="cpu")
     session = model.session()
     model.provider = "CUDAExecutionProvider"
     monkeypatch.setattr(model, "session", lambda name="model": session)
-    GenerateTask(model)
-    assert ("Re-export with --graph optimum" in capsys.readouterr().err) == warned
+    task = GenerateTask(model)
+    assert capsys.readouterr().err == ""
+    assert any("Re-export with --graph optimum" in note for note in task.notes) == warned
+
+    monkeypatch.setattr(ExportedModel, "runs_on", property(lambda self: Device("cuda", 0)))
+    result = CliRunner().invoke(cli, ["generate", "-m", str(folder), "--device", "cpu"], input="")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert ("Re-export with --graph optimum" in result.stderr) == warned
 
 
 @pytest.mark.parametrize("rope", ["llama3", "linear"])
@@ -173,10 +185,12 @@ def test_rope_scaling_ids_equal_transformers(exported, checkpoint, rope):
     import torch
     import transformers
 
+    from onnxpipe.runtime import load_model
+
     from onnxpipe.tasks.causal import CausalLM
 
     folder = checkpoint("llama", rope=rope)
-    lm = CausalLM.load(exported("llama", checkpoint_kw={"rope": rope}), threads=1)
+    lm = CausalLM.from_model(load_model(exported("llama", checkpoint_kw={"rope": rope}), device="cpu", threads=1))
     assert lm.manifest["graph"]["builder"] == "onnxpipe-fused"
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)

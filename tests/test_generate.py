@@ -90,9 +90,11 @@ def test_chat_template_renders_as_transformers_does(exported, hf):
     (record,) = jsonl(result)
     assert record["prompt_tokens"] == len(expected_ids)
 
+    from onnxpipe.runtime import load_model
+
     from onnxpipe.tasks.causal import CausalLM
 
-    lm = CausalLM.load(exported("llama"), threads=1)
+    lm = CausalLM.from_model(load_model(exported("llama"), device="cpu", threads=1))
     assert lm.encode(lm.render_chat("What is the capital of France?", "Be brief."), chat=True) == expected_ids
     import torch
 
@@ -106,6 +108,8 @@ def test_chat_template_from_tokenizer_config(exported, tmp_path):
     """Exports that keep the template only in tokenizer_config.json (older transformers) work the same."""
     import shutil
 
+    from onnxpipe.runtime import load_model
+
     from onnxpipe.tasks.causal import CausalLM
 
     folder = tmp_path / "llama"
@@ -118,7 +122,8 @@ def test_chat_template_from_tokenizer_config(exported, tmp_path):
     manifest = json.loads((folder / "onnxpipe.json").read_text())
     manifest["tokenizer"]["chat_template"] = None
     (folder / "onnxpipe.json").write_text(json.dumps(manifest))
-    assert CausalLM.load(folder).render_chat("hi") == CausalLM.load(exported("llama")).render_chat("hi")
+    assert (CausalLM.from_model(load_model(folder, device="cpu")).render_chat("hi")
+            == CausalLM.from_model(load_model(exported("llama"), device="cpu")).render_chat("hi"))
 
 
 def test_chat_without_template_fails_clearly(exported):
@@ -282,10 +287,12 @@ def test_smollm2_rotary_tables_are_exact_at_every_position(smollm2_oracle):
 def test_smollm2_greedy_ids_match_transformers_for_64_tokens(smollm2_oracle):
     import torch
 
+    from onnxpipe.runtime import load_model
+
     from onnxpipe.tasks.causal import CausalLM
 
     tokenizer, model = smollm2_oracle
-    lm = CausalLM.load(SMOLLM2, threads=min(2, os.cpu_count() or 1))
+    lm = CausalLM.from_model(load_model(SMOLLM2, device="cpu", threads=min(2, os.cpu_count() or 1)))
     # The export under test is the fast one: the fused graph with the GGUF's blocks as 4-bit MatMulNBits.
     assert lm.manifest["graph"]["builder"] == "onnxpipe-fused"
     assert lm.manifest["graph"]["weights"] == {"float32": 0, "q4_0": 0, "q4_1": 120, "q8_0": 2}

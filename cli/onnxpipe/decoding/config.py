@@ -20,6 +20,8 @@ EarlyStopping = Union[bool, str]  # True, False or "never", as in transformers
 # float32 scores and a key/value cache per beam: 64 beams of a 256k vocabulary are 64 MB of scores per
 # input row per step (1 GB for a batch of 16), and beam-search quality stops improving well before that.
 MAX_NUM_BEAMS = 64
+# When neither the command nor the model sets a length (transformers would stop at 20 tokens).
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 @dataclass

@@ -9,11 +9,18 @@ library to preload, a log to silence) is made once.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from onnxpipe.errors import DeviceError
-from onnxpipe.runtime.device import CPU, Device, cuda_failure_reason, loading_providers, providers_for
+from onnxpipe.runtime.device import (
+    CPU,
+    Device,
+    cuda_failure_reason,
+    loading_providers,
+    providers_for,
+)
 
 
 def make_session(source: str | Path | bytes, device: Device | None = None, *, threads: int | None = None,

@@ -42,6 +42,8 @@ def run_stream_command(model_ref: str, stream: Any, make_task: Callable[[Any], A
     model = load_model(model_ref, device=stream.device, threads=stream.threads)
     model.check_task(*tasks)
     task = make_task(model)  # makes the sessions: a --device error comes before any input is read
+    for note in getattr(task, "notes", ()):  # what the task found about the export on this device
+        console.warn(note)
     if model.device_note:
         console.info(model.device_note)
 

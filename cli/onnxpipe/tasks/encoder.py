@@ -16,7 +16,7 @@ from onnxpipe.stream.records import Item, Record
 # tokenizing: no tokenizer we support makes fewer tokens than that from real text, and a
 # 10 MB line would otherwise cost seconds and a large Encoding. If the cut text turns out
 # not to need truncation after all, the whole line is tokenized.
-_CHARS_PER_TOKEN_CAP = 32
+CHARS_PER_TOKEN_CAP = 32
 
 
 class EncoderTask:
@@ -41,7 +41,7 @@ class EncoderTask:
 
     # --- the Task protocol --------------------------------------------------------------------
     def encode(self, records: Sequence[Record]) -> list[Item]:
-        cap = max(self.max_length * _CHARS_PER_TOKEN_CAP, 4096)
+        cap = max(self.max_length * CHARS_PER_TOKEN_CAP, 4096)
         texts, cut = [], []
         for record in records:
             text = record.text

@@ -1,8 +1,8 @@
 """Reordering the rows of a key/value cache between decoding steps, on the device that holds it.
 
 Beam search moves beams between rows and finished rows leave the batch, so after each step the
-cache must follow `rows` (row i takes row rows[i]). generate (tasks.causal) and translate
-(tasks.seq2seq) share this: on CPU numpy moves only the rows that change, in place; on CUDA a tiny
+cache must follow `rows` (row i takes row rows[i]). The decoder drivers (runtime.decoder for
+generate, runtime.seq2seq for translate and summarize) share this: on CPU numpy moves only the rows that change, in place; on CUDA a tiny
 Gather graph keeps the cache in GPU memory.
 """
 
@@ -12,20 +12,24 @@ from typing import Any
 
 import numpy as np
 
+from onnxpipe.runtime.device import Device
+
+# The key/value types the drivers take, by ONNX Runtime's type name (bfloat16 has no numpy type).
+KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 _ONNX_ELEM = {np.float32: 1, np.float16: 10}
 
 
 class CacheReorder:
     """`reorder(values, rows)` for the cache of one model session (one Gather session per tensor count)."""
 
-    def __init__(self, model_session: Any, kv_dtype, device: str, device_id: int = 0):
+    def __init__(self, model_session: Any, kv_dtype, device: Device):
         self.model_session = model_session
         self.kv_dtype = kv_dtype
         self.device = device
-        self.device_id = device_id
+        self.device_type, self.device_id = device.kind, device.index  # as IO binding names them
         # On CPU numpy reorders the cache: ONNX Runtime's Gather graph is faster in isolation, but in a
         # 58k-vocabulary beam search it was slower overall and raised the peak RSS from 1.7 to 2.4 GB.
-        self.graph = device != "cpu"
+        self.graph = device.kind != "cpu"
         self._sessions: dict[int, Any] = {}
 
     def __call__(self, values: list, rows: np.ndarray) -> list:
@@ -35,12 +39,12 @@ class CacheReorder:
         session = self._sessions.get(len(values))
         if session is None:
             session = self._sessions[len(values)] = _gather_session(len(values), self.kv_dtype, self.model_session,
-                                                                    self.device_id)
+                                                                    self.device)
         binding = session.io_binding()
         binding.bind_cpu_input("rows", rows)
         for i, value in enumerate(values):
             binding.bind_ortvalue_input(f"x{i}", value)
-            binding.bind_output(f"y{i}", self.device, self.device_id)
+            binding.bind_output(f"y{i}", self.device_type, self.device_id)
         session.run_with_iobinding(binding)
         return binding.get_outputs()
 
@@ -66,10 +70,10 @@ def reorder_rows(values: list, rows: np.ndarray) -> list:
     return [OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows])) for v in values]
 
 
-def _gather_session(n: int, dtype, model_session, device_id: int):
+def _gather_session(n: int, dtype, model_session, device: Device):
     """A session that gathers rows of n tensors at once (Gather axis 0), to reorder a cache on its device.
 
-    It runs on MODEL_SESSION's provider with its thread count; its threads do not spin after a run, so
+    It runs on DEVICE (MODEL_SESSION's) with MODEL_SESSION's thread count; its threads do not spin after a run, so
     they leave the cores to the model's own run that follows.
     """
     import onnxruntime as ort
@@ -81,11 +85,9 @@ def _gather_session(n: int, dtype, model_session, device_id: int):
     if threads:
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    from onnxpipe.runtime.device import Device
     from onnxpipe.runtime.sessions import make_session
 
-    cuda = "CUDAExecutionProvider" in model_session.get_providers()
-    return make_session(model, Device("cuda", device_id) if cuda else Device("cpu"), options=options)
+    return make_session(model, device, options=options)
 
 
 def gather_model(n: int, elem_type: int) -> bytes:

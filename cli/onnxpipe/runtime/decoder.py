@@ -1,0 +1,189 @@
+"""The decoder-only driver: one export session run step by step, with its key/value cache and IO binding.
+
+The exported graph (optimum's `text-generation-with-past`, or onnxpipe's fused Llama graph, which has
+the same inputs and outputs: export.fused) takes `input_ids`, `attention_mask`, `position_ids` and
+`past_key_values.N.key/value` (batch, kv_heads, past, head_dim), and returns `logits` (every position's,
+or the fused graph's last position only) and `present.N.key/value` with the new position appended. The prompt is run once with an
+empty past (prefill); every later step feeds one id per row and the presents of the step before as
+pasts, so nothing is recomputed. Prompts in a batch are left-padded: the attention mask hides the pads
+and position ids count real tokens only (transformers' `cumsum(mask) - 1`), so a row's logits do not
+depend on what it is batched with.
+
+With IO binding the presents stay where the provider put them (GPU memory on CUDA) and go straight back
+in as pasts. Per step the host sends input_ids, position_ids and attention_mask (and the row indices when
+rows are dropped or beams reordered) and receives the logits: `CopyStats` counts these copies. Dropping
+rows and following beams reorder the cache on its device (runtime.kv_cache). The search itself is `onnxpipe.decoding`,
+shared with the encoder-decoders; prompts, chat templates, stop strings and results are tasks.causal's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from onnxpipe.errors import ModelNotFoundError
+from onnxpipe.runtime.device import Device
+from onnxpipe.runtime.kv_cache import KV_DTYPES, CacheReorder
+from onnxpipe.runtime.model import ExportedModel
+
+LOGITS_BUDGET = 1 << 26  # floats of prefill logits held at once (256 MB): the graph makes them for every position
+
+
+@dataclass
+class CopyStats:
+    """Host<->device copies made by the decoding loop (on CPU they are the same bindings, not real copies)."""
+
+    steps: int = 0  # model runs (the prefill included)
+    h2d: int = 0  # arrays sent to the device
+    d2h: int = 0  # arrays fetched from the device
+    cache_gathers: int = 0  # cache reorders (dropped rows, beam moves)
+
+    @property
+    def per_step(self) -> float:
+        return (self.h2d + self.d2h) / self.steps if self.steps else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "h2d": self.h2d, "d2h": self.d2h,
+                "cache_gathers": self.cache_gathers, "copies_per_step": round(self.per_step, 3)}
+
+
+class CausalDecoder:
+    """One ONNX Runtime session of a decoder-only export, driven step by step with its KV cache."""
+
+    def __init__(self, session, device: Device):
+        self.session = session
+        self.device = device  # where the session really runs (ExportedModel.runs_on)
+        self.device_type, self.device_id = device.kind, device.index  # as IO binding names them
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self.present_names = ["present." + n[len("past_key_values."):] for n in self.past_names]
+        missing = [n for n in ["input_ids", "logits", *self.present_names] if n not in inputs and n not in outputs]
+        if not self.past_names or missing:
+            raise ModelNotFoundError(
+                "this export has no key/value cache inputs" + (f" (missing {', '.join(missing)})" if missing else ""),
+                hint="re-export with task text-generation (onnxpipe exports decoders with past)",
+            )
+        self.has_mask = "attention_mask" in inputs
+        self.has_positions = "position_ids" in inputs
+        first = inputs[self.past_names[0]]
+        self.kv_dtype = KV_DTYPES.get(first.type)
+        if self.kv_dtype is None:
+            raise ModelNotFoundError(f"unsupported key/value type {first.type}", hint="export in fp32 or fp16")
+        heads, head_dim = first.shape[1], first.shape[3]
+        if not isinstance(heads, int) or not isinstance(head_dim, int):
+            raise ModelNotFoundError("the key/value inputs have no fixed head shape", hint="re-export the model")
+        self.kv_heads, self.head_dim = heads, head_dim
+        # onnxpipe's fused graph (export.fused) returns the last position's logits only: its prefill is
+        # one run, which GroupQueryAttention needs (it takes a prompt after a past only at batch 1).
+        self.last_logits_only = outputs["logits"].shape[1] == 1
+        vocab = outputs["logits"].shape[-1]
+        self.vocab_size = vocab if isinstance(vocab, int) else 65536  # unknown: assume a large one
+        self.stats = CopyStats()
+        self.reorder = CacheReorder(session, self.kv_dtype, device)
+
+    @classmethod
+    def from_model(cls, model: ExportedModel) -> CausalDecoder:
+        """The driver of MODEL's graph, on the device its session really got."""
+        session = model.session()  # sets model.provider: what really runs
+        return cls(session, model.runs_on)
+
+    # --- the cache ----------------------------------------------------------------------
+
+    def _empty_past(self, rows: int) -> list:
+        from onnxruntime import OrtValue
+
+        shape = (rows, self.kv_heads, 0, self.head_dim)
+        if self.device_type == "cpu":
+            return [OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype)) for _ in self.past_names]
+        return [OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda", self.device_id) for _ in self.past_names]
+
+    @property
+    def graph_gather(self) -> bool:
+        """Whether the cache is reordered by a Gather graph (CUDA) rather than numpy (CPU)."""
+        return self.reorder.graph
+
+    @graph_gather.setter
+    def graph_gather(self, value: bool) -> None:
+        self.reorder.graph = value
+
+    def gather(self, past: list, rows: np.ndarray) -> list:
+        """The cache of rows `rows` (in that order), kept on its device (see runtime.kv_cache)."""
+        self.stats.cache_gathers += 1
+        if self.reorder.graph:
+            self.stats.h2d += 1  # the row indices
+        return self.reorder(past, rows)
+
+    # --- running the graph --------------------------------------------------------------
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list,
+             want_logits: bool = True) -> tuple[np.ndarray | None, list]:
+        """One forward pass; returns the last position's logits (rows, vocab) float32 and the presents.
+
+        A fresh binding each run: an output OrtValue left bound would be reused as a preallocated buffer,
+        which cannot work for presents that grow by one position per step.
+        """
+        binding = self.session.io_binding()
+        # The one device->host copy of a step; a prefill chunk whose logits are not needed leaves them on the device.
+        binding.bind_output("logits", "cpu" if want_logits else self.device_type, 0 if want_logits else self.device_id)
+        for name in self.present_names:
+            binding.bind_output(name, self.device_type, self.device_id)
+        binding.bind_cpu_input("input_ids", ids)
+        self.stats.h2d += 1
+        if self.has_mask:
+            binding.bind_cpu_input("attention_mask", mask)
+            self.stats.h2d += 1
+        if self.has_positions:
+            binding.bind_cpu_input("position_ids", positions)
+            self.stats.h2d += 1
+        for name, value in zip(self.past_names, past):
+            binding.bind_ortvalue_input(name, value)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self.stats.steps += 1
+        logits = None
+        if want_logits:
+            self.stats.d2h += 1
+            logits = np.array(outputs[0].numpy()[:, -1, :], dtype=np.float32)  # a copy the search may change
+        return logits, outputs[1:]
+
+    def prefill(self, prompts: Sequence[Sequence[int]], pad_id: int = 0):
+        """Run the left-padded prompts; return their next-token logits and the `Step` that continues them.
+
+        optimum's graph computes logits for every position, so a long batch is run in chunks of positions
+        (the cache carries over) to keep those logits within LOGITS_BUDGET floats; a fused graph makes the
+        last position's only and takes the batch in one run.
+        """
+        from onnxpipe.decoding import left_pad
+
+        ids, start = left_pad(prompts, pad_id)
+        rows, width = ids.shape
+        mask = (np.arange(width)[None, :] >= start[:, None]).astype(np.int64)
+        positions = np.cumsum(mask, axis=1) - 1
+        positions[mask == 0] = 1  # as transformers does; hidden by the mask anyway
+        past = self._empty_past(rows)
+        chunk = width if self.last_logits_only else max(16, LOGITS_BUDGET // (rows * self.vocab_size))
+        for lo in range(0, width, chunk):
+            hi = min(lo + chunk, width)
+            logits, past = self._run(np.ascontiguousarray(ids[:, lo:hi]), np.ascontiguousarray(mask[:, :hi]),
+                                     np.ascontiguousarray(positions[:, lo:hi]), past, want_logits=hi == width)
+        state = {"past": past, "mask": mask, "next": positions[:, -1] + 1}
+
+        def step(tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
+            if parents is not None:
+                state["past"] = self.gather(state["past"], parents)
+                state["mask"] = state["mask"][parents]
+                state["next"] = state["next"][parents]
+            n = len(tokens)
+            state["mask"] = np.concatenate([state["mask"], np.ones((n, 1), dtype=np.int64)], axis=1)
+            positions = state["next"][:, None].copy()
+            state["next"] = state["next"] + 1
+            logits, state["past"] = self._run(
+                np.ascontiguousarray(tokens, dtype=np.int64)[:, None], state["mask"], positions, state["past"]
+            )
+            return logits
+
+        return logits, step
