@@ -243,3 +243,27 @@ def test_jsonl_output_escapes_unicode_line_separators():
     out, _, _, _ = run_engine("a\u2028b\x85c\u2029\n".encode(), fmt="jsonl")
     assert len(out.splitlines()) == 1
     assert json.loads(out)["text"] == "a\u2028b\x85c\u2029"
+
+
+def test_read_text_lines_splits_as_the_stream_does(tmp_path):
+    """The one reader of small whole files (eval, bench, labelled JSONL): "\\n" only, CR and BOM dropped."""
+    from onnxpipe.errors import InputError
+    from onnxpipe.stream.readers import read_text_lines
+
+    path = tmp_path / "lines.txt"
+    path.write_bytes("\ufeffone\r\n\ntwo\u2028still two\x85too\nbad \xff".encode("utf-8").replace(b"\xc3\xbf", b"\xff"))
+    assert read_text_lines(path) == ["one", "", "two\u2028still two\x85too", "bad \ufffd"]
+    assert read_text_lines(path, skip_empty=True, limit=2) == ["one", "two\u2028still two\x85too"]
+    with pytest.raises(InputError, match=r"lines.txt:4: not valid UTF-8 \(byte 0xff\)"):
+        read_text_lines(path, strict=True)
+    with pytest.raises(InputError, match="cannot read"):
+        read_text_lines(tmp_path / "missing.txt")
+
+
+def test_labelled_jsonl_keeps_a_line_separator_inside_a_string(tmp_path):
+    from onnxpipe.stream.labelled import read_labelled
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a\u2028b", "label": 1}\n{"text": "c", "label": 0}\n', encoding="utf-8")
+    data = read_labelled(path)
+    assert data.texts == ["a\u2028b", "c"] and data.labels == ["1", "0"] and data.lines == [1, 2]

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from onnxpipe.errors import InputError, UsageError
 from onnxpipe.home import resolve_model
-from onnxpipe.stream.labelled import Labelled, apply_label_map, decode_utf8, parse_label_map, read_labelled
+from onnxpipe.stream.labelled import Labelled, apply_label_map, parse_label_map, read_labelled
 from onnxpipe.manifest import read_manifest
 from onnxpipe.measure.metrics import agreement, classification_metrics
 from onnxpipe.registry import FAMILIES
@@ -196,16 +196,12 @@ def read_references(data_path: str | Path, references: str | Path) -> Labelled:
 
 
 def _plain_lines(path: Path) -> list[str]:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from None
-    lines = decode_utf8(raw, str(path)).split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
+    from onnxpipe.stream.readers import read_text_lines
+
+    lines = read_text_lines(path, strict=True)
     if not lines:
         raise InputError(f"{path} is empty")
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
+    return lines
 
 
 @dataclass

@@ -398,20 +398,9 @@ _BENCHES: dict[str, type[_Bench]] = {"encoder": _EncoderBench, "decoder": _Causa
 
 def read_lines(path: str, limit: int) -> list[str]:
     """The first LIMIT non-empty lines of PATH ('-': stdin), decoded with replacement."""
-    import sys
+    from onnxpipe.stream.readers import read_text_lines
 
-    lines: list[str] = []
-    stream = sys.stdin.buffer if path == "-" else open(path, "rb")
-    try:
-        for raw in stream:
-            text = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if text:
-                lines.append(text)
-                if len(lines) >= limit:
-                    break
-    finally:
-        if path != "-":
-            stream.close()
+    lines = read_text_lines(path, skip_empty=True, limit=limit)
     if not lines:
         raise InputError(f"{path} has no non-empty lines")
     return lines

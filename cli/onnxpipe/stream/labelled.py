@@ -84,7 +84,9 @@ def read_labelled(path: str | Path, text_column: str = "text", label_column: str
     if not text.strip():
         raise InputError(f"{source} is empty: it needs a header row and labelled examples")
     if fmt == "jsonl":
-        return _read_jsonl(text, source, text_column, label_column, label_option)
+        from onnxpipe.stream.readers import read_text_lines
+
+        return _read_jsonl(read_text_lines(path, strict=True), source, text_column, label_column, label_option)
     return _read_delimited(text, source, "," if fmt == "csv" else "\t", text_column, label_column, label_option)
 
 
@@ -132,10 +134,10 @@ def _read_delimited(text: str, source: str, delimiter: str, text_column: str, la
     return _nonempty(out, source)
 
 
-def _read_jsonl(text: str, source: str, text_column: str, label_column: str,
+def _read_jsonl(lines: list[str], source: str, text_column: str, label_column: str,
                 label_option: str = "--label-column") -> Labelled:
     out = Labelled([], [], [], source)
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(lines, 1):  # split on "\n" only: U+2028 inside a JSON string stays in it
         if not line.strip():
             continue
         try:

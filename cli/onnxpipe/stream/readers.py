@@ -346,6 +346,43 @@ def _json_type(value) -> str:
     return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)
 
 
+def read_text_lines(path: str | os.PathLike, *, strict: bool = False, skip_empty: bool = False,
+                    limit: int | None = None) -> list[str]:
+    """The lines of a small file read whole (eval's sources and references, bench's --input, labelled
+    JSONL), split as the streaming reader splits: on "\\n" only, a CR before it dropped, a BOM at the
+    start dropped, a last line without a newline kept. '-' is stdin. Invalid UTF-8 is replaced, or with
+    STRICT an InputError that names the line. SKIP_EMPTY drops empty lines; LIMIT stops after that many."""
+    source = "<stdin>" if str(path) == STDIN else str(path)
+    try:
+        stream = _binary_stdin() if str(path) == STDIN else open(path, "rb")
+    except OSError as exc:
+        raise InputError(f"cannot read {source}: {exc.strerror or exc}") from None
+    lines: list[str] = []
+    try:
+        for number, raw in enumerate(stream, 1):  # binary iteration splits on b"\n" only
+            raw = raw[:-1] if raw.endswith(b"\n") else raw
+            raw = raw[:-1] if raw.endswith(b"\r") else raw
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if strict:
+                    raise InputError(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8, "
+                                     "e.g. iconv -f latin1 -t utf-8", line=number, source=source) from None
+                text = raw.decode("utf-8", "replace")
+            if number == 1 and text.startswith("\ufeff"):
+                text = text[1:]
+            if text or not skip_empty:
+                lines.append(text)
+                if limit is not None and len(lines) >= limit:
+                    break
+    except OSError as exc:
+        raise InputError(f"cannot read {source}: {exc.strerror or exc}") from None
+    finally:
+        if str(path) != STDIN:
+            stream.close()
+    return lines
+
+
 def records_from_texts(texts: Sequence[str], source: str = "<args>") -> list[Record]:
     """Records for texts that did not come from a stream (`-p PROMPT`, tests)."""
     return [Record(seq=i, text=t, source=source, line=i + 1, nbytes=len(t) + 1) for i, t in enumerate(texts)]
