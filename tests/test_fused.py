@@ -176,6 +176,10 @@ def test_generate_warns_when_a_fused_export_meets_cuda(exported, monkeypatch, ca
     result = CliRunner().invoke(cli, ["generate", "-m", str(folder), "--device", "cpu"], input="")
     assert result.exit_code == 0 and result.stdout == ""
     assert ("Re-export with --graph optimum" in result.stderr) == warned
+    import onnxpipe  # the Python API says it too, without printing
+
+    assert any("Re-export with --graph optimum" in n for n in onnxpipe.load(folder, device="cpu").notes) == warned
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("rope", ["llama3", "linear"])

@@ -81,6 +81,38 @@ def test_greedy_text_matches_transformers_through_the_engine(exported, hf):
     assert text.stdout.splitlines() == [escape_text(r["generated_text"]) for r in records]
 
 
+def test_max_length_and_min_length_count_the_prompt_as_transformers_does(exported, hf):
+    """generate's --max-length/--min-length are transformers' max_length/min_length (prompt included), for each
+    row's own prompt, whatever its batch-mates: --max-length P+N gives what --max-new-tokens N gives."""
+    import torch
+
+    tokenizer, model = hf("gpt2")
+    result = invoke("-m", exported("gpt2"), "--max-length", 27, "--min-length", 25, "--greedy", "--format", "jsonl",
+                    "--batch-size", 3, "--on-error", "null", input="".join(p + "\n" for p in PROMPTS))
+    assert result.exit_code == 3, result.stderr  # a prompt that leaves no room: transformers raises,
+    records = [json.loads(line) for line in result.stdout.splitlines()]  # onnxpipe makes it an error record
+    long = [r for r in records if "error" in r]
+    assert len(long) == 1 and "--max-length 27" in long[0]["error"] and len(records) == len(PROMPTS)
+    eos = tokenizer.eos_token_id
+    for prompt, record in zip(PROMPTS, records):
+        if "error" in record:
+            continue
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_length=27, min_length=25,
+                                 do_sample=False, pad_token_id=eos)
+        assert record["generated_text"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), prompt
+        assert record["prompt_tokens"] + record["generated_tokens"] <= 27
+    # The same completions from the new-token spellings, row by row.
+    for prompt, record in zip(PROMPTS, records):
+        if "error" in record:
+            continue
+        new = 27 - record["prompt_tokens"]
+        (alone,) = jsonl(invoke("-m", exported("gpt2"), "-p", prompt, "--max-new-tokens", new, "--min-new-tokens",
+                                max(0, 25 - record["prompt_tokens"]), "--greedy", "--format", "jsonl"))
+        assert alone["generated_text"] == record["generated_text"]
+
+
 def test_chat_template_renders_as_transformers_does(exported, hf):
     tokenizer, model = hf("llama")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]

@@ -91,6 +91,14 @@ class Pipeline:
         note: str | None = self.model.device_note
         return note
 
+    @property
+    def notes(self) -> list[str]:
+        """What the CLI says on stderr about how this export runs (e.g. a graph built for another device)."""
+        out: list[str] = []
+        for task in self._tasks.values():
+            out += [note for note in getattr(task, "notes", []) if note not in out]
+        return out
+
     def __repr__(self) -> str:
         return f"<onnxpipe.Pipeline {self.family.name} {self.name!r} on {self.provider or self.model.device}>"
 
@@ -168,6 +176,8 @@ def load(name_or_path: str | Path, device: str = "auto", threads: int | None = N
     pipeline = Pipeline(model, family, batch_size=batch_size, max_batch_tokens=max_batch_tokens, on_error=on_error)
     for graph in model.manifest.get("files") or {}:  # a device error belongs to load(), not to the first call
         model.session(graph)
+    if family.kind == "decoder":
+        pipeline.task_for({})  # generation's notes (a graph built for another device) are known from the start
     return pipeline
 
 

@@ -17,9 +17,10 @@ from onnxpipe.errors import UsageError
 
 # The decoding options, named as GenerationConfig names them: generate takes all of these, translate and
 # summarize the search ones (SEQ2SEQ_DECODING); commands/_decoding.py defines their flags from these lists.
-# generate has no max_length yet: a decoder-only max_length counts the prompt, a limit per row of a batch.
+# For generate, max_length and min_length count the prompt, as transformers counts them at batch 1 (each row's
+# own prompt: a record's result never depends on its batch-mates' lengths).
 DECODING_OPTIONS: tuple[str, ...] = (
-    "max_new_tokens", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k", "top_p", "seed", "num_beams",
+    "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k", "top_p", "seed", "num_beams",
     "length_penalty", "early_stopping", "num_return_sequences", "repetition_penalty", "no_repeat_ngram_size",
 )
 SEQ2SEQ_DECODING: tuple[str, ...] = (

@@ -305,5 +305,5 @@ def generate_onnx(folder: Path, data: Labelled, device: str, batch_size: int, ta
     note = None
     if getattr(task, "position_limited", 0):  # as run_stream_command reads it
         note = (f"{task.position_limited} output(s) stopped at {task.position_limit}, "
-                f"before max_new_tokens {task.requested_max_new_tokens}")
+                f"before {task.requested_limit}")
     return Generated(texts, model.provider or "", model.device_note, summary.truncated, note)

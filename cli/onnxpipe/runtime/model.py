@@ -16,15 +16,6 @@ from onnxpipe.runtime.device import CUDA, Device, cuda_failure_reason, parse_dev
 # Position ids of these models start after the padding index, so `max_position_embeddings`
 # counts `pad_token_id + 1` slots that no token can use (RoBERTa: 514 -> 512 tokens).
 _POSITION_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod", "mpnet"}
-# The command that runs each task's exports, for messages that say what to do next.
-COMMAND_FOR_TASK = {
-    "text-classification": "classify",
-    "token-classification": "tag",
-    "feature-extraction": "embed",
-    "fill-mask": "fill-mask",
-    "text-generation": "generate",
-    "text2text-generation": "translate or onnxpipe summarize",
-}
 _REEXPORT = "run onnxpipe verify to see what changed, or re-run onnxpipe export"
 
 
@@ -210,9 +201,16 @@ class ExportedModel:
             name = self.folder.name  # what -m finds it by (the manifest's name may be an older one)
             raise UsageError(
                 f"{name} is a {self.task} export; this command needs a {' or '.join(tasks)} export",
-                hint=f"run onnxpipe {COMMAND_FOR_TASK[self.task]} -m {name}, "
+                hint=f"run onnxpipe {_commands_for(self.task)} -m {name}, "
                      f"or export the checkpoint again with --task {tasks[0]}",
             )
+
+
+def _commands_for(task: str | None) -> str:
+    """The commands that run TASK's exports (the registry's), for messages that say what to do next."""
+    from onnxpipe.registry import FAMILIES
+
+    return " or onnxpipe ".join(f.name for f in FAMILIES.values() if task in f.export_tasks) or "info"
 
 
 def load_model(ref: str | Path, device: Device | str = "auto", threads: int | None = None) -> ExportedModel:

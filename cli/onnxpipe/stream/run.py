@@ -75,7 +75,7 @@ def run_stream_command(model_ref: str, stream: Any, make_task: Callable[[Any], A
                 pass
     if getattr(task, "position_limited", 0):  # generation tasks count what stopped at the model's limit
         console.warn(f"{task.position_limited} record(s) stopped at {task.position_limit}, "
-                     f"before max_new_tokens {task.requested_max_new_tokens}")
+                     f"before {task.requested_limit}")
     _report(summary, model.max_length)
     if summary.errors:
         raise click.exceptions.Exit(int(ExitStatus.PARTIAL))

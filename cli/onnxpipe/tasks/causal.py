@@ -115,7 +115,12 @@ class CausalLM:
         """
         keys = list(range(len(prompts))) if keys is None else list(keys)
         results: list[list[Completion] | None] = [None] * len(prompts)
+        # Without max_new_tokens, an explicit max_length counts the prompt: each row gets what is left of it
+        # after its own prompt (GenerateTask refuses a prompt that leaves nothing, as transformers does).
+        by_length = config.max_new_tokens is None and config.max_length is not None
         max_new = config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        if by_length:
+            max_new = max([max(1, config.max_length - len(p)) for p in prompts] or [1])
         run, run_prompts, limits, truncated = [], [], [], {}
         for i, ids in enumerate(prompts):
             ids = list(ids)
@@ -127,7 +132,8 @@ class CausalLM:
                 ids = ids[len(ids) - self.max_positions + 1:]  # keep the end: it is what gets continued
             run.append(i)
             run_prompts.append(ids)
-            limits.append(min(max_new, self.max_positions - len(ids)) if self.max_positions else max_new)
+            wanted = max(1, config.max_length - len(ids)) if by_length else max_new
+            limits.append(min(wanted, self.max_positions - len(ids)) if self.max_positions else wanted)
         if run:
             texts = _TextStreams(self.tokenizer, [keys[i] for i in run], stop, on_text) if (stop or on_text) else None
             beams = config.num_beams > 1
@@ -142,7 +148,9 @@ class CausalLM:
             for j, (i, nbest) in enumerate(zip(run, hyps)):
                 streamed = texts.text(keys[i]) if texts is not None and not beams else None
                 results[i] = [self._completion(h, len(run_prompts[j]), i in truncated, stop, streamed) for h in nbest]
-                if limits[j] < max_new:  # the prompt leaves fewer positions than max_new_tokens
+                positions_left = self.max_positions - len(run_prompts[j]) if self.max_positions else None
+                if positions_left is not None and limits[j] == positions_left and limits[j] < max_new:
+                    # the prompt leaves fewer positions than max_new_tokens
                     for c in results[i]:
                         c.position_limited = c.finish_reason != "stop" and len(c.token_ids) >= limits[j]
                 if texts is not None:
@@ -296,9 +304,13 @@ class GenerateTask:
         self.model = model
         self.lm = CausalLM.from_model(model)  # makes the session: a --device error comes first
         self.notes = [self.lm.note] if self.lm.note else []  # lines for the command to print
-        self.config = self.lm.defaults.update(**(overrides or {}))
-        if self.config.max_new_tokens is None:
+        overrides = dict(overrides or {})
+        max_length = overrides.pop("max_length", None)  # only as asked: a model's own max_length stays unused
+        self.config = self.lm.defaults.update(**overrides).update(max_length=max_length)
+        if self.config.max_new_tokens is None and max_length is None:
             self.config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        elif max_length is None:
+            self.config.max_length = None
         try:
             self.config.validate()
         except ValueError as exc:
@@ -308,7 +320,8 @@ class GenerateTask:
         self.chat, self.system, self.stop = chat, system, [s for s in stop if s]
         self.generated_tokens = 0
         # Records that stopped at the model's last position before max_new_tokens (the command says so).
-        self.requested_max_new_tokens = self.config.max_new_tokens
+        self.requested_limit = (f"max_new_tokens {self.config.max_new_tokens}" if self.config.max_new_tokens
+                                else f"max_length {self.config.max_length} (prompt included)")
         self.position_limited = 0
         positions = self.lm.max_positions
         self.position_limit = f"the model's {positions} positions (prompt + completion)" if positions else None
@@ -334,7 +347,12 @@ class GenerateTask:
             ids = self.lm.encode(text, chat=self.chat)
             if limit and len(ids) >= limit:  # keep the end, which is what gets continued
                 ids, cut = ids[len(ids) - limit + 1:], True
-            items.append(Item(record, len(ids), data=ids, truncated=cut))
+            item = Item(record, len(ids), data=ids, truncated=cut)
+            max_length = self.config.max_length if self.config.max_new_tokens is None else None
+            if max_length is not None and len(ids) >= max_length:  # transformers refuses it too
+                item.error = (f"the prompt has {len(ids)} tokens, not fewer than --max-length {max_length} "
+                              "(which counts the prompt): raise it, or use --max-new-tokens")
+            items.append(item)
         return items
 
     def run(self, batch: Sequence[Any]) -> list[list[Completion]]:

@@ -225,7 +225,7 @@ class Seq2SeqTask:
         positions = model.max_length if relative else config.get("max_position_embeddings")
         self.max_new_tokens = min(gen.max_new_tokens, positions - 1) if positions else gen.max_new_tokens
         # Records whose output stopped at that limit before max_new_tokens (the command says so once).
-        self.requested_max_new_tokens = gen.max_new_tokens
+        self.requested_limit = f"max_new_tokens {gen.max_new_tokens}"
         self.position_limited = 0
         self.position_limit = (None if self.max_new_tokens >= gen.max_new_tokens else
                                f"{self.model_type}'s limit of {positions - 1} decoder tokens" +
