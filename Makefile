@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test demo models bench man clean fuzz
+.PHONY: venv test lint demo models bench man clean fuzz
 
 venv: $(STAMP)
 
@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[export,test]'
 	touch $(STAMP)
 
-test: venv
+test: lint
 	$(PY) -m pytest -q
+
+# ruff (lint and format) and mypy, as configured in pyproject.toml; make test runs it first.
+lint: venv
+	$(VENV)/bin/ruff check cli tests benchmarks man scripts
+	$(VENV)/bin/ruff format --check cli tests benchmarks man scripts
 
 # The fuzz targets (tests/fuzz/targets.py: record parser + writer, manifest loader), FUZZ_SECONDS each:
 # coverage-guided with atheris (libFuzzer), then hypothesis' structured inputs. `make test` runs both

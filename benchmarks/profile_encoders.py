@@ -41,9 +41,11 @@ def profile(folder: Path, threads: int, batch_size: int) -> dict:
     model = load_model(folder, device="cpu", threads=threads)
     if model.task == "text-classification":
         from onnxpipe.tasks.classify import ClassifyTask as Task
+
         command = "classify"
     else:
         from onnxpipe.tasks.embed import EmbedTask as Task
+
         command = "embed"
     task = Task(model)
     texts = TEXTS.read_text(encoding="utf-8").splitlines()
@@ -51,10 +53,15 @@ def profile(folder: Path, threads: int, batch_size: int) -> dict:
     lengths = np.array([item.cost for item in items])
 
     def padded(costs) -> int:
-        return int(sum(len(costs[i:i + batch_size]) * max(costs[i:i + batch_size]) for i in range(0, len(costs), batch_size)))
+        return int(
+            sum(
+                len(costs[i : i + batch_size]) * max(costs[i : i + batch_size])
+                for i in range(0, len(costs), batch_size)
+            )
+        )
 
     ordered = sorted(items, key=lambda item: item.cost)
-    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
     for batch in batches[:2]:
         task.run(batch)
     start = time.perf_counter()
@@ -65,7 +72,11 @@ def profile(folder: Path, threads: int, batch_size: int) -> dict:
     report = {
         "export": str(folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder),
         "precision": model.manifest.get("precision"),
-        "tokens_per_sentence": {"mean": float(lengths.mean()), "median": float(np.median(lengths)), "max": int(lengths.max())},
+        "tokens_per_sentence": {
+            "mean": float(lengths.mean()),
+            "median": float(np.median(lengths)),
+            "max": int(lengths.max()),
+        },
         "real_tokens": int(lengths.sum()),
         "padded_tokens_sorted": sorted_padded,
         "padded_tokens_input_order": padded(lengths.tolist()),
@@ -126,18 +137,29 @@ def main() -> None:
         reports.append(r)
         t = r["tokens_per_sentence"]
         print(f"### {r['export']} ({r['precision']})\n")
-        print(f"- tokens per sentence: mean {t['mean']:.1f}, median {t['median']:.0f}, max {t['max']}; "
-              f"{r['real_tokens']:,} in all")
-        print(f"- tokens computed at batch {args.batch_size}, padding included: {r['padded_tokens_sorted']:,} "
-              f"length-sorted ({r['padded_tokens_sorted'] / r['real_tokens']:.2f}x the real tokens), "
-              f"{r['padded_tokens_input_order']:,} in input order ({r['padded_tokens_input_order'] / r['real_tokens']:.2f}x)")
-        print(f"- task.run over the sorted batches: {r['records_per_s']:,.0f} records/s, "
-              f"{r['real_tokens_per_s']:,.0f} real tokens/s, {r['padded_tokens_per_s']:,.0f} padded tokens/s")
-        print(f"- cProfile of the whole command ({r['cprofile_total_seconds']:.2f}s): "
-              + ", ".join(f"{e['function']} {e['share']:.1%}" for e in r["cprofile_top"][:5]))
-        print("- ONNX Runtime operators: " + ", ".join(f"{k} {v:.1%}" for k, v in r["ort_operator_share"].items()) + "\n")
-    harness.write_json(args.json, {"date": harness.now(), "machine": harness.machine(), "threads": args.threads,
-                                   "reports": reports})
+        print(
+            f"- tokens per sentence: mean {t['mean']:.1f}, median {t['median']:.0f}, max {t['max']}; "
+            f"{r['real_tokens']:,} in all"
+        )
+        print(
+            f"- tokens computed at batch {args.batch_size}, padding included: {r['padded_tokens_sorted']:,} "
+            f"length-sorted ({r['padded_tokens_sorted'] / r['real_tokens']:.2f}x the real tokens), "
+            f"{r['padded_tokens_input_order']:,} in input order ({r['padded_tokens_input_order'] / r['real_tokens']:.2f}x)"
+        )
+        print(
+            f"- task.run over the sorted batches: {r['records_per_s']:,.0f} records/s, "
+            f"{r['real_tokens_per_s']:,.0f} real tokens/s, {r['padded_tokens_per_s']:,.0f} padded tokens/s"
+        )
+        print(
+            f"- cProfile of the whole command ({r['cprofile_total_seconds']:.2f}s): "
+            + ", ".join(f"{e['function']} {e['share']:.1%}" for e in r["cprofile_top"][:5])
+        )
+        print(
+            "- ONNX Runtime operators: " + ", ".join(f"{k} {v:.1%}" for k, v in r["ort_operator_share"].items()) + "\n"
+        )
+    harness.write_json(
+        args.json, {"date": harness.now(), "machine": harness.machine(), "threads": args.threads, "reports": reports}
+    )
 
 
 if __name__ == "__main__":

@@ -68,15 +68,34 @@ def build(folder: Path) -> Path:
         vocab[f"\u2581synthetic{len(vocab)}"] = len(vocab)
     vocab["<pad>"] = VOCAB - 1
     (ckpt / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    tokenizer = transformers.MarianTokenizer(source_spm=str(ckpt / "source.spm"), target_spm=str(ckpt / "target.spm"),
-                                             vocab=str(ckpt / "vocab.json"), model_max_length=512)
+    tokenizer = transformers.MarianTokenizer(
+        source_spm=str(ckpt / "source.spm"),
+        target_spm=str(ckpt / "target.spm"),
+        vocab=str(ckpt / "vocab.json"),
+        model_max_length=512,
+    )
     pad = VOCAB - 1
     config = transformers.MarianConfig(
-        vocab_size=VOCAB, decoder_vocab_size=VOCAB, d_model=512, encoder_layers=6, decoder_layers=6,
-        encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048,
-        max_position_embeddings=512, activation_function="swish", scale_embedding=True, pad_token_id=pad,
-        eos_token_id=0, decoder_start_token_id=pad, forced_eos_token_id=0, bad_words_ids=[[pad]], num_beams=4,
-        max_length=512, share_encoder_decoder_embeddings=True,
+        vocab_size=VOCAB,
+        decoder_vocab_size=VOCAB,
+        d_model=512,
+        encoder_layers=6,
+        decoder_layers=6,
+        encoder_attention_heads=8,
+        decoder_attention_heads=8,
+        encoder_ffn_dim=2048,
+        decoder_ffn_dim=2048,
+        max_position_embeddings=512,
+        activation_function="swish",
+        scale_embedding=True,
+        pad_token_id=pad,
+        eos_token_id=0,
+        decoder_start_token_id=pad,
+        forced_eos_token_id=0,
+        bad_words_ids=[[pad]],
+        num_beams=4,
+        max_length=512,
+        share_encoder_decoder_embeddings=True,
     )
     torch.manual_seed(0)
     model = transformers.MarianMTModel(config).eval()
@@ -103,10 +122,12 @@ def time_onnxpipe(out: Path, lines: list[str], beams: int, new: int, threads: in
     from onnxpipe.runtime import load_model
     from onnxpipe.tasks.seq2seq import Seq2SeqTask
 
-    task = Seq2SeqTask(load_model(out, device="cpu", threads=threads), num_beams=beams, max_new_tokens=new,
-                       min_length=new + 1)
+    task = Seq2SeqTask(
+        load_model(out, device="cpu", threads=threads), num_beams=beams, max_new_tokens=new, min_length=new + 1
+    )
     sources = [task.tokenizer.encode(t).ids for t in lines]
     task.runner.generate(sources[:2], task.generation_config, task.pad_id, 4)  # warm-up
+
     def run() -> None:
         hyps = task.runner.generate(sources, task.generation_config, task.pad_id, task.max_new_tokens)
         assert all(len(h[0].token_ids) == new for h in hyps)
@@ -141,8 +162,9 @@ def time_optimum(out: Path, ckpt: Path, lines: list[str], beams: int, new: int, 
     return best_of(lambda: model.generate(**batch, num_beams=beams, min_new_tokens=new, max_new_tokens=new))
 
 
-def time_ctranslate2(folder: Path, ckpt: Path, lines: list[str], beams: int, new: int, threads: int,
-                     quantization: str) -> float:
+def time_ctranslate2(
+    folder: Path, ckpt: Path, lines: list[str], beams: int, new: int, threads: int, quantization: str
+) -> float:
     import ctranslate2
     import transformers
 
@@ -155,9 +177,11 @@ def time_ctranslate2(folder: Path, ckpt: Path, lines: list[str], beams: int, new
     translator = ctranslate2.Translator(str(target), device="cpu", inter_threads=1, intra_threads=threads)
     tokens = [tokenizer.convert_ids_to_tokens(tokenizer(t)["input_ids"]) for t in lines]
     translator.translate_batch(tokens[:2], max_decoding_length=4)
+
     def run() -> None:
-        results = translator.translate_batch(tokens, beam_size=beams, min_decoding_length=new,
-                                             max_decoding_length=new, max_batch_size=len(tokens))
+        results = translator.translate_batch(
+            tokens, beam_size=beams, min_decoding_length=new, max_decoding_length=new, max_batch_size=len(tokens)
+        )
         assert all(len(r.hypotheses[0]) == new for r in results), [len(r.hypotheses[0]) for r in results]
 
     return best_of(run)
@@ -197,14 +221,17 @@ def main() -> None:
     rows = args.batch_size
     runs = {
         "onnxpipe": lambda: time_onnxpipe(out, lines, args.num_beams, args.new_tokens, args.threads),
-        "onnxpipe-int8": lambda: time_onnxpipe(export(args.folder, ckpt, "int8"), lines, args.num_beams,
-                                               args.new_tokens, args.threads),
+        "onnxpipe-int8": lambda: time_onnxpipe(
+            export(args.folder, ckpt, "int8"), lines, args.num_beams, args.new_tokens, args.threads
+        ),
         "transformers": lambda: time_transformers(ckpt, lines, args.num_beams, args.new_tokens, args.threads),
         "optimum": lambda: time_optimum(out, ckpt, lines, args.num_beams, args.new_tokens, args.threads),
-        "ctranslate2": lambda: time_ctranslate2(args.folder, ckpt, lines, args.num_beams, args.new_tokens,
-                                                args.threads, "float32"),
-        "ctranslate2-int8": lambda: time_ctranslate2(args.folder, ckpt, lines, args.num_beams, args.new_tokens,
-                                                     args.threads, "int8"),
+        "ctranslate2": lambda: time_ctranslate2(
+            args.folder, ckpt, lines, args.num_beams, args.new_tokens, args.threads, "float32"
+        ),
+        "ctranslate2-int8": lambda: time_ctranslate2(
+            args.folder, ckpt, lines, args.num_beams, args.new_tokens, args.threads, "int8"
+        ),
     }
     REPEAT["n"] = max(1, args.repeat)
     if args.child:
@@ -216,28 +243,64 @@ def main() -> None:
     for name in [p for p in args.peers.split(",") if p]:
         if name not in runs:
             raise SystemExit(f"unknown peer {name} (known: {', '.join(runs)})")
-        cmd = [sys.executable, __file__, str(args.folder), "--child", name, "--batch-size", str(rows),
-               "--num-beams", str(args.num_beams), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
-               "--peers", name, "--repeat", str(args.repeat)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+        cmd = [
+            sys.executable,
+            __file__,
+            str(args.folder),
+            "--child",
+            name,
+            "--batch-size",
+            str(rows),
+            "--num-beams",
+            str(args.num_beams),
+            "--new-tokens",
+            str(args.new_tokens),
+            "--threads",
+            str(args.threads),
+            "--peers",
+            name,
+            "--repeat",
+            str(args.repeat),
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        )
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
             print(f"{name:>18}: skipped ({last[:200]})", flush=True)
             continue
         child = json.loads(proc.stdout.strip().splitlines()[-1])
         seconds = child["seconds"]
-        results[name] = {"tokens_per_s": round(rows * args.new_tokens / seconds, 2), "seconds": seconds,
-                         "peak_rss_mb": child["peak_rss_mb"]}
+        results[name] = {
+            "tokens_per_s": round(rows * args.new_tokens / seconds, 2),
+            "seconds": seconds,
+            "peak_rss_mb": child["peak_rss_mb"],
+        }
         rate = results[name]["tokens_per_s"]
-        ratio = (f"  (onnxpipe: {results['onnxpipe']['tokens_per_s'] / rate:.2f}x)"
-                 if "onnxpipe" in results and name != "onnxpipe" else "")
-        print(f"{name:>18}: {rate:8.1f} target tokens/s ({seconds:.2f}s, peak RSS {child['peak_rss_mb']:,.0f} MB){ratio}",
-              flush=True)
+        ratio = (
+            f"  (onnxpipe: {results['onnxpipe']['tokens_per_s'] / rate:.2f}x)"
+            if "onnxpipe" in results and name != "onnxpipe"
+            else ""
+        )
+        print(
+            f"{name:>18}: {rate:8.1f} target tokens/s ({seconds:.2f}s, peak RSS {child['peak_rss_mb']:,.0f} MB){ratio}",
+            flush=True,
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"batch_size": rows, "num_beams": args.num_beams, "new_tokens": args.new_tokens,
-                                         "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
-                                         "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "batch_size": rows,
+                    "num_beams": args.num_beams,
+                    "new_tokens": args.new_tokens,
+                    "threads": args.threads,
+                    "date": time.strftime("%Y-%m-%d"),
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

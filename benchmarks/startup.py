@@ -47,10 +47,18 @@ def systems(threads: int) -> dict[str, tuple[list[str], bytes | None]]:
     return {
         "python -c pass": ([sys.executable, "-c", "pass"], None),
         "onnxpipe --help": ([onnxpipe, "--help"], None),
-        "onnxpipe classify (--device auto)": ([onnxpipe, "classify", "-m", "sentiment", "--threads", str(threads)], LINE),
-        "onnxpipe classify --device cpu": ([onnxpipe, "classify", "-m", "sentiment", "--device", "cpu",
-                                            "--threads", str(threads)], LINE),
-        "transformers pipeline script": ([sys.executable, "-c", PIPELINE_SCRIPT.format(threads=threads, model=model)], LINE),
+        "onnxpipe classify (--device auto)": (
+            [onnxpipe, "classify", "-m", "sentiment", "--threads", str(threads)],
+            LINE,
+        ),
+        "onnxpipe classify --device cpu": (
+            [onnxpipe, "classify", "-m", "sentiment", "--device", "cpu", "--threads", str(threads)],
+            LINE,
+        ),
+        "transformers pipeline script": (
+            [sys.executable, "-c", PIPELINE_SCRIPT.format(threads=threads, model=model)],
+            LINE,
+        ),
     }
 
 
@@ -70,36 +78,70 @@ def main() -> None:
     for _ in range(args.runs):
         for name, (command, stdin) in jobs.items():
             results[name].append(harness.run(command, stdin=stdin))
-    report = {"date": harness.now(), "machine": harness.machine(), "load_average_before": load_before,
-              "threads": args.threads, "runs": args.runs,
-              "versions": harness.versions("onnxpipe", "onnxruntime-gpu", "onnxruntime", "tokenizers", "torch",
-                                           "transformers"),
-              "command": " ".join(["python", "benchmarks/startup.py", *sys.argv[1:]]), "systems": {}}
+    report = {
+        "date": harness.now(),
+        "machine": harness.machine(),
+        "load_average_before": load_before,
+        "threads": args.threads,
+        "runs": args.runs,
+        "versions": harness.versions(
+            "onnxpipe", "onnxruntime-gpu", "onnxruntime", "tokenizers", "torch", "transformers"
+        ),
+        "command": " ".join(["python", "benchmarks/startup.py", *sys.argv[1:]]),
+        "systems": {},
+    }
     rows = []
     base = None
     for name, procs in results.items():
         outputs = {p.stdout.decode().strip() for p in procs}
         first = [p.first_line if p.first_line is not None else p.wall for p in procs]  # no output: its exit
         walls = [p.wall for p in procs]
-        row = {"command": " ".join(_shown(jobs[name][0])), "stdin": (jobs[name][1] or b"").decode().strip() or None,
-               "output": sorted(outputs)[0][:40] if len(outputs) == 1 else sorted(outputs),
-               "first_result_best": min(first), "first_result_mean": harness.mean_sd(first)[0],
-               "exit_best": min(walls), "exit_mean": harness.mean_sd(walls)[0], "exit_sd": harness.mean_sd(walls)[1],
-               "max_rss_mib": max(p.max_rss_mib for p in procs)}
+        row = {
+            "command": " ".join(_shown(jobs[name][0])),
+            "stdin": (jobs[name][1] or b"").decode().strip() or None,
+            "output": sorted(outputs)[0][:40] if len(outputs) == 1 else sorted(outputs),
+            "first_result_best": min(first),
+            "first_result_mean": harness.mean_sd(first)[0],
+            "exit_best": min(walls),
+            "exit_mean": harness.mean_sd(walls)[0],
+            "exit_sd": harness.mean_sd(walls)[1],
+            "max_rss_mib": max(p.max_rss_mib for p in procs),
+        }
         report["systems"][name] = row
         if name == "transformers pipeline script":
             base = row
     for name, row in report["systems"].items():
         if base and "classify" in name:
             row["x_faster_than_transformers"] = base["first_result_mean"] / row["first_result_mean"]
-        rows.append([name, f"{row['first_result_best']:.2f}", f"{row['first_result_mean']:.2f}",
-                     f"{row['exit_best']:.2f}", f"{row['exit_mean']:.2f} ± {row['exit_sd']:.2f}",
-                     f"{row['max_rss_mib']:,.0f}", f"{row.get('x_faster_than_transformers', 0):.1f}x" if "x_faster_than_transformers" in row else "",
-                     str(row["output"])])
+        rows.append(
+            [
+                name,
+                f"{row['first_result_best']:.2f}",
+                f"{row['first_result_mean']:.2f}",
+                f"{row['exit_best']:.2f}",
+                f"{row['exit_mean']:.2f} ± {row['exit_sd']:.2f}",
+                f"{row['max_rss_mib']:,.0f}",
+                f"{row.get('x_faster_than_transformers', 0):.1f}x" if "x_faster_than_transformers" in row else "",
+                str(row["output"]),
+            ]
+        )
     print("\n".join(harness.machine_lines(report["machine"], report["versions"])))
     print(f"- {args.runs} runs each, interleaved, {args.threads} threads, {report['date']}\n")
-    print(harness.markdown_table(["system", "first result best s", "first result mean s", "exit best s", "exit mean s",
-                                  "peak RSS MiB", "transformers / this", "stdout"], rows))
+    print(
+        harness.markdown_table(
+            [
+                "system",
+                "first result best s",
+                "first result mean s",
+                "exit best s",
+                "exit mean s",
+                "peak RSS MiB",
+                "transformers / this",
+                "stdout",
+            ],
+            rows,
+        )
+    )
     report["load_average_after"] = harness.load_average()
     print(f"- load average (1, 5, 15 min) before: {load_before}, after: {report['load_average_after']}")
     harness.write_json(args.json, report)

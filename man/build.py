@@ -32,8 +32,18 @@ from onnxpipe import __version__  # noqa: E402
 from onnxpipe.main import COMMANDS, cli  # noqa: E402
 
 # The order of a page's sections, as man-pages(7) lists them.
-ORDER = ("NAME", "SYNOPSIS", "DESCRIPTION", "COMMANDS", "OPTIONS", "EXAMPLES", "EXIT STATUS",
-         "ENVIRONMENT", "FILES", "SEE ALSO")
+ORDER = (
+    "NAME",
+    "SYNOPSIS",
+    "DESCRIPTION",
+    "COMMANDS",
+    "OPTIONS",
+    "EXAMPLES",
+    "EXIT STATUS",
+    "ENVIRONMENT",
+    "FILES",
+    "SEE ALSO",
+)
 COMMON = ("EXIT STATUS", "ENVIRONMENT", "FILES")
 
 
@@ -46,7 +56,7 @@ def esc(text: str) -> str:
 
 def macro_arg(text: str) -> str:
     """Text as one argument of a macro line (.B, .BR): quoted, with quotes escaped."""
-    return '"' + esc(text).replace('"', '\\(dq') + '"'
+    return '"' + esc(text).replace('"', "\\(dq") + '"'
 
 
 def sections(name: str) -> dict[str, str]:
@@ -71,8 +81,9 @@ def render_text(body: str) -> str:
     for block in re.split(r"\n\s*\n", body.strip()):
         lines = block.split("\n")
         if all(l.startswith(("$ ", "  ", "# ")) for l in lines):
-            out.append(".PP\n.nf\n.RS 4\n" + "\n".join(esc(l if l.startswith("# ") else l[2:]) for l in lines)
-                       + "\n.RE\n.fi")
+            out.append(
+                ".PP\n.nf\n.RS 4\n" + "\n".join(esc(l if l.startswith("# ") else l[2:]) for l in lines) + "\n.RE\n.fi"
+            )
         elif lines[0].startswith(("- ", "* ")):
             for item in re.split(r"\n(?=[-*] )", block):
                 out.append(".IP \\(bu 2\n" + esc(" ".join(s.strip() for s in item[2:].split("\n"))))
@@ -182,8 +193,11 @@ def build() -> dict[str, str]:
 def stale(pages: dict[str, str] | None = None, folder: Path = HERE) -> list[str]:
     """The pages in FOLDER that differ from what build() makes, are missing, or belong to no command."""
     pages = build() if pages is None else pages
-    out = [f for f, content in pages.items()
-           if not (folder / f).is_file() or (folder / f).read_text(encoding="utf-8") != content]
+    out = [
+        f
+        for f, content in pages.items()
+        if not (folder / f).is_file() or (folder / f).read_text(encoding="utf-8") != content
+    ]
     return out + sorted(p.name for p in folder.glob("*.1") if p.name not in pages)
 
 

@@ -67,8 +67,11 @@ def main(sdist: str, out: str) -> None:
     write_tsv(out_dir / "train.tsv", train)
     (out_dir / "heldout.txt").write_text("".join(t + "\n" for t, _ in heldout), encoding="utf-8")
     write_tsv(out_dir / "heldout.tsv", heldout)  # last: the Makefile's target for the three
-    print(f"{out_dir}: {len(train)} training and {len(heldout)} held-out sentences "
-          f"({HELD_OUT_PER_CLASS} per class, seed {SEED})", file=sys.stderr)
+    print(
+        f"{out_dir}: {len(train)} training and {len(heldout)} held-out sentences "
+        f"({HELD_OUT_PER_CLASS} per class, seed {SEED})",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

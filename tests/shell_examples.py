@@ -44,8 +44,14 @@ def readme_blocks(text: str | None = None) -> list[Block]:
                 j += 1
             prev = next((lines[k] for k in range(start - 1, -1, -1) if lines[k].strip()), "")
             marker = NOT_RUN.search(prev)
-            blocks.append(Block("\n".join(lines[start + 1:j]), start + 1, run=marker is None,
-                                why_not=marker.group(1) if marker else None))
+            blocks.append(
+                Block(
+                    "\n".join(lines[start + 1 : j]),
+                    start + 1,
+                    run=marker is None,
+                    why_not=marker.group(1) if marker else None,
+                )
+            )
             i = j
         i += 1
     return blocks

@@ -14,8 +14,13 @@ import onnxpipe
 from onnxpipe.errors import InputError, ModelNotFoundError, UsageError
 from onnxpipe.main import cli
 
-LINES = ["A good movie with a great cast.", "", "Paris is the capital of France.", "Short.",
-         "The quick brown fox jumps over the lazy dog, again and again and again."]
+LINES = [
+    "A good movie with a great cast.",
+    "",
+    "Paris is the capital of France.",
+    "Short.",
+    "The quick brown fox jumps over the lazy dog, again and again and again.",
+]
 MASKED = ["The capital of France is [MASK].", "", "A [MASK] movie.", "[MASK] [MASK] fox."]
 
 # family -> (arch, export task, CLI arguments, API options, inputs)
@@ -24,17 +29,30 @@ CASES = {
     "embed": ("distilbert", "feature-extraction", ["--pooling", "cls"], {"pooling": "cls"}, LINES),
     "tag": ("roberta", "token-classification", ["--aggregation", "first"], {"aggregation": "first"}, LINES),
     "fill-mask": ("bert", "fill-mask", ["-k", "3"], {"top_k": 3}, MASKED),
-    "generate": ("gpt2", None, ["--max-new-tokens", "6", "--num-beams", "2"], {"max_new_tokens": 6, "num_beams": 2},
-                 LINES),
+    "generate": (
+        "gpt2",
+        None,
+        ["--max-new-tokens", "6", "--num-beams", "2"],
+        {"max_new_tokens": 6, "num_beams": 2},
+        LINES,
+    ),
     "translate": ("marian", None, ["--max-new-tokens", "6"], {"max_new_tokens": 6}, LINES),
-    "summarize": ("bart", None, ["--max-new-tokens", "6", "--num-beams", "2"], {"max_new_tokens": 6, "num_beams": 2},
-                  LINES),
+    "summarize": (
+        "bart",
+        None,
+        ["--max-new-tokens", "6", "--num-beams", "2"],
+        {"max_new_tokens": 6, "num_beams": 2},
+        LINES,
+    ),
 }
 
 
 def _cli_records(command: str, folder, args: list[str], lines: list[str]) -> list[dict]:
-    result = CliRunner().invoke(cli, [command, "-m", str(folder), "--device", "cpu", "--format", "jsonl", *args],
-                                input="".join(f"{line}\n" for line in lines))
+    result = CliRunner().invoke(
+        cli,
+        [command, "-m", str(folder), "--device", "cpu", "--format", "jsonl", *args],
+        input="".join(f"{line}\n" for line in lines),
+    )
     assert result.exit_code == 0, result.output
     return [json.loads(line) for line in result.stdout.splitlines()]
 
@@ -95,8 +113,9 @@ def test_sampling_settings_imply_sampling_as_the_cli_flags_do(exported):
     folder = exported("gpt2")
     gen = onnxpipe.load(folder, device="cpu")
     api = gen(LINES[:3], max_new_tokens=6, temperature=0.8, seed=3)
-    cli_records = _cli_records("generate", folder, ["--max-new-tokens", "6", "--temperature", "0.8", "--seed", "3"],
-                               LINES[:3])
+    cli_records = _cli_records(
+        "generate", folder, ["--max-new-tokens", "6", "--temperature", "0.8", "--seed", "3"], LINES[:3]
+    )
     assert [r.to_dict() for r in api] == cli_records
     greedy = gen(LINES[:3], max_new_tokens=6)
     assert [r.to_dict() for r in gen(LINES[:3], max_new_tokens=6, temperature=0.0)] == [r.to_dict() for r in greedy]
@@ -121,8 +140,10 @@ def test_errors(exported):
 
 
 def test_importing_onnxpipe_stays_light():
-    code = ("import sys, onnxpipe; "
-            "print(sorted(m for m in ('onnxruntime', 'numpy', 'tokenizers', 'onnxpipe.api', 'torch') if m in sys.modules))")
+    code = (
+        "import sys, onnxpipe; "
+        "print(sorted(m for m in ('onnxruntime', 'numpy', 'tokenizers', 'onnxpipe.api', 'torch') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -43,9 +43,16 @@ def test_encoder_json_has_every_shape_with_counts(exported):
         assert row["mean"] > 0 and row["sd"] >= 0
 
 
-@pytest.mark.parametrize("arch,task", [("bert", "text-classification"), ("roberta", "fill-mask"),
-                                       ("distilbert", "feature-extraction"), ("gpt2", "text-generation"),
-                                       ("llama", "text-generation")])
+@pytest.mark.parametrize(
+    "arch,task",
+    [
+        ("bert", "text-classification"),
+        ("roberta", "fill-mask"),
+        ("distilbert", "feature-extraction"),
+        ("gpt2", "text-generation"),
+        ("llama", "text-generation"),
+    ],
+)
 def test_generated_inputs_have_the_exact_token_length(exported, arch, task):
     from onnxpipe.measure.speed import text_of_length
     from onnxpipe.runtime import load_model
@@ -56,8 +63,9 @@ def test_generated_inputs_have_the_exact_token_length(exported, arch, task):
 
 
 def test_markdown_output(exported):
-    result = invoke("bench", "-m", str(exported("distilbert", "feature-extraction")), "-b", "2", "-s", "8", *FAST,
-                    "--markdown")
+    result = invoke(
+        "bench", "-m", str(exported("distilbert", "feature-extraction")), "-b", "2", "-s", "8", *FAST, "--markdown"
+    )
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert "- provider: CPUExecutionProvider (--device cpu)" in lines
@@ -116,8 +124,17 @@ def test_input_file_lines(exported, tmp_path):
 
 
 def test_input_from_stdin(exported):
-    report = bench_json("-m", str(exported("gpt2", "text-generation")), "-i", "-", "-b", "1", "-n", "2",
-                        input="Paris is the capital of\n")
+    report = bench_json(
+        "-m",
+        str(exported("gpt2", "text-generation")),
+        "-i",
+        "-",
+        "-b",
+        "1",
+        "-n",
+        "2",
+        input="Paris is the capital of\n",
+    )
     assert report["input"] == "-" and [r["test"] for r in report["results"]] == ["pp", "tg"]
 
 
@@ -146,7 +163,9 @@ def test_out_of_range_lengths(exported):
     assert "100000 tokens" in err and "at most" in err
     err = _one_line_error(invoke("bench", "-m", folder, "-s", "1", *FAST), 2)
     assert "exactly 1 tokens" in err
-    err = _one_line_error(invoke("bench", "-m", str(exported("gpt2", "text-generation")), "-p", "250", "-n", "10", *FAST), 2)
+    err = _one_line_error(
+        invoke("bench", "-m", str(exported("gpt2", "text-generation")), "-p", "250", "-n", "10", *FAST), 2
+    )
     assert "do not fit" in err
 
 

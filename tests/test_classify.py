@@ -56,8 +56,18 @@ def test_labels_and_scores_match_the_pipeline(arch, exported, checkpoint):
 
     pipe = pipeline("text-classification", model=str(checkpoint(arch, "text-classification")))
     expected = pipe(TEXTS, top_k=None)
-    result = invoke("classify", "-m", str(exported(arch, "text-classification")), "--format", "jsonl",
-                    "--top-k", "3", "--device", "cpu", input="\n".join(TEXTS) + "\n")
+    result = invoke(
+        "classify",
+        "-m",
+        str(exported(arch, "text-classification")),
+        "--format",
+        "jsonl",
+        "--top-k",
+        "3",
+        "--device",
+        "cpu",
+        input="\n".join(TEXTS) + "\n",
+    )
     assert result.exit_code == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == len(TEXTS)
@@ -75,12 +85,15 @@ def test_multi_label_uses_sigmoid_like_the_pipeline(exported, checkpoint):
     folder = exported("bert", "text-classification", checkpoint_kw=kw)
     pipe = pipeline("text-classification", model=str(checkpoint("bert", "text-classification", **kw)))
     expected = pipe(TEXTS[:3], top_k=None)
-    result = invoke("classify", "-m", str(folder), "--format", "jsonl", "--threshold", "0.0",
-                    input="\n".join(TEXTS[:3]) + "\n")
+    result = invoke(
+        "classify", "-m", str(folder), "--format", "jsonl", "--threshold", "0.0", input="\n".join(TEXTS[:3]) + "\n"
+    )
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     for row, want in zip(rows, expected):
         assert len(row["labels"]) == 3  # --threshold alone keeps every label that passes
-        assert dict(zip(row["labels"], row["scores"])) == pytest.approx({w["label"]: w["score"] for w in want}, abs=1e-4)
+        assert dict(zip(row["labels"], row["scores"])) == pytest.approx(
+            {w["label"]: w["score"] for w in want}, abs=1e-4
+        )
         assert sum(row["scores"]) != pytest.approx(1.0, abs=1e-3)  # independent sigmoids
     high = invoke("classify", "-m", str(folder), "--threshold", "0.99", input="x\n")
     assert high.stdout == "\n"  # nothing passes: an empty result, still one line

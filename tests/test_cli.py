@@ -44,7 +44,9 @@ def test_version_names_onnxruntime_and_providers():
 def _imported_modules(*args: str) -> set[str]:
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "onnxpipe", *args],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     names = set()
     for line in proc.stderr.splitlines():

@@ -4,7 +4,6 @@ and the decoding flags' two spellings of a length mean what transformers means b
 from __future__ import annotations
 
 import ast
-import json
 from pathlib import Path
 
 import click
@@ -32,8 +31,10 @@ def _imported_modules(path: Path) -> set[str]:
 def test_no_command_imports_a_sibling_command():
     commands = {f"onnxpipe.commands.{p.stem}" for p in COMMANDS.glob("*.py") if not p.stem.startswith("_")}
     assert "onnxpipe.commands.translate" in commands and "onnxpipe.commands.info" in commands
-    offenders = {p.name: sorted(_imported_modules(p) & (commands - {f"onnxpipe.commands.{p.stem}"}))
-                 for p in COMMANDS.glob("*.py")}
+    offenders = {
+        p.name: sorted(_imported_modules(p) & (commands - {f"onnxpipe.commands.{p.stem}"}))
+        for p in COMMANDS.glob("*.py")
+    }
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
@@ -52,9 +53,14 @@ def test_export_task_choices_are_the_registry_export_tasks(monkeypatch):
     from onnxpipe.measure import speed
 
     assert tasks.TASKS == speed.TASKS == registry.export_tasks()
-    assert tasks.FAMILY == {"text-classification": "encoder", "token-classification": "encoder",
-                            "feature-extraction": "encoder", "fill-mask": "encoder",
-                            "text-generation": "decoder", "text2text-generation": "seq2seq"}
+    assert tasks.FAMILY == {
+        "text-classification": "encoder",
+        "token-classification": "encoder",
+        "feature-extraction": "encoder",
+        "fill-mask": "encoder",
+        "text-generation": "decoder",
+        "text2text-generation": "seq2seq",
+    }
 
 
 @pytest.mark.parametrize("name", sorted(registry.FAMILIES))
@@ -132,4 +138,4 @@ def test_npy_writer_header_is_numpys_and_rewritten_with_the_row_count(tmp_path):
     np.testing.assert_array_equal(got[1:-1], np.stack(rows[1:-1]))
     expected = io.BytesIO()
     npy_format.write_array_header_1_0(expected, {"descr": "<f4", "fortran_order": False, "shape": (1201, 5)})
-    assert path.read_bytes()[:len(expected.getvalue())] == expected.getvalue()
+    assert path.read_bytes()[: len(expected.getvalue())] == expected.getvalue()

@@ -36,8 +36,11 @@ def home(tmp_path) -> Path:
 
 
 def _complete(shell: str, words: str, cword: str | None = None) -> list[str]:
-    env = {"_ONNXPIPE_COMPLETE": f"{shell}_complete", "COMP_WORDS": words,
-           "COMP_CWORD": cword if cword is not None else str(len(words.split()) - (0 if words.endswith(" ") else 1))}
+    env = {
+        "_ONNXPIPE_COMPLETE": f"{shell}_complete",
+        "COMP_WORDS": words,
+        "COMP_CWORD": cword if cword is not None else str(len(words.split()) - (0 if words.endswith(" ") else 1)),
+    }
     result = CliRunner().invoke(cli, [], env=env, prog_name="onnxpipe")
     assert result.exit_code == 0, result.output
     return result.stdout.splitlines()
@@ -57,11 +60,19 @@ def test_every_model_reference_completes(home):
 
 
 def test_zsh_and_fish_get_the_task_as_description(home):
-    assert _complete("zsh", "onnxpipe classify -m ") == ["plain", "minilm", "feature-extraction",
-                                                         "plain", "sentiment", "text-classification"]
+    assert _complete("zsh", "onnxpipe classify -m ") == [
+        "plain",
+        "minilm",
+        "feature-extraction",
+        "plain",
+        "sentiment",
+        "text-classification",
+    ]
     # fish passes the word being completed itself as COMP_CWORD
-    assert _complete("fish", "onnxpipe classify -m ", cword="") == ["plain,minilm\tfeature-extraction",
-                                                                   "plain,sentiment\ttext-classification"]
+    assert _complete("fish", "onnxpipe classify -m ", cword="") == [
+        "plain,minilm\tfeature-extraction",
+        "plain,sentiment\ttext-classification",
+    ]
 
 
 def test_a_path_or_no_match_completes_folders(home):
@@ -109,6 +120,7 @@ def test_bash_completion_end_to_end(home):
 
 
 # --- the same meaning everywhere ------------------------------------------------------------
+
 
 def _commands():
     return [(name, cli.get_command(None, name)) for name in COMMANDS]
@@ -170,7 +182,11 @@ def test_no_color_gives_plain_stderr_even_on_a_terminal(monkeypatch, capsys, fre
 
 def test_a_stderr_that_is_not_a_terminal_gets_plain_text(monkeypatch, fresh_console):
     monkeypatch.delenv("NO_COLOR", raising=False)
-    proc = subprocess.run([sys.executable, "-m", "onnxpipe", "models"], capture_output=True, text=True,
-                          env={**os.environ, "ONNXPIPE_HOME": str(Path(os.environ["ONNXPIPE_HOME"]) / "none")})
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxpipe", "models"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ONNXPIPE_HOME": str(Path(os.environ["ONNXPIPE_HOME"]) / "none")},
+    )
     assert proc.returncode == 0
     assert "no exports" in proc.stderr and "\x1b[" not in proc.stderr

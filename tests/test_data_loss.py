@@ -61,6 +61,7 @@ def victim(tmp_path) -> Path:
 
 # --- --force replaces an export and nothing else ------------------------------------------
 
+
 def test_force_refuses_a_folder_that_is_not_an_export(checkpoint, victim):
     before = snapshot(victim)
     for flags in (["--force"], []):
@@ -117,6 +118,7 @@ def test_a_symlinked_target_is_refused_and_its_tree_kept(checkpoint, exported, t
 
 # --- the source checkpoint --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("where", ["itself", "inside", "parent"])
 def test_output_that_is_inside_or_holds_the_source_is_refused(checkpoint, tmp_path, where):
     parent = tmp_path / "work"
@@ -156,6 +158,7 @@ def test_output_dot_is_refused_unless_it_is_an_export(checkpoint, victim, tmp_pa
 
 # --- stale temporaries and signals ------------------------------------------------------
 
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -190,9 +193,14 @@ def test_sigterm_mid_export_removes_its_temporary(checkpoint, tmp_path, way):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = {
         "cli": ["-m", "onnxpipe", "export", str(checkpoint("t5")), "--output", str(out)],
-        "api": ["-c", f"from onnxpipe.export import export_model; export_model({str(checkpoint('t5'))!r}, {str(out)!r})"],
+        "api": [
+            "-c",
+            f"from onnxpipe.export import export_model; export_model({str(checkpoint('t5'))!r}, {str(out)!r})",
+        ],
     }[way]
-    proc = subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -212,11 +220,14 @@ def test_sigterm_mid_export_removes_its_temporary(checkpoint, tmp_path, way):
         return
     # 130 where export's own handler took SIGTERM, 143 where the CLI's does (onnxpipe.signals): both clean up.
     assert (proc.returncode, stderr.strip().splitlines()[-1]) in (
-        (130, "onnxpipe: interrupted"), (143, "onnxpipe: terminated")), stderr
+        (130, "onnxpipe: interrupted"),
+        (143, "onnxpipe: terminated"),
+    ), stderr
     assert "Traceback" not in stderr
 
 
 # --- pickled checkpoints ----------------------------------------------------------------
+
 
 class _Trap:
     """Unpickling this writes a file: what a hostile pytorch_model.bin could do."""
@@ -249,15 +260,19 @@ def test_pickled_checkpoint_is_refused_unopened(checkpoint, tmp_path, layout):
 
 # --- names and paths --------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, fragment", [
-    ("", "is empty"),
-    ("a\nb", "control character"),
-    ("tab\there", "control character"),
-    ("bell\x07", "control character"),
-    ("x" * 101, "101 characters long; the limit is 100"),
-    (".hidden", "starts with '.'"),
-    ("a/b", "slash"),
-])
+
+@pytest.mark.parametrize(
+    "name, fragment",
+    [
+        ("", "is empty"),
+        ("a\nb", "control character"),
+        ("tab\there", "control character"),
+        ("bell\x07", "control character"),
+        ("x" * 101, "101 characters long; the limit is 100"),
+        (".hidden", "starts with '.'"),
+        ("a/b", "slash"),
+    ],
+)
 def test_bad_export_names_are_refused(checkpoint, name, fragment):
     result = run("export", str(checkpoint("bert")), "--name", name)
     assert_one_line(result, 2, "--name", fragment)
@@ -294,6 +309,7 @@ def test_an_unwritable_output_folder_is_one_line(checkpoint, tmp_path):
 
 
 # --- --validate-with ---------------------------------------------------------------------
+
 
 def test_validate_with_cuts_long_lines_and_caps_their_number(tmp_path):
     from onnxpipe.export.core import VALIDATION_LINE_CHARS, VALIDATION_LINES, _validation_texts

@@ -19,7 +19,6 @@ from onnxpipe.decoding import GenerationConfig, History, generate
 from onnxpipe.decoding import processors as P
 
 
-
 def _torch():
     """torch, or skip: only the comparisons with transformers need it (the search tests are numpy)."""
     return pytest.importorskip("torch")
@@ -28,6 +27,7 @@ def _torch():
 def _hf():
     _torch()
     return pytest.importorskip("transformers.generation.logits_process")
+
 
 PROMPTS = [
     "The quick brown fox",
@@ -42,6 +42,7 @@ PROMPTS = [
 
 
 # --- processors against transformers' torch implementation ----------------------------------
+
 
 def _random_case(rows=6, length=12, vocab=50, seed=0):
     rng = np.random.default_rng(seed)
@@ -70,7 +71,10 @@ def _theirs(proc, ids, scores):
         (P.NoRepeatNGram(2), ("NoRepeatNGramLogitsProcessor", (2))),
         (P.NoRepeatNGram(3), ("NoRepeatNGramLogitsProcessor", (3))),
         (P.NoRepeatNGram(13), ("NoRepeatNGramLogitsProcessor", (13))),
-        (P.NoBadWords([[3], [5, 1], [2, 2, 7], [9]], [9]), ("NoBadWordsLogitsProcessor", ([[3], [5, 1], [2, 2, 7], [9]], 9))),
+        (
+            P.NoBadWords([[3], [5, 1], [2, 2, 7], [9]], [9]),
+            ("NoBadWordsLogitsProcessor", ([[3], [5, 1], [2, 2, 7], [9]], 9)),
+        ),
         (P.MinLength(13, [4, 7]), ("MinLengthLogitsProcessor", (13, [4, 7]))),
         (P.MinLength(12, [4]), ("MinLengthLogitsProcessor", (12, [4]))),
         (P.ForcedBOS(6), ("ForcedBOSTokenLogitsProcessor", (6))),
@@ -101,7 +105,9 @@ def test_min_new_tokens_and_forced_eos_match_transformers():
     for generated in (0, 3, 4, 5):
         width = ids.shape[1] - generated
         theirs = hf.MinNewTokensLengthLogitsProcessor(width, 4, [2, 5])
-        np.testing.assert_array_equal(_ours(P.MinNewTokens(4, [2, 5]), ids, scores, width), _theirs(theirs, ids, scores))
+        np.testing.assert_array_equal(
+            _ours(P.MinNewTokens(4, [2, 5]), ids, scores, width), _theirs(theirs, ids, scores)
+        )
         # transformers forces eos at max_length - 1, i.e. generated == max_new_tokens - 1
         theirs = hf.ForcedEOSTokenLogitsProcessor(width + 5, [2, 5])
         np.testing.assert_array_equal(_ours(P.ForcedEOS(5, [2, 5]), ids, scores, width), _theirs(theirs, ids, scores))
@@ -121,14 +127,24 @@ def test_processors_ignore_left_padding():
 
 
 def test_build_processors_follows_transformers_order():
-    config = GenerationConfig(repetition_penalty=1.2, no_repeat_ngram_size=2, min_new_tokens=3, do_sample=True,
-                              temperature=0.5, top_k=10, top_p=0.9, eos_token_id=[1], bad_words_ids=[[4]])
+    config = GenerationConfig(
+        repetition_penalty=1.2,
+        no_repeat_ngram_size=2,
+        min_new_tokens=3,
+        do_sample=True,
+        temperature=0.5,
+        top_k=10,
+        top_p=0.9,
+        eos_token_id=[1],
+        bad_words_ids=[[4]],
+    )
     names = [type(p).__name__ for p in P.build_processors(config)]
     assert names == ["RepetitionPenalty", "NoRepeatNGram", "NoBadWords", "MinNewTokens", "Temperature", "TopK", "TopP"]
     assert [type(p).__name__ for p in P.build_processors(GenerationConfig(top_k=10, temperature=0.5))] == []
 
 
 # --- search on a stand-in model --------------------------------------------------------------
+
 
 class _TableModel:
     """A fake model whose next logits depend only on the last id: enough to test the search bookkeeping."""
@@ -182,6 +198,7 @@ def test_finished_rows_leave_the_batch():
 
 # --- ids identical to transformers' generate on the tiny exports ----------------------------
 
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     # Two cores shared by several runs: torch's second thread spins and makes generate ~10x slower.
@@ -215,7 +232,9 @@ def tiny(request, exported, checkpoint, one_torch_thread):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    lm = CausalLM.from_model(load_model(exported(arch, checkpoint_kw=checkpoint_kw, **options), device="cpu", threads=1))
+    lm = CausalLM.from_model(
+        load_model(exported(arch, checkpoint_kw=checkpoint_kw, **options), device="cpu", threads=1)
+    )
     return request.param, model, tokenizer, lm
 
 
@@ -226,7 +245,7 @@ def _frequent_tokens(model, tokenizer, n=30, **kw) -> list[int]:
     with _torch().no_grad():
         out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, eos_token_id=None, **kw)
     counts = {}
-    for row in out[:, enc.input_ids.shape[1]:].tolist():
+    for row in out[:, enc.input_ids.shape[1] :].tolist():
         for t in set(row[6:]):  # after min_new_tokens, not only at the very end
             counts[t] = counts.get(t, 0) + 1
     return sorted(counts, key=lambda t: (-counts[t], t))[:n]
@@ -259,11 +278,11 @@ def _reference(model, tokenizer, prompts, eos, **kw):
     width = enc.input_ids.shape[1]
     n = kw.get("num_return_sequences", 1)
     result = []
-    for i, row in enumerate(out.tolist()):
+    for row in out.tolist():
         gen = row[width:]
         cut = next((k + 1 for k, t in enumerate(gen) if t in eos), len(gen))
         result.append(gen[:cut])
-    return [result[i:i + n] for i in range(0, len(result), n)]
+    return [result[i : i + n] for i in range(0, len(result), n)]
 
 
 def _ours_ids(lm, tokenizer, prompts, eos, **kw):
@@ -290,8 +309,13 @@ CASES = {
     "beam": BEAM,
     "beam-early-stopping": {**BEAM, "early_stopping": True, "length_penalty": 0.6},
     "beam-never": {**BEAM, "early_stopping": "never", "length_penalty": 1.5},
-    "beam-processors": {**BEAM, "repetition_penalty": 1.2, "no_repeat_ngram_size": 2, "min_new_tokens": 5,
-                        "num_return_sequences": 2},
+    "beam-processors": {
+        **BEAM,
+        "repetition_penalty": 1.2,
+        "no_repeat_ngram_size": 2,
+        "min_new_tokens": 5,
+        "num_return_sequences": 2,
+    },
 }
 
 

@@ -33,8 +33,17 @@ def test_json_shape():
     report, result = _report("--device", "cpu")
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
-    assert set(report) == {"onnxpipe", "onnxruntime", "providers", "cuda", "gpu", "threads", "export_home",
-                           "export_extra", "verdict"}
+    assert set(report) == {
+        "onnxpipe",
+        "onnxruntime",
+        "providers",
+        "cuda",
+        "gpu",
+        "threads",
+        "export_home",
+        "export_extra",
+        "verdict",
+    }
     assert set(report["gpu"]) == {"nvidia_smi", "devices", "error"}
     assert report["onnxruntime"]["version"].startswith("1.")
     names = [p["name"] for p in report["providers"]]
@@ -99,16 +108,30 @@ def test_export_home_and_its_exports(tmp_path):
     home = Path(os.environ["ONNXPIPE_HOME"])
     (home / "sentiment").mkdir(parents=True)
     (home / "sentiment" / "model.onnx").write_bytes(b"graph")  # the manifest's schema wants its graph there
-    (home / "sentiment" / "onnxpipe.json").write_text(json.dumps(
-        {"format": 1, "name": "sentiment", "task": "text-classification", "family": "encoder",
-         "files": {"model": "model.onnx"}, "precision": "int8", "validation": {"passed": True}}))
+    (home / "sentiment" / "onnxpipe.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "name": "sentiment",
+                "task": "text-classification",
+                "family": "encoder",
+                "files": {"model": "model.onnx"},
+                "precision": "int8",
+                "validation": {"passed": True},
+            }
+        )
+    )
     (home / "broken").mkdir()
     (home / "broken" / "onnxpipe.json").write_text("{not json")
     report, _ = _report("--device", "cpu")
     h = report["export_home"]
     assert h["path"] == str(home) and h["set_by"] == "ONNXPIPE_HOME" and h["exists"]
-    assert h["exports"][1] == {"name": "sentiment", "task": "text-classification", "precision": "int8",
-                               "validated": True}
+    assert h["exports"][1] == {
+        "name": "sentiment",
+        "task": "text-classification",
+        "precision": "int8",
+        "validated": True,
+    }
     assert h["exports"][0]["name"] == "broken" and "not valid JSON" in h["exports"][0]["error"]
     text = _doctor("--device", "cpu").stdout
     assert f"{home} (from ONNXPIPE_HOME)" in text and "sentiment  text-classification, int8, validated" in text
@@ -136,8 +159,15 @@ def test_an_onnxruntime_without_cuda_is_told_to_install_onnxruntime_gpu(monkeypa
 
 def test_cuda_library_names_follow_the_build():
     names13 = [n for n, _ in doctor_module.cuda_library_names("13.0")]
-    assert names13 == ["libcuda.so.1", "libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13",
-                       "libcurand.so.10", "libcufft.so.12", "libcudnn.so.9"]
+    assert names13 == [
+        "libcuda.so.1",
+        "libcudart.so.13",
+        "libcublasLt.so.13",
+        "libcublas.so.13",
+        "libcurand.so.10",
+        "libcufft.so.12",
+        "libcudnn.so.9",
+    ]
     names12 = [n for n, _ in doctor_module.cuda_library_names("12.8")]
     assert "libcudart.so.12" in names12 and "libcufft.so.11" in names12
 
@@ -153,11 +183,17 @@ def test_the_shipped_model_is_tiny_and_what_onnx_helper_builds():
 
 
 def test_doctor_imports_no_export_stack():
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "onnxpipe", "doctor", "--device", "cpu", "--json"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "onnxpipe", "doctor", "--device", "cpu", "--json"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    imported = {line.rsplit("|", 1)[1].strip().split(".")[0]
-                for line in proc.stderr.splitlines() if line.startswith("import time:") and "|" in line}
+    imported = {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
     assert "onnxruntime" in imported
     assert not imported & {"torch", "transformers", "optimum", "onnx"}
 
@@ -175,13 +211,21 @@ def _fake_nvidia_smi(tmp_path, monkeypatch, script: str):
 def test_gpu_from_nvidia_smi(tmp_path, monkeypatch):
     smi = _fake_nvidia_smi(tmp_path, monkeypatch, "echo '0, NVIDIA H200, 143771, 0, 570.86.15'\n")
     report, _ = _report("--device", "cpu")
-    assert report["gpu"] == {"nvidia_smi": str(smi), "error": None, "devices": [
-        {"index": 0, "name": "NVIDIA H200", "memory_total_mib": 143771, "memory_used_mib": 0, "driver": "570.86.15"}]}
+    assert report["gpu"] == {
+        "nvidia_smi": str(smi),
+        "error": None,
+        "devices": [
+            {"index": 0, "name": "NVIDIA H200", "memory_total_mib": 143771, "memory_used_mib": 0, "driver": "570.86.15"}
+        ],
+    }
     assert "cuda:0         NVIDIA H200, 143771 MiB (0 MiB used), driver 570.86.15" in _doctor("--device", "cpu").stdout
 
 
 def test_a_failing_nvidia_smi_is_reported(tmp_path, monkeypatch):
-    _fake_nvidia_smi(tmp_path, monkeypatch,
-                     "echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\nexit 9\n")
+    _fake_nvidia_smi(
+        tmp_path,
+        monkeypatch,
+        "echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\nexit 9\n",
+    )
     gpu = _report("--device", "cpu")[0]["gpu"]
     assert gpu["devices"] == [] and gpu["error"].startswith("NVIDIA-SMI has failed")

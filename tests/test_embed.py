@@ -8,13 +8,17 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import REPO
+
 from onnxpipe.main import cli
 
 ARCHS = ("bert", "distilbert", "roberta")
-TEXTS = ["A good movie with a great cast.", "Short.", "Émile a visité Zürich et São Paulo en été.",
-         "Pipelines of small tools make the shell a pleasant place to work, and more words follow here."]
+TEXTS = [
+    "A good movie with a great cast.",
+    "Short.",
+    "Émile a visité Zürich et São Paulo en été.",
+    "Pipelines of small tools make the shell a pleasant place to work, and more words follow here.",
+]
 
 
 def invoke(*args, input=None):
@@ -70,7 +74,9 @@ def test_pooled_vectors_match_pytorch_for_every_pooling(arch, exported, checkpoi
     folder = exported(arch, "feature-extraction")
     states, mask = torch_states(checkpoint(arch, "feature-extraction"), TEXTS)
     for pooling, normalize in [("mean", False), ("cls", False), ("max", False), ("mean", True)]:
-        got = np.array(embed_jsonl(folder, TEXTS, "--pooling", pooling, "--normalize" if normalize else "--no-normalize"))
+        got = np.array(
+            embed_jsonl(folder, TEXTS, "--pooling", pooling, "--normalize" if normalize else "--no-normalize")
+        )
         np.testing.assert_allclose(got, torch_pool(states, mask, pooling, normalize), atol=1e-4, err_msg=pooling)
 
 
@@ -123,9 +129,14 @@ def test_the_exports_sentence_transformers_pooling_is_the_default(exported, tmp_
     folder = tmp_path / "with-pooling"
     shutil.copytree(exported("bert", "feature-extraction"), folder)
     (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, "pooling_mode_cls_token": True}))
-    (folder / "modules.json").write_text(json.dumps([{"type": "sentence_transformers.models.Pooling"},
-                                                      {"type": "sentence_transformers.models.Normalize"}]))
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, "pooling_mode_cls_token": True})
+    )
+    (folder / "modules.json").write_text(
+        json.dumps(
+            [{"type": "sentence_transformers.models.Pooling"}, {"type": "sentence_transformers.models.Normalize"}]
+        )
+    )
     default = np.array(embed_jsonl(folder, TEXTS))
     explicit = np.array(embed_jsonl(folder, TEXTS, "--pooling", "cls", "--normalize"))
     np.testing.assert_allclose(default, explicit, atol=1e-7)

@@ -11,9 +11,16 @@ from click.testing import CliRunner
 from onnxpipe.main import cli
 from onnxpipe.measure.metrics import agreement, classification_metrics
 
-TEXTS = ["A good movie with a great cast and a moving story.", "This film was boring, too long and badly acted.",
-         "I loved every minute of it!", "The worst thing I have seen this year.", "Short.",
-         "Paris is the capital of France.", "Numbers like 42 appear in text too.", "She said hello and left."]
+TEXTS = [
+    "A good movie with a great cast and a moving story.",
+    "This film was boring, too long and badly acted.",
+    "I loved every minute of it!",
+    "The worst thing I have seen this year.",
+    "Short.",
+    "Paris is the capital of France.",
+    "Numbers like 42 appear in text too.",
+    "She said hello and left.",
+]
 
 
 def _sklearn(y_true, y_pred, n):
@@ -21,9 +28,17 @@ def _sklearn(y_true, y_pred, n):
     labels = list(range(n))
     p, r, f, s = sklearn_metrics.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     mp, mr, mf, _ = sklearn_metrics.precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, average="macro", zero_division=0)
-    return {"accuracy": sklearn_metrics.accuracy_score(y_true, y_pred), "p": p, "r": r, "f": f, "s": s,
-            "macro": (mp, mr, mf), "cm": sklearn_metrics.confusion_matrix(y_true, y_pred, labels=labels)}
+        y_true, y_pred, labels=labels, average="macro", zero_division=0
+    )
+    return {
+        "accuracy": sklearn_metrics.accuracy_score(y_true, y_pred),
+        "p": p,
+        "r": r,
+        "f": f,
+        "s": s,
+        "macro": (mp, mr, mf),
+        "cm": sklearn_metrics.confusion_matrix(y_true, y_pred, labels=labels),
+    }
 
 
 def _assert_equal_to_sklearn(ours, y_true, y_pred, names):
@@ -32,7 +47,9 @@ def _assert_equal_to_sklearn(ours, y_true, y_pred, names):
     assert [ours["macro"][k] for k in ("precision", "recall", "f1")] == pytest.approx(list(ref["macro"]), abs=1e-12)
     for i, name in enumerate(names):
         row = ours["per_class"][name]
-        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((ref["p"][i], ref["r"][i], ref["f"][i]), abs=1e-12)
+        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx(
+            (ref["p"][i], ref["r"][i], ref["f"][i]), abs=1e-12
+        )
         assert row["support"] == ref["s"][i]
     assert ours["confusion_matrix"] == ref["cm"].tolist()
 
@@ -83,14 +100,17 @@ def _pytorch_predictions(checkpoint_dir):
 
 def test_eval_through_onnx_equals_sklearn_on_pytorch_predictions(checkpoint, exported, labelled):
     export = exported("bert", "text-classification")
-    result = CliRunner().invoke(cli, ["eval", "-m", str(export), "--label-map", LABEL_MAP, "--json",
-                                      "--device", "cpu", str(labelled)])
+    result = CliRunner().invoke(
+        cli, ["eval", "-m", str(export), "--label-map", LABEL_MAP, "--json", "--device", "cpu", str(labelled)]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     names = report["metrics"]["labels"]
     assert names == ["negative", "positive", "neutral"]
-    y_true = [names.index(n) for n in ["positive", "negative", "positive", "negative", "neutral", "neutral",
-                                       "positive", "negative"]]
+    y_true = [
+        names.index(n)
+        for n in ["positive", "negative", "positive", "negative", "neutral", "neutral", "positive", "negative"]
+    ]
     y_pred = _pytorch_predictions(checkpoint("bert", "text-classification"))
     _assert_equal_to_sklearn(report["metrics"], y_true, y_pred, names)
     assert report["provider"] == "CPUExecutionProvider"
@@ -99,13 +119,28 @@ def test_eval_through_onnx_equals_sklearn_on_pytorch_predictions(checkpoint, exp
 
 def test_eval_against_itself_agrees_fully(exported, labelled):
     export = str(exported("bert", "text-classification"))
-    result = CliRunner().invoke(cli, ["eval", "-m", export, "--against", export, "--label-map", LABEL_MAP,
-                                      "--device", "cpu", str(labelled)])
+    result = CliRunner().invoke(
+        cli, ["eval", "-m", export, "--against", export, "--label-map", LABEL_MAP, "--device", "cpu", str(labelled)]
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout == ""  # without --json, stdout stays empty
     assert "agreement" in result.stderr and "100.00%" in result.stderr
-    brief = CliRunner().invoke(cli, ["eval", "-m", export, "--against", export, "--label-map", LABEL_MAP,
-                                     "--device", "cpu", "--brief", str(labelled)])
+    brief = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            "-m",
+            export,
+            "--against",
+            export,
+            "--label-map",
+            LABEL_MAP,
+            "--device",
+            "cpu",
+            "--brief",
+            str(labelled),
+        ],
+    )
     assert "agreement" in brief.stderr and "confusion matrix" not in brief.stderr
 
 
@@ -126,8 +161,9 @@ def test_eval_refuses_other_tasks(exported, labelled):
 def test_eval_skips_empty_texts_and_says_so(exported, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "good", "label": "positive"}\n{"text": "", "label": "negative"}\n', encoding="utf-8")
-    result = CliRunner().invoke(cli, ["eval", "-m", str(exported("bert", "text-classification")), "--json",
-                                      "--device", "cpu", str(path)])
+    result = CliRunner().invoke(
+        cli, ["eval", "-m", str(exported("bert", "text-classification")), "--json", "--device", "cpu", str(path)]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["skipped_empty"] == 1 and report["metrics"]["examples"] == 1
@@ -158,8 +194,9 @@ def _marian_outputs(ckpt, texts):
     tokenizer = transformers.MarianTokenizer.from_pretrained(ckpt)
     model = transformers.MarianMTModel.from_pretrained(ckpt).eval()
     with torch.no_grad():
-        out = model.generate(**tokenizer(texts, return_tensors="pt", padding=True), min_length=10, max_length=24,
-                             no_repeat_ngram_size=2)
+        out = model.generate(
+            **tokenizer(texts, return_tensors="pt", padding=True), min_length=10, max_length=24, no_repeat_ngram_size=2
+        )
     return tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
@@ -200,16 +237,31 @@ def test_plain_text_with_references_file_and_against_itself(marian, tmp_path):
     hyps = _marian_outputs(ckpt, sources)
     (tmp_path / "src.txt").write_text("\n".join(sources) + "\n", encoding="utf-8")
     (tmp_path / "ref.txt").write_text("\n".join(hyps) + "\n", encoding="utf-8")
-    result = CliRunner().invoke(cli, ["eval", "-m", str(export), "--device", "cpu", *SETTINGS,
-                                      "--references", str(tmp_path / "ref.txt"), "--against", str(export),
-                                      "--json", str(tmp_path / "src.txt")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            "-m",
+            str(export),
+            "--device",
+            "cpu",
+            *SETTINGS,
+            "--references",
+            str(tmp_path / "ref.txt"),
+            "--against",
+            str(export),
+            "--json",
+            str(tmp_path / "src.txt"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["scores"]["bleu"]["score"] == pytest.approx(100.0)
     assert report["against"]["agreement"] == {"examples": 6, "same": 6, "differ": 0, "agreement": 1.0}
     (tmp_path / "short.txt").write_text("\n".join(hyps[:4]) + "\n", encoding="utf-8")
-    result = CliRunner().invoke(cli, ["eval", "-m", str(export), "--references", str(tmp_path / "short.txt"),
-                                      str(tmp_path / "src.txt")])
+    result = CliRunner().invoke(
+        cli, ["eval", "-m", str(export), "--references", str(tmp_path / "short.txt"), str(tmp_path / "src.txt")]
+    )
     assert result.exit_code == 2 and "has 6 line(s)" in result.stderr and "has 4" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -219,8 +271,9 @@ def test_options_of_the_other_kind_are_refused(marian, exported, tmp_path):
     data = _tsv(tmp_path / "pairs.tsv", [("a", "b")])
     result = CliRunner().invoke(cli, ["eval", "-m", str(export), "--label-map", "1=a", str(data)])
     assert result.exit_code == 2 and "--label-map: only for text-classification exports" in result.stderr
-    result = CliRunner().invoke(cli, ["eval", "-m", str(exported("bert", "text-classification")),
-                                      "--references", str(data), str(data)])
+    result = CliRunner().invoke(
+        cli, ["eval", "-m", str(exported("bert", "text-classification")), "--references", str(data), str(data)]
+    )
     assert result.exit_code == 2 and "--references: only for text2text-generation exports" in result.stderr
     result = CliRunner().invoke(cli, ["eval", "-m", str(export), "--reference-column", "de", str(data)])
     assert result.exit_code == 1 and "no column 'de'" in result.stderr and "--reference-column" in result.stderr

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny_models
 from click.testing import CliRunner
 
-import tiny_models
 from onnxpipe.main import cli
 
 ARCHS = [
@@ -50,6 +50,7 @@ def manifest(folder: Path) -> dict:
 
 
 # --- every architecture -----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("arch,task", ARCHS)
 def test_tiny_architecture_exports_and_validates(exported, arch, task):
@@ -171,6 +172,7 @@ def test_marian_ids_are_vocab_json_ids_not_spm_ids(checkpoint, exported):
 
 # --- variants ---------------------------------------------------------------------------
 
+
 def test_int8_classifier_reports_quality_against_fp32(exported):
     m = manifest(exported("bert", quantize="int8"))
     v = m["validation"]
@@ -211,7 +213,9 @@ def test_optimized_graph_can_be_quantized(exported):
 def test_optimized_seq2seq_keeps_a_merged_decoder(exported):
     folder = exported("bart", optimize="O2")
     m = manifest(folder)
-    assert m["validation"]["passed"] and m["validation"]["greedy"]["identical"] == m["validation"]["greedy"]["sequences"]
+    assert (
+        m["validation"]["passed"] and m["validation"]["greedy"]["identical"] == m["validation"]["greedy"]["sequences"]
+    )
     assert sorted(p.name for p in folder.glob("*.onnx")) == ["decoder_model_merged.onnx", "encoder_model.onnx"]
 
 
@@ -228,6 +232,7 @@ def test_fp16_without_cuda_fails_before_writing_anything(checkpoint, tmp_path):
 
 
 # --- validation -------------------------------------------------------------------------
+
 
 def test_validate_with_file_is_used_and_recorded(checkpoint, tmp_path):
     lines = tmp_path / "lines.txt"
@@ -279,6 +284,7 @@ def test_corrupted_weights_fail_validation(checkpoint, tmp_path, monkeypatch):
 
 
 # --- sources ----------------------------------------------------------------------------
+
 
 def _copy_checkpoint(checkpoint, tmp_path, arch="bert") -> Path:
     dst = tmp_path / f"{arch}-copy"
@@ -347,8 +353,12 @@ def test_gguf_source_is_converted_then_exported(checkpoint, tmp_path, monkeypatc
     import hashlib
 
     assert seen["path"] == gguf_file
-    assert m["source"] == {**m["source"], "kind": "gguf", "path": str(gguf_file.resolve()),
-                           "sha256": hashlib.sha256(gguf_file.read_bytes()).hexdigest()}
+    assert m["source"] == {
+        **m["source"],
+        "kind": "gguf",
+        "path": str(gguf_file.resolve()),
+        "sha256": hashlib.sha256(gguf_file.read_bytes()).hexdigest(),
+    }
     assert m["task"] == "text-generation" and m["validation"]["passed"]
     # The converted folder was a temporary: nothing but the export is left beside it.
     assert [p.name for p in folder.parent.iterdir()] == ["tiny-llama.Q8_0"]
@@ -390,6 +400,7 @@ def test_trust_remote_code_is_off_by_default(checkpoint, tmp_path, monkeypatch):
 
 
 # --- CLI behaviour ----------------------------------------------------------------------
+
 
 def test_progress_on_stderr_stdout_clean(checkpoint, tmp_path):
     result = run("export", str(checkpoint("bert")), "--name", "sentiment")
@@ -449,6 +460,7 @@ def test_traceback_flag_shows_the_traceback(tmp_path):
 
 # --- atomic writes ----------------------------------------------------------------------
 
+
 def test_sigkill_mid_export_leaves_no_folder(checkpoint, tmp_path):
     parent = tmp_path / "exports"
     parent.mkdir()
@@ -456,7 +468,9 @@ def test_sigkill_mid_export_leaves_no_folder(checkpoint, tmp_path):
     env = {**os.environ, "ONNXPIPE_HOME": str(parent), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "onnxpipe", "export", str(checkpoint("t5")), "--output", str(out)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 240

@@ -37,7 +37,7 @@ PROMPTS = [
     "Numbers like 42, 3.14 and 2026 appear in text too; so",
     "Pipelines of small tools make the shell a pleasant place",
     "Machine translation turns English sentences into German ones, while summaries should be short",
-    "She said: \"hello, world\" and left the room.",
+    'She said: "hello, world" and left the room.',
     "Tokenizers split words into pieces: un-break-able, re-think-ing, and",
 ]
 FAMILIES = ["qwen2", "mistral", "phi3", "gemma", "qwen2-linear", "qwen2-yarn", "qwen3", "gemma2", "gemma3"]
@@ -60,6 +60,7 @@ _BUILT: dict[str, tuple[Path, Path, dict]] = {}
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """family(arch) -> (checkpoint, export, manifest), each built and exported once per session."""
+
     def get(arch: str):
         if arch not in _BUILT:
             from onnxpipe.export import export_model
@@ -93,10 +94,10 @@ def _reference(model, tokenizer, prompts, eos, **kw):
         out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **kw)
     n = kw.get("num_return_sequences", 1)
     rows = []
-    for row in out[:, enc.input_ids.shape[1]:].tolist():
+    for row in out[:, enc.input_ids.shape[1] :].tolist():
         cut = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
         rows.append(row[:cut])
-    return [rows[i:i + n] for i in range(0, len(rows), n)]
+    return [rows[i : i + n] for i in range(0, len(rows), n)]
 
 
 def _ours(lm, tokenizer, prompts, eos, **kw):
@@ -114,17 +115,24 @@ def _eos_for(tiny, case) -> list[int]:
         kw = CASES[case]
         enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
         with torch.no_grad():
-            out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
-                                 **{k: v for k, v in kw.items() if k != "num_return_sequences"})
+            out = model.generate(
+                **enc,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=None,
+                **{k: v for k, v in kw.items() if k != "num_return_sequences"},
+            )
         counts: dict[int, int] = {}
-        for row in out[:, enc.input_ids.shape[1]:].tolist():
+        for row in out[:, enc.input_ids.shape[1] :].tolist():
             for t in set(row[4:]):
                 counts[t] = counts.get(t, 0) + 1
         own = manifest["special_tokens"]["eos_token_id"][0]
         for token in sorted(counts, key=lambda t: (-counts[t], t))[:30]:
             eos = [token, own]
-            ended = [bool(ids) and ids[-1] in eos for nbest in _reference(model, tokenizer, PROMPTS, eos, **kw)
-                     for ids in nbest]
+            ended = [
+                bool(ids) and ids[-1] in eos
+                for nbest in _reference(model, tokenizer, PROMPTS, eos, **kw)
+                for ids in nbest
+            ]
             if 1 <= sum(ended) <= len(ended) - 1:
                 _EOS[arch, case] = eos
                 break
@@ -186,7 +194,9 @@ def test_the_window_changes_the_output(family, arch, one_torch_thread):
     windowed = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
     unwindowed = transformers.AutoModelForCausalLM.from_pretrained(ckpt, sliding_window=1024).eval()  # wider than all
     eos = [manifest["special_tokens"]["eos_token_id"][0]]
-    assert _reference(windowed, tokenizer, PROMPTS, eos, **GREEDY) != _reference(unwindowed, tokenizer, PROMPTS, eos, **GREEDY)
+    assert _reference(windowed, tokenizer, PROMPTS, eos, **GREEDY) != _reference(
+        unwindowed, tokenizer, PROMPTS, eos, **GREEDY
+    )
 
 
 def test_qwen2_biases_and_padded_vocabulary(family):
@@ -202,7 +212,9 @@ def test_qwen2_biases_and_padded_vocabulary(family):
     lm = CausalLM.from_model(load_model(export, device="cpu", threads=1))
     assert lm.decoder.vocab_size == config["vocab_size"]
     # two eos ids from the generation config, the chat template's end of turn first
-    assert manifest["special_tokens"]["eos_token_id"] == tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert manifest["special_tokens"]["eos_token_id"] == tokenizer.convert_tokens_to_ids(
+        ["<|im_end|>", "<|endoftext|>"]
+    )
 
 
 def test_qwen2_ids_past_the_tokenizer_decode_like_transformers(family, one_torch_thread):
@@ -238,6 +250,7 @@ def test_rope_scaling_matters(family, kind, one_torch_thread):
 
 # --- the commands ----------------------------------------------------------------------------------
 
+
 def _invoke(*args, input=None):
     return CliRunner().invoke(cli, [*map(str, args)], input=input, catch_exceptions=False)
 
@@ -257,21 +270,60 @@ def test_generate_chat_uses_the_template(family, arch, one_torch_thread):
     ckpt, export, manifest = family(arch)
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt)
     model = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    result = _invoke("generate", "-m", export, "--device", "cpu", "--threads", 1, "--chat", "--system", "Be brief.",
-                     "-p", "What is the capital of France?", "--max-new-tokens", 12, "--greedy", "--format", "jsonl")
+    result = _invoke(
+        "generate",
+        "-m",
+        export,
+        "--device",
+        "cpu",
+        "--threads",
+        1,
+        "--chat",
+        "--system",
+        "Be brief.",
+        "-p",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        12,
+        "--greedy",
+        "--format",
+        "jsonl",
+    )
     assert result.exit_code == 0, result.stderr
     (record,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert record["prompt_tokens"] == len(ids)
     prompt = torch.tensor([ids])
     with torch.no_grad():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    generated = out[0, prompt.shape[1]:].tolist()
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    generated = out[0, prompt.shape[1] :].tolist()
     assert record["generated_text"] == tokenizer.decode(generated, skip_special_tokens=True)
-    plain = _invoke("generate", "-m", export, "--device", "cpu", "--threads", 1, "-p", "What is the capital of France?",
-                    "--max-new-tokens", 12, "--greedy", "--format", "jsonl")
+    plain = _invoke(
+        "generate",
+        "-m",
+        export,
+        "--device",
+        "cpu",
+        "--threads",
+        1,
+        "-p",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        12,
+        "--greedy",
+        "--format",
+        "jsonl",
+    )
     assert json.loads(plain.stdout)["prompt_tokens"] < len(ids)  # without --chat, no template
 
 
@@ -286,7 +338,9 @@ def test_fused_graph_refuses_with_the_difference(family, arch):
         export_model(ckpt, export.parent / "fused", task="text-generation", graph="fused")
     message = str(info.value)
     assert "\n" not in message
-    assert {"qwen2": "bias", "mistral": "sliding window", "phi3": "packed", "gemma": "scaled embeddings"}[arch] in message
+    assert {"qwen2": "bias", "mistral": "sliding window", "phi3": "packed", "gemma": "scaled embeddings"}[
+        arch
+    ] in message
     assert not (export.parent / "fused").exists()
 
 

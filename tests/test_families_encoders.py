@@ -15,9 +15,9 @@ import warnings
 
 import numpy as np
 import pytest
+import tiny_families
 from click.testing import CliRunner
 
-import tiny_families
 from onnxpipe.main import cli
 
 ARCHS = tiny_families.ENCODERS
@@ -79,9 +79,12 @@ def torch_outputs(folder, task, texts):
     import torch
     import transformers
 
-    cls = {"text-classification": transformers.AutoModelForSequenceClassification,
-           "token-classification": transformers.AutoModelForTokenClassification,
-           "fill-mask": transformers.AutoModelForMaskedLM, "feature-extraction": transformers.AutoModel}[task]
+    cls = {
+        "text-classification": transformers.AutoModelForSequenceClassification,
+        "token-classification": transformers.AutoModelForTokenClassification,
+        "fill-mask": transformers.AutoModelForMaskedLM,
+        "feature-extraction": transformers.AutoModel,
+    }[task]
     # The slow tokenizer is the reference where there is one (transformers' fast ALBERT is not exact).
     tok = transformers.AutoTokenizer.from_pretrained(folder, use_fast=not (folder / "spiece.model").is_file())
     model = cls.from_pretrained(folder).eval()
@@ -120,13 +123,25 @@ def test_labels_and_scores_match_the_pipeline(arch, family_export, family_checkp
 
     pipe = pipeline("text-classification", model=str(family_checkpoint(arch, "text-classification")))
     expected = pipe(TEXTS, top_k=None)
-    result = invoke("classify", "-m", str(family_export(arch, "text-classification")), "--format", "jsonl",
-                    "--top-k", "3", "--device", "cpu", input="\n".join(TEXTS) + "\n")
+    result = invoke(
+        "classify",
+        "-m",
+        str(family_export(arch, "text-classification")),
+        "--format",
+        "jsonl",
+        "--top-k",
+        "3",
+        "--device",
+        "cpu",
+        input="\n".join(TEXTS) + "\n",
+    )
     assert result.exit_code == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == len(TEXTS)
     for row, want in zip(rows, expected):
-        assert dict(zip(row["labels"], row["scores"])) == pytest.approx({w["label"]: w["score"] for w in want}, abs=1e-4)
+        assert dict(zip(row["labels"], row["scores"])) == pytest.approx(
+            {w["label"]: w["score"] for w in want}, abs=1e-4
+        )
         assert row["label"] == want[0]["label"] or abs(want[0]["score"] - want[1]["score"]) < 1e-5
 
 
@@ -138,18 +153,27 @@ def test_entities_match_the_pipeline(arch, family_export, family_checkpoint):
     for strategy in ("none", "simple", "first", "max"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pipe = pipeline("token-classification", model=str(family_checkpoint(arch, "token-classification")),
-                            aggregation_strategy=strategy)
+            pipe = pipeline(
+                "token-classification",
+                model=str(family_checkpoint(arch, "token-classification")),
+                aggregation_strategy=strategy,
+            )
             expected = [pipe(t) for t in TEXTS]
-        result = invoke("tag", "-m", str(folder), "--format", "jsonl", "--aggregation", strategy,
-                        input="\n".join(TEXTS) + "\n")
+        result = invoke(
+            "tag", "-m", str(folder), "--format", "jsonl", "--aggregation", strategy, input="\n".join(TEXTS) + "\n"
+        )
         assert result.exit_code == 0, result.stderr
         got = [json.loads(line)["entities"] for line in result.stdout.splitlines()]
         assert sum(len(e) for e in expected) > 0  # the comparison covers entities, not only empty lists
         for text, mine, theirs in zip(TEXTS, got, expected):
-            assert [{k: v for k, v in e.items() if k != "score"} for e in mine] == \
-                   [{k: (int(v) if k in ("index", "start", "end") and v is not None else v) for k, v in e.items()
-                     if k != "score"} for e in theirs], (strategy, text)
+            assert [{k: v for k, v in e.items() if k != "score"} for e in mine] == [
+                {
+                    k: (int(v) if k in ("index", "start", "end") and v is not None else v)
+                    for k, v in e.items()
+                    if k != "score"
+                }
+                for e in theirs
+            ], (strategy, text)
             assert [e["score"] for e in mine] == pytest.approx([float(e["score"]) for e in theirs], abs=1e-4)
 
 
@@ -161,8 +185,16 @@ def test_fill_mask_candidates_match_the_pipeline(arch, family_export, family_che
     mask = AutoTokenizer.from_pretrained(ckpt).mask_token
     texts = [f"Paris is the {mask} of France.", f"I loved every minute of {mask}", f"Émile a visité {mask} en été."]
     pipe = pipeline("fill-mask", model=ckpt)
-    result = invoke("fill-mask", "-m", str(family_export(arch, "fill-mask")), "--format", "jsonl", "--top-k", "4",
-                    input="\n".join(texts) + "\n")
+    result = invoke(
+        "fill-mask",
+        "-m",
+        str(family_export(arch, "fill-mask")),
+        "--format",
+        "jsonl",
+        "--top-k",
+        "4",
+        input="\n".join(texts) + "\n",
+    )
     assert result.exit_code == 0, result.stderr
     rows = [json.loads(line)["candidates"] for line in result.stdout.splitlines()]
     for text, mine in zip(texts, rows):

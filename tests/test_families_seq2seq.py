@@ -17,10 +17,9 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
 import tiny_models
 import tiny_seq2seq
+from click.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -74,8 +73,9 @@ def _torch_model(ckpt: Path):
     return _MODELS[ckpt]
 
 
-def _reference(ckpt: Path, arch: str, texts: list[str], src_lang: str | None = None, tgt_lang: str | None = None,
-               **generate_kw) -> list[list[int]]:
+def _reference(
+    ckpt: Path, arch: str, texts: list[str], src_lang: str | None = None, tgt_lang: str | None = None, **generate_kw
+) -> list[list[int]]:
     """transformers' ids (the model's own generation config plus GENERATE_KW), without the decoder start."""
     kw = {"src_lang": src_lang} if src_lang else {}
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt, **kw)
@@ -92,8 +92,8 @@ def _reference(ckpt: Path, arch: str, texts: list[str], src_lang: str | None = N
     for row in out.tolist():
         ids = row[1:]
         end = next((i for i, t in enumerate(ids) if t == eos), None)
-        rows.append(ids[:end + 1] if end is not None else ids)
-    return [rows[i:i + n] for i in range(0, len(rows), n)]
+        rows.append(ids[: end + 1] if end is not None else ids)
+    return [rows[i : i + n] for i in range(0, len(rows), n)]
 
 
 def _ours(task, texts: list[str]) -> list[list[list[int]]]:
@@ -184,22 +184,39 @@ def test_tokenizer_json_gives_the_slow_tokenizers_ids_on_hostile_text(s2s, arch)
 
 # --- the commands ----------------------------------------------------------------------------------
 
+
 def _run(*args, input=""):
-    return CliRunner().invoke(cli, [*map(str, args), "--device", "cpu", "--threads", "1"], input=input,
-                              catch_exceptions=False)
+    return CliRunner().invoke(
+        cli, [*map(str, args), "--device", "cpu", "--threads", "1"], input=input, catch_exceptions=False
+    )
 
 
 def _decode(ckpt: Path, ids: list[int]) -> str:
     return transformers.AutoTokenizer.from_pretrained(ckpt).decode(ids, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("arch, src, tgt", [("mbart50", "fr_XX", "ro_RO"), ("nllb", "fra_Latn", "ron_Latn"),
-                                            ("mbart", "en_XX", "ja_XX")])
+@pytest.mark.parametrize(
+    "arch, src, tgt", [("mbart50", "fr_XX", "ro_RO"), ("nllb", "fra_Latn", "ron_Latn"), ("mbart", "en_XX", "ja_XX")]
+)
 def test_translate_languages_match_transformers(s2s, arch, src, tgt, one_torch_thread):
     """--source-lang puts the source code where the tokenizer does; --target-lang is the forced BOS."""
     ckpt, export = s2s(arch)
-    result = _run("translate", "-m", export, "--source-lang", src, "--target-lang", tgt, "--num-beams", 4,
-                  "--max-new-tokens", 20, "--format", "jsonl", input="".join(t + "\n" for t in BATCH))
+    result = _run(
+        "translate",
+        "-m",
+        export,
+        "--source-lang",
+        src,
+        "--target-lang",
+        tgt,
+        "--num-beams",
+        4,
+        "--max-new-tokens",
+        20,
+        "--format",
+        "jsonl",
+        input="".join(t + "\n" for t in BATCH),
+    )
     assert result.exit_code == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["text"] for r in records] == BATCH
@@ -210,8 +227,10 @@ def test_translate_languages_match_transformers(s2s, arch, src, tgt, one_torch_t
     assert expected != default_pair  # the languages changed what was generated
 
 
-@pytest.mark.parametrize("arch, which, known", [("mbart50", "source", "en_XX"), ("mbart50", "target", "de_DE"),
-                                                ("nllb", "source", "eng_Latn")])
+@pytest.mark.parametrize(
+    "arch, which, known",
+    [("mbart50", "source", "en_XX"), ("mbart50", "target", "de_DE"), ("nllb", "source", "eng_Latn")],
+)
 def test_unknown_language_code_is_one_line(s2s, arch, which, known):
     ckpt, export = s2s(arch)
     args = ["--target-lang", TARGET[arch]] + (["--source-lang", "xx_YY"] if which == "source" else [])
@@ -219,7 +238,7 @@ def test_unknown_language_code_is_one_line(s2s, arch, which, known):
         args = ["--target-lang", "xx_YY"]
     result = _run("translate", "-m", export, *args, input="Short.\n")
     assert result.exit_code == 2 and result.stdout == ""
-    line, = [ln for ln in result.stderr.splitlines() if "error" in ln]
+    (line,) = [ln for ln in result.stderr.splitlines() if "error" in ln]
     assert f"unknown {which} language 'xx_YY'" in line
     assert known in result.stderr
 
@@ -229,8 +248,21 @@ def test_language_part_alone_picks_the_code(s2s, arch, short, code):
     """'ro' is mBART's ro_RO and 'ron' NLLB's ron_Latn when one code has that language, as is the code in
     lower case; a near miss is named in the error."""
     ckpt, export = s2s(arch)
-    runs = [_run("translate", "-m", export, "--target-lang", lang, "--max-new-tokens", 6, "--format", "jsonl",
-                 input="Short.\nThe quick brown fox.\n") for lang in (short, code.lower(), code)]
+    runs = [
+        _run(
+            "translate",
+            "-m",
+            export,
+            "--target-lang",
+            lang,
+            "--max-new-tokens",
+            6,
+            "--format",
+            "jsonl",
+            input="Short.\nThe quick brown fox.\n",
+        )
+        for lang in (short, code.lower(), code)
+    ]
     assert all(r.exit_code == 0 for r in runs), runs[0].stderr
     assert runs[0].stdout == runs[1].stdout == runs[2].stdout
     result = _run("translate", "-m", export, "--target-lang", code[:-1] + "x", input="Short.\n")
@@ -241,8 +273,9 @@ def test_language_part_alone_picks_the_code(s2s, arch, short, code):
 def test_summarize_pegasus_matches_transformers(s2s, one_torch_thread):
     """summarize with no decoding options runs Pegasus's generation config, as transformers' generate does."""
     ckpt, export = s2s("pegasus")
-    result = _run("summarize", "-m", export, "--format", "jsonl", "--batch-size", 3,
-                  input="".join(t + "\n" for t in BATCH))
+    result = _run(
+        "summarize", "-m", export, "--format", "jsonl", "--batch-size", 3, input="".join(t + "\n" for t in BATCH)
+    )
     assert result.exit_code == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["summary"] for r in records] == [_decode(ckpt, n[0]) for n in _reference(ckpt, "pegasus", BATCH)]

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import REPO
+
 from onnxpipe.export import families
 
 
 def test_the_readme_table_is_current():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert families.render_readme(readme) == readme, (
-        "README.md's family table is stale: run python -m onnxpipe.export.families --write README.md")
+        "README.md's family table is stale: run python -m onnxpipe.export.families --write README.md"
+    )
 
 
 def test_the_registry_is_consistent():
@@ -28,7 +29,10 @@ def test_a_family_that_exports_has_tests_that_mention_it(family):
 
 def test_render_readme_replaces_only_the_table():
     text = f"intro\n{families.MARK_START}\nold table\n{families.MARK_END}\noutro\n"
-    assert families.render_readme(text) == f"intro\n{families.MARK_START}\n{families.markdown()}{families.MARK_END}\noutro\n"
+    assert (
+        families.render_readme(text)
+        == f"intro\n{families.MARK_START}\n{families.markdown()}{families.MARK_END}\noutro\n"
+    )
     with pytest.raises(ValueError):
         families.render_readme("no markers")
 

@@ -9,13 +9,23 @@ import pytest
 from click.testing import CliRunner
 
 from onnxpipe.errors import InputError, MissingExtraError
-from onnxpipe.training.finetune import prepare_data, split_indices
 from onnxpipe.main import cli
+from onnxpipe.training.finetune import prepare_data, split_indices
 
-POSITIVE = ["a good movie with a great cast", "i loved every minute of it", "a moving story, great and good",
-            "the cast was great", "good fun, loved it"]
-NEGATIVE = ["this film was boring", "the worst thing i have seen", "too long and badly acted",
-            "boring, long and bad", "the worst film this year"]
+POSITIVE = [
+    "a good movie with a great cast",
+    "i loved every minute of it",
+    "a moving story, great and good",
+    "the cast was great",
+    "good fun, loved it",
+]
+NEGATIVE = [
+    "this film was boring",
+    "the worst thing i have seen",
+    "too long and badly acted",
+    "boring, long and bad",
+    "the worst film this year",
+]
 
 
 def _rows(n: int = 20) -> list[tuple[str, str]]:
@@ -44,9 +54,25 @@ def trained(tmp_path_factory, checkpoint):
     mp = pytest.MonkeyPatch()
     mp.setenv("ONNXPIPE_HOME", str(home))
     try:
-        result = _finetune(checkpoint("bert", "feature-extraction"), "--data", data, "--output", tmp / "hf",
-                           "--label-map", "1=positive,-1=negative", "--epochs", 1, "--batch-size", 8,
-                           "--validation-split", 0.2, "--logging-steps", 1, "--export", "sentiment")
+        result = _finetune(
+            checkpoint("bert", "feature-extraction"),
+            "--data",
+            data,
+            "--output",
+            tmp / "hf",
+            "--label-map",
+            "1=positive,-1=negative",
+            "--epochs",
+            1,
+            "--batch-size",
+            8,
+            "--validation-split",
+            0.2,
+            "--logging-steps",
+            1,
+            "--export",
+            "sentiment",
+        )
     finally:
         mp.undo()
     return result, tmp / "hf", home / "sentiment"
@@ -83,8 +109,12 @@ def test_finetune_export_produces_an_export(trained):
 
 def test_string_labels_are_sorted_by_name(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text("".join(json.dumps({"body": t, "stars": s}) + "\n"
-                            for t, s in [("a", "pos"), ("b", "neg"), ("c", "neutral"), ("d", "pos")]))
+    path.write_text(
+        "".join(
+            json.dumps({"body": t, "stars": s}) + "\n"
+            for t, s in [("a", "pos"), ("b", "neg"), ("c", "neutral"), ("d", "pos")]
+        )
+    )
     train, val, raw, names = prepare_data(path, "body", "stars", None, 0.0, None, seed=0)
     assert names == raw == ["neg", "neutral", "pos"]
     assert val is None and train.labels == ["pos", "neg", "neutral", "pos"]
@@ -121,14 +151,17 @@ def _error(result) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "is empty"),
-    ("text\tlabel\n", "has a header but no examples"),
-    ("review\tlabel\ngood\t1\n", ":1: no column 'text' in the header (columns: review, label); pass --text-column"),
-    ("text\tlabel\ngood\t1\nbad\t1\nfine\t1\n", "every example in"),
-    ("text\tlabel\ngood\t1\nbad\t\n", ":3: empty value in column 'label'"),
-    ("text\tlabel\ngood\t1\nbad\n", ":3: 1 field(s), the header has 2"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "is empty"),
+        ("text\tlabel\n", "has a header but no examples"),
+        ("review\tlabel\ngood\t1\n", ":1: no column 'text' in the header (columns: review, label); pass --text-column"),
+        ("text\tlabel\ngood\t1\nbad\t1\nfine\t1\n", "every example in"),
+        ("text\tlabel\ngood\t1\nbad\t\n", ":3: empty value in column 'label'"),
+        ("text\tlabel\ngood\t1\nbad\n", ":3: 1 field(s), the header has 2"),
+    ],
+)
 def test_bad_data_fails_with_one_line_naming_it(tmp_path, content, message):
     path = tmp_path / "bad.tsv"
     path.write_text(content, encoding="utf-8")

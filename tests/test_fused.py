@@ -81,7 +81,11 @@ def _prefill_feeds(model, ids: np.ndarray) -> dict[str, np.ndarray]:
     """The fused graph's inputs for prompts IDS (no padding) with an empty cache."""
     cfg = model.config
     rows, width = ids.shape
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(width), (rows, 1))}
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "position_ids": np.tile(np.arange(width), (rows, 1)),
+    }
     empty = np.zeros((rows, cfg.num_key_value_heads, 0, cfg.hidden_size // cfg.num_attention_heads), np.float32)
     for i in range(cfg.num_hidden_layers):
         feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
@@ -117,7 +121,11 @@ def test_fused_export_of_gguf_blocks(exported):
 def test_fused_export_of_float32_weights_is_smaller_than_optimums(exported):
     fused, optimum = exported("llama"), exported("llama", graph="optimum")
     assert json.loads((fused / "onnxpipe.json").read_text())["graph"]["weights"] == {
-        "float32": 10, "q4_0": 0, "q4_1": 0, "q8_0": 0}  # 2 x 4 projections, lm_head, embedding
+        "float32": 10,
+        "q4_0": 0,
+        "q4_1": 0,
+        "q8_0": 0,
+    }  # 2 x 4 projections, lm_head, embedding
     assert json.loads((optimum / "onnxpipe.json").read_text())["graph"]["builder"] == "optimum"
     # About a tenth of the nodes of optimum's trace; the same inputs and outputs.
     assert sum(_ops(fused).values()) * 5 < sum(_ops(optimum).values())
@@ -190,7 +198,6 @@ def test_rope_scaling_ids_equal_transformers(exported, checkpoint, rope):
     import transformers
 
     from onnxpipe.runtime import load_model
-
     from onnxpipe.tasks.causal import CausalLM
 
     folder = checkpoint("llama", rope=rope)
@@ -204,9 +211,10 @@ def test_rope_scaling_ids_equal_transformers(exported, checkpoint, rope):
     ours = [c[0].token_ids for c in lm.generate([tokenizer(p).input_ids for p in prompts], config)]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=40, min_new_tokens=40, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)
-    assert ours == out[:, enc.input_ids.shape[1]:].tolist()
+        out = model.generate(
+            **enc, max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
+    assert ours == out[:, enc.input_ids.shape[1] :].tolist()
 
 
 def test_dynamic_rope_keeps_optimums_graph(exported):

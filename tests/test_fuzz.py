@@ -27,7 +27,11 @@ def test_atheris_target_briefly(name, tmp_path):
     pytest.importorskip("atheris")
     driver = Path(__file__).resolve().parent / "fuzz" / "atheris_run.py"
     seconds = os.environ.get("FUZZ_SECONDS", "3")
-    done = subprocess.run([sys.executable, str(driver), name, f"-max_total_time={seconds}", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(driver), name, f"-max_total_time={seconds}", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Done " in done.stderr and " runs in " in done.stderr

@@ -18,13 +18,22 @@ from click.testing import CliRunner
 from onnxpipe.main import cli
 from onnxpipe.stream.writers import escape_text, unescape_text
 
-PROMPTS = ["The quick brown fox", "Paris is", "A good movie with a great cast and a moving story about",
-           "Short.", "Numbers like 42", "I loved", "Machine translation turns English sentences into", "She said"]
+PROMPTS = [
+    "The quick brown fox",
+    "Paris is",
+    "A good movie with a great cast and a moving story about",
+    "Short.",
+    "Numbers like 42",
+    "I loved",
+    "Machine translation turns English sentences into",
+    "She said",
+]
 
 
 def invoke(*args, input=None):
-    return CliRunner().invoke(cli, ["generate", *map(str, args), "--device", "cpu", "--threads", "1"],
-                              input=input, catch_exceptions=False)
+    return CliRunner().invoke(
+        cli, ["generate", *map(str, args), "--device", "cpu", "--threads", "1"], input=input, catch_exceptions=False
+    )
 
 
 def jsonl(result):
@@ -44,8 +53,10 @@ def hf(checkpoint):
     def get(arch):
         if arch not in cache:
             folder = checkpoint(arch)
-            cache[arch] = (transformers.AutoTokenizer.from_pretrained(folder),
-                           transformers.AutoModelForCausalLM.from_pretrained(folder).eval())
+            cache[arch] = (
+                transformers.AutoTokenizer.from_pretrained(folder),
+                transformers.AutoModelForCausalLM.from_pretrained(folder).eval(),
+            )
         return cache[arch]
 
     yield get
@@ -65,8 +76,18 @@ def test_prompt_option_jsonl_fields(exported):
 def test_greedy_text_matches_transformers_through_the_engine(exported, hf):
     """Eight prompts from stdin, sorted by length into batches of 3 and put back in input order."""
     tokenizer, model = hf("gpt2")
-    result = invoke("-m", exported("gpt2"), "--max-new-tokens", 16, "--greedy", "--format", "jsonl",
-                    "--batch-size", 3, input="".join(p + "\n" for p in PROMPTS))
+    result = invoke(
+        "-m",
+        exported("gpt2"),
+        "--max-new-tokens",
+        16,
+        "--greedy",
+        "--format",
+        "jsonl",
+        "--batch-size",
+        3,
+        input="".join(p + "\n" for p in PROMPTS),
+    )
     records = jsonl(result)
     assert [r["text"] for r in records] == PROMPTS
     import torch
@@ -74,10 +95,17 @@ def test_greedy_text_matches_transformers_through_the_engine(exported, hf):
     for prompt, record in zip(PROMPTS, records):
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
-                                 pad_token_id=tokenizer.eos_token_id)
-        assert record["generated_text"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    text = invoke("-m", exported("gpt2"), "--max-new-tokens", 16, "--batch-size", 5, input="".join(p + "\n" for p in PROMPTS))
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=16,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        assert record["generated_text"] == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    text = invoke(
+        "-m", exported("gpt2"), "--max-new-tokens", 16, "--batch-size", 5, input="".join(p + "\n" for p in PROMPTS)
+    )
     assert text.stdout.splitlines() == [escape_text(r["generated_text"]) for r in records]
 
 
@@ -87,8 +115,22 @@ def test_max_length_and_min_length_count_the_prompt_as_transformers_does(exporte
     import torch
 
     tokenizer, model = hf("gpt2")
-    result = invoke("-m", exported("gpt2"), "--max-length", 27, "--min-length", 25, "--greedy", "--format", "jsonl",
-                    "--batch-size", 3, "--on-error", "null", input="".join(p + "\n" for p in PROMPTS))
+    result = invoke(
+        "-m",
+        exported("gpt2"),
+        "--max-length",
+        27,
+        "--min-length",
+        25,
+        "--greedy",
+        "--format",
+        "jsonl",
+        "--batch-size",
+        3,
+        "--on-error",
+        "null",
+        input="".join(p + "\n" for p in PROMPTS),
+    )
     assert result.exit_code == 3, result.stderr  # a prompt that leaves no room: transformers raises,
     records = [json.loads(line) for line in result.stdout.splitlines()]  # onnxpipe makes it an error record
     long = [r for r in records if "error" in r]
@@ -99,31 +141,63 @@ def test_max_length_and_min_length_count_the_prompt_as_transformers_does(exporte
             continue
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_length=27, min_length=25,
-                                 do_sample=False, pad_token_id=eos)
-        assert record["generated_text"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), prompt
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_length=27,
+                min_length=25,
+                do_sample=False,
+                pad_token_id=eos,
+            )
+        assert record["generated_text"] == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), prompt
         assert record["prompt_tokens"] + record["generated_tokens"] <= 27
     # The same completions from the new-token spellings, row by row.
     for prompt, record in zip(PROMPTS, records):
         if "error" in record:
             continue
         new = 27 - record["prompt_tokens"]
-        (alone,) = jsonl(invoke("-m", exported("gpt2"), "-p", prompt, "--max-new-tokens", new, "--min-new-tokens",
-                                max(0, 25 - record["prompt_tokens"]), "--greedy", "--format", "jsonl"))
+        (alone,) = jsonl(
+            invoke(
+                "-m",
+                exported("gpt2"),
+                "-p",
+                prompt,
+                "--max-new-tokens",
+                new,
+                "--min-new-tokens",
+                max(0, 25 - record["prompt_tokens"]),
+                "--greedy",
+                "--format",
+                "jsonl",
+            )
+        )
         assert alone["generated_text"] == record["generated_text"]
 
 
 def test_chat_template_renders_as_transformers_does(exported, hf):
     tokenizer, model = hf("llama")
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
     expected_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    result = invoke("-m", exported("llama"), "--chat", "--system", "Be brief.", "-p", "What is the capital of France?",
-                    "--max-new-tokens", 10, "--format", "jsonl")
+    result = invoke(
+        "-m",
+        exported("llama"),
+        "--chat",
+        "--system",
+        "Be brief.",
+        "-p",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        10,
+        "--format",
+        "jsonl",
+    )
     (record,) = jsonl(result)
     assert record["prompt_tokens"] == len(expected_ids)
 
     from onnxpipe.runtime import load_model
-
     from onnxpipe.tasks.causal import CausalLM
 
     lm = CausalLM.from_model(load_model(exported("llama"), device="cpu", threads=1))
@@ -133,7 +207,7 @@ def test_chat_template_renders_as_transformers_does(exported, hf):
     ids = torch.tensor([expected_ids])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
-    assert record["generated_text"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert record["generated_text"] == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_chat_template_from_tokenizer_config(exported, tmp_path):
@@ -141,7 +215,6 @@ def test_chat_template_from_tokenizer_config(exported, tmp_path):
     import shutil
 
     from onnxpipe.runtime import load_model
-
     from onnxpipe.tasks.causal import CausalLM
 
     folder = tmp_path / "llama"
@@ -154,8 +227,9 @@ def test_chat_template_from_tokenizer_config(exported, tmp_path):
     manifest = json.loads((folder / "onnxpipe.json").read_text())
     manifest["tokenizer"]["chat_template"] = None
     (folder / "onnxpipe.json").write_text(json.dumps(manifest))
-    assert (CausalLM.from_model(load_model(folder, device="cpu")).render_chat("hi")
-            == CausalLM.from_model(load_model(exported("llama"), device="cpu")).render_chat("hi"))
+    assert CausalLM.from_model(load_model(folder, device="cpu")).render_chat("hi") == CausalLM.from_model(
+        load_model(exported("llama"), device="cpu")
+    ).render_chat("hi")
 
 
 def test_chat_without_template_fails_clearly(exported):
@@ -171,8 +245,23 @@ def test_usage_errors(exported):
 
 
 def _sampled(exported, seed, batch_size, prompts=PROMPTS, **extra):
-    args = ["-m", exported("llama"), "--do-sample", "--top-k", 0, "--temperature", 1.5, "--seed", seed,
-            "--max-new-tokens", 24, "--batch-size", batch_size, "--format", "jsonl"]
+    args = [
+        "-m",
+        exported("llama"),
+        "--do-sample",
+        "--top-k",
+        0,
+        "--temperature",
+        1.5,
+        "--seed",
+        seed,
+        "--max-new-tokens",
+        24,
+        "--batch-size",
+        batch_size,
+        "--format",
+        "jsonl",
+    ]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", v]
     return jsonl(invoke(*args, input="".join(p + "\n" for p in prompts)))
@@ -198,8 +287,21 @@ def test_newlines_are_escaped_one_line_per_prompt(exported):
             break
     else:
         pytest.fail("no sampled text with a newline or backslash in 40 seeds")
-    args = ["-m", exported("llama"), "--do-sample", "--top-k", 0, "--temperature", 1.5, "--seed", seed,
-            "--max-new-tokens", 24, "--batch-size", 4]
+    args = [
+        "-m",
+        exported("llama"),
+        "--do-sample",
+        "--top-k",
+        0,
+        "--temperature",
+        1.5,
+        "--seed",
+        seed,
+        "--max-new-tokens",
+        24,
+        "--batch-size",
+        4,
+    ]
     result = invoke(*args, input="".join(p + "\n" for p in prompts))
     lines = result.stdout.split("\n")
     assert lines[-1] == "" and len(lines) - 1 == len(prompts)
@@ -212,8 +314,16 @@ def test_empty_lines_get_empty_results(exported):
     lines = result.stdout.split("\n")
     assert len(lines) == 4 and lines[1] == "" and lines[0] and lines[2]
     records = jsonl(invoke("-m", exported("gpt2"), "--max-new-tokens", 5, "--format", "jsonl", input="\n"))
-    assert records == [{"text": "", "generated_text": "", "finish_reason": None, "prompt_tokens": 0,
-                        "generated_tokens": 0, "provider": "CPUExecutionProvider"}]
+    assert records == [
+        {
+            "text": "",
+            "generated_text": "",
+            "finish_reason": None,
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
+            "provider": "CPUExecutionProvider",
+        }
+    ]
 
 
 def test_stop_string_cuts_before_it(exported):
@@ -221,17 +331,46 @@ def test_stop_string_cuts_before_it(exported):
     text = full["generated_text"]
     stop = text[8:11]
     assert len(stop) == 3 and stop in text
-    (cut,) = jsonl(invoke("-m", exported("gpt2"), "-p", "Paris is", "--max-new-tokens", 30, "--format", "jsonl",
-                          "--stop", "never there", "--stop", stop))
-    assert cut["generated_text"] == text[:text.index(stop)]
+    (cut,) = jsonl(
+        invoke(
+            "-m",
+            exported("gpt2"),
+            "-p",
+            "Paris is",
+            "--max-new-tokens",
+            30,
+            "--format",
+            "jsonl",
+            "--stop",
+            "never there",
+            "--stop",
+            stop,
+        )
+    )
+    assert cut["generated_text"] == text[: text.index(stop)]
     assert cut["finish_reason"] == "stop" and cut["generated_tokens"] < 30
     # Beam search applies stop strings to the finished text.
-    (beam,) = jsonl(invoke("-m", exported("gpt2"), "-p", "Paris is", "--max-new-tokens", 30, "--format", "jsonl",
-                           "--num-beams", 3))
+    (beam,) = jsonl(
+        invoke("-m", exported("gpt2"), "-p", "Paris is", "--max-new-tokens", 30, "--format", "jsonl", "--num-beams", 3)
+    )
     beam_stop = beam["generated_text"][5:8]
-    (beam_cut,) = jsonl(invoke("-m", exported("gpt2"), "-p", "Paris is", "--max-new-tokens", 30, "--format", "jsonl",
-                               "--num-beams", 3, "--stop", beam_stop))
-    assert beam_cut["generated_text"] == beam["generated_text"][:beam["generated_text"].index(beam_stop)]
+    (beam_cut,) = jsonl(
+        invoke(
+            "-m",
+            exported("gpt2"),
+            "-p",
+            "Paris is",
+            "--max-new-tokens",
+            30,
+            "--format",
+            "jsonl",
+            "--num-beams",
+            3,
+            "--stop",
+            beam_stop,
+        )
+    )
+    assert beam_cut["generated_text"] == beam["generated_text"][: beam["generated_text"].index(beam_stop)]
     assert beam_cut["finish_reason"] == "stop"
 
 
@@ -252,16 +391,31 @@ def test_streaming_to_a_terminal_prints_the_same_line(exported, monkeypatch):
 
 
 def test_beam_n_best_in_jsonl(exported):
-    (record,) = jsonl(invoke("-m", exported("llama"), "-p", "Paris is", "--num-beams", 4, "--num-return-sequences", 3,
-                             "--max-new-tokens", 12, "--format", "jsonl"))
+    (record,) = jsonl(
+        invoke(
+            "-m",
+            exported("llama"),
+            "-p",
+            "Paris is",
+            "--num-beams",
+            4,
+            "--num-return-sequences",
+            3,
+            "--max-new-tokens",
+            12,
+            "--format",
+            "jsonl",
+        )
+    )
     seqs = record["sequences"]
     assert len(seqs) == 3 and seqs[0]["generated_text"] == record["generated_text"]
     assert [s["score"] for s in seqs] == sorted((s["score"] for s in seqs), reverse=True)
 
 
 def test_verbose_reports_copies_per_step(exported):
-    result = CliRunner().invoke(cli, ["-v", "generate", "-m", str(exported("gpt2")), "-p", "hi", "--device", "cpu",
-                                      "--max-new-tokens", 8])
+    result = CliRunner().invoke(
+        cli, ["-v", "generate", "-m", str(exported("gpt2")), "-p", "hi", "--device", "cpu", "--max-new-tokens", 8]
+    )
     assert result.exit_code == 0
     line = next(l for l in result.stderr.splitlines() if l.startswith("decoding:"))
     assert "'steps': 8" in line and "'copies_per_step': 4.0" in line
@@ -291,8 +445,11 @@ def smollm2_oracle(tmp_path_factory):
 @pytest.mark.real_model
 @pytest.mark.skipif(not (SMOLLM2 / "onnxpipe.json").is_file(), reason="needs exports/smollm2: run make models")
 def test_smollm2_chat_answers_paris():
-    (record,) = jsonl(invoke("-m", SMOLLM2, "--chat", "-p", "What is the capital of France?", "--max-new-tokens", 32,
-                             "--format", "jsonl"))
+    (record,) = jsonl(
+        invoke(
+            "-m", SMOLLM2, "--chat", "-p", "What is the capital of France?", "--max-new-tokens", 32, "--format", "jsonl"
+        )
+    )
     assert "Paris" in record["generated_text"]
     assert record["finish_reason"] == "eos"
 
@@ -306,8 +463,11 @@ def test_smollm2_rotary_tables_are_exact_at_every_position(smollm2_oracle):
     from onnx import numpy_helper
 
     _, model = smollm2_oracle
-    tables = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(SMOLLM2 / "model.onnx")).graph.initializer
-              if t.name.startswith("rotary.")}
+    tables = {
+        t.name: numpy_helper.to_array(t)
+        for t in onnx.load(str(SMOLLM2 / "model.onnx")).graph.initializer
+        if t.name.startswith("rotary.")
+    }
     inv_freq = model.model.rotary_emb.inv_freq.float().numpy()
     angles = (np.arange(model.config.max_position_embeddings, dtype=np.float32)[:, None] * inv_freq).astype(np.float64)
     assert np.abs(tables["rotary.cos"] - np.cos(angles)).max() < 1e-7
@@ -320,7 +480,6 @@ def test_smollm2_greedy_ids_match_transformers_for_64_tokens(smollm2_oracle):
     import torch
 
     from onnxpipe.runtime import load_model
-
     from onnxpipe.tasks.causal import CausalLM
 
     tokenizer, model = smollm2_oracle
@@ -333,8 +492,13 @@ def test_smollm2_greedy_ids_match_transformers_for_64_tokens(smollm2_oracle):
     ours = [c[0].token_ids for c in lm.generate([lm.encode(p) for p in prompts], config)]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
-        out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=64,
-                             min_new_tokens=64, do_sample=False)
-    theirs = out[:, enc.input_ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            max_new_tokens=64,
+            min_new_tokens=64,
+            do_sample=False,
+        )
+    theirs = out[:, enc.input_ids.shape[1] :].tolist()
     assert [len(ids) for ids in ours] == [64, 64, 64]
     assert ours == theirs

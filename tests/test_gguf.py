@@ -28,29 +28,34 @@ HIDDEN, HEADS, KV_HEADS, FF, LAYERS = 16, 2, 1, 32, 1
 
 # --- a tiny GGUF, written here ----------------------------------------------------------
 
+
 def _oracle_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]):
     """A byte-level BPE exactly as llama.cpp's "smollm" pre-type tokenizes: digits split, then GPT-2."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     tok = Tokenizer(models.BPE(vocab, merges))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
     return tok
 
 
 def _train_vocab() -> tuple[list[str], list[tuple[str, str]]]:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from tiny_models import CORPUS
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     trainer = trainers.BpeTrainer(
         vocab_size=320, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
@@ -104,17 +109,19 @@ def write_tiny_gguf(path: Path, *, arch: str = "llama", eos: bool = True, eot: b
 
     weights = {"token_embd.weight": t(len(tokens), HIDDEN), "output_norm.weight": np.ones(HIDDEN, np.float32)}
     for i in range(LAYERS):
-        weights.update({
-            f"blk.{i}.attn_norm.weight": np.ones(HIDDEN, np.float32),
-            f"blk.{i}.ffn_norm.weight": np.ones(HIDDEN, np.float32),
-            f"blk.{i}.attn_q.weight": t(HIDDEN, HIDDEN),
-            f"blk.{i}.attn_k.weight": t(KV_HEADS * head_dim, HIDDEN),
-            f"blk.{i}.attn_v.weight": t(KV_HEADS * head_dim, HIDDEN),
-            f"blk.{i}.attn_output.weight": t(HIDDEN, HIDDEN),
-            f"blk.{i}.ffn_gate.weight": t(FF, HIDDEN),
-            f"blk.{i}.ffn_up.weight": t(FF, HIDDEN),
-            f"blk.{i}.ffn_down.weight": t(HIDDEN, FF),
-        })
+        weights.update(
+            {
+                f"blk.{i}.attn_norm.weight": np.ones(HIDDEN, np.float32),
+                f"blk.{i}.ffn_norm.weight": np.ones(HIDDEN, np.float32),
+                f"blk.{i}.attn_q.weight": t(HIDDEN, HIDDEN),
+                f"blk.{i}.attn_k.weight": t(KV_HEADS * head_dim, HIDDEN),
+                f"blk.{i}.attn_v.weight": t(KV_HEADS * head_dim, HIDDEN),
+                f"blk.{i}.attn_output.weight": t(HIDDEN, HIDDEN),
+                f"blk.{i}.ffn_gate.weight": t(FF, HIDDEN),
+                f"blk.{i}.ffn_up.weight": t(FF, HIDDEN),
+                f"blk.{i}.ffn_down.weight": t(HIDDEN, FF),
+            }
+        )
     for name, value in weights.items():
         w.add_tensor(name, value)
     w.write_header_to_file()
@@ -141,14 +148,19 @@ def tiny_converted(tiny_gguf, tmp_path_factory):
 
 def test_tiny_gguf_becomes_a_complete_folder(tiny_converted):
     names = {p.name for p in tiny_converted.iterdir()}
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-            "tokenizer_config.json", "chat_template.jinja"} <= names
+    assert {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    } <= names
 
 
 def test_tiny_gguf_tokenizer_matches_the_gguf_vocabulary(tiny_gguf, tiny_converted):
-    from transformers import AutoTokenizer
-
     from tiny_models import CORPUS
+    from transformers import AutoTokenizer
 
     _, written = tiny_gguf
     tok = AutoTokenizer.from_pretrained(tiny_converted)
@@ -206,6 +218,7 @@ def test_a_separate_eot_token_also_stops_generation(tmp_path):
 
 # --- errors ------------------------------------------------------------------------------
 
+
 def _convert_error(path: Path, tmp_path: Path) -> str:
     from onnxpipe.export.gguf import gguf_to_checkpoint
 
@@ -250,6 +263,7 @@ def test_unsupported_architecture_lists_what_works(tmp_path):
 
 
 # --- the real SmolLM2 GGUF ---------------------------------------------------------------
+
 
 def _smollm2_gguf() -> Path:
     try:
@@ -308,8 +322,10 @@ def test_smollm2_chat_template_ids_are_chatml(smollm2):
     bpe = _oracle_bpe({t: i for i, t in enumerate(tokens)}, merges)
     start, end = tokens.index("<|im_start|>"), tokens.index("<|im_end|>")
     expected = []
-    for role, text in [("system", SYSTEM[len("<|im_start|>system\n"):-len("<|im_end|>\n")]),
-                       ("user", "What is the capital of France?")]:
+    for role, text in [
+        ("system", SYSTEM[len("<|im_start|>system\n") : -len("<|im_end|>\n")]),
+        ("user", "What is the capital of France?"),
+    ]:
         expected += [start, *bpe.encode(f"{role}\n{text}").ids, end, *bpe.encode("\n").ids]
     expected += [start, *bpe.encode("assistant\n").ids]
 
@@ -333,6 +349,6 @@ def test_smollm2_answers_paris_and_stops(smollm2):
     model = AutoModelForCausalLM.from_pretrained(folder)
     ids = torch.tensor([tok.apply_chat_template(QUESTION, add_generation_prompt=True)])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
-    new = out[0, ids.shape[1]:].tolist()
+    new = out[0, ids.shape[1] :].tolist()
     assert "Paris" in tok.decode(new, skip_special_tokens=True)
     assert new[-1] == tok.eos_token_id == 2  # stopped at <|im_end|>, not at the length limit

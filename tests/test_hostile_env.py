@@ -32,13 +32,20 @@ MODES = {  # mode -> shell redirections
 def _shell(args: list[str], redirect: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """onnxpipe ARGS with REDIRECT; stderr (when open) is captured through a file, stdout likewise."""
     quoted = " ".join(_quote(a) for a in [PY, "-m", "onnxpipe", "-q", *args])
-    script = f"{quoted} {redirect}; echo \"rc=$?\" >&3"
+    script = f'{quoted} {redirect}; echo "rc=$?" >&3'
     out, err, rc = cwd / "stdout.txt", cwd / "stderr.txt", cwd / "rc.txt"
     for f in (out, err):
         f.write_bytes(b"")
     with open(out, "wb") as o, open(err, "wb") as e, open(rc, "wb") as r:
-        subprocess.run(["bash", "-c", f"exec 3>&{r.fileno()}; {script}"], stdout=o, stderr=e, cwd=cwd,
-                       pass_fds=(r.fileno(),), timeout=300, env={**os.environ, **(env or {})})
+        subprocess.run(
+            ["bash", "-c", f"exec 3>&{r.fileno()}; {script}"],
+            stdout=o,
+            stderr=e,
+            cwd=cwd,
+            pass_fds=(r.fileno(),),
+            timeout=300,
+            env={**os.environ, **(env or {})},
+        )
     code = int(rc.read_text().strip().split("=")[1])
     return subprocess.CompletedProcess(args, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
 
@@ -84,11 +91,34 @@ def _command_args(name: str, exports: dict, source: Path) -> tuple[list[str], bo
         "generate": (["generate", "-m", str(exports["gpt2"]), "--max-new-tokens", "3"], True, True),
         "translate": (["translate", "-m", str(exports["t5"]), "--max-new-tokens", "3"], True, True),
         "summarize": (["summarize", "-m", str(exports["t5"]), "--max-new-tokens", "3"], True, True),
-        "finetune": (["finetune", str(source), "--data", "train.tsv", "--output", "ft-out", "--epochs", "1",
-                      "--force"], False, False),
+        "finetune": (
+            ["finetune", str(source), "--data", "train.tsv", "--output", "ft-out", "--epochs", "1", "--force"],
+            False,
+            False,
+        ),
         "eval": (["eval", "-m", str(exports["cls"]), "--json", "eval.tsv"], False, True),
-        "bench": (["bench", "-m", str(exports["cls"]), "-b", "1", "-s", "4", "--repeat", "1", "--warmup", "0",
-                   "--device", "cpu", "--threads", "1", "--json"], False, True),
+        "bench": (
+            [
+                "bench",
+                "-m",
+                str(exports["cls"]),
+                "-b",
+                "1",
+                "-s",
+                "4",
+                "--repeat",
+                "1",
+                "--warmup",
+                "0",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+                "--json",
+            ],
+            False,
+            True,
+        ),
         "doctor": (["doctor", "--device", "cpu", "--json"], False, True),
     }
     return table[name]
@@ -115,7 +145,9 @@ def test_every_command_in_a_hostile_environment(command, mode, walk_setup):
     redirect = "<&- >/dev/full 2>&-" if mode == "all-hostile" else MODES[mode]
     result = _shell(args, redirect, root, env={"ONNXPIPE_HOME": str(home)})
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr[-2000:]
-    should_fail = (mode == "stdin-closed" and reads_stdin) or (mode in ("stdout-closed", "stdout-full") and writes_stdout)
+    should_fail = (mode == "stdin-closed" and reads_stdin) or (
+        mode in ("stdout-closed", "stdout-full") and writes_stdout
+    )
     if should_fail:
         assert result.returncode == 1, (result.returncode, result.stderr)
         lines = result.stderr.splitlines()
@@ -142,21 +174,25 @@ def test_an_output_file_that_cannot_be_written(exported, tmp_path):
     for target in (tmp_path / "missing" / "out.txt", "/dev/full"):
         result = CliRunner().invoke(cli, ["-q", "classify", "-m", str(folder), "-o", str(target)], input="good\n")
         assert result.exit_code == 1, result.stderr
-        assert result.stderr.count("\n") == 1 and f"cannot write" in result.stderr and str(target) in result.stderr
+        assert result.stderr.count("\n") == 1 and "cannot write" in result.stderr and str(target) in result.stderr
 
 
 # --- signals ------------------------------------------------------------------------------
 
+
 def _start_up_script(signum: int) -> str:
     """onnxpipe's entry sequence, with the signal raised at a known start-up moment (after our
     handlers are installed, before click has parsed anything): no timing involved."""
-    return ("from onnxpipe import signals; signals.install(); import os; "
-            f"os.kill(os.getpid(), {int(signum)}); import time; time.sleep(5); "
-            "from onnxpipe.main import main; main()")
+    return (
+        "from onnxpipe import signals; signals.install(); import os; "
+        f"os.kill(os.getpid(), {int(signum)}); import time; time.sleep(5); "
+        "from onnxpipe.main import main; main()"
+    )
 
 
-@pytest.mark.parametrize(("signum", "status", "word"), [(signal.SIGINT, 130, "interrupted"),
-                                                        (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize(
+    ("signum", "status", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
 def test_a_signal_during_start_up_is_one_line(signum, status, word):
     proc = subprocess.run([PY, "-c", _start_up_script(signum), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == status and proc.stderr == f"onnxpipe: {word}\n" and proc.stdout == ""
@@ -165,19 +201,26 @@ def test_a_signal_during_start_up_is_one_line(signum, status, word):
 def test_sigint_is_taken_even_when_the_parent_ignored_it():
     """A background job of a non-interactive shell inherits SIGINT ignored: `make test &` made the
     Ctrl-C test exit 0 (the signal was ignored, stdin then closed). onnxpipe takes SIGINT anyway."""
-    script = ("import signal, subprocess, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-              f"sys.exit(subprocess.run([sys.executable, '-c', {_start_up_script(signal.SIGINT)!r}]).returncode)")
+    script = (
+        "import signal, subprocess, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        f"sys.exit(subprocess.run([sys.executable, '-c', {_start_up_script(signal.SIGINT)!r}]).returncode)"
+    )
     proc = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 130 and proc.stderr == "onnxpipe: interrupted\n"
 
 
-@pytest.mark.parametrize(("signum", "status", "word"), [(signal.SIGINT, 130, "interrupted"),
-                                                        (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize(
+    ("signum", "status", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
 def test_a_signal_while_the_engine_waits_on_stdin(signum, status, word, exported):
     folder = exported("bert", "text-classification")
-    proc = subprocess.Popen([PY, "-m", "onnxpipe", "-q", "classify", "-m", str(folder)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as under `&`
+    proc = subprocess.Popen(
+        [PY, "-m", "onnxpipe", "-q", "classify", "-m", str(folder)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # as under `&`
     try:
         proc.stdin.write(b"good movie\n")
         proc.stdin.flush()
@@ -193,20 +236,26 @@ def test_a_signal_while_the_engine_waits_on_stdin(signum, status, word, exported
 
 # --- hostile JSONL records -------------------------------------------------------------------
 
+
 def test_hostile_jsonl_records_are_one_bad_record_each(exported):
     big = "9" * 5000
     lines = [
-        '{"text": "good", "big": %s, "huge": 1e400, "small": -2.5e-3}' % big,
-        "[1,2]", '"str"', "3", "null",
-        '{"text": "x", "v": NaN}', '{"text": "x", "v": -Infinity}',
+        '{"text": "good", "big": ' + big + ', "huge": 1e400, "small": -2.5e-3}',
+        "[1,2]",
+        '"str"',
+        "3",
+        "null",
+        '{"text": "x", "v": NaN}',
+        '{"text": "x", "v": -Infinity}',
         "[" * 1500 + "]" * 1500,
-        '{"text": "x", "d": ' + "{\"a\": " * 1200 + "1" + "}" * 1200 + "}",
+        '{"text": "x", "d": ' + '{"a": ' * 1200 + "1" + "}" * 1200 + "}",
         '{"text": "after"}',
     ]
     data = "\n".join(lines) + "\n"
     folder = exported("bert", "text-classification")
-    result = CliRunner().invoke(cli, ["-q", "classify", "-m", str(folder), "--field", "text", "--on-error", "null"],
-                                input=data)
+    result = CliRunner().invoke(
+        cli, ["-q", "classify", "-m", str(folder), "--field", "text", "--on-error", "null"], input=data
+    )
     assert result.exit_code == 3, result.stderr
     assert "Traceback" not in result.stderr
     out = result.stdout.splitlines()
@@ -225,8 +274,11 @@ def test_hostile_jsonl_records_are_one_bad_record_each(exported):
 
 def test_a_bad_tsv_row_keeps_its_input(exported):
     folder = exported("bert", "text-classification")
-    result = CliRunner().invoke(cli, ["-q", "classify", "-m", str(folder), "--column", "2", "--format", "jsonl",
-                                      "--on-error", "null"], input="a\tgood\nonly-one\n")
+    result = CliRunner().invoke(
+        cli,
+        ["-q", "classify", "-m", str(folder), "--column", "2", "--format", "jsonl", "--on-error", "null"],
+        input="a\tgood\nonly-one\n",
+    )
     assert result.exit_code == 3
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert rows[1]["input"] == "only-one" and "has 1 column(s)" in rows[1]["error"]
@@ -246,10 +298,13 @@ def test_a_file_opened_after_start_up_never_takes_a_closed_standard_descriptor(t
     """With 0, 1 and 2 closed, the next file opened would get descriptor 0, and whatever a C library
     writes to "stdout" or "stderr" would land in it (an -o FILE, an export's model.onnx). install()
     fills them with /dev/null first; the probe records which descriptor it got."""
-    script = ("import os, sys; from onnxpipe import signals; signals.install(); "
-              "fd = os.open('probe', os.O_WRONLY | os.O_CREAT, 0o644); "
-              "os.write(fd, f'{fd} {signals.is_closed(sys.stdin)} {signals.is_closed(sys.stdout)}'.encode())")
-    subprocess.run(["bash", "-c", f"{_quote(PY)} -c {_quote(script)} <&- >&- 2>&-"], cwd=tmp_path, timeout=60,
-                   check=True)
+    script = (
+        "import os, sys; from onnxpipe import signals; signals.install(); "
+        "fd = os.open('probe', os.O_WRONLY | os.O_CREAT, 0o644); "
+        "os.write(fd, f'{fd} {signals.is_closed(sys.stdin)} {signals.is_closed(sys.stdout)}'.encode())"
+    )
+    subprocess.run(
+        ["bash", "-c", f"{_quote(PY)} -c {_quote(script)} <&- >&- 2>&-"], cwd=tmp_path, timeout=60, check=True
+    )
     fd, stdin_closed, stdout_closed = (tmp_path / "probe").read_text().split()
     assert int(fd) > 2 and stdin_closed == stdout_closed == "True"

@@ -8,7 +8,6 @@ slow producer.
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -50,7 +49,9 @@ def hostile_inputs() -> dict[str, bytes]:
         "nul-bytes": b"\x00\n\x00\x00abc\x00\nabc\x00def\n",
         "empty-lines": b"\n\n\nx\n\n",
         "crlf": b"one\r\ntwo\r\n\r\nthree\r",
-        "mixed-words": "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(0, 30))) for _ in range(300)).encode(),
+        "mixed-words": "\n".join(
+            " ".join(rng.choice(words) for _ in range(rng.randint(0, 30))) for _ in range(300)
+        ).encode(),
         "no-final-newline": b"first\nsecond",
     }
 
@@ -77,7 +78,9 @@ def test_a_one_megabyte_line_is_truncated_and_reported(command, exported):
     arch, task, extra = COMMANDS[command]
     line = ("word " * 200_000 + "[MASK] <mask>").encode()
     data = b"before\n" + line + b"\n" + b"x" * 1_000_000 + b"\nafter\n"
-    result = CliRunner().invoke(cli, [command, "-m", str(exported(arch, task)), "--on-error", "null", *extra], input=data)
+    result = CliRunner().invoke(
+        cli, [command, "-m", str(exported(arch, task)), "--on-error", "null", *extra], input=data
+    )
     assert result.exit_code in (0, 3), result.stderr
     assert result.stdout.count("\n") == 4
     assert "truncated (<stdin>:2" in result.stderr
@@ -87,8 +90,11 @@ def test_a_one_megabyte_line_is_truncated_and_reported(command, exported):
 def test_100k_short_lines(command, exported):
     arch, task, extra = COMMANDS[command]
     data = b"".join(b"%d\n" % i if i % 7 else b"\n" for i in range(100_000))
-    result = CliRunner().invoke(cli, [command, "-m", str(exported(arch, task)), "--batch-size", "1024",
-                                      "--on-error", "null", *extra], input=data)
+    result = CliRunner().invoke(
+        cli,
+        [command, "-m", str(exported(arch, task)), "--batch-size", "1024", "--on-error", "null", *extra],
+        input=data,
+    )
     assert result.exit_code in (0, 3), result.stderr
     lines = result.stdout.split("\n")
     assert len(lines) == 100_001 and lines[-1] == ""
@@ -102,8 +108,12 @@ def _onnxpipe(*args: str) -> list[str]:
 def test_head_ends_the_run_quietly(exported):
     folder = exported("bert", "text-classification")
     cmd = " ".join(_onnxpipe("classify", "-m", str(folder)))
-    proc = subprocess.run(["bash", "-c", f'yes "good movie" | {cmd} | head -3; echo "rc=${{PIPESTATUS[1]}}" >&2'],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", "-c", f'yes "good movie" | {cmd} | head -3; echo "rc=${{PIPESTATUS[1]}}" >&2'],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.stdout.count("\n") == 3
     assert proc.stderr.strip().splitlines()[-1] in ("rc=0", "rc=141")
     assert "Traceback" not in proc.stderr and "Error" not in proc.stderr
@@ -111,8 +121,9 @@ def test_head_ends_the_run_quietly(exported):
 
 def test_a_slow_producer_gets_prompt_output(exported):
     folder = exported("bert", "text-classification")
-    proc = subprocess.Popen(_onnxpipe("classify", "-m", str(folder)), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _onnxpipe("classify", "-m", str(folder)), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         proc.stdin.write(b"good movie\n")
         proc.stdin.flush()
@@ -138,8 +149,12 @@ def test_interrupt_exits_130_without_traceback(exported):
 
     folder = exported("bert", "text-classification")
     for _ in range(4):
-        proc = subprocess.Popen(_onnxpipe("classify", "-m", str(folder)), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            _onnxpipe("classify", "-m", str(folder)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         proc.stdin.write(b"good movie\n")
         proc.stdin.flush()
         # The model is loaded and the engine waits for input (else the run ended early: show why).

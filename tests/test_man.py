@@ -14,14 +14,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from shell_examples import check_invocation, commands_of, invocations, man_examples
 
 from onnxpipe.main import COMMANDS, cli
-from shell_examples import check_invocation, commands_of, invocations, man_examples
 
 REPO = Path(__file__).resolve().parent.parent
 MAN = REPO / "man"
-SECTIONS = ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXAMPLES", "EXIT STATUS", "ENVIRONMENT", "FILES",
-            "SEE ALSO"]
+SECTIONS = ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXAMPLES", "EXIT STATUS", "ENVIRONMENT", "FILES", "SEE ALSO"]
 PAGES = ["onnxpipe", *(f"onnxpipe-{c}" for c in COMMANDS)]
 # The macros the generator writes; anything else in a page is a typo or a hand edit.
 MACROS = {"TH", "nh", "SH", "PP", "TP", "B", "BR", "IP", "RS", "RE", "nf", "fi"}
@@ -57,7 +56,10 @@ def test_a_new_command_needs_a_page(build, monkeypatch, tmp_path):
     monkeypatch.setitem(COMMANDS, "models2", COMMANDS["models"])
     pages = build.build()
     assert "onnxpipe-models2.1" in pages
-    assert build.stale(pages, tmp_path) == ["onnxpipe.1", "onnxpipe-models2.1"]  # the new page, and the list in onnxpipe.1
+    assert build.stale(pages, tmp_path) == [
+        "onnxpipe.1",
+        "onnxpipe-models2.1",
+    ]  # the new page, and the list in onnxpipe.1
     (tmp_path / "onnxpipe-gone.1").write_text("")
     assert "onnxpipe-gone.1" in build.stale(pages, tmp_path)
 
@@ -81,8 +83,9 @@ def test_every_command_has_help_and_a_page(name):
     assert (MAN / f"onnxpipe-{name}.1").is_file(), name
     assert (MAN / "text" / f"onnxpipe-{name}.txt").is_file(), f"man/text/onnxpipe-{name}.txt: EXAMPLES, SEE ALSO"
     run, _ = man_examples(f"onnxpipe-{name}")
-    assert any(args[:1] == [name] or name in args for line in run for args in invocations(line)), \
+    assert any(args[:1] == [name] or name in args for line in run for args in invocations(line)), (
         f"the EXAMPLES of onnxpipe-{name}(1) never run onnxpipe {name}"
+    )
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -90,7 +93,7 @@ def test_page_has_every_section(page):
     text = _page(page)
     found = re.findall(r"^\.SH (.+)$", text, flags=re.M)
     assert [s for s in found if s in SECTIONS] == SECTIONS, found
-    env = text[text.index(".SH ENVIRONMENT"):]
+    env = text[text.index(".SH ENVIRONMENT") :]
     for var in ENVIRONMENT:
         assert var in env, var
     assert ".BR onnxpipe (1)" in text or page == "onnxpipe"
@@ -125,8 +128,12 @@ def test_page_renders_without_warnings(page):
 
 @pytest.mark.skipif(not shutil.which("man"), reason="man is not installed")
 def test_man_renders_the_classify_page():
-    proc = subprocess.run(["man", "-l", str(MAN / "onnxpipe-classify.1")], capture_output=True, text=True,
-                          env={**os.environ, "MANWIDTH": "80", "MANPAGER": "cat", "PAGER": "cat"})
+    proc = subprocess.run(
+        ["man", "-l", str(MAN / "onnxpipe-classify.1")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MANWIDTH": "80", "MANPAGER": "cat", "PAGER": "cat"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     out = proc.stdout
@@ -162,19 +169,41 @@ def test_the_wheel_installs_the_pages_under_share_man(tmp_path):
     shutil.copytree(REPO / "cli", src / "cli", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copytree(MAN, src / "man", ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(src)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(src)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = (tmp_path / "wheel").glob("onnxpipe-*.whl")
     prefix = tmp_path / "prefix"
     # pip install --prefix run for this venv would first uninstall the venv's own (editable) onnxpipe:
     # aim it at an empty throwaway environment instead.
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "empty")], check=True, timeout=120)
-    subprocess.run([*pip, "--python", str(tmp_path / "empty" / "bin" / "python"), "install", "--no-deps", "--no-index",
-                    "--prefix", str(prefix), str(wheel)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            *pip,
+            "--python",
+            str(tmp_path / "empty" / "bin" / "python"),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--prefix",
+            str(prefix),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     installed = sorted(p.name for p in (prefix / "share" / "man" / "man1").glob("*.1"))
     assert installed == sorted(f"{p}.1" for p in PAGES)
     assert (prefix / "share" / "man" / "man1" / "onnxpipe.1").read_text() == _page("onnxpipe")
     if shutil.which("man"):
-        found = subprocess.run(["man", "-w", "onnxpipe-doctor"], capture_output=True, text=True,
-                               env={**os.environ, "PATH": f"{prefix / 'bin'}{os.pathsep}{os.environ['PATH']}"})
+        found = subprocess.run(
+            ["man", "-w", "onnxpipe-doctor"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PATH": f"{prefix / 'bin'}{os.pathsep}{os.environ['PATH']}"},
+        )
         assert found.stdout.strip() == str(prefix / "share" / "man" / "man1" / "onnxpipe-doctor.1")

@@ -48,7 +48,9 @@ def test_models_json(exported):
     _install(exported, "sentiment", "bert")
     result = run("models", "--json")
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert rows == [{**rows[0], "name": "sentiment", "task": "text-classification", "precision": "fp32", "validated": True}]
+    assert rows == [
+        {**rows[0], "name": "sentiment", "task": "text-classification", "precision": "fp32", "validated": True}
+    ]
     assert rows[0]["size"] > 0
 
 
@@ -63,9 +65,18 @@ def test_info_shows_the_manifest_readably(exported):
     result = run("info", "opus")
     assert result.exit_code == 0, result.output
     out = result.stdout
-    for text in ("text2text-generation", "MarianMTModel", "target_tokenizer.json", "sha256",
-                 "passed against PyTorch fp32", "greedy ids", "6/6 sequences identical", "max abs diff",
-                 "KV cache 2 layers", "made with onnxpipe"):
+    for text in (
+        "text2text-generation",
+        "MarianMTModel",
+        "target_tokenizer.json",
+        "sha256",
+        "passed against PyTorch fp32",
+        "greedy ids",
+        "6/6 sequences identical",
+        "max abs diff",
+        "KV cache 2 layers",
+        "made with onnxpipe",
+    ):
         assert text in out, text
 
 

@@ -57,7 +57,7 @@ class ChunkedStdin:
     def read(self, n: int = -1) -> bytes:
         size = min(n, self.sizes[self.i % len(self.sizes)])
         self.i += 1
-        piece = self.data[self.pos:self.pos + size]
+        piece = self.data[self.pos : self.pos + size]
         self.pos += len(piece)
         return piece
 
@@ -84,25 +84,61 @@ def _run_alone(raw: bytes, line: int, fmt, parser_kw, options) -> bytes:
     return out.getvalue()
 
 
-LINE_PIECES = st.sampled_from([b"a", b"boom", b"bad", b"\t", b" ", b"\r", b"\xff", b"\xe2\x82", b"\x00", b"{", b"}",
-                               b'"text"', b":", b",", b"[", b"]", b'"x"', b"1e400", b"NaN", b"\xef\xbb\xbf",
-                               "é日🙂".encode(), b"\\", b"\\n", b"\xed\xa0\x80", b"\"\\ud800\""])
+LINE_PIECES = st.sampled_from(
+    [
+        b"a",
+        b"boom",
+        b"bad",
+        b"\t",
+        b" ",
+        b"\r",
+        b"\xff",
+        b"\xe2\x82",
+        b"\x00",
+        b"{",
+        b"}",
+        b'"text"',
+        b":",
+        b",",
+        b"[",
+        b"]",
+        b'"x"',
+        b"1e400",
+        b"NaN",
+        b"\xef\xbb\xbf",
+        "é日🙂".encode(),
+        b"\\",
+        b"\\n",
+        b"\xed\xa0\x80",
+        b'"\\ud800"',
+    ]
+)
 LINE = st.lists(LINE_PIECES, max_size=8).map(b"".join) | st.binary(max_size=30)
 DATA = st.lists(LINE, max_size=25).flatmap(
-    lambda lines: st.sampled_from([b"\n", b"\r\n"]).map(lambda nl: nl.join(lines))
-    .flatmap(lambda body: st.sampled_from([body, body + b"\n"])))
+    lambda lines: (
+        st.sampled_from([b"\n", b"\r\n"])
+        .map(lambda nl: nl.join(lines))
+        .flatmap(lambda body: st.sampled_from([body, body + b"\n"]))
+    )
+)
 JSON_LINES = st.lists(
-    st.fixed_dictionaries({"text": st.text(max_size=12) | st.none() | st.integers()},
-                          optional={"id": st.integers(), "x": st.floats(allow_nan=False, allow_infinity=False)})
-    .map(lambda o: json.dumps(o).encode()) | LINE, max_size=20).map(lambda ls: b"\n".join(ls) + b"\n")
+    st.fixed_dictionaries(
+        {"text": st.text(max_size=12) | st.none() | st.integers()},
+        optional={"id": st.integers(), "x": st.floats(allow_nan=False, allow_infinity=False)},
+    ).map(lambda o: json.dumps(o).encode())
+    | LINE,
+    max_size=20,
+).map(lambda ls: b"\n".join(ls) + b"\n")
 PARSERS = st.sampled_from([{}, {"field": "text"}, {"column": 1}, {"column": 2}])
 FORMATS = st.sampled_from(["text", "jsonl", "tsv"])
-OPTIONS = st.fixed_dictionaries({
-    "batch_size": st.integers(1, 9),
-    "max_batch_tokens": st.none() | st.integers(1, 40),
-    "window": st.integers(1, 12),
-    "on_error": st.just("null"),
-})
+OPTIONS = st.fixed_dictionaries(
+    {
+        "batch_size": st.integers(1, 9),
+        "max_batch_tokens": st.none() | st.integers(1, 40),
+        "window": st.integers(1, 12),
+        "on_error": st.just("null"),
+    }
+)
 SIZES = st.lists(st.integers(1, 17), min_size=1, max_size=6)
 
 
@@ -119,8 +155,13 @@ def test_n_in_n_out_in_order_each_as_if_alone(data, sizes, fmt, parser_kw, optio
 
 
 @FAST
-@given(data=DATA | JSON_LINES, sizes=SIZES, fmt=FORMATS, parser_kw=PARSERS,
-       options=OPTIONS.map(lambda o: {**o, "on_error": "fail"}))
+@given(
+    data=DATA | JSON_LINES,
+    sizes=SIZES,
+    fmt=FORMATS,
+    parser_kw=PARSERS,
+    options=OPTIONS.map(lambda o: {**o, "on_error": "fail"}),
+)
 def test_only_input_errors_escape_the_engine(data, sizes, fmt, parser_kw, options):
     try:
         out = _run_stream(data, sizes, fmt, parser_kw, options)
@@ -145,9 +186,13 @@ def test_escaping_round_trips(text):
 
 
 @FAST
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-                    | st.text(), lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                                              max_size=3), max_leaves=12))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+        max_leaves=12,
+    )
+)
 def test_jsonl_pass_through_is_exact(value):
     """Whatever JSON object comes in, the fields come out equal (json.loads of the output line)."""
     obj = {"text": "t", "v": value}
@@ -161,18 +206,25 @@ def test_jsonl_pass_through_is_exact(value):
 
 @pytest.mark.slow
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(texts=st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r"),
-                              max_size=40), min_size=1, max_size=6),
-       batch_size=st.integers(1, 8))
+@given(
+    texts=st.lists(
+        st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r"), max_size=40),
+        min_size=1,
+        max_size=6,
+    ),
+    batch_size=st.integers(1, 8),
+)
 def test_cli_classify_gives_each_record_its_own_result(texts, batch_size, exported):
     folder = str(exported("bert", "text-classification"))
     data = "\n".join(texts) + "\n"
-    batched = CliRunner().invoke(cli, ["classify", "-m", folder, "--format", "jsonl", "--batch-size", str(batch_size)],
-                                 input=data)
+    batched = CliRunner().invoke(
+        cli, ["classify", "-m", folder, "--format", "jsonl", "--batch-size", str(batch_size)], input=data
+    )
     assert batched.exit_code == 0, batched.stderr
     rows = [json.loads(line) for line in batched.stdout.splitlines()]
-    assert [row["text"] for row in rows] == [t[1:] if i == 0 and t.startswith("\ufeff") else t
-                                             for i, t in enumerate(texts)]
+    assert [row["text"] for row in rows] == [
+        t[1:] if i == 0 and t.startswith("\ufeff") else t for i, t in enumerate(texts)
+    ]
     for text, row in zip(texts, rows):
         alone = CliRunner().invoke(cli, ["classify", "-m", folder, "--format", "jsonl"], input=text + "\n")
         expected = json.loads(alone.stdout)

@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from shell_examples import REPO, check_invocation, commands_of, invocations, man_examples, readme_blocks
 
 from onnxpipe.main import COMMANDS
-from shell_examples import REPO, check_invocation, commands_of, invocations, man_examples, readme_blocks
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +40,18 @@ STAND_INS = {
 # checkpoint folders the docs name -> (architecture, task) of the tiny checkpoint put there
 CHECKPOINTS = {"my-encoder": ("bert", "feature-extraction"), "my-sentiment-hf": ("bert", "text-classification")}
 
-POSITIVE = ["A warm, funny and moving film.", "I loved every minute of it!", "A great cast and a good story.",
-            "Beautifully acted, it stays with you."]
-NEGATIVE = ["The plot is a mess and the jokes fall flat.", "Boring, too long and badly acted.",
-            "The worst thing I have seen this year.", "I checked my watch three times."]
+POSITIVE = [
+    "A warm, funny and moving film.",
+    "I loved every minute of it!",
+    "A great cast and a good story.",
+    "Beautifully acted, it stays with you.",
+]
+NEGATIVE = [
+    "The plot is a mess and the jokes fall flat.",
+    "Boring, too long and badly acted.",
+    "The worst thing I have seen this year.",
+    "I checked my watch three times.",
+]
 ROWS = "".join(f"{p}\t1\n{n}\t-1\n" for p, n in zip(POSITIVE, NEGATIVE))
 LABELLED = "text\tlabel\n" + ROWS
 # The generic input files the man pages name.
@@ -51,8 +59,9 @@ MAN_FILES = {
     "news.txt": "Angela Merkel met Emmanuel Macron in Paris on Monday.\n\nThe Rhine flows through Basel and Cologne.\n",
     "en.txt": "The house is small.\nThe weather is nice today.\n\nMachine translation turns English into German.\n",
     "posts.jsonl": "".join(json.dumps({"id": i, "body": t}) + "\n" for i, t in enumerate(POSITIVE[:2] + NEGATIVE[:2])),
-    "articles.jsonl": "".join(json.dumps({"id": i, "article": " ".join([t] * 3)}) + "\n"
-                              for i, t in enumerate(POSITIVE[:2] + NEGATIVE[:1])),
+    "articles.jsonl": "".join(
+        json.dumps({"id": i, "article": " ".join([t] * 3)}) + "\n" for i, t in enumerate(POSITIVE[:2] + NEGATIVE[:1])
+    ),
     "prompts.txt": "The shell is\nPipelines of small tools\n",
     "questions.txt": "What is a pipe?\nWhy is the sky blue?\n",
     "cloze.txt": "Paris is the <mask> of France.\nThis line has no mask.\nA <mask> day.\n",
@@ -89,12 +98,19 @@ def _layout(root: Path, stand_ins: dict[str, Path], checkpoints_at: str = ".") -
 
 def _run(script: str, cwd: Path, what: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("ONNXPIPE_HOME", "ONNXPIPE_DEVICE", "VIRTUAL_ENV")}
-    env.update(HOME=str(cwd / "home"), ONNXPIPE_HOME=str(cwd / "exports"), HF_HUB_OFFLINE="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    proc = subprocess.run(["bash", "-c", "set -euo pipefail\n" + script], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=1500)
-    assert proc.returncode == 0, (f"{what} failed with exit status {proc.returncode}\n--- stderr (end):\n"
-                                  f"{proc.stderr[-4000:]}\n--- stdout (end):\n{proc.stdout[-1500:]}")
+    env.update(
+        HOME=str(cwd / "home"),
+        ONNXPIPE_HOME=str(cwd / "exports"),
+        HF_HUB_OFFLINE="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    proc = subprocess.run(
+        ["bash", "-c", "set -euo pipefail\n" + script], cwd=cwd, env=env, capture_output=True, text=True, timeout=1500
+    )
+    assert proc.returncode == 0, (
+        f"{what} failed with exit status {proc.returncode}\n--- stderr (end):\n"
+        f"{proc.stderr[-4000:]}\n--- stdout (end):\n{proc.stdout[-1500:]}"
+    )
     return proc
 
 
@@ -103,6 +119,7 @@ def _script(commands: list[tuple[str, str]]) -> str:
 
 
 # --- README ----------------------------------------------------------------------------------
+
 
 def test_readme_tour_runs(tmp_path, stand_ins):
     root = _layout(tmp_path / "checkout", stand_ins)
@@ -116,15 +133,27 @@ def test_readme_tour_runs(tmp_path, stand_ins):
 
 
 def test_readme_tour_covers_every_command():
-    ran = {args[i] for b in readme_blocks() if b.run for cmd in commands_of(b.code) for args in invocations(cmd)
-           for i in range(len(args)) if args[i] in COMMANDS and all(a.startswith("-") for a in args[:i])}
+    ran = {
+        args[i]
+        for b in readme_blocks()
+        if b.run
+        for cmd in commands_of(b.code)
+        for args in invocations(cmd)
+        for i in range(len(args))
+        if args[i] in COMMANDS and all(a.startswith("-") for a in args[:i])
+    }
     assert ran == set(COMMANDS), set(COMMANDS) - ran
 
 
 def test_readme_examples_use_real_options():
     """The blocks that cannot run here (the hub) are at least real command lines."""
-    problems = [f"README.md:{b.line}: {cmd}: {p}" for b in readme_blocks() for cmd in commands_of(b.code)
-                for args in invocations(cmd) for p in check_invocation(args)]
+    problems = [
+        f"README.md:{b.line}: {cmd}: {p}"
+        for b in readme_blocks()
+        for cmd in commands_of(b.code)
+        for args in invocations(cmd)
+        for p in check_invocation(args)
+    ]
     assert not problems, problems
     assert all(b.why_not for b in readme_blocks() if not b.run)
 
@@ -135,7 +164,7 @@ def _python_blocks(text: str) -> list[tuple[int, str]]:
     while i < len(lines):
         if lines[i].strip() == "```python":
             j = lines.index("```", i + 1)
-            blocks.append((i + 1, "\n".join(lines[i + 1:j])))
+            blocks.append((i + 1, "\n".join(lines[i + 1 : j])))
             i = j
         i += 1
     return blocks
@@ -153,6 +182,7 @@ def test_readme_python_blocks_run(tmp_path, stand_ins):
 
 
 # --- man pages -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("page", ["onnxpipe", *(f"onnxpipe-{c}" for c in COMMANDS)])
 def test_man_examples_run(tmp_path, stand_ins, page):

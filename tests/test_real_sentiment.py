@@ -7,8 +7,8 @@ fine-tuned Hugging Face folder (build/sentiment/model) run with transformers.
 from __future__ import annotations
 
 import pytest
-
 from conftest import REPO
+
 from onnxpipe.measure.quality import evaluate_classification
 
 EXPORTS = REPO / "exports"
@@ -18,8 +18,14 @@ LABEL_MAP = "1=positive,-1=negative"
 pytestmark = [
     pytest.mark.real_model,
     pytest.mark.skipif(
-        not all(p.exists() for p in (EXPORTS / "sentiment" / "onnxpipe.json", SENTIMENT / "heldout.tsv",
-                                     SENTIMENT / "model" / "config.json")),
+        not all(
+            p.exists()
+            for p in (
+                EXPORTS / "sentiment" / "onnxpipe.json",
+                SENTIMENT / "heldout.tsv",
+                SENTIMENT / "model" / "config.json",
+            )
+        ),
         reason="needs the sentiment export: run make models",
     ),
 ]
@@ -42,9 +48,9 @@ def _pytorch_correct() -> tuple[int, int]:
     correct = 0
     with torch.no_grad():
         for start in range(0, len(data), 64):
-            texts = data.texts[start:start + 64]
+            texts = data.texts[start : start + 64]
             logits = model(**tok(texts, padding=True, truncation=True, return_tensors="pt")).logits
-            for label, pred in zip(data.labels[start:start + 64], logits.argmax(-1).tolist()):
+            for label, pred in zip(data.labels[start : start + 64], logits.argmax(-1).tolist()):
                 correct += model.config.id2label[pred] == label
     return correct, len(data)
 
@@ -60,8 +66,13 @@ def test_onnx_accuracy_equals_pytorch_within_one_sentence(onnx_report):
 
 @pytest.mark.skipif(not (EXPORTS / "sentiment-int8" / "onnxpipe.json").exists(), reason="no sentiment-int8 export")
 def test_int8_accuracy_and_agreement_with_fp32():
-    report = evaluate_classification(EXPORTS / "sentiment-int8", SENTIMENT / "heldout.tsv", label_map=LABEL_MAP,
-                                     against=EXPORTS / "sentiment", device="cpu")
+    report = evaluate_classification(
+        EXPORTS / "sentiment-int8",
+        SENTIMENT / "heldout.tsv",
+        label_map=LABEL_MAP,
+        against=EXPORTS / "sentiment",
+        device="cpu",
+    )
     int8, fp32 = report["metrics"]["accuracy"], report["against"]["metrics"]["accuracy"]
     agree = report["against"]["agreement"]
     print(f"\nint8 accuracy {int8:.4f}, fp32 {fp32:.4f}, agreement {agree['agreement']:.4f} ({agree['differ']} differ)")

@@ -14,9 +14,9 @@ import re
 
 import numpy as np
 import pytest
+import tiny_families
 from click.testing import CliRunner
 
-import tiny_families
 from onnxpipe.main import cli
 
 TEXTS = [
@@ -35,9 +35,19 @@ MODELS = {
     "all-mpnet": ("mpnet", {"pooling_mode": "mean"}, [], True, 12),
     "dense": ("bert", {"pooling_mode": "mean"}, [(24, "tanh"), (16, "identity")], True, None),
     "lasttoken": ("roberta", {"pooling_mode": "lasttoken"}, [], False, None),
-    "concat": ("bert", {"pooling_mode_cls_token": True, "pooling_mode_max_tokens": True,
-                        "pooling_mode_mean_tokens": False, "pooling_mode_mean_sqrt_len_tokens": True,
-                        "pooling_mode_weightedmean_tokens": True}, [(20, "relu")], False, None),
+    "concat": (
+        "bert",
+        {
+            "pooling_mode_cls_token": True,
+            "pooling_mode_max_tokens": True,
+            "pooling_mode_mean_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": True,
+            "pooling_mode_weightedmean_tokens": True,
+        },
+        [(20, "relu")],
+        False,
+        None,
+    ),
 }
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 import tiny_models
 import tiny_seq2seq
 
@@ -48,7 +47,7 @@ def _reference(ckpt: Path, task, texts: list[str], **generate_kw) -> list[list[i
     batch = tokenizer([task.source_text(t) for t in texts], return_tensors="pt", padding=True)
     for row, text in zip(batch["input_ids"].tolist(), texts):  # the runtime tokenizes as transformers does
         ours = task.tokenizer.encode(task.source_text(text)).ids
-        assert row[:len(ours)] == ours
+        assert row[: len(ours)] == ours
     if task.generation_config.forced_bos_token_id is not None:
         generate_kw.setdefault("forced_bos_token_id", task.generation_config.forced_bos_token_id)
     with torch.no_grad():
@@ -59,8 +58,8 @@ def _reference(ckpt: Path, task, texts: list[str], **generate_kw) -> list[list[i
     for row in out.tolist():
         ids = row[1:]
         end = next((i for i, t in enumerate(ids) if t in eos), None)
-        result.append(ids[:end + 1] if end is not None else ids)
-    return [result[i:i + per_input] for i in range(0, len(result), per_input)]
+        result.append(ids[: end + 1] if end is not None else ids)
+    return [result[i : i + per_input] for i in range(0, len(result), per_input)]
 
 
 _MODELS: dict = {}
@@ -118,8 +117,15 @@ def test_bad_words_ngrams_length_penalty_nbest(s2s):
     greedy = _ours(task.__class__(task.model, prefix="", num_beams=1, max_new_tokens=20, min_length=5), TEXTS[:4])
     common = max({t for n in greedy for t in n[0][:-1]}, key=lambda t: sum(n[0].count(t) for n in greedy))
     pair = greedy[0][0][:2]
-    settings = dict(num_beams=4, num_return_sequences=3, max_new_tokens=20, min_length=5, length_penalty=0.6,
-                    no_repeat_ngram_size=2, bad_words_ids=[[common], pair])
+    settings = dict(
+        num_beams=4,
+        num_return_sequences=3,
+        max_new_tokens=20,
+        min_length=5,
+        length_penalty=0.6,
+        no_repeat_ngram_size=2,
+        bad_words_ids=[[common], pair],
+    )
     task = task.__class__(task.model, prefix="", **settings)
     got = _ours(task, TEXTS[:6])
     assert got == _reference(ckpt, task, TEXTS[:6], **settings)
@@ -152,8 +158,10 @@ def test_mbart50_source_code_goes_first(tmp_path):
 
     for fifty in (False, True):
         folder = tiny_seq2seq._mbart(tmp_path / f"m{fifty}", fifty=fifty)
-        langs = Languages(Tokenizer.from_file(str(folder / "tokenizer.json")),
-                          json.loads((folder / "tokenizer_config.json").read_text()))
+        langs = Languages(
+            Tokenizer.from_file(str(folder / "tokenizer.json")),
+            json.loads((folder / "tokenizer_config.json").read_text()),
+        )
         assert "en_XX" in langs.codes and langs.source == "en_XX"
         ids = langs.with_source("ja_XX").encode("Short.").ids
         ref = transformers.AutoTokenizer.from_pretrained(folder, src_lang="ja_XX")("Short.")["input_ids"]

@@ -15,11 +15,11 @@ import re
 from pathlib import Path
 
 import pytest
-
 import tiny_families
 import tiny_models
 import tiny_seq2seq
 import tiny_spm
+
 from onnxpipe.errors import ExportError
 from onnxpipe.export.tokenizer import HOSTILE_TEXTS, check_tokenizers, load_tokenizers, save_tokenizers
 
@@ -57,12 +57,36 @@ def probe_texts() -> list[str]:
     texts += [f"a{chr(c)}b" for c in _SAMPLE] + [f"{chr(c)} x {chr(c)}" for c in _SAMPLE]
     texts += [letter + chr(mark) for letter in _LETTERS for mark in range(0x300, 0x370)]
     texts += ["\u00e3\u0303", "Z\u0335\u0321a\u0336\u0322"]
-    texts += ["", " ", "   ", "\t", "\n", " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0 ", "a  b", "a \u3000 b",
-              " a", "a ", "\u2581", "\u2581\u2581a", "a\u2581", "a\u2581\u2581", "\u2581 \u2581", " \u2581a",
-              "\u200b\u200c\u200d\u200e\u200f\ufeff\u061c", "x\u200by", "\ufeffstart", "end\u200f",
-              "\u4e2d\u6587\u5b57\u7b26", "\u3053\u3093\u306b\u3061\u306f", "\ud55c\uad6d\uc5b4",
-              "\U0001f469\u200d\U0001f469\u200d\U0001f467", "\U0001f44d\U0001f3fd", "\U0001f44b\U0001f3ff hi",
-              "\U0001f3f3\ufe0f\u200d\U0001f308", "\U0001f1e9\U0001f1ea"]
+    texts += [
+        "",
+        " ",
+        "   ",
+        "\t",
+        "\n",
+        " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0 ",
+        "a  b",
+        "a \u3000 b",
+        " a",
+        "a ",
+        "\u2581",
+        "\u2581\u2581a",
+        "a\u2581",
+        "a\u2581\u2581",
+        "\u2581 \u2581",
+        " \u2581a",
+        "\u200b\u200c\u200d\u200e\u200f\ufeff\u061c",
+        "x\u200by",
+        "\ufeffstart",
+        "end\u200f",
+        "\u4e2d\u6587\u5b57\u7b26",
+        "\u3053\u3093\u306b\u3061\u306f",
+        "\ud55c\uad6d\uc5b4",
+        "\U0001f469\u200d\U0001f469\u200d\U0001f467",
+        "\U0001f44d\U0001f3fd",
+        "\U0001f44b\U0001f3ff hi",
+        "\U0001f3f3\ufe0f\u200d\U0001f308",
+        "\U0001f1e9\U0001f1ea",
+    ]
     return list(dict.fromkeys(texts + HOSTILE_TEXTS))
 
 

@@ -25,8 +25,10 @@ class EchoTask:
         self.batches: list[list[int]] = []
 
     def encode(self, records):
-        return [Item(r, len(r.text), truncated=len(r.text) > 50, error="no x" if r.text == "needs-x" else None)
-                for r in records]
+        return [
+            Item(r, len(r.text), truncated=len(r.text) > 50, error="no x" if r.text == "needs-x" else None)
+            for r in records
+        ]
 
     def run(self, batch):
         self.batches.append([item.cost for item in batch])

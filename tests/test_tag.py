@@ -17,7 +17,7 @@ TEXTS = [
     "Émile a visité Zürich et São Paulo en été.",
     "Tokenizers split words into pieces: un-break-able, re-think-ing.",
     "quizzical xylophones   with  odd   spacing",
-    "She said: \"hello, world\" and left the room.",
+    'She said: "hello, world" and left the room.',
 ]
 
 
@@ -67,8 +67,11 @@ def test_entities_match_the_pipeline_for_every_aggregation(arch, exported, check
     for strategy in STRATEGIES:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pipe = pipeline("token-classification", model=str(checkpoint(arch, "token-classification")),
-                            aggregation_strategy=strategy)
+            pipe = pipeline(
+                "token-classification",
+                model=str(checkpoint(arch, "token-classification")),
+                aggregation_strategy=strategy,
+            )
             expected = [pipe(t) for t in TEXTS]
         got = tag_jsonl(folder, TEXTS, "--aggregation", strategy)
         for text, mine, theirs in zip(TEXTS, got, expected):
@@ -90,8 +93,11 @@ def test_offsets_point_into_the_original_line(exported, checkpoint):
     for arch in ("bert", "roberta"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pipe = pipeline("token-classification", model=str(checkpoint(arch, "token-classification")),
-                            aggregation_strategy="first")
+            pipe = pipeline(
+                "token-classification",
+                model=str(checkpoint(arch, "token-classification")),
+                aggregation_strategy="first",
+            )
         got = tag_jsonl(exported(arch, "token-classification"), texts, "--aggregation", "first")
         for text, mine in zip(texts, got):
             assert [(e["start"], e["end"]) for e in mine] == [(e["start"], e["end"]) for e in pipe(text)]

@@ -53,16 +53,20 @@ def _lacking_hits(export: Path, texts: list[str]) -> int:
 
 def test_m2m100_tokenizer_json_gives_m2m100tokenizer_ids(m2m):
     import transformers
+    from tokenizers import Tokenizer
+
     from onnxpipe.export.tokenizer import HOSTILE_TEXTS
     from onnxpipe.runtime import load_model
     from onnxpipe.tasks.seq2seq import Seq2SeqTask
-    from tokenizers import Tokenizer
 
     ckpt, export = m2m
     m = json.loads((export / "onnxpipe.json").read_text())
     assert m["tokenizer"]["check"]["identical"] and m["validation"]["passed"]
     slow = transformers.M2M100Tokenizer.from_pretrained(ckpt)
-    assert m["tokenizer"]["unk_remap"] == {"from_id": max(slow.lang_token_to_id.values()) + 1, "unk_id": slow.unk_token_id}
+    assert m["tokenizer"]["unk_remap"] == {
+        "from_id": max(slow.lang_token_to_id.values()) + 1,
+        "unk_id": slow.unk_token_id,
+    }
     assert _lacking_hits(export, HOSTILE_TEXTS) > 20 and _lacking_hits(export, TEXTS) > 5  # the remap matters
     fast = Tokenizer.from_file(str(export / "tokenizer.json"))
     model = load_model(export, device="cpu")
@@ -82,6 +86,7 @@ def test_m2m100_tokenizer_json_gives_m2m100tokenizer_ids(m2m):
 def test_m2m100_translation_matches_generate(m2m, num_beams):
     import torch
     import transformers
+
     from onnxpipe.runtime import load_model
     from onnxpipe.tasks.seq2seq import Seq2SeqTask
 
@@ -93,14 +98,21 @@ def test_m2m100_translation_matches_generate(m2m, num_beams):
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(ckpt).eval()
     for texts in (TEXTS, [TEXTS[3]]):
         with torch.no_grad():
-            out = model.generate(**tokenizer(texts, return_tensors="pt", padding=True), do_sample=False,
-                                 forced_bos_token_id=tokenizer.get_lang_id("de"), **settings)
+            out = model.generate(
+                **tokenizer(texts, return_tensors="pt", padding=True),
+                do_sample=False,
+                forced_bos_token_id=tokenizer.get_lang_id("de"),
+                **settings,
+            )
         expected = []
         for row in out.tolist():
             ids = row[1:]
-            expected.append(ids[:ids.index(2) + 1] if 2 in ids else ids)
+            expected.append(ids[: ids.index(2) + 1] if 2 in ids else ids)
         sources = _graph_ids(task, texts)
-        got = [n[0].token_ids for n in task.runner.generate(sources, task.generation_config, task.pad_id, task.max_new_tokens)]
+        got = [
+            n[0].token_ids
+            for n in task.runner.generate(sources, task.generation_config, task.pad_id, task.max_new_tokens)
+        ]
         assert got == expected
         assert all(ids[0] == tokenizer.get_lang_id("de") for ids in got)
         if len(texts) > 1:
@@ -111,28 +123,52 @@ def test_m2m100_translate_cli(m2m):
     import torch
     import transformers
     from click.testing import CliRunner
+
     from onnxpipe.export.tokenizer import HOSTILE_TEXTS
     from onnxpipe.main import cli
 
     ckpt, export = m2m
     lines = TEXTS[:3] + HOSTILE_TEXTS[:9]  # accents, Cyrillic, CJK, emoji: pieces vocab.json lacks
     assert _lacking_hits(export, HOSTILE_TEXTS[:9]) > 10
-    result = CliRunner().invoke(cli, ["translate", "-m", str(export), "--device", "cpu", "--source-lang", "en",
-                                      "--target-lang", "de", "--num-beams", "4", "--max-new-tokens", "16"],
-                                input="".join(t + "\n" for t in lines))
+    result = CliRunner().invoke(
+        cli,
+        [
+            "translate",
+            "-m",
+            str(export),
+            "--device",
+            "cpu",
+            "--source-lang",
+            "en",
+            "--target-lang",
+            "de",
+            "--num-beams",
+            "4",
+            "--max-new-tokens",
+            "16",
+        ],
+        input="".join(t + "\n" for t in lines),
+    )
     assert result.exit_code == 0, result.output
     tokenizer = transformers.M2M100Tokenizer.from_pretrained(ckpt, src_lang="en")
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(ckpt).eval()
     with torch.no_grad():
-        out = model.generate(**tokenizer(lines, return_tensors="pt", padding=True), num_beams=4, max_new_tokens=16,
-                             forced_bos_token_id=tokenizer.get_lang_id("de"))
+        out = model.generate(
+            **tokenizer(lines, return_tensors="pt", padding=True),
+            num_beams=4,
+            max_new_tokens=16,
+            forced_bos_token_id=tokenizer.get_lang_id("de"),
+        )
     # Without language codes (forced first, or generated later), which M2M100Tokenizer.decode keeps.
     codes = set(tokenizer.lang_token_to_id.values())
-    expected = tokenizer.batch_decode([[t for t in row if t not in codes] for row in out.tolist()], skip_special_tokens=True)
+    expected = tokenizer.batch_decode(
+        [[t for t in row if t not in codes] for row in out.tolist()], skip_special_tokens=True
+    )
     assert result.stdout.split("\n")[:-1] == expected and any(expected)
 
 
 # --- the equivalence check -----------------------------------------------------------------
+
 
 def _marian_tokenizer_folder(out: Path, drop_every: int = 0) -> Path:
     """source.spm = target.spm, vocab.json of its pieces (with DROP_EVERY: trained on text with accents, CJK,
@@ -145,13 +181,15 @@ def _marian_tokenizer_folder(out: Path, drop_every: int = 0) -> Path:
     shutil.copy(src, out / "target.spm")
     vocab["<pad>"] = len(vocab)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    transformers.MarianTokenizer(source_spm=str(src), target_spm=str(out / "target.spm"),
-                                 vocab=str(out / "vocab.json")).save_pretrained(out)
+    transformers.MarianTokenizer(
+        source_spm=str(src), target_spm=str(out / "target.spm"), vocab=str(out / "vocab.json")
+    ).save_pretrained(out)
     return out
 
 
 def test_marian_converter_matches_on_hostile_text(tmp_path):
     import transformers
+
     from onnxpipe.export.tokenizer import (
         HOSTILE_TEXTS,
         check_tokenizers,
@@ -171,6 +209,7 @@ def test_marian_vocab_lacking_spm_pieces_gives_marian_ids(tmp_path):
     """Pieces vocab.json lacks get extra ids (spm scores kept, so the segmentation is sentencepiece's),
     mapped to <unk> by the record's remap; the check compares the remapped ids, so a wrong remap fails it."""
     import transformers
+
     from onnxpipe.errors import ExportError
     from onnxpipe.export.tokenizer import HOSTILE_TEXTS, check_tokenizers, load_tokenizers
     from onnxpipe.runtime.model import unk_remapped
@@ -194,9 +233,10 @@ def test_marian_vocab_lacking_spm_pieces_gives_marian_ids(tmp_path):
 
 def test_check_names_the_first_differing_position_with_pieces(tmp_path):
     import transformers
+    from tokenizers import AddedToken
+
     from onnxpipe.errors import ExportError
     from onnxpipe.export.tokenizer import check_tokenizers, load_tokenizers
-    from tokenizers import AddedToken
 
     folder = _marian_tokenizer_folder(tmp_path / "m")
     toks = load_tokenizers(folder, {"model_type": "marian"})
@@ -218,6 +258,7 @@ def test_check_names_the_first_differing_position_with_pieces(tmp_path):
 
 # --- a Marian export whose vocab.json lacks spm pieces ----------------------------------------
 
+
 @pytest.fixture(scope="session")
 def marian_lacking(tmp_path_factory):
     """(checkpoint, export) of a sharpened tiny Marian (source.spm != target.spm, one vocab.json lacking
@@ -225,17 +266,20 @@ def marian_lacking(tmp_path_factory):
     from onnxpipe.export import export_model
 
     root = tmp_path_factory.mktemp("marian-lacking")
-    ckpt = tiny_seq2seq.sharpen(tiny_spm.marian(root / "base"), root / "ckpt", eos_scale=tiny_seq2seq.EOS_SCALE["marian"])
+    ckpt = tiny_seq2seq.sharpen(
+        tiny_spm.marian(root / "base"), root / "ckpt", eos_scale=tiny_seq2seq.EOS_SCALE["marian"]
+    )
     export_model(ckpt, root / "export")
     return ckpt, root / "export"
 
 
 def test_marian_lacking_pieces_runtime_ids_are_marian_tokenizers(marian_lacking):
     import transformers
+    from tokenizers import Tokenizer
+
     from onnxpipe.export.tokenizer import HOSTILE_TEXTS
     from onnxpipe.runtime import load_model
     from onnxpipe.tasks.seq2seq import Seq2SeqTask
-    from tokenizers import Tokenizer
 
     ckpt, export = marian_lacking
     record = json.loads((export / "onnxpipe.json").read_text())["tokenizer"]
@@ -260,14 +304,18 @@ def test_marian_lacking_pieces_translate_matches_generate(marian_lacking):
     import torch
     import transformers
     from click.testing import CliRunner
+
     from onnxpipe.export.tokenizer import HOSTILE_TEXTS
     from onnxpipe.main import cli
 
     ckpt, export = marian_lacking
     lines = TEXTS[:4] + HOSTILE_TEXTS[:6] + HOSTILE_TEXTS[8:9] + HOSTILE_TEXTS[13:15]
     assert _lacking_hits(export, lines) > 15
-    result = CliRunner().invoke(cli, ["translate", "-m", str(export), "--device", "cpu", "--max-length", "20"],
-                                input="".join(t + "\n" for t in lines))
+    result = CliRunner().invoke(
+        cli,
+        ["translate", "-m", str(export), "--device", "cpu", "--max-length", "20"],
+        input="".join(t + "\n" for t in lines),
+    )
     assert result.exit_code == 0, result.output
     tokenizer = transformers.MarianTokenizer.from_pretrained(ckpt)
     model = transformers.MarianMTModel.from_pretrained(ckpt).eval()

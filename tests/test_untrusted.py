@@ -55,6 +55,7 @@ def _set(**keys):
     def change(m):
         m.update(keys)
         return m
+
     return change
 
 
@@ -62,6 +63,7 @@ def _drop(key):
     def change(m):
         m.pop(key)
         return m
+
     return change
 
 
@@ -76,18 +78,26 @@ BAD_MANIFESTS = {
     "tokenizer a string": (_set(tokenizer="tokenizer.json"), "'tokenizer' is a JSON string, expected object"),
     "labels a mapping": (_set(labels={"0": "a"}), "'labels' is a JSON object, expected array or null"),
     "format 2": (_set(format=2), "manifest format 2"),
-    "generator without a model": (_set(task="text-generation", family="decoder", files={}),
-                                  "a text-generation export needs the graph model"),
-    "seq2seq without a decoder": (_set(task="text2text-generation", family="seq2seq",
-                                       files={"encoder": "model.onnx"}),
-                                  "a text2text-generation export needs the graph decoder"),
+    "generator without a model": (
+        _set(task="text-generation", family="decoder", files={}),
+        "a text-generation export needs the graph model",
+    ),
+    "seq2seq without a decoder": (
+        _set(task="text2text-generation", family="seq2seq", files={"encoder": "model.onnx"}),
+        "a text2text-generation export needs the graph decoder",
+    ),
     "family that does not fit": (_set(family="decoder"), "family 'decoder' does not fit task text-classification"),
     "not JSON": (lambda m: "{", "is not valid JSON"),
     "deep nesting": (lambda m: "[" * 100_000 + "]" * 100_000, "is not valid JSON"),
     "a file that is missing": (_set(files={"model": "gone.onnx"}), "files.model names gone.onnx, which is missing"),
-    "graph inputs that are not names": (_set(graph={"inputs": [[1]], "outputs": ["logits"]}),
-                                        "graph.inputs must be a list of names"),
-    "a negative token id": (_set(special_tokens={"pad_token_id": -1}), "special_tokens.pad_token_id must be a token id"),
+    "graph inputs that are not names": (
+        _set(graph={"inputs": [[1]], "outputs": ["logits"]}),
+        "graph.inputs must be a list of names",
+    ),
+    "a negative token id": (
+        _set(special_tokens={"pad_token_id": -1}),
+        "special_tokens.pad_token_id must be a token id",
+    ),
     "a token id that is text": (_set(special_tokens={"eos_token_id": ["</s>"]}), "special_tokens.eos_token_id must"),
 }
 
@@ -102,8 +112,9 @@ def test_a_bad_manifest_is_one_line_naming_the_file(exported, case):
         assert_one_line(result, 1, str(folder / "onnxpipe.json"), fragment)
 
 
-@pytest.mark.parametrize("report", [{"outputs": {"logits": {"max_abs_diff": "big"}}}, {"cosine_similarity": 0.5},
-                                    {"failures": [[1]]}])
+@pytest.mark.parametrize(
+    "report", [{"outputs": {"logits": {"max_abs_diff": "big"}}}, {"cosine_similarity": 0.5}, {"failures": [[1]]}]
+)
 def test_info_of_a_malformed_report_is_one_line_and_prints_nothing_else(exported, report):
     folder = install(exported, "odd")
     edit_manifest(folder, _set(validation={"passed": True, **report}))
@@ -132,6 +143,7 @@ def test_models_lists_good_exports_and_marks_broken_ones(exported):
 
 # --- paths stay inside the folder --------------------------------------------------------
 
+
 @pytest.fixture
 def no_session(monkeypatch):
     """Fail the test if ONNX Runtime is asked to open anything."""
@@ -147,14 +159,17 @@ def no_session(monkeypatch):
     return opened
 
 
-@pytest.mark.parametrize("key, value", [
-    ("files.model", "../outside/model.onnx"),
-    ("files.model", "/etc/passwd"),
-    ("files.model", "sub/../../outside/model.onnx"),
-    ("tokenizer.file", "../outside/tokenizer.json"),
-    ("tokenizer.chat_template", "/etc/passwd"),
-    ("tokenizer.target_file", "~/tokenizer.json"),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("files.model", "../outside/model.onnx"),
+        ("files.model", "/etc/passwd"),
+        ("files.model", "sub/../../outside/model.onnx"),
+        ("tokenizer.file", "../outside/tokenizer.json"),
+        ("tokenizer.chat_template", "/etc/passwd"),
+        ("tokenizer.target_file", "~/tokenizer.json"),
+    ],
+)
 def test_manifest_paths_that_leave_the_folder_are_refused_unopened(exported, tmp_path, no_session, key, value):
     outside = _home() / "outside"
     shutil.copytree(exported("bert"), outside)  # a real export there: it must not be used
@@ -164,6 +179,7 @@ def test_manifest_paths_that_leave_the_folder_are_refused_unopened(exported, tmp
     def change(m):
         m[section][field] = value
         return m
+
     edit_manifest(folder, change)
     result = run("classify", "-m", "evil", input="a good movie\n")
     assert_one_line(result, 1, f"{key} = {value!r} leads out of the export folder", "refusing")
@@ -201,6 +217,7 @@ def test_a_symlink_inside_the_folder_is_fine(exported):
 
 # --- broken files -----------------------------------------------------------------------
 
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])
@@ -211,12 +228,18 @@ BROKEN_FILES = {
     "truncated model.onnx": ("model.onnx", _truncate, "ONNX Runtime cannot load"),
     "model.onnx of text": ("model.onnx", lambda p: p.write_text("hello"), "ONNX Runtime cannot load"),
     "broken tokenizer.json": ("tokenizer.json", _truncate, "tokenizer.json is not a usable tokenizer"),
-    "tokenizer.json of another kind": ("tokenizer.json", lambda p: p.write_text('{"version": 1}'),
-                                       "tokenizer.json is not a usable tokenizer"),
-    "broken config.json": ("config.json", lambda p: p.write_text("{\"a\": "), "config.json is not valid JSON"),
+    "tokenizer.json of another kind": (
+        "tokenizer.json",
+        lambda p: p.write_text('{"version": 1}'),
+        "tokenizer.json is not a usable tokenizer",
+    ),
+    "broken config.json": ("config.json", lambda p: p.write_text('{"a": '), "config.json is not valid JSON"),
     "config.json a list": ("config.json", lambda p: p.write_text("[1]"), "config.json does not hold a JSON object"),
-    "broken generation_config.json": ("generation_config.json", lambda p: p.write_bytes(b"\xff\xfe"),
-                                      "generation_config.json is not valid JSON"),
+    "broken generation_config.json": (
+        "generation_config.json",
+        lambda p: p.write_bytes(b"\xff\xfe"),
+        "generation_config.json is not valid JSON",
+    ),
 }
 
 
@@ -243,15 +266,20 @@ def test_onnx_external_data_outside_the_folder_is_one_line(exported, tmp_path):
     weight.data_location = TensorProto.EXTERNAL
     for k, v in (("location", "../secret.bin"), ("offset", "0"), ("length", "16")):
         weight.external_data.add(key=k, value=v)
-    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [weight])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [weight],
+    )
     onnx.save(helper.make_model(graph), str(folder / "model.onnx"))
     result = run("classify", "-m", "external", input="a good movie\n")
     assert_one_line(result, 1, "ONNX Runtime cannot load", "model.onnx")
 
 
 # --- checksums and verify ---------------------------------------------------------------
+
 
 def test_export_records_a_checksum_for_every_file(exported):
     import hashlib
@@ -312,11 +340,16 @@ def test_an_export_without_checksums_says_so(exported):
 
 # --- messages ---------------------------------------------------------------------------
 
+
 def test_wrong_task_says_which_command_fits(exported):
     install(exported, "gen", "gpt2")
     result = run("classify", "-m", "gen", input="hi\n")
-    assert_one_line(result, 2, "gen is a text-generation export; this command needs a text-classification export",
-                    "run onnxpipe generate -m gen")
+    assert_one_line(
+        result,
+        2,
+        "gen is a text-generation export; this command needs a text-classification export",
+        "run onnxpipe generate -m gen",
+    )
 
 
 def test_a_trailing_slash_finds_the_export(exported):
@@ -332,8 +365,21 @@ JSON = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=20,
 )
-KEYS = ["format", "task", "family", "files", "tokenizer", "labels", "special_tokens", "checksums", "name", "graph",
-        "dense", "file", "weight"]
+KEYS = [
+    "format",
+    "task",
+    "family",
+    "files",
+    "tokenizer",
+    "labels",
+    "special_tokens",
+    "checksums",
+    "name",
+    "graph",
+    "dense",
+    "file",
+    "weight",
+]
 
 
 @pytest.fixture(scope="module")
@@ -341,9 +387,16 @@ def good_manifest(tmp_path_factory) -> tuple[Path, dict]:
     folder = tmp_path_factory.mktemp("prop")
     (folder / "model.onnx").write_bytes(b"x")
     (folder / "tokenizer.json").write_text("{}")
-    manifest = {"format": 1, "task": "text-classification", "family": "encoder", "files": {"model": "model.onnx"},
-                "tokenizer": {"file": "tokenizer.json"}, "labels": ["a", "b"], "special_tokens": {"pad_token_id": 0},
-                "checksums": {"model.onnx": {"size": 1, "sha256": "00"}}}
+    manifest = {
+        "format": 1,
+        "task": "text-classification",
+        "family": "encoder",
+        "files": {"model": "model.onnx"},
+        "tokenizer": {"file": "tokenizer.json"},
+        "labels": ["a", "b"],
+        "special_tokens": {"pad_token_id": 0},
+        "checksums": {"model.onnx": {"size": 1, "sha256": "00"}},
+    }
     return folder, manifest
 
 

@@ -15,6 +15,7 @@ import pytest
 import tiny_models
 import tiny_spm
 from click.testing import CliRunner
+
 from onnxpipe.main import cli
 
 pytest.importorskip("transformers")
@@ -58,7 +59,11 @@ def test_large_logits_validate_on_their_scale(t5, variant):
     # Float noise above the old fixed 1e-3 (the bug), yet within the allowance on the outputs' scale.
     assert max(o["max_abs_diff"] for o in v["outputs"].values()) > v["tolerance"]
     for o in v["outputs"].values():
-        assert o["max_abs_diff"] <= o["allowed"] == pytest.approx(v["tolerance"] + v["rtol"] * o["max_abs_reference"], rel=1e-3)
+        assert (
+            o["max_abs_diff"]
+            <= o["allowed"]
+            == pytest.approx(v["tolerance"] + v["rtol"] * o["max_abs_reference"], rel=1e-3)
+        )
     g = v["greedy"]
     assert g["agreement"] == 1.0 and g["identical"] >= g["sequences"] - g["ties"]
 
@@ -82,7 +87,7 @@ def _generate(ckpt: Path, texts: list[str], **kw) -> list[list[int]]:
     for row in out.tolist():
         ids = row[1:]
         end = ids.index(1) if 1 in ids else None  # eos
-        result.append(ids[:end + 1] if end is not None else ids)
+        result.append(ids[: end + 1] if end is not None else ids)
     return result
 
 
@@ -94,7 +99,10 @@ def test_generated_ids_match_transformers(t5, variant, num_beams):
     task = _task(export, **settings)
     for texts in (TEXTS, [TEXTS[3]], [TEXTS[10]]):  # one padded batch of 16, and batch 1
         sources = [task.tokenizer.encode(task.source_text(t)).ids for t in texts]
-        got = [n[0].token_ids for n in task.runner.generate(sources, task.generation_config, task.pad_id, task.max_new_tokens)]
+        got = [
+            n[0].token_ids
+            for n in task.runner.generate(sources, task.generation_config, task.pad_id, task.max_new_tokens)
+        ]
         assert got == _generate(ckpt, texts, **settings), (variant, num_beams, texts[0])
         if len(texts) > 1:
             lengths = sorted(len(ids) for ids in got)
@@ -105,18 +113,23 @@ def test_summarize_cli_gives_transformers_text(t5):
     import transformers
 
     ckpt, export = t5("t5-v1_1")
-    result = CliRunner().invoke(cli, ["summarize", "-m", str(export), "--device", "cpu", "--num-beams", "4",
-                                      "--max-new-tokens", "12"], input="".join(t + "\n" for t in TEXTS[:6]))
+    result = CliRunner().invoke(
+        cli,
+        ["summarize", "-m", str(export), "--device", "cpu", "--num-beams", "4", "--max-new-tokens", "12"],
+        input="".join(t + "\n" for t in TEXTS[:6]),
+    )
     assert result.exit_code == 0, result.output
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt)
-    expected = tokenizer.batch_decode([ids for ids in _generate(ckpt, TEXTS[:6], num_beams=4, max_new_tokens=12)],
-                                      skip_special_tokens=True)
+    expected = tokenizer.batch_decode(
+        [ids for ids in _generate(ckpt, TEXTS[:6], num_beams=4, max_new_tokens=12)], skip_special_tokens=True
+    )
     assert result.stdout.split("\n")[:-1] == expected
     assert len(set(expected)) > 3
     assert "6 records" in result.stderr
 
 
 # --- failures say which check failed, and where float32 drifts ------------------------------
+
 
 def _lossy_mutant(export: Path, out: Path, constant: float = 1e8) -> str:
     """A copy of EXPORT whose decoder adds and subtracts CONSTANT before its output layer: exact in
@@ -139,7 +152,9 @@ def _lossy_mutant(export: Path, out: Path, constant: float = 1e8) -> str:
             while logits.op_type != "MatMul":  # back from logits to the output layer's MatMul
                 logits = producers[logits.input[0]]
             hidden = logits.input[0]
-            add = helper.make_node("Add", [hidden, "onnxpipe_test_big"], [hidden + "/big"], name="onnxpipe_test_lossy_add")
+            add = helper.make_node(
+                "Add", [hidden, "onnxpipe_test_big"], [hidden + "/big"], name="onnxpipe_test_lossy_add"
+            )
             sub = helper.make_node("Sub", [hidden + "/big", "onnxpipe_test_big"], [hidden + "/lossy"], name=name)
             logits.input[0] = hidden + "/lossy"
             nodes = list(graph.node)
@@ -152,13 +167,24 @@ def _lossy_mutant(export: Path, out: Path, constant: float = 1e8) -> str:
 
 def _validate(ckpt: Path, folder: Path, budget):
     import transformers
-    from onnxpipe.export import validate as val
     from tokenizers import Tokenizer
+
+    from onnxpipe.export import validate as val
 
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(ckpt).eval()
     m = _manifest(folder)
-    return val.validate(model, folder, m["task"], m["family"], m["files"], Tokenizer.from_file(str(folder / "tokenizer.json")),
-                        [], budget, "generated texts", special_tokens=m["special_tokens"])
+    return val.validate(
+        model,
+        folder,
+        m["task"],
+        m["family"],
+        m["files"],
+        Tokenizer.from_file(str(folder / "tokenizer.json")),
+        [],
+        budget,
+        "generated texts",
+        special_tokens=m["special_tokens"],
+    )
 
 
 def test_ids_failure_names_the_drifting_op(t5, tmp_path):

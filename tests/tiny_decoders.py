@@ -32,8 +32,9 @@ VOCAB_PADDING = 37  # Qwen2's config vocabulary is the tokenizer's plus this
 def _spm_llama_tokenizer(out: Path, cls_name: str = "LlamaTokenizerFast"):
     import transformers
 
-    spm_file = train_sentencepiece(out, "spm", vocab_size=400, model_type="bpe", byte_fallback=True,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    spm_file = train_sentencepiece(
+        out, "spm", vocab_size=400, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1
+    )
     tokenizer = getattr(transformers, cls_name)(vocab_file=str(spm_file), legacy=False, from_slow=True)
     tokenizer.model_max_length = 256
     (out / "spm.model").unlink()
@@ -58,17 +59,33 @@ def _qwen2(out: Path, rope: dict | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
     vocab, merges = train_bytelevel_bpe(out, special=specials)
-    tokenizer = transformers.Qwen2TokenizerFast(vocab_file=str(vocab), merges_file=str(merges), unk_token=None,
-                                                bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer = transformers.Qwen2TokenizerFast(
+        vocab_file=str(vocab),
+        merges_file=str(merges),
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
     tokenizer.model_max_length = 256
     tokenizer.chat_template = CHATML
     (out / "vocab.json").unlink()
     (out / "merges.txt").unlink()
     endoftext, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
     config = transformers.Qwen2Config(
-        vocab_size=len(tokenizer) + VOCAB_PADDING, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=im_end, pad_token_id=endoftext, rope_scaling=rope, use_sliding_window=False,
+        vocab_size=len(tokenizer) + VOCAB_PADDING,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=im_end,
+        pad_token_id=endoftext,
+        rope_scaling=rope,
+        use_sliding_window=False,
     )
     model = transformers.Qwen2ForCausalLM(config)
     _sharpen(model)
@@ -78,7 +95,9 @@ def _qwen2(out: Path, rope: dict | None = None) -> Path:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.copy_(torch.randn(proj.bias.shape, generator=gen) * 0.5)
     model.generation_config = transformers.GenerationConfig(
-        bos_token_id=None, eos_token_id=[im_end, endoftext], pad_token_id=endoftext,
+        bos_token_id=None,
+        eos_token_id=[im_end, endoftext],
+        pad_token_id=endoftext,
     )
     return _save(model, tokenizer, out)
 
@@ -90,9 +109,17 @@ def _mistral(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _spm_llama_tokenizer(out)
     config = transformers.MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=SLIDING_WINDOW,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=SLIDING_WINDOW,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
     )
     model = transformers.MistralForCausalLM(config)
     _sharpen(model)
@@ -112,9 +139,19 @@ def _phi3(out: Path, rope: dict | None = None, original_max: int = 256) -> Path:
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
     )
     config = transformers.Phi3Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=original_max,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False, rope_scaling=rope,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        original_max_position_embeddings=original_max,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+        rope_scaling=rope,
         sliding_window=8,  # Phi-3-mini-4k has a window too (2047): shorter than the prompts here
     )
     model = transformers.Phi3ForCausalLM(config)
@@ -131,9 +168,18 @@ def _gemma(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _spm_llama_tokenizer(out, "GemmaTokenizerFast")
     config = transformers.GemmaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
-        hidden_activation="gelu_pytorch_tanh", bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=256,
+        hidden_activation="gelu_pytorch_tanh",
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
         tie_word_embeddings=False,  # tied, the scaled embedding outweighs the layers: every row repeats its last id
     )
     model = transformers.GemmaForCausalLM(config)
@@ -150,21 +196,41 @@ def _newer(out: Path, kind: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if kind == "qwen3":  # Qwen's byte-level BPE, as _qwen2
         vocab, merges = train_bytelevel_bpe(out, special=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
-        tokenizer = transformers.Qwen2TokenizerFast(vocab_file=str(vocab), merges_file=str(merges), unk_token=None,
-                                                    bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+        tokenizer = transformers.Qwen2TokenizerFast(
+            vocab_file=str(vocab),
+            merges_file=str(merges),
+            unk_token=None,
+            bos_token=None,
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+        )
         tokenizer.model_max_length = 256
     else:
         tokenizer = _spm_llama_tokenizer(out, "GemmaTokenizerFast")
     eos, pad = (tokenizer.eos_token_id, tokenizer.pad_token_id)
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        tie_word_embeddings=False,
+    )
     if kind == "qwen3":
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common))
     else:
         gemma = dict(sliding_window=SLIDING_WINDOW, query_pre_attn_scalar=8, **common)
-        model = (transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**gemma)) if kind == "gemma2"
-                 else transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**gemma)))
+        model = (
+            transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**gemma))
+            if kind == "gemma2"
+            else transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**gemma))
+        )
     _sharpen(model)
     return _save(model, tokenizer, out)
 

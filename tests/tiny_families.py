@@ -20,8 +20,14 @@ _HEADS = {
     "fill-mask": "ForMaskedLM",
     "feature-extraction": "Model",
 }
-_PREFIX = {"xlm-roberta": "XLMRoberta", "deberta-v2": "DebertaV2", "electra": "Electra", "albert": "Albert",
-           "mpnet": "MPNet", "modernbert": "ModernBert"}
+_PREFIX = {
+    "xlm-roberta": "XLMRoberta",
+    "deberta-v2": "DebertaV2",
+    "electra": "Electra",
+    "albert": "Albert",
+    "mpnet": "MPNet",
+    "modernbert": "ModernBert",
+}
 # initializer_range 0.2 (not 0.02): outputs that differ between inputs and labels that are not ties.
 _SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, initializer_range=0.2)
 
@@ -48,21 +54,47 @@ def _tokenizer_and_config(arch: str, out: Path):
         tokenizer = transformers.XLMRobertaTokenizerFast(vocab_file=str(spm), from_slow=True)
         tokenizer.model_max_length = 126
         config = transformers.XLMRobertaConfig(
-            vocab_size=len(tokenizer), max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **_SIZES)
+            vocab_size=len(tokenizer),
+            max_position_embeddings=130,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **_SIZES,
+        )
     elif arch == "deberta-v2":
         # DeBERTa-v3's spm layout: [PAD] 0, [CLS] 1, [SEP] 2, [UNK] 3, [MASK] a user-defined piece.
-        spm = train_sentencepiece(out, "spm", vocab_size=220, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-                                  pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]", unk_piece="[UNK]",
-                                  user_defined_symbols=["[MASK]"])
+        spm = train_sentencepiece(
+            out,
+            "spm",
+            vocab_size=220,
+            pad_id=0,
+            bos_id=1,
+            eos_id=2,
+            unk_id=3,
+            pad_piece="[PAD]",
+            bos_piece="[CLS]",
+            eos_piece="[SEP]",
+            unk_piece="[UNK]",
+            user_defined_symbols=["[MASK]"],
+        )
         (out / "spm.vocab").unlink()
         tokenizer = transformers.DebertaV2TokenizerFast(vocab_file=str(spm), from_slow=True)
         tokenizer.model_max_length = 128
         # v3: relative positions only (position_buckets, shared keys, no absolute position embeddings).
         config = transformers.DebertaV2Config(
-            vocab_size=len(tokenizer), max_position_embeddings=128, relative_attention=True, position_buckets=16,
-            max_relative_positions=-1, pos_att_type=["p2c", "c2p"], position_biased_input=False,
-            norm_rel_ebd="layer_norm", share_att_key=True, type_vocab_size=0, pad_token_id=0, **_SIZES)
+            vocab_size=len(tokenizer),
+            max_position_embeddings=128,
+            relative_attention=True,
+            position_buckets=16,
+            max_relative_positions=-1,
+            pos_att_type=["p2c", "c2p"],
+            position_biased_input=False,
+            norm_rel_ebd="layer_norm",
+            share_att_key=True,
+            type_vocab_size=0,
+            pad_token_id=0,
+            **_SIZES,
+        )
     elif arch == "electra":
         vocab = _wordpiece(out, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
         tokenizer = transformers.ElectraTokenizerFast(vocab_file=str(vocab))
@@ -70,29 +102,56 @@ def _tokenizer_and_config(arch: str, out: Path):
         # embedding_size < hidden_size: ELECTRA-small's projection between the two.
         config = transformers.ElectraConfig(vocab_size=300, embedding_size=16, max_position_embeddings=128, **_SIZES)
     elif arch == "albert":
-        spm = train_sentencepiece(out, "spiece", vocab_size=220, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-                                  pad_piece="<pad>", unk_piece="<unk>", bos_piece="[CLS]", eos_piece="[SEP]",
-                                  user_defined_symbols=["[MASK]"])
+        spm = train_sentencepiece(
+            out,
+            "spiece",
+            vocab_size=220,
+            pad_id=0,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
+            pad_piece="<pad>",
+            unk_piece="<unk>",
+            bos_piece="[CLS]",
+            eos_piece="[SEP]",
+            user_defined_symbols=["[MASK]"],
+        )
         (out / "spiece.vocab").unlink()
         tokenizer = transformers.AlbertTokenizerFast(vocab_file=str(spm), from_slow=True)
         tokenizer.model_max_length = 128
-        config = transformers.AlbertConfig(vocab_size=len(tokenizer), embedding_size=16, max_position_embeddings=128,
-                                           num_hidden_groups=1, **_SIZES)
+        config = transformers.AlbertConfig(
+            vocab_size=len(tokenizer), embedding_size=16, max_position_embeddings=128, num_hidden_groups=1, **_SIZES
+        )
     elif arch == "mpnet":
         vocab = _wordpiece(out, ["<s>", "[UNK]", "<pad>", "</s>", "<mask>"])
         tokenizer = transformers.MPNetTokenizerFast(vocab_file=str(vocab))
         tokenizer.model_max_length = 126
-        config = transformers.MPNetConfig(vocab_size=len(tokenizer), max_position_embeddings=130,
-                                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                                          eos_token_id=tokenizer.eos_token_id, **_SIZES)
+        config = transformers.MPNetConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=130,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **_SIZES,
+        )
     elif arch == "modernbert":
         tokenizer = _modernbert_tokenizer(out)
         config = transformers.ModernBertConfig(
-            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=40, max_position_embeddings=128, local_attention=8, initializer_range=0.2, global_attn_every_n_layers=2,
-            pad_token_id=tokenizer.pad_token_id, cls_token_id=tokenizer.cls_token_id,
-            sep_token_id=tokenizer.sep_token_id, bos_token_id=tokenizer.cls_token_id,
-            eos_token_id=tokenizer.sep_token_id)
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=40,
+            max_position_embeddings=128,
+            local_attention=8,
+            initializer_range=0.2,
+            global_attn_every_n_layers=2,
+            pad_token_id=tokenizer.pad_token_id,
+            cls_token_id=tokenizer.cls_token_id,
+            sep_token_id=tokenizer.sep_token_id,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+        )
     else:
         raise ValueError(arch)
     return tokenizer, config
@@ -112,12 +171,20 @@ def _modernbert_tokenizer(out: Path):
     backend = Tokenizer.from_str(tok._tokenizer.to_str())
     cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
     backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
     vocab.unlink()
     merges.unlink()
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
-        mask_token="[MASK]", model_max_length=128, model_input_names=["input_ids", "attention_mask"])
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+        model_max_length=128,
+        model_input_names=["input_ids", "attention_mask"],
+    )
 
 
 def build(arch: str, out: Path, task: str = "text-classification", num_labels: int = 3) -> Path:

@@ -23,7 +23,7 @@ CORPUS = [
     "Numbers like 42, 3.14 and 2026 appear in text too.",
     "Émile a visité Zürich et São Paulo en été.",
     "Tokenizers split words into pieces: un-break-able, re-think-ing.",
-    "She said: \"hello, world\" and left the room.",
+    'She said: "hello, world" and left the room.',
     "Onnx runtime sessions run the exported graphs on the CPU or the GPU.",
     "Short.",
     "Another line, with commas, semicolons; and dashes - everywhere.",
@@ -46,6 +46,7 @@ def _save(model, tokenizer, out: Path) -> Path:
 
 
 # --- tokenizers -------------------------------------------------------------------------
+
 
 def train_wordpiece_vocab(out: Path, vocab_size: int = 300) -> Path:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -91,8 +92,12 @@ def train_sentencepiece(out: Path, name: str, vocab_size: int = 200, model_type:
 
 # --- encoders ---------------------------------------------------------------------------
 
+
 def _labels(task: str, n: int) -> dict:
-    names = {"text-classification": ["negative", "positive", "neutral"], "token-classification": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]}
+    names = {
+        "text-classification": ["negative", "positive", "neutral"],
+        "token-classification": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"],
+    }
     labels = names.get(task, [f"LABEL_{i}" for i in range(n)])[:n]
     return {"id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
 
@@ -117,7 +122,9 @@ def _encoder(arch: str, task: str, out: Path, num_labels: int, problem_type: str
             config = transformers.BertConfig(vocab_size=300, num_hidden_layers=2, type_vocab_size=2, **common)
             tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
         else:
-            config = transformers.DistilBertConfig(vocab_size=300, n_layers=2, dim=32, n_heads=4, hidden_dim=37, max_position_embeddings=128)
+            config = transformers.DistilBertConfig(
+                vocab_size=300, n_layers=2, dim=32, n_heads=4, hidden_dim=37, max_position_embeddings=128
+            )
             tokenizer = transformers.DistilBertTokenizerFast(vocab_file=str(vocab))
         tokenizer.model_max_length = 128
     elif arch == "roberta":
@@ -125,8 +132,12 @@ def _encoder(arch: str, task: str, out: Path, num_labels: int, problem_type: str
         tokenizer = transformers.RobertaTokenizerFast(vocab_file=str(vocab), merges_file=str(merges))
         tokenizer.model_max_length = 126
         config = transformers.RobertaConfig(
-            vocab_size=len(tokenizer), num_hidden_layers=2, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **{**common, "max_position_embeddings": 130},
+            vocab_size=len(tokenizer),
+            num_hidden_layers=2,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **{**common, "max_position_embeddings": 130},
         )
     else:
         raise ValueError(arch)
@@ -143,6 +154,7 @@ def _encoder(arch: str, task: str, out: Path, num_labels: int, problem_type: str
 
 # --- decoders ---------------------------------------------------------------------------
 
+
 def _gpt2(out: Path):
     import transformers
 
@@ -152,8 +164,13 @@ def _gpt2(out: Path):
     tokenizer = transformers.GPT2TokenizerFast(vocab_file=str(vocab), merges_file=str(merges))
     tokenizer.model_max_length = 256
     config = transformers.GPT2Config(
-        vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=4,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     model = transformers.GPT2LMHeadModel(config)
     return _save(model, tokenizer, out)
@@ -173,16 +190,28 @@ def gguf_blocks(model) -> None:
 
     for i, layer in enumerate(model.model.layers):
         kind = T.Q4_1 if i == 0 else T.Q4_0
-        for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                       layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+        for linear in (
+            layer.self_attn.q_proj,
+            layer.self_attn.k_proj,
+            layer.self_attn.v_proj,
+            layer.self_attn.o_proj,
+            layer.mlp.gate_proj,
+            layer.mlp.up_proj,
+            layer.mlp.down_proj,
+        ):
             to_blocks(linear, kind)
     to_blocks(model.lm_head, T.Q8_0)
     to_blocks(model.model.embed_tokens, T.Q8_0)
 
 
 ROPE_SCALING = {
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
     "linear": {"rope_type": "linear", "factor": 2.0},
     "dynamic": {"rope_type": "dynamic", "factor": 2.0},
 }
@@ -194,8 +223,9 @@ def _llama(out: Path, blocks: bool = False, rope: str | None = None):
 
     _torch_seed()
     out.mkdir(parents=True, exist_ok=True)
-    spm_file = train_sentencepiece(out, "spm", vocab_size=400, model_type="bpe", byte_fallback=True,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    spm_file = train_sentencepiece(
+        out, "spm", vocab_size=400, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1
+    )
     tokenizer = transformers.LlamaTokenizerFast(vocab_file=str(spm_file), legacy=False, from_slow=True)
     tokenizer.model_max_length = 256
     (out / "spm.model").unlink()
@@ -205,9 +235,16 @@ def _llama(out: Path, blocks: bool = False, rope: str | None = None):
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
         rope_scaling=ROPE_SCALING[rope] if rope else None,
     )
     model = transformers.LlamaForCausalLM(config)
@@ -224,6 +261,7 @@ def _llama(out: Path, blocks: bool = False, rope: str | None = None):
 
 # --- encoder-decoders -------------------------------------------------------------------
 
+
 def _t5(out: Path):
     import transformers
 
@@ -234,9 +272,19 @@ def _t5(out: Path):
     tokenizer.model_max_length = 128
     (out / "spiece.vocab").unlink()
     config = transformers.T5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2,
-        num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-        task_specific_params={"translation_en_to_de": {"prefix": "translate English to German: ", "max_length": 40, "num_beams": 2}},
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        task_specific_params={
+            "translation_en_to_de": {"prefix": "translate English to German: ", "max_length": 40, "num_beams": 2}
+        },
     )
     model = transformers.T5ForConditionalGeneration(config)
     return _save(model, tokenizer, out)
@@ -251,11 +299,21 @@ def _bart(out: Path):
     tokenizer = transformers.BartTokenizerFast(vocab_file=str(vocab), merges_file=str(merges))
     tokenizer.model_max_length = 128
     config = transformers.BartConfig(
-        vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37,
-        max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
-        forced_eos_token_id=tokenizer.eos_token_id, forced_bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=37,
+        decoder_ffn_dim=37,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id,
+        forced_bos_token_id=tokenizer.bos_token_id,
     )
     model = transformers.BartForConditionalGeneration(config)
     return _save(model, tokenizer, out)
@@ -282,15 +340,31 @@ def _marian(out: Path):
     vocab["<pad>"] = len(vocab)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
     tokenizer = transformers.MarianTokenizer(
-        source_spm=str(out / "source.spm"), target_spm=str(out / "target.spm"), vocab=str(out / "vocab.json"),
-        source_lang="en", target_lang="de", model_max_length=128,
+        source_spm=str(out / "source.spm"),
+        target_spm=str(out / "target.spm"),
+        vocab=str(out / "vocab.json"),
+        source_lang="en",
+        target_lang="de",
+        model_max_length=128,
     )
     pad = vocab["<pad>"]
     config = transformers.MarianConfig(
-        vocab_size=len(vocab), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=128,
-        pad_token_id=pad, eos_token_id=0, decoder_start_token_id=pad, forced_eos_token_id=0,
-        bad_words_ids=[[pad]], num_beams=4, max_length=64,
+        vocab_size=len(vocab),
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=37,
+        decoder_ffn_dim=37,
+        max_position_embeddings=128,
+        pad_token_id=pad,
+        eos_token_id=0,
+        decoder_start_token_id=pad,
+        forced_eos_token_id=0,
+        bad_words_ids=[[pad]],
+        num_beams=4,
+        max_length=64,
     )
     model = transformers.MarianMTModel(config)
     model.generation_config = transformers.GenerationConfig.from_model_config(config)
@@ -303,8 +377,15 @@ SEQ2SEQ = ("t5", "bart", "marian")
 ARCHITECTURES = ENCODERS + DECODERS + SEQ2SEQ
 
 
-def build(arch: str, out: Path, task: str | None = None, num_labels: int = 3, problem_type: str | None = None,
-          blocks: bool = False, rope: str | None = None) -> Path:
+def build(
+    arch: str,
+    out: Path,
+    task: str | None = None,
+    num_labels: int = 3,
+    problem_type: str | None = None,
+    blocks: bool = False,
+    rope: str | None = None,
+) -> Path:
     """Write a tiny random checkpoint of ARCH for TASK into OUT and return OUT. Llama only: BLOCKS gives it
     the weights of GGUF blocks (see gguf_blocks), ROPE a rope_scaling type (ROPE_SCALING)."""
     out = Path(out)

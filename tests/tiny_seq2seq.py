@@ -16,8 +16,16 @@ from pathlib import Path
 
 from tiny_models import _save, _torch_seed, train_sentencepiece
 
-_COMMON = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-               encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=128)
+_COMMON = dict(
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=37,
+    decoder_ffn_dim=37,
+    max_position_embeddings=128,
+)
 
 
 def _spm(out: Path) -> Path:
@@ -38,9 +46,13 @@ def _mbart(out: Path, fifty: bool = False) -> Path:
     tokenizer = cls(vocab_file=str(spm_file), src_lang="en_XX", tgt_lang="de_DE", from_slow=True)
     tokenizer.model_max_length = 128
     config = transformers.MBartConfig(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
-        forced_eos_token_id=tokenizer.eos_token_id, **_COMMON,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id,
+        **_COMMON,
     )
     model = transformers.MBartForConditionalGeneration(config)
     return _save(model, tokenizer, out)
@@ -53,13 +65,18 @@ def _nllb(out: Path) -> Path:
     _torch_seed()
     out.mkdir(parents=True, exist_ok=True)
     spm_file = _spm(out)
-    tokenizer = transformers.NllbTokenizerFast(vocab_file=str(spm_file), src_lang="eng_Latn", tgt_lang="deu_Latn",
-                                               from_slow=True)
+    tokenizer = transformers.NllbTokenizerFast(
+        vocab_file=str(spm_file), src_lang="eng_Latn", tgt_lang="deu_Latn", from_slow=True
+    )
     tokenizer.model_max_length = 128
     config = transformers.M2M100Config(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
-        scale_embedding=True, **_COMMON,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+        scale_embedding=True,
+        **_COMMON,
     )
     model = transformers.M2M100ForConditionalGeneration(config)
     return _save(model, tokenizer, out)
@@ -86,12 +103,23 @@ def _marian_multi(out: Path) -> Path:
             vocab.setdefault(sp.id_to_piece(i), len(vocab))
     vocab["<pad>"] = len(vocab)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
-    tokenizer = transformers.MarianTokenizer(source_spm=str(out / "source.spm"), target_spm=str(out / "target.spm"),
-                                             vocab=str(out / "vocab.json"), model_max_length=128)
+    tokenizer = transformers.MarianTokenizer(
+        source_spm=str(out / "source.spm"),
+        target_spm=str(out / "target.spm"),
+        vocab=str(out / "vocab.json"),
+        model_max_length=128,
+    )
     pad = vocab["<pad>"]
     config = transformers.MarianConfig(
-        vocab_size=len(vocab), pad_token_id=pad, eos_token_id=0, decoder_start_token_id=pad, forced_eos_token_id=0,
-        bad_words_ids=[[pad]], num_beams=4, max_length=64, **_COMMON,
+        vocab_size=len(vocab),
+        pad_token_id=pad,
+        eos_token_id=0,
+        decoder_start_token_id=pad,
+        forced_eos_token_id=0,
+        bad_words_ids=[[pad]],
+        num_beams=4,
+        max_length=64,
+        **_COMMON,
     )
     model = transformers.MarianMTModel(config)
     model.generation_config = transformers.GenerationConfig.from_model_config(config)
@@ -110,13 +138,25 @@ def _pegasus(out: Path) -> Path:
     (out / "spiece.vocab").unlink()
     tokenizer = transformers.PegasusTokenizer(vocab_file=str(spm_file), model_max_length=128)
     config = transformers.PegasusConfig(
-        vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, forced_eos_token_id=1,
-        scale_embedding=True, **_COMMON,
+        vocab_size=len(tokenizer),
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        forced_eos_token_id=1,
+        scale_embedding=True,
+        **_COMMON,
     )
     model = transformers.PegasusForConditionalGeneration(config)
     model.generation_config = transformers.GenerationConfig(
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, forced_eos_token_id=1, num_beams=4,
-        length_penalty=0.8, max_length=40, no_repeat_ngram_size=3, bad_words_ids=[[tokenizer.unk_token_id]],
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        forced_eos_token_id=1,
+        num_beams=4,
+        length_penalty=0.8,
+        max_length=40,
+        no_repeat_ngram_size=3,
+        bad_words_ids=[[tokenizer.unk_token_id]],
     )
     _save(model, tokenizer, out)
     (out / "tokenizer.json").unlink(missing_ok=True)  # slow only, as the hub's google/pegasus-* folders
@@ -125,13 +165,22 @@ def _pegasus(out: Path) -> Path:
 
 # eos output-row scale per architecture, found by generating for 16 lines of CORPUS with greedy search:
 # a few end within 2-10 tokens, some later, the rest run to 30 tokens.
-EOS_SCALE = {"t5": 2.0, "marian": 1.2, "marian_multi": 1.2, "bart": -3.0, "mbart": 3.0, "nllb": 12.0, "mbart50": 6.0,
-             "pegasus": -1.4}
+EOS_SCALE = {
+    "t5": 2.0,
+    "marian": 1.2,
+    "marian_multi": 1.2,
+    "bart": -3.0,
+    "mbart": 3.0,
+    "nllb": 12.0,
+    "mbart50": 6.0,
+    "pegasus": -1.4,
+}
 KEEP_POSITIONS = {"pegasus"}  # its sinusoidal table is what the family test is about
 
 
-def sharpen(source: Path, out: Path, eos_scale: float, std: float = 0.3, seed: int = 1,
-            keep_positions: bool = False) -> Path:
+def sharpen(
+    source: Path, out: Path, eos_scale: float, std: float = 0.3, seed: int = 1, keep_positions: bool = False
+) -> Path:
     """A copy of the checkpoint SOURCE with weight matrices redrawn from N(0, std) and eos's row scaled
     (KEEP_POSITIONS: not the position tables, so sinusoidal ones stay sinusoidal)."""
     import shutil
@@ -153,8 +202,13 @@ def sharpen(source: Path, out: Path, eos_scale: float, std: float = 0.3, seed: i
     return out
 
 
-BUILDERS = {"marian_multi": _marian_multi, "mbart": _mbart, "mbart50": lambda out: _mbart(out, fifty=True), "nllb": _nllb,
-            "pegasus": _pegasus}
+BUILDERS = {
+    "marian_multi": _marian_multi,
+    "mbart": _mbart,
+    "mbart50": lambda out: _mbart(out, fifty=True),
+    "nllb": _nllb,
+    "pegasus": _pegasus,
+}
 
 
 def build(arch: str, out: Path) -> Path:

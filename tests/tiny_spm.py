@@ -14,16 +14,43 @@ from pathlib import Path
 
 from tiny_models import CORPUS, _save, _torch_seed, train_sentencepiece
 
-_T5 = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2, num_heads=4,
-           decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+_T5 = dict(
+    d_model=32,
+    d_kv=8,
+    d_ff=37,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+)
 
 # variant -> (config class, model class, config entries, initializer_factor, eos row scale).
 # The factors give max |logits| of a few hundred (untied) and ~30 (tied: T5 rescales by d_model**-0.5);
 # the eos scale makes some greedy outputs end early and others run long.
 T5_VARIANTS = {
-    "t5-v1_1": ("T5Config", "T5ForConditionalGeneration", dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False), 4.0, 2.0),
-    "mt5": ("MT5Config", "MT5ForConditionalGeneration", dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False), 4.0, 2.0),
-    "t5-relu-tied": ("T5Config", "T5ForConditionalGeneration", dict(feed_forward_proj="relu", tie_word_embeddings=True), 4.0, 3.0),
+    "t5-v1_1": (
+        "T5Config",
+        "T5ForConditionalGeneration",
+        dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+        4.0,
+        2.0,
+    ),
+    "mt5": (
+        "MT5Config",
+        "MT5ForConditionalGeneration",
+        dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+        4.0,
+        2.0,
+    ),
+    "t5-relu-tied": (
+        "T5Config",
+        "T5ForConditionalGeneration",
+        dict(feed_forward_proj="relu", tie_word_embeddings=True),
+        4.0,
+        3.0,
+    ),
 }
 
 
@@ -49,14 +76,18 @@ def t5_variant(variant: str, out: Path) -> Path:
 # CORPUS and lines with the characters the hostile texts use (accents, CJK, Hangul, Cyrillic, emoji,
 # combining marks), so that a SentencePiece model trained on it has pieces for them, which a vocab.json
 # can then lack.
-WIDE_CORPUS = CORPUS + [
-    "Zoë et Søren à Kraków et Reykjavík : naïve façade, jalapeño, Zürich, São Paulo.",
-    "東京は日本の首都です。北京是中国的首都。東京と北京。",
-    "서울은 한국의 수도입니다. 서울과 한국.",
-    "Съешь же ещё этих булок, да выпей чаю.",
-    "Emoji 😀 and 👍🏽 and ❤️ and ✓ ☃ in a line; 😀 again.",
-    "Combining marks: Z\u0335\u0321a\u0336\u0322l\u0337\u0328g\u0338o and n\u0303.",
-] * 4
+WIDE_CORPUS = (
+    CORPUS
+    + [
+        "Zoë et Søren à Kraków et Reykjavík : naïve façade, jalapeño, Zürich, São Paulo.",
+        "東京は日本の首都です。北京是中国的首都。東京と北京。",
+        "서울은 한국의 수도입니다. 서울과 한국.",
+        "Съешь же ещё этих булок, да выпей чаю.",
+        "Emoji 😀 and 👍🏽 and ❤️ and ✓ ☃ in a line; 😀 again.",
+        "Combining marks: Z\u0335\u0321a\u0336\u0322l\u0337\u0328g\u0338o and n\u0303.",
+    ]
+    * 4
+)
 # Not "o\u0302\u0323" (as in HOSTILE_TEXTS): tokenizers' Precompiled normalizer drops the U+0323 that
 # sentencepiece keeps (huggingface/tokenizers#2116), which the export's check then refuses; with no
 # "ô" or U+0323 piece both sides give <unk> there.
@@ -67,9 +98,20 @@ def train_spm(out: Path, name: str, vocab_size: int, corpus: list[str] = CORPUS,
     import sentencepiece as spm
 
     prefix = out / name
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(prefix), vocab_size=vocab_size,
-                                   model_type="unigram", hard_vocab_limit=False, character_coverage=1.0,
-                                   minloglevel=2, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, **kw)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        minloglevel=2,
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        **kw,
+    )
     (out / f"{name}.vocab").unlink()
     return prefix.with_suffix(".model").rename(out / f"{name}.spm")
 
@@ -104,8 +146,9 @@ def vocab_of(spm_files: list[Path], first: dict[str, int], drop_every: int = 0) 
     return vocab, dropped
 
 
-def spm_vocab(out: Path, name: str, vocab_size: int, first: dict[str, int], drop_every: int = 0,
-              corpus: list[str] = CORPUS) -> tuple[Path, dict[str, int]]:
+def spm_vocab(
+    out: Path, name: str, vocab_size: int, first: dict[str, int], drop_every: int = 0, corpus: list[str] = CORPUS
+) -> tuple[Path, dict[str, int]]:
     """NAME.spm trained on CORPUS and a vocab.json of its pieces (see vocab_of)."""
     spm_file = train_spm(out, name, vocab_size, corpus)
     return spm_file, vocab_of([spm_file], first, drop_every)[0]
@@ -124,12 +167,24 @@ def m2m100(out: Path, drop_every: int = 0) -> Path:
     spm_file, vocab = spm_vocab(out, "spm", size, {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}, drop_every, corpus)
     spm_file = spm_file.rename(out / "sentencepiece.bpe.model")
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    tokenizer = transformers.M2M100Tokenizer(vocab_file=str(out / "vocab.json"), spm_file=str(spm_file),
-                                             src_lang="en", tgt_lang="de", model_max_length=128)
+    tokenizer = transformers.M2M100Tokenizer(
+        vocab_file=str(out / "vocab.json"), spm_file=str(spm_file), src_lang="en", tgt_lang="de", model_max_length=128
+    )
     config = transformers.M2M100Config(
-        vocab_size=max(tokenizer.lang_token_to_id.values()) + 1 + 8, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=128,
-        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, scale_embedding=True,
+        vocab_size=max(tokenizer.lang_token_to_id.values()) + 1 + 8,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=37,
+        decoder_ffn_dim=37,
+        max_position_embeddings=128,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        scale_embedding=True,
     )
     model = transformers.M2M100ForConditionalGeneration(config)
     return _save(model, tokenizer, out)
@@ -148,14 +203,32 @@ def marian(out: Path, drop_every: int = 5) -> Path:
     vocab, _ = vocab_of([src, tgt], {"</s>": 0, "<unk>": 1}, drop_every)
     vocab["<pad>"] = len(vocab)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
-    tokenizer = transformers.MarianTokenizer(source_spm=str(src), target_spm=str(tgt), vocab=str(out / "vocab.json"),
-                                             source_lang="en", target_lang="de", model_max_length=128)
+    tokenizer = transformers.MarianTokenizer(
+        source_spm=str(src),
+        target_spm=str(tgt),
+        vocab=str(out / "vocab.json"),
+        source_lang="en",
+        target_lang="de",
+        model_max_length=128,
+    )
     pad = vocab["<pad>"]
     config = transformers.MarianConfig(
-        vocab_size=len(vocab), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=128,
-        pad_token_id=pad, eos_token_id=0, decoder_start_token_id=pad, forced_eos_token_id=0,
-        bad_words_ids=[[pad]], num_beams=4, max_length=64,
+        vocab_size=len(vocab),
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=37,
+        decoder_ffn_dim=37,
+        max_position_embeddings=128,
+        pad_token_id=pad,
+        eos_token_id=0,
+        decoder_start_token_id=pad,
+        forced_eos_token_id=0,
+        bad_words_ids=[[pad]],
+        num_beams=4,
+        max_length=64,
     )
     model = transformers.MarianMTModel(config)
     model.generation_config = transformers.GenerationConfig.from_model_config(config)

@@ -1,8 +1,8 @@
 """onnxpipe: stream text through exported Transformer models with ONNX Runtime.
 
-    import onnxpipe
-    clf = onnxpipe.load("sentiment")     # see onnxpipe.api
-    clf(["great film", "dull"])
+import onnxpipe
+clf = onnxpipe.load("sentiment")     # see onnxpipe.api
+clf(["great film", "dull"])
 """
 
 from __future__ import annotations

@@ -55,8 +55,14 @@ class _Collector:
 class Pipeline:
     """An opened export and its task family. Sessions are made once and reused by every call."""
 
-    def __init__(self, model: Any, family: TaskFamily, batch_size: int | None = None,
-                 max_batch_tokens: int | None = None, on_error: str = "fail"):
+    def __init__(
+        self,
+        model: Any,
+        family: TaskFamily,
+        batch_size: int | None = None,
+        max_batch_tokens: int | None = None,
+        on_error: str = "fail",
+    ):
         self.model = model
         self.family = family
         self.batch_size = batch_size or family.batch_size
@@ -141,8 +147,12 @@ class Pipeline:
                 raise UsageError(f"input {i} is a {type(text).__name__}, not a str")
         task = self.task_for(options)
         collector = _Collector()
-        engine_options = EngineOptions(batch_size=self.batch_size, max_batch_tokens=self.max_batch_tokens,
-                                       on_error=self.on_error, window=max(len(texts), 1))
+        engine_options = EngineOptions(
+            batch_size=self.batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+            on_error=self.on_error,
+            window=max(len(texts), 1),
+        )
         records = [Record(seq=i, text=t, source="<api>", line=i + 1, nbytes=len(t) + 1) for i, t in enumerate(texts)]
         Engine(task, collector, engine_options).run_records(records)  # type: ignore[arg-type]
         return collector.take()
@@ -156,8 +166,16 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def load(name_or_path: str | Path, device: str = "auto", threads: int | None = None, *, task: str | None = None,
-         batch_size: int | None = None, max_batch_tokens: int | None = None, on_error: str = "fail") -> Pipeline:
+def load(
+    name_or_path: str | Path,
+    device: str = "auto",
+    threads: int | None = None,
+    *,
+    task: str | None = None,
+    batch_size: int | None = None,
+    max_batch_tokens: int | None = None,
+    on_error: str = "fail",
+) -> Pipeline:
     """Open an export (a name in the export home, or a path) for its task.
 
     DEVICE is auto, cpu, cuda or cuda:N, as the CLI's --device (cuda never falls back to the CPU);
@@ -191,7 +209,8 @@ def _capped_threads(threads: Any) -> int:
         raise UsageError(f"threads must be a positive int or None, not {threads!r}")
     usable = usable_cpus()
     if threads > usable:
-        warnings.warn(f"threads={threads}: only {usable} CPU(s) usable here; using {usable}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"threads={threads}: only {usable} CPU(s) usable here; using {usable}", RuntimeWarning, stacklevel=3
+        )
         return usable
     return threads

@@ -46,8 +46,10 @@ def resolve_model(ref: str | os.PathLike) -> Path:
     try:
         return _resolve(text)
     except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES...
-        raise ModelNotFoundError(f"cannot use {str(ref)[:80]!r} as an export: {exc.strerror or exc}",
-                                 hint="give a shorter path or an export name") from None
+        raise ModelNotFoundError(
+            f"cannot use {str(ref)[:80]!r} as an export: {exc.strerror or exc}",
+            hint="give a shorter path or an export name",
+        ) from None
 
 
 def _resolve(ref: str) -> Path:

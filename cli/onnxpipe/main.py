@@ -131,12 +131,17 @@ def _print_version(ctx: click.Context, _param, value: bool) -> None:
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
-              help="Show the onnxpipe, onnxruntime and provider versions.")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the onnxpipe, onnxruntime and provider versions.",
+)
 @click.option("-v", "--verbose", count=True, help="Say more on stderr (repeatable).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and warnings on stderr.")
-@click.option("--traceback", is_flag=True, envvar="ONNXPIPE_TRACEBACK",
-              help="Show the Python traceback on errors.")
+@click.option("--traceback", is_flag=True, envvar="ONNXPIPE_TRACEBACK", help="Show the Python traceback on errors.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool, traceback: bool) -> None:
     """Stream text through exported Transformer models with ONNX Runtime.

@@ -58,8 +58,15 @@ MAX_MANIFEST_BYTES = 16 << 20  # ours are a few KB; a bigger one is not ours
 # The graphs each family needs under `files`.
 GRAPHS = {"encoder": ("model",), "decoder": ("model",), "seq2seq": ("encoder", "decoder")}
 # Files the runtime opens by fixed name: they must not lead out of the folder either.
-FIXED_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
-               "chat_template.jinja", "modules.json", "1_Pooling/config.json")
+FIXED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "modules.json",
+    "1_Pooling/config.json",
+)
 _NO_CHECKSUMS = "no checksums recorded (exported by an older onnxpipe)"
 
 
@@ -76,8 +83,10 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ExportFolderError(f"cannot read {path}: {exc.strerror or exc}") from None
     if len(raw) > MAX_MANIFEST_BYTES:
-        raise ExportFolderError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MB: not an onnxpipe manifest",
-                                hint="re-run onnxpipe export")
+        raise ExportFolderError(
+            f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MB: not an onnxpipe manifest",
+            hint="re-run onnxpipe export",
+        )
     try:
         data = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
@@ -137,13 +146,17 @@ def inside(folder: Path, rel: Any, what: str | None = None) -> Path:
     if not isinstance(rel, str) or not rel or "\x00" in rel:
         raise ExportFolderError(f"{label} is not a file name ({rel!r})", hint="re-run onnxpipe export")
     if os.path.isabs(rel) or rel.startswith("~") or ".." in Path(rel).parts:
-        raise ExportFolderError(f"{label} = {rel!r} leads out of the export folder; refusing to open it",
-                                hint="only use export folders from a source you trust, or re-run onnxpipe export")
+        raise ExportFolderError(
+            f"{label} = {rel!r} leads out of the export folder; refusing to open it",
+            hint="only use export folders from a source you trust, or re-run onnxpipe export",
+        )
     base = os.path.realpath(folder)
     target = os.path.realpath(os.path.join(base, rel))
     if os.path.commonpath([base, target]) != base:
-        raise ExportFolderError(f"{label} ({rel}) is a link to {target}, outside the export folder; refusing to open it",
-                                hint="copy the file into the folder, or re-run onnxpipe export")
+        raise ExportFolderError(
+            f"{label} ({rel}) is a link to {target}, outside the export folder; refusing to open it",
+            hint="copy the file into the folder, or re-run onnxpipe export",
+        )
     return Path(folder) / rel
 
 
@@ -163,12 +176,26 @@ def _schema_problem(data: Any) -> str | None:
     if not isinstance(family, str) or family != FAMILY[task]:
         return f"family {family!r} does not fit task {task} (expected {FAMILY[task]!r})"
     types = {
-        "name": (str,), "files": (dict,), "tokenizer": (dict,), "special_tokens": (dict, type(None)),
-        "labels": (list, type(None)), "problem_type": (str, type(None)), "pooling": (str, type(None)),
-        "normalize": (bool,), "opset": (int, type(None)), "precision": (str, type(None)),
-        "optimization": (str, type(None)), "graph": (dict,), "validation": (dict, type(None)),
-        "versions": (dict,), "source": (dict,), "architecture": (str, type(None)), "model_type": (str, type(None)),
-        "checksums": (dict,), "dense": (list,), "max_seq_length": (int, type(None)),
+        "name": (str,),
+        "files": (dict,),
+        "tokenizer": (dict,),
+        "special_tokens": (dict, type(None)),
+        "labels": (list, type(None)),
+        "problem_type": (str, type(None)),
+        "pooling": (str, type(None)),
+        "normalize": (bool,),
+        "opset": (int, type(None)),
+        "precision": (str, type(None)),
+        "optimization": (str, type(None)),
+        "graph": (dict,),
+        "validation": (dict, type(None)),
+        "versions": (dict,),
+        "source": (dict,),
+        "architecture": (str, type(None)),
+        "model_type": (str, type(None)),
+        "checksums": (dict,),
+        "dense": (list,),
+        "max_seq_length": (int, type(None)),
     }
     for key, allowed in types.items():
         if key in data and not isinstance(data[key], allowed):
@@ -179,20 +206,29 @@ def _schema_problem(data: Any) -> str | None:
             return f"files.{key} is a JSON {_kind(value)}, expected a string"
     missing = [g for g in GRAPHS[family] if g not in files]
     if missing:
-        return (f"a {task} export needs the graph{'s' if len(missing) > 1 else ''} "
-                f"{', '.join(missing)} under 'files' (it has: {', '.join(files) or 'none'})")
+        return (
+            f"a {task} export needs the graph{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(missing)} under 'files' (it has: {', '.join(files) or 'none'})"
+        )
     tok = data.get("tokenizer") or {}
     for key in ("file", "target_file", "chat_template"):
         if tok.get(key) is not None and not isinstance(tok[key], str):
             return f"tokenizer.{key} is a JSON {_kind(tok[key])}, expected a string"
-    if "max_length" in tok and tok["max_length"] is not None and (not isinstance(tok["max_length"], int) or isinstance(tok["max_length"], bool)):
+    if (
+        "max_length" in tok
+        and tok["max_length"] is not None
+        and (not isinstance(tok["max_length"], int) or isinstance(tok["max_length"], bool))
+    ):
         return f"tokenizer.max_length is a JSON {_kind(tok['max_length'])}, expected an integer"
     for key in ("unk_remap", "target_unk_remap"):
         remap = tok.get(key)
-        if remap is not None and not (isinstance(remap, dict) and set(remap) == {"from_id", "unk_id"} and all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in remap.values())
-                and remap["unk_id"] < remap["from_id"]):
-            return f"tokenizer.{key} must be {{\"from_id\": int, \"unk_id\": int}} (unk_id below from_id) or null"
+        if remap is not None and not (
+            isinstance(remap, dict)
+            and set(remap) == {"from_id", "unk_id"}
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in remap.values())
+            and remap["unk_id"] < remap["from_id"]
+        ):
+            return f'tokenizer.{key} must be {{"from_id": int, "unk_id": int}} (unk_id below from_id) or null'
     graph = data.get("graph") or {}
     for key in ("inputs", "outputs", "encoder_inputs", "encoder_outputs"):
         if key in graph and not (isinstance(graph[key], list) and all(isinstance(n, str) for n in graph[key])):
@@ -201,9 +237,12 @@ def _schema_problem(data: Any) -> str | None:
         if graph.get(key) is not None and not _is_count(graph[key]):
             return f"graph.{key} must be a positive integer or null"
     for i, layer in enumerate(data.get("dense") or []):
-        if not isinstance(layer, dict) or not isinstance(layer.get("weight"), str) \
-                or not isinstance(layer.get("bias"), (str, type(None))):
-            return f"dense[{i}] must be an object with a \"weight\" file name (and a \"bias\" one or null)"
+        if (
+            not isinstance(layer, dict)
+            or not isinstance(layer.get("weight"), str)
+            or not isinstance(layer.get("bias"), (str, type(None)))
+        ):
+            return f'dense[{i}] must be an object with a "weight" file name (and a "bias" one or null)'
     labels = data.get("labels")
     if labels is not None and not all(isinstance(label, str) for label in labels):
         return "labels must be a list of strings"
@@ -212,14 +251,25 @@ def _schema_problem(data: Any) -> str | None:
         if id_key.endswith("_token_id") and not all(_is_token_id(v) for v in values):
             return f"special_tokens.{id_key} must be a token id (an integer from 0), a list of them, or null"
     for rel, entry in (data.get("checksums") or {}).items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and not isinstance(entry["size"], bool)
-                and isinstance(entry.get("sha256"), str)):
-            return f"checksums[{rel!r}] must be {{\"size\": int, \"sha256\": str}}"
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("size"), int)
+            and not isinstance(entry["size"], bool)
+            and isinstance(entry.get("sha256"), str)
+        ):
+            return f'checksums[{rel!r}] must be {{"size": int, "sha256": str}}'
     return None
 
 
-_JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer", bool: "boolean", float: "number",
-               type(None): "null"}
+_JSON_NAMES = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    int: "integer",
+    bool: "boolean",
+    float: "number",
+    type(None): "null",
+}
 
 
 def _is_int(value: Any) -> bool:
@@ -245,6 +295,7 @@ def _one_line(exc: BaseException) -> str:
 
 # --- checksums --------------------------------------------------------------------------
 
+
 def folder_files(folder: Path) -> list[str]:
     """Every regular file under FOLDER (relative, '/'-separated, sorted), the manifest excepted; links not followed."""
     found = []
@@ -267,8 +318,10 @@ def sha256_file(path: Path) -> str:
 
 def checksums(folder: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {"size", "sha256"}} for every file of an export folder but the manifest."""
-    return {rel: {"size": os.path.getsize(Path(folder) / rel), "sha256": sha256_file(Path(folder) / rel)}
-            for rel in folder_files(folder)}
+    return {
+        rel: {"size": os.path.getsize(Path(folder) / rel), "sha256": sha256_file(Path(folder) / rel)}
+        for rel in folder_files(folder)
+    }
 
 
 def file_problems(folder: Path, manifest: dict[str, Any], full: bool = False) -> list[str]:

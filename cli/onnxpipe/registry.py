@@ -20,12 +20,32 @@ from onnxpipe.errors import UsageError
 # For generate, max_length and min_length count the prompt, as transformers counts them at batch 1 (each row's
 # own prompt: a record's result never depends on its batch-mates' lengths).
 DECODING_OPTIONS: tuple[str, ...] = (
-    "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k", "top_p", "seed", "num_beams",
-    "length_penalty", "early_stopping", "num_return_sequences", "repetition_penalty", "no_repeat_ngram_size",
+    "max_new_tokens",
+    "max_length",
+    "min_new_tokens",
+    "min_length",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "num_beams",
+    "length_penalty",
+    "early_stopping",
+    "num_return_sequences",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
 )
 SEQ2SEQ_DECODING: tuple[str, ...] = (
-    "num_beams", "length_penalty", "max_length", "max_new_tokens", "min_length", "min_new_tokens", "no_repeat_ngram_size",
-    "num_return_sequences", "early_stopping",
+    "num_beams",
+    "length_penalty",
+    "max_length",
+    "max_new_tokens",
+    "min_length",
+    "min_new_tokens",
+    "no_repeat_ngram_size",
+    "num_return_sequences",
+    "early_stopping",
 )
 
 
@@ -33,7 +53,9 @@ def sampling_settings(overrides: dict[str, Any]) -> dict[str, Any]:
     """Asking for a sampling setting means sampling; temperature 0 means greedy (as generate's flags do)."""
     out = dict(overrides)
     top_p = out.get("top_p")
-    if out.get("do_sample") is None and (out.get("temperature") or out.get("top_k") or (top_p is not None and top_p < 1.0)):
+    if out.get("do_sample") is None and (
+        out.get("temperature") or out.get("top_k") or (top_p is not None and top_p < 1.0)
+    ):
         out["do_sample"] = True
     if out.get("temperature") == 0.0:
         out["do_sample"], out["temperature"] = False, None
@@ -64,8 +86,10 @@ class TaskFamily:
         """The task object for MODEL (an opened export) with OPTIONS (unknown ones are a usage error)."""
         unknown = sorted(set(options) - set(self.options))
         if unknown:
-            raise UsageError(f"{self.name} takes no option {', '.join(map(repr, unknown))}",
-                             hint="its options: " + ", ".join(self.options))
+            raise UsageError(
+                f"{self.name} takes no option {', '.join(map(repr, unknown))}",
+                hint="its options: " + ", ".join(self.options),
+            )
         return _FACTORIES.get(self.name, _keywords)(self, model, dict(options))
 
 
@@ -81,19 +105,48 @@ def _generate(family: TaskFamily, model: Any, options: dict[str, Any]) -> Any:
 _FACTORIES: dict[str, Callable[[TaskFamily, Any, dict[str, Any]], Any]] = {"generate": _generate}
 
 # In the order `export --task` lists them; where families share an export task, the first is its default.
-FAMILIES: dict[str, TaskFamily] = {f.name: f for f in (
-    TaskFamily("classify", ("text-classification",), "encoder", "onnxpipe.tasks.classify:ClassifyTask",
-               ("top_k", "threshold", "function")),
-    TaskFamily("tag", ("token-classification",), "encoder", "onnxpipe.tasks.tag:TagTask", ("aggregation",)),
-    TaskFamily("embed", ("feature-extraction",), "encoder", "onnxpipe.tasks.embed:EmbedTask", ("pooling", "normalize")),
-    TaskFamily("fill-mask", ("fill-mask",), "encoder", "onnxpipe.tasks.fill_mask:FillMaskTask", ("top_k",)),
-    TaskFamily("generate", ("text-generation",), "decoder", "onnxpipe.tasks.causal:GenerateTask",
-               ("chat", "system", "stop", *DECODING_OPTIONS), batch_size=16),
-    TaskFamily("translate", ("text2text-generation",), "seq2seq", "onnxpipe.tasks.seq2seq:Seq2SeqTask",
-               ("prefix", "source_lang", "target_lang", *SEQ2SEQ_DECODING), max_batch_tokens=8192),
-    TaskFamily("summarize", ("text2text-generation",), "seq2seq", "onnxpipe.tasks.seq2seq:Seq2SeqTask",
-               ("prefix", *SEQ2SEQ_DECODING), batch_size=16, fixed={"summarize": True}),
-)}
+FAMILIES: dict[str, TaskFamily] = {
+    f.name: f
+    for f in (
+        TaskFamily(
+            "classify",
+            ("text-classification",),
+            "encoder",
+            "onnxpipe.tasks.classify:ClassifyTask",
+            ("top_k", "threshold", "function"),
+        ),
+        TaskFamily("tag", ("token-classification",), "encoder", "onnxpipe.tasks.tag:TagTask", ("aggregation",)),
+        TaskFamily(
+            "embed", ("feature-extraction",), "encoder", "onnxpipe.tasks.embed:EmbedTask", ("pooling", "normalize")
+        ),
+        TaskFamily("fill-mask", ("fill-mask",), "encoder", "onnxpipe.tasks.fill_mask:FillMaskTask", ("top_k",)),
+        TaskFamily(
+            "generate",
+            ("text-generation",),
+            "decoder",
+            "onnxpipe.tasks.causal:GenerateTask",
+            ("chat", "system", "stop", *DECODING_OPTIONS),
+            batch_size=16,
+        ),
+        TaskFamily(
+            "translate",
+            ("text2text-generation",),
+            "seq2seq",
+            "onnxpipe.tasks.seq2seq:Seq2SeqTask",
+            ("prefix", "source_lang", "target_lang", *SEQ2SEQ_DECODING),
+            max_batch_tokens=8192,
+        ),
+        TaskFamily(
+            "summarize",
+            ("text2text-generation",),
+            "seq2seq",
+            "onnxpipe.tasks.seq2seq:Seq2SeqTask",
+            ("prefix", *SEQ2SEQ_DECODING),
+            batch_size=16,
+            fixed={"summarize": True},
+        ),
+    )
+}
 
 
 def export_tasks(kind: str | None = None) -> tuple[str, ...]:
@@ -119,11 +172,15 @@ def family_for_export(export_task: str | None, wanted: str | None = None) -> Tas
     if wanted is not None:
         family = family_named(wanted)
         if export_task not in family.export_tasks:
-            raise UsageError(f"{wanted} needs a {' or '.join(family.export_tasks)} export, not {export_task}",
-                             hint=f"load it without task=, or export the model with --task {family.export_tasks[0]}")
+            raise UsageError(
+                f"{wanted} needs a {' or '.join(family.export_tasks)} export, not {export_task}",
+                hint=f"load it without task=, or export the model with --task {family.export_tasks[0]}",
+            )
         return family
     for family in FAMILIES.values():
         if export_task in family.export_tasks:
             return family
-    raise UsageError(f"no onnxpipe task runs {export_task!r} exports",
-                     hint="known export tasks: " + ", ".join(sorted({t for f in FAMILIES.values() for t in f.export_tasks})))
+    raise UsageError(
+        f"no onnxpipe task runs {export_task!r} exports",
+        hint="known export tasks: " + ", ".join(sorted({t for f in FAMILIES.values() for t in f.export_tasks})),
+    )

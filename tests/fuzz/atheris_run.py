@@ -49,11 +49,22 @@ def seeds(name: str) -> list[bytes]:
     import json
 
     if name == "manifest_loader":
-        full = {**_manifest(), "family": "encoder", "graph": {"inputs": ["input_ids"], "outputs": ["logits"]},
-                "special_tokens": {"pad_token_id": 0}, "checksums": {"model.onnx": {"size": 0, "sha256": "0" * 64}}}
+        full = {
+            **_manifest(),
+            "family": "encoder",
+            "graph": {"inputs": ["input_ids"], "outputs": ["logits"]},
+            "special_tokens": {"pad_token_id": 0},
+            "checksums": {"model.onnx": {"size": 0, "sha256": "0" * 64}},
+        }
         return [json.dumps(_manifest()).encode(), json.dumps(full).encode()]
-    lines = ['{"text": "a good film", "id": 1}', '{"text": null}', "[1, 2]", "col1\tcol2\tcol3", "plain text é 🙂",
-             '{"text": "x", "n": 1e400, "d": {"a": [1, {"b": "c"}]}}']
+    lines = [
+        '{"text": "a good film", "id": 1}',
+        '{"text": null}',
+        "[1, 2]",
+        "col1\tcol2\tcol3",
+        "plain text é 🙂",
+        '{"text": "x", "n": 1e400, "d": {"a": [1, {"b": "c"}]}}',
+    ]
     return [bytes([0, 1, 2, 0]) + line.encode() for line in lines]  # three choice bytes, then the line
 
 

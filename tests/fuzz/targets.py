@@ -29,11 +29,42 @@ from onnxpipe.stream.writers import make_writer
 
 FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
-JSON_TOKENS = st.sampled_from([b"{", b"}", b"[", b"]", b",", b":", b'"text"', b'"a"', b"1", b"-0", b"1e400",
-                               b"9" * 4400, b"NaN", b"Infinity", b"-Infinity", b"true", b"null", b'"\\ud800"',
-                               b'"\\u0000"', b"\xff", b" ", b"\t", b"\r", b"\\", b'"', "é🙂\u2028".encode(),
-                               b"[" * 300, b"]" * 300, b'{"text": ' * 50])
-LINES = (st.binary(max_size=200) | st.lists(JSON_TOKENS, max_size=30).map(b"".join)).map(lambda b: b.replace(b"\n", b""))  # a line
+JSON_TOKENS = st.sampled_from(
+    [
+        b"{",
+        b"}",
+        b"[",
+        b"]",
+        b",",
+        b":",
+        b'"text"',
+        b'"a"',
+        b"1",
+        b"-0",
+        b"1e400",
+        b"9" * 4400,
+        b"NaN",
+        b"Infinity",
+        b"-Infinity",
+        b"true",
+        b"null",
+        b'"\\ud800"',
+        b'"\\u0000"',
+        b"\xff",
+        b" ",
+        b"\t",
+        b"\r",
+        b"\\",
+        b'"',
+        "é🙂\u2028".encode(),
+        b"[" * 300,
+        b"]" * 300,
+        b'{"text": ' * 50,
+    ]
+)
+LINES = (st.binary(max_size=200) | st.lists(JSON_TOKENS, max_size=30).map(b"".join)).map(
+    lambda b: b.replace(b"\n", b"")
+)  # a line
 
 
 class _Task:
@@ -48,8 +79,12 @@ class _Task:
 
 
 @FUZZ
-@given(raw=LINES, parser_kw=st.sampled_from([{}, {"field": "text"}, {"column": 2}]),
-       fmt=st.sampled_from(["text", "jsonl", "tsv"]), line=st.integers(1, 3))
+@given(
+    raw=LINES,
+    parser_kw=st.sampled_from([{}, {"field": "text"}, {"column": 2}]),
+    fmt=st.sampled_from(["text", "jsonl", "tsv"]),
+    line=st.integers(1, 3),
+)
 def fuzz_record_parser(raw, parser_kw, fmt, line):
     check_record(raw, parser_kw, fmt, line)
 
@@ -71,23 +106,42 @@ def check_record(raw: bytes, parser_kw: dict, fmt: str, line: int) -> None:
 
 
 def _manifest() -> dict:
-    return {"format": 1, "task": "text-classification", "architecture": "BertForSequenceClassification",
-            "files": {"model": "model.onnx"}, "tokenizer": {"file": "tokenizer.json"},
-            "labels": ["a", "b"], "opset": 17, "precision": "fp32"}
+    return {
+        "format": 1,
+        "task": "text-classification",
+        "architecture": "BertForSequenceClassification",
+        "files": {"model": "model.onnx"},
+        "tokenizer": {"file": "tokenizer.json"},
+        "labels": ["a", "b"],
+        "opset": 17,
+        "precision": "fp32",
+    }
 
 
-MUTATIONS = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20)
-                         | st.sampled_from(["../x", "/etc/passwd", "model.onnx", "", ".", "a/../../b"]),
-                         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-                         max_leaves=8)
+MUTATIONS = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(max_size=20)
+    | st.sampled_from(["../x", "/etc/passwd", "model.onnx", "", ".", "a/../../b"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
 
 
 @FUZZ
-@given(content=st.binary(max_size=300) | st.tuples(st.sampled_from(["format", "task", "files", "tokenizer", "labels",
-                                                                     "architecture", "opset", "extra"]),
-                                                    MUTATIONS, st.booleans()).map(
-    lambda m: json.dumps({**_manifest(), m[0]: m[1]} if m[2] else
-                         {k: v for k, v in _manifest().items() if k != m[0]}).encode()))
+@given(
+    content=st.binary(max_size=300)
+    | st.tuples(
+        st.sampled_from(["format", "task", "files", "tokenizer", "labels", "architecture", "opset", "extra"]),
+        MUTATIONS,
+        st.booleans(),
+    ).map(
+        lambda m: json.dumps(
+            {**_manifest(), m[0]: m[1]} if m[2] else {k: v for k, v in _manifest().items() if k != m[0]}
+        ).encode()
+    )
+)
 def fuzz_manifest_loader(content):
     check_manifest(content)
 

@@ -22,60 +22,102 @@ _EARLY_STOPPING = {"true": True, "false": False, "never": "never"}
 # name -> the click option, in the order --help lists them.
 DECODING_FLAGS: dict[str, Callable[[Callable], Callable]] = {
     "max_new_tokens": click.option(
-        "--max-new-tokens", type=click.IntRange(min=1), metavar="N",
-        help="Generate at most N tokens (wins over --max-length). "
-             "[default: the model's generation_config, else 256]"),
+        "--max-new-tokens",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="Generate at most N tokens (wins over --max-length). [default: the model's generation_config, else 256]",
+    ),
     "max_length": click.option(
-        "--max-length", type=click.IntRange(min=2), metavar="N",
+        "--max-length",
+        type=click.IntRange(min=2),
+        metavar="N",
         help="At most N tokens in the whole sequence, as transformers' max_length counts them: the prompt and "
-             "the completion (decoder-only), or the decoder start token and the output (encoder-decoder)."),
+        "the completion (decoder-only), or the decoder start token and the output (encoder-decoder).",
+    ),
     "min_new_tokens": click.option(
-        "--min-new-tokens", type=click.IntRange(min=0), metavar="N",
-        help="No end of text before N generated tokens."),
+        "--min-new-tokens", type=click.IntRange(min=0), metavar="N", help="No end of text before N generated tokens."
+    ),
     "min_length": click.option(
-        "--min-length", type=click.IntRange(min=0), metavar="N",
-        help="No end of text before the whole sequence has N tokens (counted as --max-length counts them)."),
+        "--min-length",
+        type=click.IntRange(min=0),
+        metavar="N",
+        help="No end of text before the whole sequence has N tokens (counted as --max-length counts them).",
+    ),
     "do_sample": click.option(
-        "--do-sample/--greedy", "do_sample", default=None,
+        "--do-sample/--greedy",
+        "do_sample",
+        default=None,
         help="Sample, or take the most likely token. [default: the model's generation_config; "
-             "--temperature, --top-k or --top-p imply --do-sample]"),
+        "--temperature, --top-k or --top-p imply --do-sample]",
+    ),
     "temperature": click.option(
-        "--temperature", type=click.FloatRange(min=0.0), metavar="T",
-        help="Sampling temperature (0 means --greedy). [default: 1.0]"),
+        "--temperature",
+        type=click.FloatRange(min=0.0),
+        metavar="T",
+        help="Sampling temperature (0 means --greedy). [default: 1.0]",
+    ),
     "top_k": click.option(
-        "--top-k", type=click.IntRange(min=0), metavar="K",
-        help="Sample from the K most likely tokens (0: all). [default: 50]"),
+        "--top-k",
+        type=click.IntRange(min=0),
+        metavar="K",
+        help="Sample from the K most likely tokens (0: all). [default: 50]",
+    ),
     "top_p": click.option(
-        "--top-p", type=click.FloatRange(0.0, 1.0), metavar="P",
-        help="Sample from the smallest set of tokens with probability P."),
+        "--top-p",
+        type=click.FloatRange(0.0, 1.0),
+        metavar="P",
+        help="Sample from the smallest set of tokens with probability P.",
+    ),
     "seed": click.option(
-        "--seed", type=int, metavar="N",
-        help="Seed for sampling: the same seed gives the same text for a line, whatever the batch size."),
+        "--seed",
+        type=int,
+        metavar="N",
+        help="Seed for sampling: the same seed gives the same text for a line, whatever the batch size.",
+    ),
     "num_beams": click.option(
-        "--num-beams", type=click.IntRange(min=1), metavar="N", callback=check_beams_option,
-        help="Beam search with N beams (1: greedy; at most 64). [default: the model's generation_config]"),
+        "--num-beams",
+        type=click.IntRange(min=1),
+        metavar="N",
+        callback=check_beams_option,
+        help="Beam search with N beams (1: greedy; at most 64). [default: the model's generation_config]",
+    ),
     "length_penalty": click.option(
-        "--length-penalty", type=float, metavar="X",
-        help="Beam search: scores are divided by length**X (>0 favours longer output). [default: 1.0]"),
+        "--length-penalty",
+        type=float,
+        metavar="X",
+        help="Beam search: scores are divided by length**X (>0 favours longer output). [default: 1.0]",
+    ),
     "early_stopping": click.option(
-        "--early-stopping", type=click.Choice(list(_EARLY_STOPPING)),
+        "--early-stopping",
+        type=click.Choice(list(_EARLY_STOPPING)),
         help="Beam search: stop when N hypotheses are done (true), by transformers' heuristic (false), "
-             "or only when no beam can improve (never). [default: false]"),
+        "or only when no beam can improve (never). [default: false]",
+    ),
     "num_return_sequences": click.option(
-        "--num-return-sequences", type=click.IntRange(min=1), metavar="N", callback=check_beams_option,
-        help="Beam search: the N best outputs (--format jsonl: field 'sequences')."),
+        "--num-return-sequences",
+        type=click.IntRange(min=1),
+        metavar="N",
+        callback=check_beams_option,
+        help="Beam search: the N best outputs (--format jsonl: field 'sequences').",
+    ),
     "repetition_penalty": click.option(
-        "--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), metavar="X",
-        help="Penalise tokens already in the prompt or the output (>1 discourages repeats)."),
+        "--repetition-penalty",
+        type=click.FloatRange(min=0.0, min_open=True),
+        metavar="X",
+        help="Penalise tokens already in the prompt or the output (>1 discourages repeats).",
+    ),
     "no_repeat_ngram_size": click.option(
-        "--no-repeat-ngram-size", type=click.IntRange(min=0), metavar="N", help="Never repeat an N-gram."),
+        "--no-repeat-ngram-size", type=click.IntRange(min=0), metavar="N", help="Never repeat an N-gram."
+    ),
 }
 
 # Not decoding settings, but flags of the encoder-decoder families (translate, summarize, eval).
 prefix_option = click.option(
-    "--prefix", metavar="TEXT",
-    help="Put TEXT before every input line (T5: \"translate English to German: \"). "
-         "[default: the model's task_specific_params]")
+    "--prefix",
+    metavar="TEXT",
+    help='Put TEXT before every input line (T5: "translate English to German: "). '
+    "[default: the model's task_specific_params]",
+)
 
 
 def decoding_names(family: str) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ def folder_size(folder) -> int:
     import os
 
     total = 0
-    for root, dirs, names in os.walk(folder):
+    for root, _dirs, names in os.walk(folder):
         for name in names:
             try:
                 st = os.lstat(os.path.join(root, name))
@@ -36,8 +36,14 @@ def validation_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
     """The validation report as (label, text) rows: shared by `info` and the export summary."""
     if not v:
         return [("validated", "no report")]
-    rows = [("validated", ("passed" if v.get("passed") else "FAILED") + f" against {v.get('reference', 'PyTorch')}"
-             + (f" on {v['provider']}" if v.get("provider") else ""))]
+    rows = [
+        (
+            "validated",
+            ("passed" if v.get("passed") else "FAILED")
+            + f" against {v.get('reference', 'PyTorch')}"
+            + (f" on {v['provider']}" if v.get("provider") else ""),
+        )
+    ]
     rows.append(("inputs", str(v.get("inputs"))))
     outputs = v.get("outputs") or {}
     if outputs:
@@ -51,8 +57,13 @@ def validation_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("label agreement", f"{v['label_agreement']:.2%}"))
     if "greedy" in v:
         g = v["greedy"]
-        rows.append(("greedy ids", f"{g['identical']}/{g['sequences']} sequences identical over {g['steps']} steps"
-                     f" ({g['agreement']:.0%} of steps before a divergence)"))
+        rows.append(
+            (
+                "greedy ids",
+                f"{g['identical']}/{g['sequences']} sequences identical over {g['steps']} steps"
+                f" ({g['agreement']:.0%} of steps before a divergence)",
+            )
+        )
     if "cosine_similarity" in v:
         c = v["cosine_similarity"]
         rows.append(("cosine similarity", f"min {c['min']:.4f}, mean {c['mean']:.4f}"))

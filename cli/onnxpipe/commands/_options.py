@@ -13,8 +13,9 @@ imported here, so `--help` stays fast.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -68,7 +69,11 @@ def complete_export_names(ctx: click.Context, param: click.Parameter, incomplete
 
 
 model_option = click.option(
-    "-m", "--model", required=True, metavar="MODEL", shell_complete=complete_export_names,
+    "-m",
+    "--model",
+    required=True,
+    metavar="MODEL",
+    shell_complete=complete_export_names,
     help="An export: a name in the export home (see onnxpipe export) or a path to an export folder.",
 )
 
@@ -98,13 +103,18 @@ def check_beams_option(ctx: click.Context, param: click.Parameter, value: int | 
         from onnxpipe.errors import UsageError
 
         flag = max(param.opts, key=len)
-        raise UsageError(f"{flag} {value}: at most {MAX_NUM_BEAMS} (each beam keeps its own cache and a "
-                         "vocabulary of scores per step)")
+        raise UsageError(
+            f"{flag} {value}: at most {MAX_NUM_BEAMS} (each beam keeps its own cache and a "
+            "vocabulary of scores per step)"
+        )
     return value
 
 
 threads_option = click.option(
-    "--threads", type=click.IntRange(min=1), metavar="N", callback=cap_threads_option,
+    "--threads",
+    type=click.IntRange(min=1),
+    metavar="N",
+    callback=cap_threads_option,
     help="Intra-op threads for ONNX Runtime (default: one per physical core; at most the usable CPUs).",
 )
 
@@ -112,14 +122,31 @@ threads_option = click.option(
 def device_options(f: Callable) -> Callable:
     """--device and --threads, for any command that makes ONNX Runtime sessions."""
     f = threads_option(f)
-    f = click.option("--device", default="auto", show_default=True, envvar="ONNXPIPE_DEVICE", metavar="auto|cpu|cuda[:N]",
-                     help="Where to run. auto uses CUDA when it really works, else CPU; "
-                          "cuda fails rather than fall back to CPU. [env: ONNXPIPE_DEVICE]")(f)
+    f = click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        envvar="ONNXPIPE_DEVICE",
+        metavar="auto|cpu|cuda[:N]",
+        help="Where to run. auto uses CUDA when it really works, else CPU; "
+        "cuda fails rather than fall back to CPU. [env: ONNXPIPE_DEVICE]",
+    )(f)
     return f
 
 
-_STREAM_KEYS = ("inputs", "output", "output_format", "field", "column", "batch_size", "max_batch_tokens",
-                "on_error", "device", "threads", "progress")
+_STREAM_KEYS = (
+    "inputs",
+    "output",
+    "output_format",
+    "field",
+    "column",
+    "batch_size",
+    "max_batch_tokens",
+    "on_error",
+    "device",
+    "threads",
+    "progress",
+)
 
 
 def stream_options(formats: tuple[str, ...] = ("text", "jsonl", "tsv"), family: str | None = None) -> Callable:
@@ -144,26 +171,64 @@ def stream_options(formats: tuple[str, ...] = ("text", "jsonl", "tsv"), family: 
             return f(*args, stream=StreamOptions(**values), **kwargs)
 
         options = [
-            click.argument("inputs", nargs=-1, metavar="[FILE]...",
-                           type=click.Path(exists=True, dir_okay=False, allow_dash=True)),
-            click.option("-o", "--output", default="-", metavar="FILE", type=click.Path(dir_okay=False, allow_dash=True),
-                         help="Write results to FILE instead of stdout."),
-            click.option("--format", "output_format", type=click.Choice(formats),
-                         help="Output format. [default: text; jsonl with --field; tsv with --column]"),
-            click.option("--field", metavar="NAME",
-                         help="Input is JSONL: take the text from field NAME; the other fields pass through."),
-            click.option("--column", type=click.IntRange(min=1), metavar="N",
-                         help="Input is TSV: take the text from column N (1-based); the row passes through."),
-            click.option("--batch-size", type=click.IntRange(min=1), metavar="N", default=batch_size, show_default=True,
-                         help="Records per model run, at most."),
-            click.option("--max-batch-tokens", type=click.IntRange(min=1), metavar="N", default=max_batch_tokens,
-                         show_default=True, help="Padded tokens per model run, at most (rows x longest row)."),
-            click.option("--on-error", type=click.Choice(["fail", "null"]), default="fail", show_default=True,
-                         help="fail: stop at the first bad record. null: write an empty/error result for it, "
-                              "go on, and exit with 3 at the end."),
+            click.argument(
+                "inputs", nargs=-1, metavar="[FILE]...", type=click.Path(exists=True, dir_okay=False, allow_dash=True)
+            ),
+            click.option(
+                "-o",
+                "--output",
+                default="-",
+                metavar="FILE",
+                type=click.Path(dir_okay=False, allow_dash=True),
+                help="Write results to FILE instead of stdout.",
+            ),
+            click.option(
+                "--format",
+                "output_format",
+                type=click.Choice(formats),
+                help="Output format. [default: text; jsonl with --field; tsv with --column]",
+            ),
+            click.option(
+                "--field",
+                metavar="NAME",
+                help="Input is JSONL: take the text from field NAME; the other fields pass through.",
+            ),
+            click.option(
+                "--column",
+                type=click.IntRange(min=1),
+                metavar="N",
+                help="Input is TSV: take the text from column N (1-based); the row passes through.",
+            ),
+            click.option(
+                "--batch-size",
+                type=click.IntRange(min=1),
+                metavar="N",
+                default=batch_size,
+                show_default=True,
+                help="Records per model run, at most.",
+            ),
+            click.option(
+                "--max-batch-tokens",
+                type=click.IntRange(min=1),
+                metavar="N",
+                default=max_batch_tokens,
+                show_default=True,
+                help="Padded tokens per model run, at most (rows x longest row).",
+            ),
+            click.option(
+                "--on-error",
+                type=click.Choice(["fail", "null"]),
+                default="fail",
+                show_default=True,
+                help="fail: stop at the first bad record. null: write an empty/error result for it, "
+                "go on, and exit with 3 at the end.",
+            ),
             device_options,
-            click.option("--progress/--no-progress", default=None,
-                         help="Show a progress bar on stderr. [default: when stderr is a terminal]"),
+            click.option(
+                "--progress/--no-progress",
+                default=None,
+                help="Show a progress bar on stderr. [default: when stderr is a terminal]",
+            ),
         ]
         for option in reversed(options):
             wrapper = option(wrapper)

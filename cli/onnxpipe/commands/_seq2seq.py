@@ -7,8 +7,15 @@ from typing import Any
 from onnxpipe.commands._options import StreamOptions, run_family
 
 
-def run_seq2seq(model: str, stream: StreamOptions, family: str, prefix: str | None, source_lang: str | None,
-                target_lang: str | None, overrides: dict[str, Any]) -> None:
+def run_seq2seq(
+    model: str,
+    stream: StreamOptions,
+    family: str,
+    prefix: str | None,
+    source_lang: str | None,
+    target_lang: str | None,
+    overrides: dict[str, Any],
+) -> None:
     """Stream the inputs through FAMILY's task (translate or summarize); report generated tokens per second."""
     from onnxpipe import console
     from onnxpipe.errors import UsageError
@@ -20,5 +27,6 @@ def run_seq2seq(model: str, stream: StreamOptions, family: str, prefix: str | No
         options.update(source_lang=source_lang, target_lang=target_lang)
     summary, task = run_family(family, model, stream, options)
     if task is not None and summary.seconds > 0:
-        console.info(f"{task.generated_tokens:,} tokens generated "
-                     f"({task.generated_tokens / summary.seconds:,.1f} tokens/s)")
+        console.info(
+            f"{task.generated_tokens:,} tokens generated ({task.generated_tokens / summary.seconds:,.1f} tokens/s)"
+        )

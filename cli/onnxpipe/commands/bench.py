@@ -26,26 +26,73 @@ class IntList(click.ParamType):
 
 @click.command("bench")
 @model_option
-@click.option("-i", "--input", "input_path", metavar="FILE", type=click.Path(exists=True, dir_okay=False, allow_dash=True),
-              help="Use the lines of FILE ('-': stdin) as the records/prompts instead of generated text.")
-@click.option("-b", "--batch-sizes", type=IntList(), metavar="N[,N...]",
-              help="Records per run. [default: 1,8,32 for encoders; 1,8 for generators]")
-@click.option("-s", "--seq-lens", type=IntList(), metavar="N[,N...]",
-              help="Encoders: tokens per record, special tokens included. [default: 16,64,128]")
-@click.option("-p", "--prompt-tokens", type=IntList(), metavar="N[,N...]",
-              help="Generators: tokens per prompt. [default: 128]")
-@click.option("-n", "--new-tokens", type=IntList(), metavar="N[,N...]",
-              help="Generators: new tokens per prompt, forced (greedy, no early end). [default: 64]")
-@click.option("-r", "--repeat", type=click.IntRange(min=1), default=5, show_default=True, metavar="N",
-              help="Timed runs per figure.")
-@click.option("-w", "--warmup", type=click.IntRange(min=0), default=1, show_default=True, metavar="N",
-              help="Untimed runs before them.")
+@click.option(
+    "-i",
+    "--input",
+    "input_path",
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False, allow_dash=True),
+    help="Use the lines of FILE ('-': stdin) as the records/prompts instead of generated text.",
+)
+@click.option(
+    "-b",
+    "--batch-sizes",
+    type=IntList(),
+    metavar="N[,N...]",
+    help="Records per run. [default: 1,8,32 for encoders; 1,8 for generators]",
+)
+@click.option(
+    "-s",
+    "--seq-lens",
+    type=IntList(),
+    metavar="N[,N...]",
+    help="Encoders: tokens per record, special tokens included. [default: 16,64,128]",
+)
+@click.option(
+    "-p", "--prompt-tokens", type=IntList(), metavar="N[,N...]", help="Generators: tokens per prompt. [default: 128]"
+)
+@click.option(
+    "-n",
+    "--new-tokens",
+    type=IntList(),
+    metavar="N[,N...]",
+    help="Generators: new tokens per prompt, forced (greedy, no early end). [default: 64]",
+)
+@click.option(
+    "-r",
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    metavar="N",
+    help="Timed runs per figure.",
+)
+@click.option(
+    "-w",
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Untimed runs before them.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (every run's seconds included).")
 @click.option("--markdown", is_flag=True, help="Print the report as a Markdown table.")
 @device_options
-def bench(model: str, input_path: str | None, batch_sizes: tuple[int, ...] | None, seq_lens: tuple[int, ...] | None,
-          prompt_tokens: tuple[int, ...] | None, new_tokens: tuple[int, ...] | None, repeat: int, warmup: int,
-          as_json: bool, markdown: bool, device: str, threads: int | None) -> None:
+def bench(
+    model: str,
+    input_path: str | None,
+    batch_sizes: tuple[int, ...] | None,
+    seq_lens: tuple[int, ...] | None,
+    prompt_tokens: tuple[int, ...] | None,
+    new_tokens: tuple[int, ...] | None,
+    repeat: int,
+    warmup: int,
+    as_json: bool,
+    markdown: bool,
+    device: str,
+    threads: int | None,
+) -> None:
     """Measure an export's speed on this machine.
 
     Encoders (classify, embed, tag, fill-mask): records/s for every batch size and sequence
@@ -64,13 +111,19 @@ def bench(model: str, input_path: str | None, batch_sizes: tuple[int, ...] | Non
     import json
 
     from onnxpipe import console
-    from onnxpipe.measure.speed import BenchOptions, read_lines, run_bench
     from onnxpipe.errors import UsageError
+    from onnxpipe.measure.speed import BenchOptions, read_lines, run_bench
 
     if as_json and markdown:
         raise UsageError("--json and --markdown cannot be used together")
-    options = BenchOptions(batch_sizes=batch_sizes, seq_lens=seq_lens, prompt_tokens=prompt_tokens,
-                           new_tokens=new_tokens, warmup=warmup, repeat=repeat)
+    options = BenchOptions(
+        batch_sizes=batch_sizes,
+        seq_lens=seq_lens,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        warmup=warmup,
+        repeat=repeat,
+    )
     if input_path is not None:
         options.input_lines = read_lines(input_path, max(batch_sizes or (32,)))
         options.input_name = input_path
@@ -154,7 +207,10 @@ def to_markdown(report) -> str:
     lines = [f"- {key}: {value}" for key, value in _header(report)]
     columns = _columns(report)
     encoder = columns[-1] == "records/s"
-    lines += ["", "| " + " | ".join(columns) + " |",
-              "|" + "|".join("---" if c == "test" else "---:" for c in columns) + "|"]
+    lines += [
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if c == "test" else "---:" for c in columns) + "|",
+    ]
     lines += ["| " + " | ".join(_row(m, encoder)) + " |" for m in report.results]
     return "\n".join(lines)

@@ -10,10 +10,19 @@ from onnxpipe.commands._options import StreamOptions, model_option, run_family, 
 @click.command("classify")
 @model_option
 @stream_options(family="classify")
-@click.option("-k", "--top-k", type=click.IntRange(min=1), metavar="K",
-              help="Keep the K best labels. [default: 1, or all labels when --threshold is given]")
-@click.option("--threshold", type=click.FloatRange(0.0, 1.0), metavar="T",
-              help="Keep only labels scoring at least T (a record may get none).")
+@click.option(
+    "-k",
+    "--top-k",
+    type=click.IntRange(min=1),
+    metavar="K",
+    help="Keep the K best labels. [default: 1, or all labels when --threshold is given]",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0.0, 1.0),
+    metavar="T",
+    help="Keep only labels scoring at least T (a record may get none).",
+)
 def classify(model: str, stream: StreamOptions, top_k: int | None, threshold: float | None) -> None:
     """Classify each input line with a text-classification export.
 

@@ -23,14 +23,26 @@ import click
 from onnxpipe.runtime.machine import nvidia_gpus, physical_cores, usable_cpus
 
 TENSORRT = "TensorrtExecutionProvider"
-ORT_PACKAGES = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
-                "onnxruntime-qnn", "onnxruntime-rocm", "onnxruntime-silicon")
+ORT_PACKAGES = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-directml",
+    "onnxruntime-openvino",
+    "onnxruntime-qnn",
+    "onnxruntime-rocm",
+    "onnxruntime-silicon",
+)
 EXPORT_PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx")
 
 
 @click.command("doctor")
-@click.option("--device", default="cuda", show_default=True, metavar="auto|cpu|cuda[:N]",
-              help="The device that must work for exit status 0 (auto and cpu: the CPU provider runs).")
+@click.option(
+    "--device",
+    default="cuda",
+    show_default=True,
+    metavar="auto|cpu|cuda[:N]",
+    help="The device that must work for exit status 0 (auto and cpu: the CPU provider runs).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def doctor(device: str, as_json: bool) -> None:
     """Check what this machine can run, and say what is missing.
@@ -59,11 +71,14 @@ def doctor(device: str, as_json: bool) -> None:
     else:
         render(report)
     if not verdict["ok"]:
-        raise DeviceError(f"--device {device} would fail here: {verdict['reason']}",
-                          hint="use --device cpu" if target.kind == "cuda" else None)
+        raise DeviceError(
+            f"--device {device} would fail here: {verdict['reason']}",
+            hint="use --device cpu" if target.kind == "cuda" else None,
+        )
 
 
 # --- the report as data --------------------------------------------------------------------
+
 
 def collect_report(cuda_index: int = 0) -> dict[str, Any]:
     """Everything doctor says, as one JSON-ready dict (see the keys below)."""
@@ -78,22 +93,33 @@ def collect_report(cuda_index: int = 0) -> dict[str, Any]:
     cuda = _cuda_report(ort_info, providers)
     gpu = nvidia_gpus()
     if cuda["usable"] is False and not gpu["devices"] and not cuda["driver"]["found"]:
-        cuda["reason"] = ("there is no NVIDIA driver (libcuda.so.1 is missing"
-                          + ("; no nvidia-smi" if not gpu["nvidia_smi"] else "")
-                          + f"), and the CUDA provider cannot load ({cuda['reason']})")
+        cuda["reason"] = (
+            "there is no NVIDIA driver (libcuda.so.1 is missing"
+            + ("; no nvidia-smi" if not gpu["nvidia_smi"] else "")
+            + f"), and the CUDA provider cannot load ({cuda['reason']})"
+        )
     cpu = next((p for p in providers if p["name"] == "CPUExecutionProvider"), None)
     cpu_ok = bool(cpu and cpu["runs"])
     cpu_reason = None if cpu_ok else (cpu["reason"] if cpu else "onnxruntime lists no CPUExecutionProvider")
     verdict = {
-        "cuda": {"ok": bool(cuda["usable"]), "reason": None if cuda["usable"] else f"CUDA cannot run: {cuda['reason']}"},
+        "cuda": {
+            "ok": bool(cuda["usable"]),
+            "reason": None if cuda["usable"] else f"CUDA cannot run: {cuda['reason']}",
+        },
         "cpu": {"ok": cpu_ok, "reason": cpu_reason},
     }
-    verdict["auto"] = {"ok": verdict["cuda"]["ok"] or cpu_ok,
-                       "uses": "cuda" if verdict["cuda"]["ok"] else "cpu" if cpu_ok else None,
-                       "reason": None if verdict["cuda"]["ok"] or cpu_ok else cpu_reason}
+    verdict["auto"] = {
+        "ok": verdict["cuda"]["ok"] or cpu_ok,
+        "uses": "cuda" if verdict["cuda"]["ok"] else "cpu" if cpu_ok else None,
+        "reason": None if verdict["cuda"]["ok"] or cpu_ok else cpu_reason,
+    }
     return {
-        "onnxpipe": {"version": __version__, "python": platform.python_version(), "executable": sys.executable,
-                     "platform": platform.platform()},
+        "onnxpipe": {
+            "version": __version__,
+            "python": platform.python_version(),
+            "executable": sys.executable,
+            "platform": platform.platform(),
+        },
         "onnxruntime": ort_info,
         "providers": providers,
         "cuda": cuda,
@@ -108,6 +134,7 @@ def collect_report(cuda_index: int = 0) -> dict[str, Any]:
 def _onnxruntime_info(ort) -> dict[str, Any]:
     try:
         from onnxruntime.capi import build_and_package_info as build
+
         package, cuda_version = getattr(build, "package_name", None), getattr(build, "cuda_version", None)
     except ImportError:
         package, cuda_version = None, None
@@ -170,6 +197,7 @@ def _tiny_model() -> bytes:
 
 # --- CUDA ------------------------------------------------------------------------------------
 
+
 def cuda_library_names(cuda_version: str | None) -> list[tuple[str, str]]:
     """(soname, what it is) for the CUDA provider of a build for CUDA CUDA_VERSION.
 
@@ -212,8 +240,14 @@ def _loaded_path(soname: str) -> str | None:
 
 
 def _library(soname: str, what: str, pip_dirs: list[Path]) -> dict[str, Any]:
-    entry: dict[str, Any] = {"name": soname, "what": what, "found": False, "path": None, "pip_path": None,
-                             "error": None}
+    entry: dict[str, Any] = {
+        "name": soname,
+        "what": what,
+        "found": False,
+        "path": None,
+        "pip_path": None,
+        "error": None,
+    }
     try:
         ctypes.CDLL(soname)
         entry["found"] = True
@@ -258,14 +292,18 @@ def _cuda_report(ort_info: dict[str, Any], providers: list[dict[str, Any]]) -> d
         report["reason"] = probe["reason"]
     if len(ort_info["installed_packages"]) > 1:
         both = " and ".join(ort_info["installed_packages"])
-        advice.append(f"{both} are installed together and overwrite each other's files: "
-                      f"uninstall them all, then install onnxruntime-gpu alone")
+        advice.append(
+            f"{both} are installed together and overwrite each other's files: "
+            f"uninstall them all, then install onnxruntime-gpu alone"
+        )
     if probe is None:
         return report
     major = (ort_info["cuda_version"] or "12").split(".")[0]
     if driver["found"] is False:
-        advice.append("install the NVIDIA driver (it provides libcuda.so.1 and nvidia-smi); "
-                      "without an NVIDIA GPU, use --device cpu (--device auto does so by itself)")
+        advice.append(
+            "install the NVIDIA driver (it provides libcuda.so.1 and nvidia-smi); "
+            "without an NVIDIA GPU, use --device cpu (--device auto does so by itself)"
+        )
     missing = [l for l in libraries if l["name"] != "libcuda.so.1" and not l["found"]]
     pip_only = [l for l in missing if l["pip_path"]]
     absent = [l["name"] for l in missing if not l["pip_path"]]
@@ -274,12 +312,17 @@ def _cuda_report(ort_info: dict[str, Any], providers: list[dict[str, Any]]) -> d
             f"install the CUDA {major} and cuDNN 9 libraries ({', '.join(absent)} missing), either "
             f"from pip: pip install 'onnxruntime-gpu[cuda,cudnn]' (onnxpipe loads them from site-packages); or "
             f"NVIDIA's system packages: the CUDA {major} runtime, cuBLAS, cuRAND and cuFFT, and cuDNN 9 "
-            f"for CUDA {major}, where the loader finds them (ldconfig or LD_LIBRARY_PATH)")
+            f"for CUDA {major}, where the loader finds them (ldconfig or LD_LIBRARY_PATH)"
+        )
     if pip_only:
         folders = sorted({str(Path(l["pip_path"]).parent) for l in pip_only})
-        advice.append("NVIDIA's pip wheels hold " + ", ".join(l["name"] for l in pip_only)
-                      + " but they did not load from there; try: export LD_LIBRARY_PATH="
-                      + ":".join(folders) + "${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}")
+        advice.append(
+            "NVIDIA's pip wheels hold "
+            + ", ".join(l["name"] for l in pip_only)
+            + " but they did not load from there; try: export LD_LIBRARY_PATH="
+            + ":".join(folders)
+            + "${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        )
     return report
 
 
@@ -299,7 +342,7 @@ def _threads() -> dict[str, Any]:
         "physical_cores": physical,
         "cgroup_cpu_quota": quota,
         "intra_op_default": "onnxruntime's default: one thread per physical core; --threads N sets it "
-                            "(at most the usable CPUs)",
+        "(at most the usable CPUs)",
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
 
@@ -314,12 +357,22 @@ def _export_home() -> dict[str, Any]:
     for folder in list_exports(home):
         try:
             m = read_manifest(folder)
-            exports.append({"name": folder.name, "task": m.get("task"), "precision": m.get("precision"),
-                            "validated": bool((m.get("validation") or {}).get("passed"))})
+            exports.append(
+                {
+                    "name": folder.name,
+                    "task": m.get("task"),
+                    "precision": m.get("precision"),
+                    "validated": bool((m.get("validation") or {}).get("passed")),
+                }
+            )
         except OnnxpipeError as exc:
             exports.append({"name": folder.name, "error": str(exc)})
-    return {"path": str(home), "set_by": "ONNXPIPE_HOME" if os.environ.get("ONNXPIPE_HOME") else "default",
-            "exists": home.is_dir(), "exports": exports}
+    return {
+        "path": str(home),
+        "set_by": "ONNXPIPE_HOME" if os.environ.get("ONNXPIPE_HOME") else "default",
+        "exists": home.is_dir(),
+        "exports": exports,
+    }
 
 
 def _export_extra() -> dict[str, Any]:
@@ -330,8 +383,11 @@ def _export_extra() -> dict[str, Any]:
 
         for line in metadata.requires("onnxpipe") or []:
             req = Requirement(line)
-            if req.marker is not None and req.marker.evaluate({"extra": "export"}) \
-                    and not req.marker.evaluate({"extra": ""}):
+            if (
+                req.marker is not None
+                and req.marker.evaluate({"extra": "export"})
+                and not req.marker.evaluate({"extra": ""})
+            ):
                 wanted[req.name] = req.specifier
     except (ImportError, metadata.PackageNotFoundError):
         pass
@@ -345,12 +401,16 @@ def _export_extra() -> dict[str, Any]:
         fits = version is not None and (spec is None or spec.contains(version, prereleases=True))
         packages.append({"name": name, "version": version, "wanted": str(spec) if spec else None, "fits": fits})
     missing = [p["name"] for p in packages if p["version"] is None]
-    return {"installed": not missing, "missing": missing,
-            "mismatched": [p["name"] for p in packages if p["version"] is not None and not p["fits"]],
-            "packages": packages}
+    return {
+        "installed": not missing,
+        "missing": missing,
+        "mismatched": [p["name"] for p in packages if p["version"] is not None and not p["fits"]],
+        "packages": packages,
+    }
 
 
 # --- the readable report -------------------------------------------------------------------
+
 
 def render(report: dict[str, Any]) -> None:
     from rich.console import Console
@@ -374,8 +434,10 @@ def render(report: dict[str, Any]) -> None:
     row("build", escape(r["build"] or "?"))
     row("path", escape(r["path"]))
     if len(r["installed_packages"]) > 1:
-        row("[red]conflict[/red]", "installed together: " + ", ".join(
-            f"{k} {v}" for k, v in r["installed_packages"].items()))
+        row(
+            "[red]conflict[/red]",
+            "installed together: " + ", ".join(f"{k} {v}" for k, v in r["installed_packages"].items()),
+        )
 
     head("providers (listed by onnxruntime; tried on a tiny model)")
     width = max(len(p["name"]) for p in report["providers"]) if report["providers"] else 10
@@ -388,8 +450,13 @@ def render(report: dict[str, Any]) -> None:
     if c["reason"]:
         row("why", escape(c["reason"]))
     for lib in c["libraries"]:
-        where = lib["path"] if lib["found"] else ("in NVIDIA's pip wheel, not on the loader path: " + lib["pip_path"]
-                                                  if lib["pip_path"] else lib["error"])
+        where = (
+            lib["path"]
+            if lib["found"]
+            else (
+                "in NVIDIA's pip wheel, not on the loader path: " + lib["pip_path"] if lib["pip_path"] else lib["error"]
+            )
+        )
         state = "[green]found[/green]  " if lib["found"] else "[red]missing[/red]"
         out.print(f"  {lib['name']:<18} {state}  {escape(lib['what'])}" + (f": {escape(where)}" if where else ""))
     for line in c["advice"]:
@@ -399,15 +466,22 @@ def render(report: dict[str, Any]) -> None:
     head("GPU")
     if g["devices"]:
         for gpu in g["devices"]:
-            row(f"cuda:{gpu['index']}", f"{gpu['name']}, {gpu['memory_total_mib']} MiB "
-                                        f"({gpu['memory_used_mib']} MiB used), driver {gpu['driver']}")
+            row(
+                f"cuda:{gpu['index']}",
+                f"{gpu['name']}, {gpu['memory_total_mib']} MiB "
+                f"({gpu['memory_used_mib']} MiB used), driver {gpu['driver']}",
+            )
     else:
         row("none found", escape(g["error"] or ("nvidia-smi is not installed" if not g["nvidia_smi"] else "")))
 
     t = report["threads"]
     head("threads")
-    row("CPUs", f"{t['cpu_count']} ({t['usable_cpus']} usable by this process"
-                + (f", cgroup quota {t['cgroup_cpu_quota']}" if t["cgroup_cpu_quota"] else "") + ")")
+    row(
+        "CPUs",
+        f"{t['cpu_count']} ({t['usable_cpus']} usable by this process"
+        + (f", cgroup quota {t['cgroup_cpu_quota']}" if t["cgroup_cpu_quota"] else "")
+        + ")",
+    )
     row("physical cores", str(t["physical_cores"] or "?"))
     row("onnxpipe uses", t["intra_op_default"])
     if t["omp_num_threads"]:
@@ -415,16 +489,22 @@ def render(report: dict[str, Any]) -> None:
 
     h = report["export_home"]
     head("export home")
-    row("path", escape(h["path"]) + (" (from ONNXPIPE_HOME)" if h["set_by"] == "ONNXPIPE_HOME" else " (default)")
-        + ("" if h["exists"] else " [dim](does not exist yet)[/dim]"))
+    row(
+        "path",
+        escape(h["path"])
+        + (" (from ONNXPIPE_HOME)" if h["set_by"] == "ONNXPIPE_HOME" else " (default)")
+        + ("" if h["exists"] else " [dim](does not exist yet)[/dim]"),
+    )
     if not h["exports"]:
         row("exports", "none yet: onnxpipe export SOURCE --name NAME")
     for e in h["exports"]:
         if "error" in e:
             out.print(f"  {escape(e['name'])}  [red]{escape(e['error'])}[/red]")
         else:
-            out.print(f"  {escape(e['name'])}  {e['task']}, {e['precision']}, "
-                      + ("validated" if e["validated"] else "[red]not validated[/red]"))
+            out.print(
+                f"  {escape(e['name'])}  {e['task']}, {e['precision']}, "
+                + ("validated" if e["validated"] else "[red]not validated[/red]")
+            )
 
     x = report["export_extra"]
     head("\\[export] extra (onnxpipe export, finetune)")
@@ -432,14 +512,20 @@ def render(report: dict[str, Any]) -> None:
         row("installed", ok + ": " + ", ".join(f"{p['name']} {p['version']}" for p in x["packages"]))
     else:
         if x["missing"]:
-            row("installed", bad + f" ({', '.join(x['missing'])} missing): pip install 'onnxpipe\\[export]'"
-                                   " (torch first: pip install torch==2.13.0)")
+            row(
+                "installed",
+                bad + f" ({', '.join(x['missing'])} missing): pip install 'onnxpipe\\[export]'"
+                " (torch first: pip install torch==2.13.0)",
+            )
         for p in x["packages"]:
             if p["name"] in x["mismatched"]:
                 row(p["name"], f"[yellow]{p['version']}[/yellow], onnxpipe is tested with {p['wanted']}")
 
     v = report["verdict"]
     head("verdict")
-    row("--device cuda", "[green]works[/green]" if v["cuda"]["ok"] else f"[red]fails[/red]: {escape(v['cuda']['reason'])}")
+    row(
+        "--device cuda",
+        "[green]works[/green]" if v["cuda"]["ok"] else f"[red]fails[/red]: {escape(v['cuda']['reason'])}",
+    )
     row("--device cpu", "[green]works[/green]" if v["cpu"]["ok"] else f"[red]fails[/red]: {escape(v['cpu']['reason'])}")
     row("--device auto", f"runs on {v['auto']['uses']}" if v["auto"]["ok"] else "[red]fails[/red]")

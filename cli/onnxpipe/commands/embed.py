@@ -10,11 +10,17 @@ from onnxpipe.commands._options import StreamOptions, model_option, run_family, 
 @click.command("embed")
 @model_option
 @stream_options(formats=("text", "jsonl", "tsv", "npy"), family="embed")
-@click.option("--pooling", type=click.Choice(["mean", "cls", "max", "mean_sqrt_len", "weightedmean", "lasttoken"]),
-              help="How token vectors become one vector (before any Dense layers the export carries). "
-                   "[default: what the export declares (its sentence-transformers pooling), else mean]")
-@click.option("--normalize/--no-normalize", default=None,
-              help="Scale each vector to unit length. [default: what the export declares, else off]")
+@click.option(
+    "--pooling",
+    type=click.Choice(["mean", "cls", "max", "mean_sqrt_len", "weightedmean", "lasttoken"]),
+    help="How token vectors become one vector (before any Dense layers the export carries). "
+    "[default: what the export declares (its sentence-transformers pooling), else mean]",
+)
+@click.option(
+    "--normalize/--no-normalize",
+    default=None,
+    help="Scale each vector to unit length. [default: what the export declares, else off]",
+)
 def embed(model: str, stream: StreamOptions, pooling: str | None, normalize: bool | None) -> None:
     """Embed each input line with a feature-extraction export.
 

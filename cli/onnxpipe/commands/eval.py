@@ -16,43 +16,104 @@ from onnxpipe.commands._options import complete_export_names, threads_option
 # Options that only mean something for one kind of export (parameter names): the decoding ones are
 # translate's, from the registry, so that a new decoding flag needs no entry here.
 _CLASSIFY_ONLY = ("label_column", "label_map")
-_SEQ2SEQ_ONLY = ("reference_column", "references", "summarize", "source_lang", "target_lang", "prefix",
-                 *decoding_names("translate"))
+_SEQ2SEQ_ONLY = (
+    "reference_column",
+    "references",
+    "summarize",
+    "source_lang",
+    "target_lang",
+    "prefix",
+    *decoding_names("translate"),
+)
 
 
 @click.command("eval")
-@click.option("-m", "--model", required=True, metavar="MODEL", shell_complete=complete_export_names,
-              help="Export name (in the export home) or folder.")
+@click.option(
+    "-m",
+    "--model",
+    required=True,
+    metavar="MODEL",
+    shell_complete=complete_export_names,
+    help="Export name (in the export home) or folder.",
+)
 @click.argument("data", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--text-column", default="text", show_default=True,
-              help="Column (or JSONL field) holding the text (the source, for translations).")
-@click.option("--label-column", default="label", show_default=True,
-              help="Classifiers: column (or JSONL field) holding the true label.")
-@click.option("--label-map", metavar="RAW=NAME,...",
-              help='Classifiers: translate the file\'s labels to the model\'s, e.g. "1=positive,-1=negative".')
-@click.option("--reference-column", default="reference", show_default=True,
-              help="Translations and summaries: column (or JSONL field) holding the reference.")
-@click.option("--references", type=click.Path(exists=True, dir_okay=False, path_type=str), metavar="FILE",
-              help="Translations and summaries: DATA is plain text, one source per line, and FILE holds "
-                   "one reference per line.")
+@click.option(
+    "--text-column",
+    default="text",
+    show_default=True,
+    help="Column (or JSONL field) holding the text (the source, for translations).",
+)
+@click.option(
+    "--label-column",
+    default="label",
+    show_default=True,
+    help="Classifiers: column (or JSONL field) holding the true label.",
+)
+@click.option(
+    "--label-map",
+    metavar="RAW=NAME,...",
+    help="Classifiers: translate the file's labels to the model's, e.g. \"1=positive,-1=negative\".",
+)
+@click.option(
+    "--reference-column",
+    default="reference",
+    show_default=True,
+    help="Translations and summaries: column (or JSONL field) holding the reference.",
+)
+@click.option(
+    "--references",
+    type=click.Path(exists=True, dir_okay=False, path_type=str),
+    metavar="FILE",
+    help="Translations and summaries: DATA is plain text, one source per line, and FILE holds one reference per line.",
+)
 @click.option("--summarize", is_flag=True, help="Use the model's summarization settings, as onnxpipe summarize does.")
 @click.option("--source-lang", metavar="CODE", help="Source language of a multilingual model (as for translate).")
 @click.option("--target-lang", metavar="CODE", help="Target language of a multilingual model (as for translate).")
 @decoding_options("translate")
 @prefix_option
-@click.option("--format", "data_format", type=click.Choice(["csv", "tsv", "jsonl"]),
-              help="Data format when the file name does not tell.")
-@click.option("--against", metavar="MODEL", shell_complete=complete_export_names,
-              help="A second export to run on the same data: its figures and the agreement between the two.")
+@click.option(
+    "--format",
+    "data_format",
+    type=click.Choice(["csv", "tsv", "jsonl"]),
+    help="Data format when the file name does not tell.",
+)
+@click.option(
+    "--against",
+    metavar="MODEL",
+    shell_complete=complete_export_names,
+    help="A second export to run on the same data: its figures and the agreement between the two.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Write the figures as one JSON object on stdout.")
-@click.option("--brief", is_flag=True, help="Only the summary lines on stderr: no per-class table, no confusion matrix.")
-@click.option("--device", default="auto", show_default=True, envvar="ONNXPIPE_DEVICE", metavar="auto|cpu|cuda[:N]",
-              help="Where ONNX Runtime runs the model. [env: ONNXPIPE_DEVICE]")
+@click.option(
+    "--brief", is_flag=True, help="Only the summary lines on stderr: no per-class table, no confusion matrix."
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    envvar="ONNXPIPE_DEVICE",
+    metavar="auto|cpu|cuda[:N]",
+    help="Where ONNX Runtime runs the model. [env: ONNXPIPE_DEVICE]",
+)
 @threads_option
-@click.option("--batch-size", type=click.IntRange(min=1), metavar="N",
-              help="Texts per batch. [default: 64 for classifiers, 32 for translations]")
-def eval_command(model: str, data: str, data_format: str | None, against: str | None, as_json: bool, brief: bool,
-                 device: str, threads: int | None, batch_size: int | None, **kw: Any) -> None:
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Texts per batch. [default: 64 for classifiers, 32 for translations]",
+)
+def eval_command(
+    model: str,
+    data: str,
+    data_format: str | None,
+    against: str | None,
+    as_json: bool,
+    brief: bool,
+    device: str,
+    threads: int | None,
+    batch_size: int | None,
+    **kw: Any,
+) -> None:
     """Score an export on a labelled file: a classifier, or a translation/summarisation model.
 
     DATA is .csv or .tsv with a header row, or .jsonl. The outputs come from the ONNX
@@ -73,9 +134,9 @@ def eval_command(model: str, data: str, data_format: str | None, against: str | 
     """
     from onnxpipe import console
     from onnxpipe.errors import UsageError
-    from onnxpipe.measure.quality import SEQ2SEQ, evaluate_classification, evaluate_generation
     from onnxpipe.home import resolve_model
     from onnxpipe.manifest import read_manifest
+    from onnxpipe.measure.quality import SEQ2SEQ, evaluate_classification, evaluate_generation
 
     folder = resolve_model(model)
     task = read_manifest(folder).get("task")
@@ -90,17 +151,37 @@ def eval_command(model: str, data: str, data_format: str | None, against: str | 
     if seq2seq:
         if (kw["num_return_sequences"] or 1) > 1:
             raise UsageError("--num-return-sequences: eval scores the best output of each source only")
-        options = {"summarize": kw["summarize"], "prefix": kw["prefix"], "source_lang": kw["source_lang"],
-                   "target_lang": kw["target_lang"], **decoding_overrides(dict(kw))}
+        options = {
+            "summarize": kw["summarize"],
+            "prefix": kw["prefix"],
+            "source_lang": kw["source_lang"],
+            "target_lang": kw["target_lang"],
+            **decoding_overrides(dict(kw)),
+        }
         report = evaluate_generation(
-            model, data, text_column=kw["text_column"], reference_column=kw["reference_column"],
-            references=kw["references"], data_format=data_format, against=against, device=device,
-            threads=threads, batch_size=batch_size or 32, task_options=options,
+            model,
+            data,
+            text_column=kw["text_column"],
+            reference_column=kw["reference_column"],
+            references=kw["references"],
+            data_format=data_format,
+            against=against,
+            device=device,
+            threads=threads,
+            batch_size=batch_size or 32,
+            task_options=options,
         )
     else:
         report = evaluate_classification(
-            model, data, text_column=kw["text_column"], label_column=kw["label_column"], label_map=kw["label_map"],
-            data_format=data_format, against=against, device=device, threads=threads,
+            model,
+            data,
+            text_column=kw["text_column"],
+            label_column=kw["label_column"],
+            label_map=kw["label_map"],
+            data_format=data_format,
+            against=against,
+            device=device,
+            threads=threads,
             batch_size=batch_size or 64,
         )
     for note in report["notes"]:
@@ -133,16 +214,20 @@ def _print_generation(report: dict) -> None:
     runs = [report] + ([report["against"]] if "against" in report else [])
     for run in runs:
         s = run["scores"]
-        out.print(f"[bold]{run['model']}[/bold] ({run.get('precision') or '?'}, {run['provider']}) on {report['data']}: "
-                  f"BLEU [bold]{s['bleu']['score']:.2f}[/bold], chrF [bold]{s['chrf']['score']:.2f}[/bold] "
-                  f"({report['examples']} sentences)")
+        out.print(
+            f"[bold]{run['model']}[/bold] ({run.get('precision') or '?'}, {run['provider']}) on {report['data']}: "
+            f"BLEU [bold]{s['bleu']['score']:.2f}[/bold], chrF [bold]{s['chrf']['score']:.2f}[/bold] "
+            f"({report['examples']} sentences)"
+        )
         out.print(f"  {s['bleu']['text']}", markup=False)
     out.print(f"BLEU signature: {report['scores']['bleu']['signature']}", markup=False)
     out.print(f"chrF signature: {report['scores']['chrf']['signature']}", markup=False)
     if "against" in report:
         a = report["against"]["agreement"]
-        out.print(f"agreement {report['model']} vs {report['against']['model']}: [bold]{_pct(a['agreement'])}[/bold] "
-                  f"({a['same']}/{a['examples']} identical outputs, {a['differ']} differ)")
+        out.print(
+            f"agreement {report['model']} vs {report['against']['model']}: [bold]{_pct(a['agreement'])}[/bold] "
+            f"({a['same']}/{a['examples']} identical outputs, {a['differ']} differ)"
+        )
 
 
 def _print_report(report: dict, tables: bool = True) -> None:

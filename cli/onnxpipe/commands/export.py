@@ -17,26 +17,51 @@ TASK_CHOICES = export_tasks()  # the registry's, in its order
 
 @click.command("export")
 @click.argument("source")
-@click.option("--task", type=click.Choice(TASK_CHOICES), help="What the export does. Default: inferred from config.json.")
+@click.option(
+    "--task", type=click.Choice(TASK_CHOICES), help="What the export does. Default: inferred from config.json."
+)
 @click.option("--name", help="Save as NAME in the export home ($ONNXPIPE_HOME). Default: the source's name.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Save into this folder instead.")
-@click.option("--force", is_flag=True,
-              help="Replace an existing export of the same name. Only an onnxpipe export is ever replaced: "
-                   "any other folder, or a symbolic link, is refused.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing export of the same name. Only an onnxpipe export is ever replaced: "
+    "any other folder, or a symbolic link, is refused.",
+)
 @click.option("--optimize", type=click.Choice(["O1", "O2", "O3"]), help="ONNX Runtime graph optimisation level.")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Dynamic int8 quantisation for the CPU.")
 @click.option("--fp16", is_flag=True, help="Half precision for CUDA (needs a working CUDA provider).")
-@click.option("--validate-with", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also validate on the lines of this text file.")
+@click.option(
+    "--validate-with",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also validate on the lines of this text file.",
+)
 @click.option("--trust-remote-code", is_flag=True, help="Run model code shipped with the checkpoint (off by default).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) for a hub id.")
 @click.option("--opset", type=int, help="ONNX opset. Default: optimum's choice for the architecture.")
-@click.option("--graph", type=click.Choice(["auto", "fused", "optimum"]), default="auto", show_default=True,
-              help="Who writes the graph. auto: onnxpipe's fused decoder (Llama family, fp32, CPU) where it "
-                   "applies, else optimum's.")
-def export(source: str, task: str | None, name: str | None, output: Path | None, force: bool, optimize: str | None,
-           quantize: str | None, fp16: bool, validate_with: Path | None, trust_remote_code: bool,
-           revision: str | None, opset: int | None, graph: str) -> None:
+@click.option(
+    "--graph",
+    type=click.Choice(["auto", "fused", "optimum"]),
+    default="auto",
+    show_default=True,
+    help="Who writes the graph. auto: onnxpipe's fused decoder (Llama family, fp32, CPU) where it "
+    "applies, else optimum's.",
+)
+def export(
+    source: str,
+    task: str | None,
+    name: str | None,
+    output: Path | None,
+    force: bool,
+    optimize: str | None,
+    quantize: str | None,
+    fp16: bool,
+    validate_with: Path | None,
+    trust_remote_code: bool,
+    revision: str | None,
+    opset: int | None,
+    graph: str,
+) -> None:
     """Export a checkpoint to a validated ONNX folder.
 
     SOURCE is a local Hugging Face folder, a .gguf file or a hub id. The export is checked
@@ -58,7 +83,9 @@ def export(source: str, task: str | None, name: str | None, output: Path | None,
     from onnxpipe.home import export_home
 
     if name is not None and output:
-        raise UsageError("--name and --output exclude each other", hint="--name saves in the export home, --output anywhere")
+        raise UsageError(
+            "--name and --output exclude each other", hint="--name saves in the export home, --output anywhere"
+        )
     if output is None:
         if name is None:
             name = default_name(source)
@@ -68,9 +95,19 @@ def export(source: str, task: str | None, name: str | None, output: Path | None,
         output = export_home() / name
     started = time.monotonic()
     manifest = export_model(
-        source, output, task=task, force=force, optimize=optimize, quantize=quantize, fp16=fp16,
-        validate_with=validate_with, trust_remote_code=trust_remote_code, revision=revision, opset=opset,
-        graph=graph, progress=_progress,
+        source,
+        output,
+        task=task,
+        force=force,
+        optimize=optimize,
+        quantize=quantize,
+        fp16=fp16,
+        validate_with=validate_with,
+        trust_remote_code=trust_remote_code,
+        revision=revision,
+        opset=opset,
+        graph=graph,
+        progress=_progress,
     )
     _summary(manifest, output, time.monotonic() - started)
 
@@ -91,8 +128,10 @@ def check_name(name: str, what: str, hint: str) -> None:
         problem = "starts with '.' or holds a slash"
     if problem:
         shown = name if len(name) <= 40 else name[:40] + "..."
-        raise UsageError(f"{what} {shown!r} {problem}: not a valid export name",
-                         hint=f"{hint}: up to {MAX_NAME} characters, no slashes or control characters")
+        raise UsageError(
+            f"{what} {shown!r} {problem}: not a valid export name",
+            hint=f"{hint}: up to {MAX_NAME} characters, no slashes or control characters",
+        )
 
 
 def default_name(source: str) -> str:

@@ -10,8 +10,15 @@ from onnxpipe.commands._options import StreamOptions, model_option, run_family, 
 @click.command("fill-mask")
 @model_option
 @stream_options(family="fill-mask")
-@click.option("-k", "--top-k", type=click.IntRange(min=1), default=5, show_default=True, metavar="K",
-              help="Candidates per mask token.")
+@click.option(
+    "-k",
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    metavar="K",
+    help="Candidates per mask token.",
+)
 def fill_mask(model: str, stream: StreamOptions, top_k: int) -> None:
     """Fill the mask token in each input line with a fill-mask export.
 

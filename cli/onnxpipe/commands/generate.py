@@ -14,15 +14,33 @@ from onnxpipe.commands._options import StreamOptions, model_option, run_family, 
 @click.command("generate")
 @model_option
 @stream_options(family="generate")
-@click.option("-p", "--prompt", "prompts", multiple=True, metavar="TEXT",
-              help="Generate for TEXT instead of reading input lines (repeatable).")
+@click.option(
+    "-p",
+    "--prompt",
+    "prompts",
+    multiple=True,
+    metavar="TEXT",
+    help="Generate for TEXT instead of reading input lines (repeatable).",
+)
 @click.option("--chat", is_flag=True, help="Apply the model's chat template: each line is a user message.")
 @click.option("--system", metavar="TEXT", help="With --chat: a system message before each user message.")
 @decoding_options("generate")
-@click.option("--stop", "stop", multiple=True, metavar="TEXT",
-              help="End a completion before TEXT (repeatable); TEXT is not part of the result.")
-def generate(model: str, stream: StreamOptions, prompts: tuple[str, ...], chat: bool, system: str | None,
-             stop: tuple[str, ...], **kw: Any) -> None:
+@click.option(
+    "--stop",
+    "stop",
+    multiple=True,
+    metavar="TEXT",
+    help="End a completion before TEXT (repeatable); TEXT is not part of the result.",
+)
+def generate(
+    model: str,
+    stream: StreamOptions,
+    prompts: tuple[str, ...],
+    chat: bool,
+    system: str | None,
+    stop: tuple[str, ...],
+    **kw: Any,
+) -> None:
     """Complete each input line with a text-generation export (GPT-2, Llama, SmolLM2, ...).
 
     Reads prompts from FILEs or stdin, one per line, or from -p, and writes one completion
@@ -49,10 +67,15 @@ def generate(model: str, stream: StreamOptions, prompts: tuple[str, ...], chat: 
     if (overrides["num_return_sequences"] or 1) > 1 and stream.format != "jsonl":
         raise UsageError("--num-return-sequences needs --format jsonl (text output has one line per prompt)")
     records = [Record(seq=i, text=p, source="--prompt", line=i + 1) for i, p in enumerate(prompts)] or None
-    streaming = (len(prompts) == 1 and stream.format == "text" and stream.output in ("-", "")
-                 and _isatty(sys.stdout))
-    summary, task = run_family("generate", model, stream, {**overrides, "chat": chat, "system": system, "stop": stop},
-                               engine_options={"streaming": streaming}, records=records)
+    streaming = len(prompts) == 1 and stream.format == "text" and stream.output in ("-", "") and _isatty(sys.stdout)
+    summary, task = run_family(
+        "generate",
+        model,
+        stream,
+        {**overrides, "chat": chat, "system": system, "stop": stop},
+        engine_options={"streaming": streaming},
+        records=records,
+    )
     if task is not None:
         rate = task.generated_tokens / summary.seconds if summary.seconds > 0 else 0.0
         console.info(f"{task.generated_tokens:,} tokens generated ({rate:,.1f} tokens/s)")

@@ -29,8 +29,10 @@ def info(model: str, as_json: bool) -> None:
     recorded = manifest.get("checksums")
     if recorded is not None and problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        console.warn(f"{folder.name}: {len(problems)} file{'s no longer match' if len(problems) > 1 else ' no longer matches'} the "
-                     f"manifest ({shown}): run onnxpipe verify {model}, or re-export it")
+        console.warn(
+            f"{folder.name}: {len(problems)} file{'s no longer match' if len(problems) > 1 else ' no longer matches'} the "
+            f"manifest ({shown}): run onnxpipe verify {model}, or re-export it"
+        )
     if as_json:
         click.echo(json.dumps(manifest, indent=2, ensure_ascii=False))
         return
@@ -42,8 +44,10 @@ def info(model: str, as_json: bool) -> None:
         from onnxpipe.errors import ExportFolderError
         from onnxpipe.home import MANIFEST_NAME
 
-        raise ExportFolderError(f"{folder / MANIFEST_NAME}: a field that info shows is malformed "
-                                f"({type(exc).__name__}: {exc})", hint="re-run onnxpipe export") from None
+        raise ExportFolderError(
+            f"{folder / MANIFEST_NAME}: a field that info shows is malformed ({type(exc).__name__}: {exc})",
+            hint="re-run onnxpipe export",
+        ) from None
     click.echo(text, nl=False)
 
 
@@ -72,8 +76,11 @@ def _render(folder, manifest: dict[str, Any], problems: list[str], recorded: dic
         ("task", manifest.get("task")),
         ("architecture", f"{manifest.get('architecture')} ({manifest.get('model_type')})"),
         ("family", _family(manifest.get("model_type"))),
-        ("source", f"{source.get('kind')}: {source.get('path') or source.get('id')}"
-                   + (f" @ {source['revision']}" if source.get("revision") else "")),
+        (
+            "source",
+            f"{source.get('kind')}: {source.get('path') or source.get('id')}"
+            + (f" @ {source['revision']}" if source.get("revision") else ""),
+        ),
         ("sha256", source.get("sha256")),
         ("files", ", ".join(f"{k}={v}" for k, v in (manifest.get("files") or {}).items())),
         ("size", human_size(size)),
@@ -85,7 +92,14 @@ def _render(folder, manifest: dict[str, Any], problems: list[str], recorded: dic
         ("labels", ", ".join(manifest["labels"]) if manifest.get("labels") else None),
         ("problem type", manifest.get("problem_type")),
         ("pooling", _pooling(manifest) if manifest.get("pooling") else None),
-        ("special tokens", ", ".join(f"{k.removesuffix('_token_id')}={v}" for k, v in (manifest.get("special_tokens") or {}).items() if v is not None)),
+        (
+            "special tokens",
+            ", ".join(
+                f"{k.removesuffix('_token_id')}={v}"
+                for k, v in (manifest.get("special_tokens") or {}).items()
+                if v is not None
+            ),
+        ),
         ("graph", _graph(manifest.get("graph") or {})),
         ("weights", weights_text(manifest.get("graph") or {})),
     ]
@@ -95,7 +109,9 @@ def _render(folder, manifest: dict[str, Any], problems: list[str], recorded: dic
     out.print(table)
     out.print()
     validation = manifest.get("validation") or {}
-    table = Table(show_header=False, box=None, pad_edge=False, title="validation", title_justify="left", title_style="bold")
+    table = Table(
+        show_header=False, box=None, pad_edge=False, title="validation", title_justify="left", title_style="bold"
+    )
     table.add_column(style="bold")
     table.add_column()
     for key, value in validation_rows(validation):
@@ -108,12 +124,16 @@ def _render(folder, manifest: dict[str, Any], problems: list[str], recorded: dic
 
 
 def _pooling(m: dict[str, Any]) -> str:
-    """"mean, 2 dense layers (32 -> 24 tanh, 24 -> 16 identity), normalized, max 128 tokens"."""
+    """ "mean, 2 dense layers (32 -> 24 tanh, 24 -> 16 identity), normalized, max 128 tokens"."""
     parts = [str(m["pooling"])]
     dense = [d for d in m.get("dense") or [] if isinstance(d, dict)]
     if dense:
-        shapes = ", ".join(f"{d['shape'][1]} -> {d['shape'][0]} {d.get('activation')}" if len(d.get("shape") or []) == 2
-                           else str(d.get("activation")) for d in dense)
+        shapes = ", ".join(
+            f"{d['shape'][1]} -> {d['shape'][0]} {d.get('activation')}"
+            if len(d.get("shape") or []) == 2
+            else str(d.get("activation"))
+            for d in dense
+        )
         parts.append(f"{len(dense)} dense layer{'s' if len(dense) > 1 else ''} ({shapes})")
     if m.get("normalize"):
         parts.append("normalized")

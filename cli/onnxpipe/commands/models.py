@@ -38,16 +38,18 @@ def models(as_json: bool) -> None:
         variant = m.get("precision")
         if m.get("optimization"):
             variant = f"{variant} {m['optimization']}"
-        rows.append({
-            "name": folder.name,
-            "task": m.get("task"),
-            "architecture": m.get("architecture"),
-            "precision": variant,
-            "size": folder_size(folder),
-            "validated": problem is None and bool((m.get("validation") or {}).get("passed")),
-            "problem": problem,
-            "path": str(folder),
-        })
+        rows.append(
+            {
+                "name": folder.name,
+                "task": m.get("task"),
+                "architecture": m.get("architecture"),
+                "precision": variant,
+                "size": folder_size(folder),
+                "validated": problem is None and bool((m.get("validation") or {}).get("passed")),
+                "problem": problem,
+                "path": str(folder),
+            }
+        )
     if as_json:
         for row in rows:
             click.echo(json.dumps(row, ensure_ascii=False))
@@ -57,8 +59,14 @@ def models(as_json: bool) -> None:
         return
     header = ("name", "task", "architecture", "precision", "size", "validated")
     table = [header] + [
-        (r["name"], r["task"] or "?", r["architecture"] or "?", r["precision"] or "?", human_size(r["size"]),
-         r["problem"] or ("yes" if r["validated"] else "no"))
+        (
+            r["name"],
+            r["task"] or "?",
+            r["architecture"] or "?",
+            r["precision"] or "?",
+            human_size(r["size"]),
+            r["problem"] or ("yes" if r["validated"] else "no"),
+        )
         for r in rows
     ]
     # Plain aligned columns: never truncated, whatever the terminal width, and easy to `awk`.

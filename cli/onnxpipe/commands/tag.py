@@ -10,12 +10,16 @@ from onnxpipe.commands._options import StreamOptions, model_option, run_family, 
 @click.command("tag")
 @model_option
 @stream_options(family="tag")
-@click.option("--aggregation", type=click.Choice(["simple", "first", "average", "max", "none"]), default="simple",
-              show_default=True,
-              help="How word pieces become entities, as in transformers' token-classification pipeline: "
-                   "simple groups adjacent pieces with the same tag; first/average/max first make each "
-                   "word agree (its first piece, the mean, or the most confident piece); none gives one "
-                   "entry per piece.")
+@click.option(
+    "--aggregation",
+    type=click.Choice(["simple", "first", "average", "max", "none"]),
+    default="simple",
+    show_default=True,
+    help="How word pieces become entities, as in transformers' token-classification pipeline: "
+    "simple groups adjacent pieces with the same tag; first/average/max first make each "
+    "word agree (its first piece, the mean, or the most confident piece); none gives one "
+    "entry per piece.",
+)
 def tag(model: str, stream: StreamOptions, aggregation: str) -> None:
     """Find entities in each input line with a token-classification export.
 

@@ -14,15 +14,20 @@ from onnxpipe.commands._seq2seq import run_seq2seq
 @click.command("translate")
 @model_option
 @stream_options(family="translate")
-@click.option("--source-lang", metavar="CODE",
-              help="Source language of a multilingual model (mBART en_XX, NLLB eng_Latn, M2M100 en), "
-                   "or with --target-lang the pair of a T5 model (en).")
-@click.option("--target-lang", metavar="CODE",
-              help="Target language: multilingual models need it (de_DE, deu_Latn, de, >>deu<<).")
+@click.option(
+    "--source-lang",
+    metavar="CODE",
+    help="Source language of a multilingual model (mBART en_XX, NLLB eng_Latn, M2M100 en), "
+    "or with --target-lang the pair of a T5 model (en).",
+)
+@click.option(
+    "--target-lang", metavar="CODE", help="Target language: multilingual models need it (de_DE, deu_Latn, de, >>deu<<)."
+)
 @decoding_options("translate")
 @prefix_option
-def translate(model: str, stream: StreamOptions, source_lang: str | None, target_lang: str | None,
-              prefix: str | None, **kw: Any) -> None:
+def translate(
+    model: str, stream: StreamOptions, source_lang: str | None, target_lang: str | None, prefix: str | None, **kw: Any
+) -> None:
     """Translate each input line with an encoder-decoder export (Marian/opus-mt, T5, mBART, NLLB).
 
     Reads lines from FILEs or stdin and writes one translation per line, in input order

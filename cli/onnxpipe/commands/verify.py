@@ -27,8 +27,10 @@ def verify(model: str) -> None:
     name = folder.name
     recorded = manifest.get("checksums")
     if recorded is None:
-        raise ExportFolderError(f"{name}: {file_problems(folder, manifest)[0]}",
-                                hint="re-export it with this onnxpipe to be able to verify it")
+        raise ExportFolderError(
+            f"{name}: {file_problems(folder, manifest)[0]}",
+            hint="re-export it with this onnxpipe to be able to verify it",
+        )
     problems = file_problems(folder, manifest, full=True)
     for problem in problems:
         click.echo(f"{name}: {problem}")

@@ -11,4 +11,14 @@ from onnxpipe.decoding.config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from onnxpipe.decoding.processors import History, build_processors
 from onnxpipe.decoding.search import Hypothesis, Step, generate, left_pad, row_rng
 
-__all__ = ["DEFAULT_MAX_NEW_TOKENS", "GenerationConfig", "History", "Hypothesis", "Step", "build_processors", "generate", "left_pad", "row_rng"]
+__all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "GenerationConfig",
+    "History",
+    "Hypothesis",
+    "Step",
+    "build_processors",
+    "generate",
+    "left_pad",
+    "row_rng",
+]

@@ -57,8 +57,9 @@ def _topk_wide(x: np.ndarray, k: int) -> np.ndarray:
     width = n // _CHUNKS
     # (rows, chunks, width) as a view: a reshape of x[:, :width * chunks] would copy the whole matrix.
     x = np.ascontiguousarray(x)
-    body = np.lib.stride_tricks.as_strided(x, (rows, _CHUNKS, width), (x.strides[0], width * x.itemsize, x.itemsize),
-                                           writeable=False)
+    body = np.lib.stride_tricks.as_strided(
+        x, (rows, _CHUNKS, width), (x.strides[0], width * x.itemsize, x.itemsize), writeable=False
+    )
     maxima = body.max(axis=2)
     floor = np.partition(maxima, _CHUNKS - k, axis=1)[:, _CHUNKS - k]
     chunk_r, chunk_c = np.nonzero(maxima >= floor[:, None])
@@ -66,7 +67,7 @@ def _topk_wide(x: np.ndarray, k: int) -> np.ndarray:
     hit_k, hit_j = np.nonzero(in_chunk)
     r = chunk_r[hit_k]
     c = chunk_c[hit_k] * width + hit_j
-    tail_r, tail_c = np.nonzero(x[:, width * _CHUNKS:] >= floor[:, None])
+    tail_r, tail_c = np.nonzero(x[:, width * _CHUNKS :] >= floor[:, None])
     if len(tail_r):
         r = np.concatenate([r, tail_r])
         c = np.concatenate([c, tail_c + width * _CHUNKS])
@@ -132,7 +133,7 @@ def beam_search(
     t = 0
     while True:
         live = len(items)
-        history = History(run_ids[:, :, :width + t].reshape(live * beams, width + t), np.repeat(start, beams), width)
+        history = History(run_ids[:, :, : width + t].reshape(live * beams, width + t), np.repeat(start, beams), width)
         # The step's logits are the search's own (a fresh array per step), so they are worked in place.
         scores = processors(history, log_softmax(np.asarray(logits, dtype=np.float32), inplace=True))
         flat = scores.reshape(live, beams, vocab)
@@ -187,7 +188,7 @@ def beam_search(
         done = ~improvable | (fin_done.all(axis=1) & (early is True)) | (t >= limits[items])
         for b in np.flatnonzero(done):
             results[items[b]] = [
-                _hypothesis(fin_ids[b, j, width:width + fin_len[b, j]], fin_scores[b, j], eos)
+                _hypothesis(fin_ids[b, j, width : width + fin_len[b, j]], fin_scores[b, j], eos)
                 for j in range(config.num_return_sequences)
             ]
         if done.all():

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-EarlyStopping = Union[bool, str]  # True, False or "never", as in transformers
+EarlyStopping = bool | str  # True, False or "never", as in transformers
 
 # At most this many beams (and so n-best outputs). transformers and CTranslate2 set no bound; serving
 # front-ends bound it tightly (TGI's --max-best-of defaults to 2). Each step holds rows x beams x vocab
@@ -51,7 +51,7 @@ class GenerationConfig:
     decoder_start_token_id: int | None = None
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GenerationConfig":
+    def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
         """Keep the known keys of a `generation_config.json` (unknown ones are ignored, None means default)."""
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in data.items() if k in names and v is not None}
@@ -63,13 +63,13 @@ class GenerationConfig:
         return cls(**kw)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "GenerationConfig":
+    def from_file(cls, path: str | Path) -> GenerationConfig:
         path = Path(path)
         if not path.is_file():
             return cls()
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
-    def update(self, **overrides: Any) -> "GenerationConfig":
+    def update(self, **overrides: Any) -> GenerationConfig:
         """A copy with the given settings replaced; None leaves a setting as it is (unset CLI flags)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -80,7 +80,9 @@ class GenerationConfig:
         if not 1 <= self.num_beams <= MAX_NUM_BEAMS:
             raise ValueError(f"num_beams ({self.num_beams}) must be between 1 and {MAX_NUM_BEAMS}")
         if not 1 <= self.num_return_sequences <= self.num_beams:
-            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be between 1 and num_beams ({self.num_beams})")
+            raise ValueError(
+                f"num_return_sequences ({self.num_return_sequences}) must be between 1 and num_beams ({self.num_beams})"
+            )
         if self.do_sample and not self.temperature > 0:
             raise ValueError("temperature must be > 0 (use greedy decoding for temperature 0)")
         if self.top_k < 0:

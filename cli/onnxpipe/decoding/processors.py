@@ -12,9 +12,10 @@ so every row gets what transformers gives it at batch size 1, whatever it is bat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -46,7 +47,7 @@ class History:
         return self.ids.shape[1] - self.start
 
     def row(self, r: int) -> np.ndarray:
-        return self.ids[r, self.start[r]:]
+        return self.ids[r, self.start[r] :]
 
     def unpadded_ids(self) -> np.ndarray:
         """`ids` with each pad replaced by a real id of its row (the last one): harmless for set-like uses."""
@@ -99,7 +100,7 @@ class NoRepeatNGram:
             return row[:0]
         if n == 1:
             return row
-        prefix = row[length - n + 1:]
+        prefix = row[length - n + 1 :]
         windows = np.lib.stride_tricks.sliding_window_view(row[:-1], n - 1)
         hits = np.flatnonzero((windows == prefix).all(axis=1))
         return row[hits + n - 1]
@@ -219,7 +220,7 @@ class TopK:
     def __call__(self, history: History, scores: np.ndarray) -> np.ndarray:
         vocab = scores.shape[1]
         k = min(self.top_k, vocab)
-        kth = np.partition(scores, vocab - k, axis=1)[:, vocab - k:vocab - k + 1]
+        kth = np.partition(scores, vocab - k, axis=1)[:, vocab - k : vocab - k + 1]
         scores[scores < kth] = NEG_INF
         return scores
 
@@ -236,7 +237,7 @@ class TopP:
         sorted_scores = np.take_along_axis(scores, order, axis=1)
         cumulative = np.cumsum(softmax(sorted_scores), axis=1)
         remove = cumulative <= np.float32(1 - self.top_p)
-        remove[:, -self.min_tokens_to_keep:] = False
+        remove[:, -self.min_tokens_to_keep :] = False
         mask = np.empty_like(remove)
         np.put_along_axis(mask, order, remove, axis=1)
         scores[mask] = NEG_INF

@@ -14,8 +14,9 @@ transformers would sample with the same seed; greedy and beam search are identic
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -53,7 +54,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
     start = np.empty(len(prompts), dtype=np.int64)
     for r, p in enumerate(prompts):
         start[r] = width - len(p)
-        ids[r, start[r]:] = p
+        ids[r, start[r] :] = p
     return ids, start
 
 
@@ -89,7 +90,9 @@ def generate(
         from onnxpipe.decoding.beam import beam_search
 
         return beam_search(step, logits, ids, start, config, processors, limits, keys_arr)
-    return [[h] for h in _greedy_or_sample(step, logits, ids, start, config, processors, limits, keys_arr, stop, on_token)]
+    return [
+        [h] for h in _greedy_or_sample(step, logits, ids, start, config, processors, limits, keys_arr, stop, on_token)
+    ]
 
 
 def row_rng(seed: int | None, key: int) -> np.random.Generator:
@@ -126,7 +129,7 @@ def _greedy_or_sample(
     results: list[Hypothesis | None] = [None] * rows
     t = 0
     while True:
-        history = History(ids[:, :width + t], start, width)
+        history = History(ids[:, : width + t], start, width)
         scores = processors(history, logits)
         if config.do_sample:
             tokens = sample_rows(softmax(scores), rngs)
@@ -139,11 +142,11 @@ def _greedy_or_sample(
         reason = np.full(len(live), "", dtype=object)
         reason[t >= limits[live]] = "length"
         if stop is not None:
-            reason[stop(keys[live], ids[:, width:width + t])] = "stop"
+            reason[stop(keys[live], ids[:, width : width + t])] = "stop"
         reason[is_eos[tokens]] = "eos"
         done = reason != ""
         for r in np.flatnonzero(done):
-            results[live[r]] = Hypothesis(ids[r, width:width + t].tolist(), str(reason[r]))
+            results[live[r]] = Hypothesis(ids[r, width : width + t].tolist(), str(reason[r]))
         if done.all():
             return results  # type: ignore[return-value]
         parents = None

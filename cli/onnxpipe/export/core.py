@@ -114,15 +114,29 @@ def export_model(
         # The name is cut in the temporary's: NAME + the mark must fit in NAME_MAX too.
         tmp = Path(tempfile.mkdtemp(prefix=f".{output.name[:64]}{TMP_MARK}{os.getpid()}-", dir=output.parent))
     except OSError as exc:
-        raise ExportError(f"cannot write into {output.parent}: {exc.strerror or exc}",
-                          hint="choose an --output in a folder you can write to") from None
+        raise ExportError(
+            f"cannot write into {output.parent}: {exc.strerror or exc}",
+            hint="choose an --output in a folder you can write to",
+        ) from None
     try:
         with _sigterm_as_interrupt():
             manifest = _build(
-                source, tmp, output.name, task,
-                dict(optimize=optimize, quantize=quantize, fp16=fp16, trust_remote_code=trust_remote_code,
-                     revision=revision, opset=opset, graph=graph),
-                texts, inputs_note, progress,
+                source,
+                tmp,
+                output.name,
+                task,
+                dict(
+                    optimize=optimize,
+                    quantize=quantize,
+                    fp16=fp16,
+                    trust_remote_code=trust_remote_code,
+                    revision=revision,
+                    opset=opset,
+                    graph=graph,
+                ),
+                texts,
+                inputs_note,
+                progress,
             )
             progress("write", f"writing {output}")
             _check_target(output, force, source)
@@ -134,8 +148,10 @@ def export_model(
 
 # --- the stages -------------------------------------------------------------------------
 
-def _build(source, tmp: Path, name: str, task: str | None, opts: dict, texts: list[str], inputs_note: str,
-           progress: Progress) -> dict[str, Any]:
+
+def _build(
+    source, tmp: Path, name: str, task: str | None, opts: dict, texts: list[str], inputs_note: str, progress: Progress
+) -> dict[str, Any]:
     from onnxpipe.export import tasks as tasks_mod
     from onnxpipe.export import validate as val
     from onnxpipe.export.quiet import quiet_libraries
@@ -169,12 +185,18 @@ def _build(source, tmp: Path, name: str, task: str | None, opts: dict, texts: li
     if builder == "fused":
         from onnxpipe.export import fused
 
-        progress("export", f"building onnxpipe's fused {model_type} graph (GroupQueryAttention; exact 4-bit blocks kept)")
+        progress(
+            "export", f"building onnxpipe's fused {model_type} graph (GroupQueryAttention; exact 4-bit blocks kept)"
+        )
         with quiet_libraries():
             files, weights = fused.export(model, out, opts["opset"])
         progress("export", "weight matrices: " + ", ".join(f"{n} {k}" for k, n in weights.items() if n))
     else:
-        progress("export", f"exporting {optimum_task(task)} with optimum" + (f", optimisation {opts['optimize']}" if opts["optimize"] else ""))
+        progress(
+            "export",
+            f"exporting {optimum_task(task)} with optimum"
+            + (f", optimisation {opts['optimize']}" if opts["optimize"] else ""),
+        )
         files, weights = _export_graphs(model, out, task, family, opts), None
     with quiet_libraries():
         tokenizer_record = save_tokenizers(toks, out)
@@ -188,9 +210,22 @@ def _build(source, tmp: Path, name: str, task: str | None, opts: dict, texts: li
     all_texts = val.GENERATED_TEXTS + texts
     precision = "fp16" if opts["fp16"] else (opts["quantize"] or "fp32")
 
-    progress("validate", f"validating fp32{' ' + opts['optimize'] if opts['optimize'] else ''} against PyTorch on {inputs_note}")
-    report = val.validate(model, out, task, family, files, fast, all_texts,
-                          val.budget_for("fp32", opts["optimize"]), inputs_note, special_tokens=special)
+    progress(
+        "validate",
+        f"validating fp32{' ' + opts['optimize'] if opts['optimize'] else ''} against PyTorch on {inputs_note}",
+    )
+    report = val.validate(
+        model,
+        out,
+        task,
+        family,
+        files,
+        fast,
+        all_texts,
+        val.budget_for("fp32", opts["optimize"]),
+        inputs_note,
+        special_tokens=special,
+    )
     val.raise_if_failed(report, "the exported ONNX graph" if not opts["optimize"] else f"the {opts['optimize']} graph")
     quantization = None
     if precision != "fp32":
@@ -205,14 +240,27 @@ def _build(source, tmp: Path, name: str, task: str | None, opts: dict, texts: li
         provider = FP16_PROVIDER if precision == "fp16" else "CPUExecutionProvider"
         progress("validate", f"validating the {precision} variant against fp32")
         baseline = report
-        report = val.validate(model, out, task, family, files, fast, all_texts,
-                              val.budget_for(precision, opts["optimize"]), inputs_note, provider=provider,
-                              special_tokens=special)
-        report["fp32"] = {k: baseline[k] for k in ("passed", "tolerance", "outputs", "label_agreement", "greedy") if k in baseline}
+        report = val.validate(
+            model,
+            out,
+            task,
+            family,
+            files,
+            fast,
+            all_texts,
+            val.budget_for(precision, opts["optimize"]),
+            inputs_note,
+            provider=provider,
+            special_tokens=special,
+        )
+        report["fp32"] = {
+            k: baseline[k] for k in ("passed", "tolerance", "outputs", "label_agreement", "greedy") if k in baseline
+        }
         val.raise_if_failed(report, f"the {precision} variant")
 
-    manifest = _manifest(name, task, family, config, out, files, tokenizer_record, special, src, precision,
-                         opts, report)
+    manifest = _manifest(
+        name, task, family, config, out, files, tokenizer_record, special, src, precision, opts, report
+    )
     manifest["graph"]["builder"] = "onnxpipe-fused" if builder == "fused" else "optimum"
     if weights is not None:
         manifest["graph"]["weights"] = weights
@@ -241,7 +289,7 @@ def _check_traceable(config) -> None:
 
 
 def _choose_graph(opts: dict, family: str, config) -> str:
-    """"fused" (onnxpipe's own graph, export.fused) or "optimum", from --graph and what applies."""
+    """ "fused" (onnxpipe's own graph, export.fused) or "optimum", from --graph and what applies."""
     from onnxpipe.export import fused
 
     wanted = opts.get("graph") or "auto"
@@ -272,16 +320,24 @@ def _export_graphs(model, out: Path, task: str, family: str, opts: dict) -> dict
     with quiet_libraries():
         try:
             onnx_export_from_model(
-                model, out, task=optimum_task(task), opset=opts["opset"], optimize=opts["optimize"],
+                model,
+                out,
+                task=optimum_task(task),
+                opset=opts["opset"],
+                optimize=opts["optimize"],
                 do_validation=False,
             )
         except OnnxpipeError:
             raise
         except NotImplementedError as exc:
-            raise ExportError(f"optimum cannot {('optimise (' + opts['optimize'] + ') ') if opts['optimize'] else 'export'} "
-                              f"{model.config.model_type}: {_first_line(exc)}") from None
+            raise ExportError(
+                f"optimum cannot {('optimise (' + opts['optimize'] + ') ') if opts['optimize'] else 'export'} "
+                f"{model.config.model_type}: {_first_line(exc)}"
+            ) from None
         except Exception as exc:
-            raise ExportError(f"the ONNX export failed: {_first_line(exc)}", hint="run with -v --traceback for details") from None
+            raise ExportError(
+                f"the ONNX export failed: {_first_line(exc)}", hint="run with -v --traceback for details"
+            ) from None
     if family == "seq2seq":
         files = {"encoder": "encoder_model.onnx", "decoder": "decoder_model_merged.onnx"}
     else:
@@ -297,8 +353,9 @@ def _export_graphs(model, out: Path, task: str, family: str, opts: dict) -> dict
     return files
 
 
-def _manifest(name, task, family, config, out: Path, files, tokenizer_record, special, src, precision, opts,
-              report) -> dict[str, Any]:
+def _manifest(
+    name, task, family, config, out: Path, files, tokenizer_record, special, src, precision, opts, report
+) -> dict[str, Any]:
     cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
     labels = None
     if task in ("text-classification", "token-classification"):
@@ -332,25 +389,31 @@ def _manifest(name, task, family, config, out: Path, files, tokenizer_record, sp
 
 # --- pieces -----------------------------------------------------------------------------
 
+
 def _check_target(output: Path, force: bool, source: str | Path | None = None) -> None:
     """Refuse, before anything is written, every OUTPUT that --force must not replace (see the module doc)."""
     try:
         _check_target_path(output, force, source)
     except OSError as exc:
-        raise UsageError(f"cannot use {output} as the output folder: {exc.strerror or exc}",
-                         hint="choose another --output or --name") from None
+        raise UsageError(
+            f"cannot use {output} as the output folder: {exc.strerror or exc}", hint="choose another --output or --name"
+        ) from None
 
 
 def _check_target_path(output: Path, force: bool, source: str | Path | None) -> None:
     for part in output.parts:
         if len(os.fsencode(part)) > NAME_MAX:
-            raise OSError(errno.ENAMETOOLONG, f"a name of {len(os.fsencode(part))} bytes is longer than the "
-                                              f"file system allows ({NAME_MAX})")
+            raise OSError(
+                errno.ENAMETOOLONG,
+                f"a name of {len(os.fsencode(part))} bytes is longer than the file system allows ({NAME_MAX})",
+            )
     if source is not None:
         _check_not_source(output, source)
     if os.path.islink(output):
-        raise UsageError(f"{output} is a symbolic link; refusing to replace it or what it points to",
-                         hint="give the folder itself as --output, or remove the link")
+        raise UsageError(
+            f"{output} is a symbolic link; refusing to replace it or what it points to",
+            hint="give the folder itself as --output, or remove the link",
+        )
     if not os.path.lexists(output):
         return
     if not output.is_dir():
@@ -362,9 +425,12 @@ def _check_target_path(output: Path, force: bool, source: str | Path | None) -> 
         return  # an empty folder is used as it is
     if not looks_like_export(output):
         if not entries:
-            raise UsageError(f"{output} is the current folder; refusing to export into it",
-                             hint="give a new folder as --output")
-        noun = "file" if all(os.path.isfile(output / e) and not os.path.islink(output / e) for e in entries) else "entry"
+            raise UsageError(
+                f"{output} is the current folder; refusing to export into it", hint="give a new folder as --output"
+            )
+        noun = (
+            "file" if all(os.path.isfile(output / e) and not os.path.islink(output / e) for e in entries) else "entry"
+        )
         noun = noun if len(entries) == 1 else ("files" if noun == "file" else "entries")
         raise UsageError(
             f"{output}{' (the current folder)' if is_cwd else ''} holds {len(entries)} {noun} that {'is' if len(entries) == 1 else 'are'} "
@@ -407,9 +473,11 @@ def _check_not_source(output: Path, source: str | Path) -> None:
     else:
         clash = os.path.commonpath([out, src]) in (out, src)
     if clash:
-        where = ("is" if out == src else "holds" if os.path.commonpath([out, src]) == out else "is inside")
-        raise UsageError(f"the output {output} {where} the source {source}; refusing to write there",
-                         hint="choose an --output outside the checkpoint")
+        where = "is" if out == src else "holds" if os.path.commonpath([out, src]) == out else "is inside"
+        raise UsageError(
+            f"the output {output} {where} the source {source}; refusing to write there",
+            hint="choose an --output outside the checkpoint",
+        )
 
 
 def _move_into_place(built: Path, output: Path) -> None:
@@ -453,7 +521,10 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (kill, a job scheduler's timeout) ends the export as Ctrl-C does: the temporary is removed.
 
     Only where nobody took SIGTERM yet (the Python API): the CLI's own handler already raises."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
         yield
         return
 
@@ -525,12 +596,14 @@ def _special_tokens(from_tokenizer: dict[str, Any], out: Path) -> dict[str, Any]
 
     eos = first(gen.get("eos_token_id"), cfg.get("eos_token_id"), from_tokenizer.get("eos_token_id"))
     special = dict(from_tokenizer)
-    special.update({
-        "bos_token_id": first(gen.get("bos_token_id"), cfg.get("bos_token_id"), from_tokenizer.get("bos_token_id")),
-        "eos_token_id": eos if isinstance(eos, list) or eos is None else [eos],
-        "pad_token_id": first(from_tokenizer.get("pad_token_id"), gen.get("pad_token_id"), cfg.get("pad_token_id")),
-        "decoder_start_token_id": first(gen.get("decoder_start_token_id"), cfg.get("decoder_start_token_id")),
-    })
+    special.update(
+        {
+            "bos_token_id": first(gen.get("bos_token_id"), cfg.get("bos_token_id"), from_tokenizer.get("bos_token_id")),
+            "eos_token_id": eos if isinstance(eos, list) or eos is None else [eos],
+            "pad_token_id": first(from_tokenizer.get("pad_token_id"), gen.get("pad_token_id"), cfg.get("pad_token_id")),
+            "decoder_start_token_id": first(gen.get("decoder_start_token_id"), cfg.get("decoder_start_token_id")),
+        }
+    )
     return special
 
 
@@ -591,8 +664,10 @@ def _dense_files(folder: Path, out: Path, index: int, layer: dict[str, Any]) -> 
 
     weights = folder / "model.safetensors"
     if not weights.is_file():
-        raise SourceError(f"{folder} has no model.safetensors (a pickled Dense layer is not read)",
-                          hint="re-save the model with sentence-transformers' save(), which writes safetensors")
+        raise SourceError(
+            f"{folder} has no model.safetensors (a pickled Dense layer is not read)",
+            hint="re-save the model with sentence-transformers' save(), which writes safetensors",
+        )
     tensors = load_file(str(weights))
     (out / "dense").mkdir(exist_ok=True)
     record: dict[str, Any] = {"weight": f"dense/{index}_weight.npy", "bias": None, "activation": layer["activation"]}

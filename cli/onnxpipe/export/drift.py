@@ -25,10 +25,16 @@ _SENTINEL = 1e30
 def locate_drift(folder: Path, files: dict[str, str], case: dict[str, Any], rtol: float) -> dict[str, Any] | None:
     """The drift report for CASE (validate._mismatch), or None where the graphs cannot be replayed."""
     try:
-        reports = [_locate(folder / files[graph], case["feeds"][graph], rtol, case["expected"] if graph == case["graph"] else None)
-                   for graph in _graphs_for(case)]
+        reports = [
+            _locate(
+                folder / files[graph], case["feeds"][graph], rtol, case["expected"] if graph == case["graph"] else None
+            )
+            for graph in _graphs_for(case)
+        ]
     except Exception as exc:  # a graph the reference evaluator cannot run: say so, keep the failure
-        return {"summary": f"the drifting op could not be located ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"}
+        return {
+            "summary": f"the drifting op could not be located ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        }
     # The encoder runs first: an op above the tolerance there is where it starts.
     return next((r for r in reports if r.get("above_tolerance")), reports[-1])
 
@@ -70,23 +76,36 @@ def _locate(path: Path, feeds: dict[str, np.ndarray], rtol: float, expected: int
     outputs = [o.name for o in model.graph.output]
     final = {o: _relative_error(np.asarray(ref[o]), np.asarray(got[o])) for o in outputs if o in ref and o in got}
     chosen = first or best[1]
-    report: dict[str, Any] = {"graph": path.name, "outputs_relative_error_vs_float64": {k: float(f"{v:.3g}") for k, v in final.items()}}
+    report: dict[str, Any] = {
+        "graph": path.name,
+        "outputs_relative_error_vs_float64": {k: float(f"{v:.3g}") for k, v in final.items()},
+    }
     if expected is not None and "logits" in ref:
         picked = int(np.asarray(ref["logits"])[0, -1].argmax())
         report["float64_id"] = picked
         if picked != expected:  # the graph itself computes another result: not float32 noise
-            report["summary"] = (f"the float64 evaluation of {path.name} picks {picked} too: "
-                                 "the graph computes something else than PyTorch, no op merely drifts")
+            report["summary"] = (
+                f"the float64 evaluation of {path.name} picks {picked} too: "
+                "the graph computes something else than PyTorch, no op merely drifts"
+            )
             return report
     if chosen is None:
         report["summary"] = f"float32 and float64 runs of {path.name} agree: no op drifts"
         return report
     node, out, err, before = chosen
-    report.update(node=node.name or out, op_type=node.op_type, output=out, relative_error=float(f"{err:.3g}"),
-                  inputs_relative_error=float(f"{before:.3g}"), above_tolerance=first is not None)
+    report.update(
+        node=node.name or out,
+        op_type=node.op_type,
+        output=out,
+        relative_error=float(f"{err:.3g}"),
+        inputs_relative_error=float(f"{before:.3g}"),
+        above_tolerance=first is not None,
+    )
     how = "first op above" if first is not None else "no op above; largest growth, from"
-    report["summary"] = (f"float32 drifts at {node.op_type} {node.name or out!r} in {path.name} "
-                         f"(relative error vs float64 {err:.2g}, its inputs {before:.2g}; {how} {rtol:g})")
+    report["summary"] = (
+        f"float32 drifts at {node.op_type} {node.name or out!r} in {path.name} "
+        f"(relative error vs float64 {err:.2g}, its inputs {before:.2g}; {how} {rtol:g})"
+    )
     return report
 
 
@@ -175,7 +194,9 @@ def _to_float64(model, fp32: dict[str, np.ndarray]):
         outs = [o for o in node.output if o]
         if outs and all(o in fp32 and not np.issubdtype(np.asarray(fp32[o]).dtype, np.floating) for o in outs):
             for o in outs:
-                nodes.append(helper.make_node("Constant", [], [o], value=numpy_helper.from_array(np.asarray(fp32[o]), o)))
+                nodes.append(
+                    helper.make_node("Constant", [], [o], value=numpy_helper.from_array(np.asarray(fp32[o]), o))
+                )
         else:
             nodes.append(node)
     del graph.node[:]

@@ -142,17 +142,23 @@ def exact_blocks(w: np.ndarray) -> tuple[str, list[Nibbles]] | None:
         # Q4_1: the smallest weight is q = 0 (m = min, a float16) and the largest q = 15.
         lo, hi = b.min(-1), b.max(-1)
         if np.array_equal(lo.astype(np.float16).astype(f32), lo):
-            solved = _solve(b, (hi - lo) / f32(15),
-                            lambda d: np.clip(np.where(d[..., None] > 0, np.rint((b - lo[..., None]) / d[..., None]), 0), 0, 15),
-                            lambda d, q: d[..., None] * q.astype(f32) + lo[..., None])
+            solved = _solve(
+                b,
+                (hi - lo) / f32(15),
+                lambda d: np.clip(np.where(d[..., None] > 0, np.rint((b - lo[..., None]) / d[..., None]), 0), 0, 15),
+                lambda d, q: d[..., None] * q.astype(f32) + lo[..., None],
+            )
             if solved is not None:
                 d, q = solved
                 return "q4_1", [Nibbles(q.astype(np.uint8), d, 0, lo.astype(f32))]
         # Q8_0: the weight of largest magnitude is q = +-127.
         amax = np.abs(b).max(-1)
-        solved = _solve(b, amax / f32(127),
-                        lambda d: np.clip(np.where(d[..., None] > 0, np.rint(b / d[..., None]), 0), -128, 127),
-                        lambda d, q: q.astype(f32) * d[..., None])
+        solved = _solve(
+            b,
+            amax / f32(127),
+            lambda d: np.clip(np.where(d[..., None] > 0, np.rint(b / d[..., None]), 0), -128, 127),
+            lambda d, q: q.astype(f32) * d[..., None],
+        )
         if solved is not None:
             d, q = solved
             high, low = np.floor_divide(q, 16), np.mod(q, 16)  # high in -8..7, low in 0..15
@@ -189,8 +195,9 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
     def const(name: str, values, dtype=np.int64) -> str:
         return init(name, np.array(values, dtype=dtype))
 
-    def node(op: str, inputs: list[str], outputs: list[str] | int = 1, domain: str = "", name: str | None = None,
-             **attrs) -> list[str]:
+    def node(
+        op: str, inputs: list[str], outputs: list[str] | int = 1, domain: str = "", name: str | None = None, **attrs
+    ) -> list[str]:
         name = name or f"{op}_{len(nodes)}"
         if isinstance(outputs, int):
             outputs = [f"{name}/out{i}" for i in range(outputs)]
@@ -218,12 +225,18 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
             tag = f"{name}.{kind}" + (f".{j}" if len(parts) > 1 else "")
             ins = [x, init(tag + ".q", part.packed()), init(tag + ".scales", part.scales)]
             if part.zero != 8:  # MatMulNBits' default; other zero points go in packed, two a byte
-                ins.append(init(tag + ".zero", np.full((rows, (cols // BLOCK + 1) // 2), part.zero | part.zero << 4,
-                                                       np.uint8)))
-            terms.append(node("MatMulNBits", ins, domain=ms, name=tag, K=cols, N=rows, bits=4, block_size=BLOCK,
-                              accuracy_level=1)[0])
+                ins.append(
+                    init(tag + ".zero", np.full((rows, (cols // BLOCK + 1) // 2), part.zero | part.zero << 4, np.uint8))
+                )
+            terms.append(
+                node(
+                    "MatMulNBits", ins, domain=ms, name=tag, K=cols, N=rows, bits=4, block_size=BLOCK, accuracy_level=1
+                )[0]
+            )
             if part.offsets is not None:  # sum_k x_k * m_block(k) = (x's block sums) @ offsets.T
-                grouped = node("Reshape", [x, const(tag + ".blocks", [0, 0, cols // BLOCK, BLOCK])], name=tag + ".group")[0]
+                grouped = node(
+                    "Reshape", [x, const(tag + ".blocks", [0, 0, cols // BLOCK, BLOCK])], name=tag + ".group"
+                )[0]
                 sums = node("ReduceSum", [grouped, const(tag + ".axis", [-1])], keepdims=0, name=tag + ".block_sums")[0]
                 terms.append(node("MatMul", [sums, init(tag + ".offsets", part.offsets.T)], name=tag + ".offset")[0])
         y = terms[0]
@@ -244,9 +257,16 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
         else:  # two weights a byte, the first in the low nibble; default zero point 8
             data, scales, bits = parts[0].packed(), parts[0].scales, 4
         rows = table.shape[0]
-        return node("GatherBlockQuantized", [init("embed.q", data.reshape(rows, -1)), "input_ids",
-                                             init("embed.scales", scales)],
-                    domain=ms, name="embed", bits=bits, block_size=BLOCK, gather_axis=0, quantize_axis=1)[0]
+        return node(
+            "GatherBlockQuantized",
+            [init("embed.q", data.reshape(rows, -1)), "input_ids", init("embed.scales", scales)],
+            domain=ms,
+            name="embed",
+            bits=bits,
+            block_size=BLOCK,
+            gather_axis=0,
+            quantize_axis=1,
+        )[0]
 
     # --- shared inputs: the padding bias, the cache lengths, the rotary tables -----------------
     # Rotary tables: cos/sin of every position's angles, formed as transformers forms them (its module's
@@ -278,47 +298,80 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
     table = state["model.embed_tokens.weight"]
     table_blocks = blocks_of(table)  # once: a tied output layer has the same (2.8 s for SmolLM2's table)
     residual = embedding(table, table_blocks)
-    x = node("SimplifiedLayerNormalization", [residual, init("l0.ln1", state["model.layers.0.input_layernorm.weight"])],
-             axis=-1, epsilon=eps, stash_type=1, name="l0.ln1")[0]
+    x = node(
+        "SimplifiedLayerNormalization",
+        [residual, init("l0.ln1", state["model.layers.0.input_layernorm.weight"])],
+        axis=-1,
+        epsilon=eps,
+        stash_type=1,
+        name="l0.ln1",
+    )[0]
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
     split_qkv = const("c.split_qkv", [q_size, kv_size, kv_size])
     split_mlp = const("c.split_mlp", [config.intermediate_size, config.intermediate_size])
     presents = []
     for i in range(layers):
         p = f"model.layers.{i}."
-        wqkv = np.concatenate([state[p + "self_attn.q_proj.weight"], state[p + "self_attn.k_proj.weight"],
-                               state[p + "self_attn.v_proj.weight"]], axis=0)
+        wqkv = np.concatenate(
+            [
+                state[p + "self_attn.q_proj.weight"],
+                state[p + "self_attn.k_proj.weight"],
+                state[p + "self_attn.v_proj.weight"],
+            ],
+            axis=0,
+        )
         qkv = linear(x, f"l{i}.qkv", wqkv)
         q, k, v = node("Split", [qkv, split_qkv], 3, axis=-1, name=f"l{i}.split_qkv")
         q = node("RotaryEmbedding", [q, "position_ids", cos_cache, sin_cache], domain=ms, name=f"l{i}.rotary_q")[0]
         k = node("RotaryEmbedding", [k, "position_ids", cos_cache, sin_cache], domain=ms, name=f"l{i}.rotary_k")[0]
         pk, pv = f"present.{i}.key", f"present.{i}.value"
-        attn = node("GroupQueryAttention",
-                    [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total32,
-                     "", "", "", bias],
-                    [f"l{i}.attn", pk, pv], domain=ms, name=f"l{i}.attn",
-                    num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim ** -0.5), do_rotary=0)[0]
+        attn = node(
+            "GroupQueryAttention",
+            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total32, "", "", "", bias],
+            [f"l{i}.attn", pk, pv],
+            domain=ms,
+            name=f"l{i}.attn",
+            num_heads=heads,
+            kv_num_heads=kv_heads,
+            scale=float(head_dim**-0.5),
+            do_rotary=0,
+        )[0]
         presents += [pk, pv]
         o = linear(attn, f"l{i}.o", state[p + "self_attn.o_proj.weight"])
-        x, _, _, residual = node("SkipSimplifiedLayerNormalization",
-                                 [o, residual, init(f"l{i}.ln2", state[p + "post_attention_layernorm.weight"])],
-                                 4, domain=ms, epsilon=eps, name=f"l{i}.ln2")
+        x, _, _, residual = node(
+            "SkipSimplifiedLayerNormalization",
+            [o, residual, init(f"l{i}.ln2", state[p + "post_attention_layernorm.weight"])],
+            4,
+            domain=ms,
+            epsilon=eps,
+            name=f"l{i}.ln2",
+        )
         wgu = np.concatenate([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]], axis=0)
         gu = linear(x, f"l{i}.gate_up", wgu)
         g, u = node("Split", [gu, split_mlp], 2, axis=-1, name=f"l{i}.split_mlp")
         act = node("Mul", [g, node("Sigmoid", [g], name=f"l{i}.sigmoid")[0]], name=f"l{i}.silu")[0]
         down = linear(node("Mul", [act, u], name=f"l{i}.gated")[0], f"l{i}.down", state[p + "mlp.down_proj.weight"])
         if i + 1 < layers:
-            x, _, _, residual = node("SkipSimplifiedLayerNormalization",
-                                     [down, residual, init(f"l{i + 1}.ln1",
-                                                           state[f"model.layers.{i + 1}.input_layernorm.weight"])],
-                                     4, domain=ms, epsilon=eps, name=f"l{i + 1}.ln1")
+            x, _, _, residual = node(
+                "SkipSimplifiedLayerNormalization",
+                [down, residual, init(f"l{i + 1}.ln1", state[f"model.layers.{i + 1}.input_layernorm.weight"])],
+                4,
+                domain=ms,
+                epsilon=eps,
+                name=f"l{i + 1}.ln1",
+            )
     # --- the last position only --------------------------------------------------------------
     last = const("c.last", [-1])
     end = const("c.end", [np.iinfo(np.int64).max])
     h = node("Add", [node("Slice", [down, last, end, "c.1"])[0], node("Slice", [residual, last, end, "c.1"])[0]])[0]
-    h = node("SimplifiedLayerNormalization", [h, init("norm", state["model.norm.weight"])],
-             axis=-1, epsilon=eps, stash_type=1, name="norm")[0]
+    h = node(
+        "SimplifiedLayerNormalization",
+        [h, init("norm", state["model.norm.weight"])],
+        axis=-1,
+        epsilon=eps,
+        stash_type=1,
+        name="norm",
+    )[0]
     head = state.get("lm_head.weight", table)
     tied = head is table or np.array_equal(head, table)
     if tied and table_blocks is None:
@@ -335,25 +388,41 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
     def value(name: str, elem: int, dims: list) -> Any:
         return helper.make_tensor_value_info(name, elem, dims)
 
-    inputs = [value("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-              value("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
-              value("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
+    inputs = [
+        value("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        value("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+        value("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+    ]
     outputs = [value("logits", TensorProto.FLOAT, ["batch_size", 1, config.vocab_size])]
     for i in range(layers):
         for kind in ("key", "value"):
-            inputs.append(value(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
-                                ["batch_size", kv_heads, "past_sequence_length", head_dim]))
-            outputs.append(value(f"present.{i}.{kind}", TensorProto.FLOAT,
-                                 ["batch_size", kv_heads, "total_sequence_length", head_dim]))
+            inputs.append(
+                value(
+                    f"past_key_values.{i}.{kind}",
+                    TensorProto.FLOAT,
+                    ["batch_size", kv_heads, "past_sequence_length", head_dim],
+                )
+            )
+            outputs.append(
+                value(
+                    f"present.{i}.{kind}",
+                    TensorProto.FLOAT,
+                    ["batch_size", kv_heads, "total_sequence_length", head_dim],
+                )
+            )
     graph = helper.make_graph(nodes, GRAPH_NAME, inputs, outputs, inits)
-    proto = helper.make_model(graph, producer_name="onnxpipe", opset_imports=[
-        helper.make_opsetid("", opset or 17), helper.make_opsetid(ms, 1)])
+    proto = helper.make_model(
+        graph,
+        producer_name="onnxpipe",
+        opset_imports=[helper.make_opsetid("", opset or 17), helper.make_opsetid(ms, 1)],
+    )
     proto.ir_version = 8
     path = Path(out) / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     if sum(len(t.raw_data) for t in inits) > EXTERNAL_DATA_BYTES:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx_data")
+        onnx.save_model(
+            proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx_data"
+        )
     else:
         onnx.save_model(proto, str(path))
     return path.name, weights

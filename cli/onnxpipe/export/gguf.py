@@ -91,9 +91,7 @@ def gguf_to_checkpoint(gguf_path: Path, workdir: Path) -> Path:
         # The config as AutoConfig would build it, without reading the file again (each read is seconds).
         config = CONFIG_MAPPING[params["config"]["model_type"]].from_dict(params["config"])
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, config=config, dtype=torch.float32
-        )
+        model = auto.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, config=config, dtype=torch.float32)
     except SourceError:
         raise
     except Exception as exc:  # transformers raises anything from KeyError to RuntimeError here
@@ -120,6 +118,7 @@ def gguf_to_checkpoint(gguf_path: Path, workdir: Path) -> Path:
 
 
 # --- reading the GGUF ---------------------------------------------------------------------
+
 
 def read_gguf_tokenizer_info(gguf_path: Path) -> GGUFTokenizerInfo:
     """Read the metadata of GGUF_PATH, or raise SourceError naming the file."""
@@ -192,6 +191,7 @@ def _check_supported(gguf_path: Path, info: GGUFTokenizerInfo) -> None:
 
 # --- the tokenizer ------------------------------------------------------------------------
 
+
 def _fixed_tokenizer(params: dict[str, Any], info: GGUFTokenizerInfo):
     """transformers' vocabulary and merges, with the special tokens and flags the GGUF states."""
     from tokenizers import decoders, pre_tokenizers, processors
@@ -219,10 +219,12 @@ def _fixed_tokenizer(params: dict[str, Any], info: GGUFTokenizerInfo):
         # (and its Strip when add_space_prefix is absent) would eat a leading space.
         backend.decoder = decoders.ByteLevel()
         if info.pre in _DIGIT_SPLIT_PRE:
-            backend.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-            ])
+            backend.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Digits(individual_digits=True),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+                ]
+            )
 
     single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
     pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
@@ -260,7 +262,9 @@ def _end_of_turn_token(info: GGUFTokenizerInfo) -> str | None:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         text = env.from_string(info.chat_template).render(
             messages=[{"role": "user", "content": probe}, {"role": "assistant", "content": probe}],
-            add_generation_prompt=False, bos_token="", eos_token="",
+            add_generation_prompt=False,
+            bos_token="",
+            eos_token="",
         )
     except Exception:
         return None
@@ -287,4 +291,3 @@ def _eos_ids(info: GGUFTokenizerInfo, tokenizer) -> list[int]:
 def _one_line(exc: BaseException) -> str:
     text = re.sub(r"\s+", " ", str(exc)).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-

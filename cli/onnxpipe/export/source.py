@@ -20,8 +20,10 @@ from onnxpipe.errors import SourceError
 # A hub id: "name" or "owner/name", no path separators beyond one, nothing that looks like a path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 # Loading a pickle runs whatever code it holds: onnxpipe reads safetensors only.
-PICKLE_HINT = ("if you trust where it came from, load it with transformers and save it again with "
-               "save_pretrained(DIR, safe_serialization=True)")
+PICKLE_HINT = (
+    "if you trust where it came from, load it with transformers and save it again with "
+    "save_pretrained(DIR, safe_serialization=True)"
+)
 # What a hub export needs (and the safetensors weights).
 _HUB_FILES = ["*.json", "*.txt", "*.model", "*.spm", "*.jinja", "*.tiktoken", "*.py"]
 
@@ -98,8 +100,9 @@ def find_weights(folder: Path) -> list[Path]:
     if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
         for name in ("pytorch_model.bin", "pytorch_model.bin.index.json"):
             if (folder / name).is_file():
-                raise SourceError(f"{folder / name}: unsafe pickle checkpoint; convert it to safetensors",
-                                  hint=PICKLE_HINT)
+                raise SourceError(
+                    f"{folder / name}: unsafe pickle checkpoint; convert it to safetensors", hint=PICKLE_HINT
+                )
     for index_name in ("model.safetensors.index.json",):
         index = folder / index_name
         if index.is_file():
@@ -171,17 +174,24 @@ def _from_hub(repo_id: str, revision: str | None) -> Source:
             api = huggingface_hub.HfApi()
             files = api.list_repo_files(repo_id, revision=revision)
             if not any(f.endswith(".safetensors") for f in files):
-                raise SourceError(f"{repo_id!r} has only pickled weights (*.bin): unsafe pickle checkpoint; "
-                                  "convert it to safetensors", hint=PICKLE_HINT)
+                raise SourceError(
+                    f"{repo_id!r} has only pickled weights (*.bin): unsafe pickle checkpoint; "
+                    "convert it to safetensors",
+                    hint=PICKLE_HINT,
+                )
             folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_FILES + ["*.safetensors"]))
         except SourceError:
             raise
         except huggingface_hub.utils.RepositoryNotFoundError:
-            raise SourceError(f"{repo_id!r} is not a local folder and no such repository on the Hugging Face Hub") from None
+            raise SourceError(
+                f"{repo_id!r} is not a local folder and no such repository on the Hugging Face Hub"
+            ) from None
         except huggingface_hub.utils.RevisionNotFoundError:
             raise SourceError(f"{repo_id!r} has no revision {revision!r} on the Hugging Face Hub") from None
         except huggingface_hub.utils.GatedRepoError:
-            raise SourceError(f"{repo_id!r} is gated on the Hugging Face Hub", hint="log in with `hf auth login`") from None
+            raise SourceError(
+                f"{repo_id!r} is gated on the Hugging Face Hub", hint="log in with `hf auth login`"
+            ) from None
         except (HfHubHTTPError, OSError) as exc:
             raise SourceError(
                 f"cannot fetch {repo_id!r} from the Hugging Face Hub ({type(exc).__name__})", hint=offline_hint

@@ -47,8 +47,17 @@ def match_slow(tok: Any, backend: Any) -> Any:
 
 
 # Slow tokenizers whose _tokenize is `self.sp_model.encode(text, out_type=str)` and nothing more.
-_PLAIN_SPM = ("XLMRobertaTokenizer", "CamembertTokenizer", "DebertaV2Tokenizer", "MBartTokenizer", "MBart50Tokenizer",
-              "NllbTokenizer", "PegasusTokenizer", "T5Tokenizer", "BigBirdTokenizer")
+_PLAIN_SPM = (
+    "XLMRobertaTokenizer",
+    "CamembertTokenizer",
+    "DebertaV2Tokenizer",
+    "MBartTokenizer",
+    "MBart50Tokenizer",
+    "NllbTokenizer",
+    "PegasusTokenizer",
+    "T5Tokenizer",
+    "BigBirdTokenizer",
+)
 
 
 def slow_tokenizer(tok: Any, folder: Any) -> Any:
@@ -144,8 +153,12 @@ def _albert(tok: Any, backend: Any) -> Any:
     if precompiled:
         # The Precompiled step cannot be built from Python: keep the converter's normalizer for it by
         # round-tripping through JSON.
-        data["normalizer"] = {"type": "Sequence", "normalizers": [json.loads(_to_json(n)) for n in new]
-                              + precompiled + [json.loads(_to_json(n)) for n in rest]}
+        data["normalizer"] = {
+            "type": "Sequence",
+            "normalizers": [json.loads(_to_json(n)) for n in new]
+            + precompiled
+            + [json.loads(_to_json(n)) for n in rest],
+        }
         return Tokenizer.from_str(json.dumps(data))
     fixed.normalizer = normalizers.Sequence(new + rest)
     return fixed

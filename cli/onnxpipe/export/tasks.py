@@ -74,13 +74,16 @@ def check_exportable(model_type: str | None, task: str) -> str:
             ours = sorted({t.replace("-with-past", "") for t in tasks} & set(TASKS))
             raise SourceError(
                 f"optimum cannot export model type {model_type!r} for {task}; for {model_type} it supports: "
-                + (", ".join(ours) or "none of onnxpipe's tasks") + _family_note(model_type, task),
+                + (", ".join(ours) or "none of onnxpipe's tasks")
+                + _family_note(model_type, task),
                 hint="pass --task with one of those",
             )
     supported = sorted(mt for mt in known if wanted in _onnx_tasks(mt))
     raise SourceError(
-        f"optimum cannot export model type {model_type!r}" + _family_note(model_type, task)
-        + f"; model types it exports for {task}: " + ", ".join(supported)
+        f"optimum cannot export model type {model_type!r}"
+        + _family_note(model_type, task)
+        + f"; model types it exports for {task}: "
+        + ", ".join(supported)
     )
 
 

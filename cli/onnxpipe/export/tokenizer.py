@@ -169,18 +169,24 @@ def check_tokenizers(toks: FastTokenizers, texts: list[str]) -> dict[str, Any]:
         fast_ids = unk_remapped(toks.source.encode(text).ids, toks.unk_remap)
         ref_ids = ref(text)["input_ids"]
         if fast_ids != ref_ids:
-            raise ExportError(f"the converted tokenizer.json disagrees with {name} on {_quote(text)}: "
-                              + _first_difference(fast_ids, ref_ids, toks.source, ref, name))
+            raise ExportError(
+                f"the converted tokenizer.json disagrees with {name} on {_quote(text)}: "
+                + _first_difference(fast_ids, ref_ids, toks.source, ref, name)
+            )
     if toks.target is not None:
         for text in texts:
             ref_ids = ref(text_target=text)["input_ids"]
             fast_ids = unk_remapped(toks.target.encode(text).ids, toks.target_unk_remap)
             if fast_ids != ref_ids:
-                raise ExportError(f"the converted target_tokenizer.json disagrees with {name} on {_quote(text)}: "
-                                  + _first_difference(fast_ids, ref_ids, toks.target, ref, name))
+                raise ExportError(
+                    f"the converted target_tokenizer.json disagrees with {name} on {_quote(text)}: "
+                    + _first_difference(fast_ids, ref_ids, toks.target, ref, name)
+                )
             if toks.target.decode(ref_ids) != ref.decode(ref_ids, skip_special_tokens=True):
-                raise ExportError(f"the converted target_tokenizer.json decodes {_quote(text)} differently: "
-                                  f"{toks.target.decode(ref_ids)!r} vs {name}'s {ref.decode(ref_ids, skip_special_tokens=True)!r}")
+                raise ExportError(
+                    f"the converted target_tokenizer.json decodes {_quote(text)} differently: "
+                    f"{toks.target.decode(ref_ids)!r} vs {name}'s {ref.decode(ref_ids, skip_special_tokens=True)!r}"
+                )
     return {"checked_texts": len(texts), "identical": True}
 
 
@@ -265,12 +271,15 @@ def _first_line(exc: BaseException) -> str:
 
 # --- Marian -----------------------------------------------------------------------------
 
+
 def _marian(folder: Path, config: dict[str, Any]) -> FastTokenizers:
     from transformers import MarianTokenizer
 
     for name in ("source.spm", "target.spm", "vocab.json"):
         if not (folder / name).is_file():
-            raise ExportError(f"{folder / name} is missing: a Marian checkpoint needs source.spm, target.spm and vocab.json")
+            raise ExportError(
+                f"{folder / name} is missing: a Marian checkpoint needs source.spm, target.spm and vocab.json"
+            )
     try:
         slow = MarianTokenizer.from_pretrained(folder)
     except Exception as exc:
@@ -311,8 +320,9 @@ def m2m100_tokenizer(slow) -> tuple[Any, dict[str, int] | None]:
     return marian_side(Path(slow.spm_file), vocab, slow, post_processor=template, codes=list(slow.lang_token_to_id))
 
 
-def marian_side(spm_file: Path, vocab: dict[str, int], slow, post_processor=None,
-                codes: list[str] | None = None) -> tuple[Any, dict[str, int] | None]:
+def marian_side(
+    spm_file: Path, vocab: dict[str, int], slow, post_processor=None, codes: list[str] | None = None
+) -> tuple[Any, dict[str, int] | None]:
     """One side of a Marian tokenizer as a fast Unigram tokenizer, and the unk remap its ids need.
 
     The slow MarianTokenizer runs sentencepiece, then looks each piece up in vocab.json (whose ids are
@@ -336,8 +346,11 @@ def marian_side(spm_file: Path, vocab: dict[str, int], slow, post_processor=None
     for token, i in vocab.items():
         by_id[i] = token
     sp = spm.SentencePieceProcessor(model_file=str(spm_file))
-    lacking = [sp.id_to_piece(i) for i in range(sp.get_piece_size())
-               if not (sp.is_unknown(i) or sp.is_control(i) or sp.is_unused(i)) and sp.id_to_piece(i) not in vocab]
+    lacking = [
+        sp.id_to_piece(i)
+        for i in range(sp.get_piece_size())
+        if not (sp.is_unknown(i) or sp.is_control(i) or sp.is_unused(i)) and sp.id_to_piece(i) not in vocab
+    ]
     by_id += lacking
     remap = {"from_id": size, "unk_id": vocab[unk]} if lacking else None
 

@@ -94,10 +94,18 @@ def validate(
     texts = [t for t in texts if t.strip()] or GENERATED_TEXTS
     with torch.inference_mode():
         if family == "encoder":
-            figures = _encoder(model, session(folder / files["model"], provider), task, tokenizer, texts,
-                               (special_tokens or {}).get("pad_token_id"))
+            figures = _encoder(
+                model,
+                session(folder / files["model"], provider),
+                task,
+                tokenizer,
+                texts,
+                (special_tokens or {}).get("pad_token_id"),
+            )
         elif family == "decoder":
-            figures = _decoder(model, session(folder / files["model"], provider), tokenizer, texts, special_tokens or {})
+            figures = _decoder(
+                model, session(folder / files["model"], provider), tokenizer, texts, special_tokens or {}
+            )
         else:
             figures = _seq2seq(
                 model,
@@ -117,17 +125,25 @@ def validate(
         if diff != diff:  # NaN: a broken graph, whatever the budget
             failures.append(f"tolerance: {name} is not finite")
         elif budget.atol is not None and diff > o["allowed"]:
-            failures.append(f"tolerance: {name} differs by {diff:.3g} > {o['allowed']:g} "
-                            f"({budget.atol:g} + {budget.rtol:g} x max |{name}| {o['max_abs_reference']:.3g})")
+            failures.append(
+                f"tolerance: {name} differs by {diff:.3g} > {o['allowed']:g} "
+                f"({budget.atol:g} + {budget.rtol:g} x max |{name}| {o['max_abs_reference']:.3g})"
+            )
     if "label_agreement" in figures and figures["label_agreement"] < budget.min_label_agreement:
         failures.append(f"labels: label agreement {figures['label_agreement']:.3f} < {budget.min_label_agreement}")
     greedy = figures.get("greedy")
     real = _judge_greedy(greedy, drift_cases, budget) if greedy else []
     if greedy and greedy["agreement"] < budget.min_greedy_agreement:
         first = greedy.get("first_difference") or {}
-        where = (f" (first in text {first['text']} at step {first['step']}: {first['got']} vs PyTorch's {first['expected']}, "
-                 f"{first['margin']:.3g} below it in PyTorch's logits)" if first else "")
-        failures.append(f"ids: greedy ids agree on {greedy['agreement']:.3f} of steps < {budget.min_greedy_agreement}{where}")
+        where = (
+            f" (first in text {first['text']} at step {first['step']}: {first['got']} vs PyTorch's {first['expected']}, "
+            f"{first['margin']:.3g} below it in PyTorch's logits)"
+            if first
+            else ""
+        )
+        failures.append(
+            f"ids: greedy ids agree on {greedy['agreement']:.3f} of steps < {budget.min_greedy_agreement}{where}"
+        )
         replay = next((m for m in real if "feeds" in m), None)
         if replay is not None and budget.atol is not None:  # fp32 only: a lossy variant drifts by design
             from onnxpipe.export.drift import locate_drift
@@ -137,7 +153,9 @@ def validate(
                 figures["drift"] = drift
                 failures[-1] += "; " + drift["summary"]
     if "cosine_similarity" in figures and not figures["cosine_similarity"]["mean"] >= budget.min_cosine:
-        failures.append(f"quality: mean cosine similarity {figures['cosine_similarity']['mean']:.4f} < {budget.min_cosine}")
+        failures.append(
+            f"quality: mean cosine similarity {figures['cosine_similarity']['mean']:.4f} < {budget.min_cosine}"
+        )
     return {
         "passed": not failures,
         "failures": failures,
@@ -160,6 +178,7 @@ def raise_if_failed(report: dict[str, Any], what: str) -> None:
 
 # --- helpers ----------------------------------------------------------------------------
 
+
 def _diff(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     """(max abs diff, max abs of the reference): the difference and the scale it is judged on."""
     ref = np.asarray(ref, dtype=np.float64)
@@ -174,8 +193,10 @@ def _merge(outputs: dict[str, dict], name: str, compared: tuple[float, float]) -
     value, scale = compared
     old = outputs.get(name, {"max_abs_diff": 0.0, "max_abs_reference": 0.0})
     diff = old["max_abs_diff"]
-    outputs[name] = {"max_abs_diff": max(diff, value) if value == value and diff == diff else float("nan"),
-                     "max_abs_reference": float(f"{max(old['max_abs_reference'], scale):.6g}")}
+    outputs[name] = {
+        "max_abs_diff": max(diff, value) if value == value and diff == diff else float("nan"),
+        "max_abs_reference": float(f"{max(old['max_abs_reference'], scale):.6g}"),
+    }
 
 
 def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -226,6 +247,7 @@ def _pad(encodings, pad_id: int) -> dict[str, np.ndarray]:
 
 # --- encoders ---------------------------------------------------------------------------
 
+
 def _encoder(model, sess, task: str, tokenizer, texts: list[str], pad_id: int | None) -> dict[str, Any]:
     import torch
 
@@ -241,7 +263,7 @@ def _encoder(model, sess, task: str, tokenizer, texts: list[str], pad_id: int | 
     got_rows: list[np.ndarray] = []
     multi_label = getattr(model.config, "problem_type", None) == "multi_label_classification"
     for start in range(0, len(texts), 16):
-        batch = _pad(_encode(tokenizer, texts[start:start + 16], max_length), pad_id)
+        batch = _pad(_encode(tokenizer, texts[start : start + 16], max_length), pad_id)
         feeds = {name: batch[name] for name in input_names}
         got = dict(zip(output_names, sess.run(None, feeds)))
         ref_out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
@@ -269,6 +291,7 @@ def _encoder(model, sess, task: str, tokenizer, texts: list[str], pad_id: int | 
 
 
 # --- decoder-only -----------------------------------------------------------------------
+
 
 def _legacy(cache) -> list[tuple]:
     """transformers' cache object as [(key, value), ...] per layer."""
@@ -328,8 +351,12 @@ def _decoder(model, sess, tokenizer, texts, special_tokens) -> dict[str, Any]:
         cache, length, first_presents = DynamicCache(), 0, None
         for step in range(GREEDY_STEPS):
             length += ids.shape[1]
-            out = model(input_ids=ids, attention_mask=torch.ones((1, length), dtype=torch.long),
-                        past_key_values=cache, use_cache=True)
+            out = model(
+                input_ids=ids,
+                attention_mask=torch.ones((1, length), dtype=torch.long),
+                past_key_values=cache,
+                use_cache=True,
+            )
             cache = out.past_key_values
             logits = out.logits[:, -1].float().numpy()
             if step == 0:
@@ -354,16 +381,31 @@ def _decoder(model, sess, tokenizer, texts, special_tokens) -> dict[str, Any]:
             logits = result["logits"][:, -1].astype(np.float32)
             if step == 0:
                 # A fused graph returns the last position's logits only.
-                _merge(outputs, "logits", _diff(first_all[:, -result["logits"].shape[1]:], result["logits"]))
+                _merge(outputs, "logits", _diff(first_all[:, -result["logits"].shape[1] :], result["logits"]))
                 presents = [result[n_] for n_ in output_names if n_.startswith("present.")]
-                for name, ref, got in zip([n_ for n_ in output_names if n_.startswith("present.")], first_presents, presents):
+                for name, ref, got in zip(
+                    [n_ for n_ in output_names if n_.startswith("present.")], first_presents, presents
+                ):
                     _merge(outputs, name, _diff(ref, got))
             got_logits.append(logits)
             got_ids.append(int(logits.argmax()))
             if got_ids[-1] != ref_ids[step]:
-                mismatches.append(_mismatch("model", {"model": feeds}, len(agreement), step, ref_logits[step], got_ids[-1],
-                                            keep_feeds=len(mismatches) < _KEEP_FEEDS))
-            feeds_past = {n_.replace("present.", "past_key_values.", 1): result[n_] for n_ in output_names if n_.startswith("present.")}
+                mismatches.append(
+                    _mismatch(
+                        "model",
+                        {"model": feeds},
+                        len(agreement),
+                        step,
+                        ref_logits[step],
+                        got_ids[-1],
+                        keep_feeds=len(mismatches) < _KEEP_FEEDS,
+                    )
+                )
+            feeds_past = {
+                n_.replace("present.", "past_key_values.", 1): result[n_]
+                for n_ in output_names
+                if n_.startswith("present.")
+            }
             past_len += n
             # Feed PyTorch's token, so later steps compare like with like even after a divergence.
             ids = np.array([[ref_ids[step]]], dtype=np.int64)
@@ -376,7 +418,12 @@ def _decoder(model, sess, tokenizer, texts, special_tokens) -> dict[str, Any]:
     figures = {
         "outputs": outputs,
         "texts": n,
-        "greedy": {"steps": GREEDY_STEPS, "sequences": n, "identical": identical, "agreement": round(float(np.mean(agreement)), 4)},
+        "greedy": {
+            "steps": GREEDY_STEPS,
+            "sequences": n,
+            "identical": identical,
+            "agreement": round(float(np.mean(agreement)), 4),
+        },
     }
     _add_mismatches(figures, mismatches)
     _quality(figures, ref_first, got_first)
@@ -386,16 +433,23 @@ def _decoder(model, sess, tokenizer, texts, special_tokens) -> dict[str, Any]:
 _KEEP_FEEDS = 4  # the feeds of the first few differing steps are kept for export.drift
 
 
-def _mismatch(graph: str, feeds: dict[str, dict], text: int, step: int, ref_logits: np.ndarray, got: int,
-              keep_feeds: bool) -> dict[str, Any]:
+def _mismatch(
+    graph: str, feeds: dict[str, dict], text: int, step: int, ref_logits: np.ndarray, got: int, keep_feeds: bool
+) -> dict[str, Any]:
     """A greedy step where ONNX Runtime picked another id than PyTorch. `margin` is how far PyTorch's own
     logit of that id is below its pick: within float32 noise, the two ids tie. The feeds that ran the
     step are kept so that export.drift can replay it and name the op that drifts."""
     row = np.asarray(ref_logits, dtype=np.float64).reshape(-1)
     expected = int(row.argmax())
-    record = {"graph": graph, "text": text, "step": step, "expected": expected, "got": int(got),
-              "margin": float(f"{row[expected] - row[got]:.4g}"),
-              "scale": float(np.max(np.abs(row[np.isfinite(row)]), initial=0.0))}
+    record = {
+        "graph": graph,
+        "text": text,
+        "step": step,
+        "expected": expected,
+        "got": int(got),
+        "margin": float(f"{row[expected] - row[got]:.4g}"),
+        "scale": float(np.max(np.abs(row[np.isfinite(row)]), initial=0.0)),
+    }
     if keep_feeds:
         record["feeds"] = {g: {k: np.array(v) for k, v in f.items()} for g, f in feeds.items()}
     return record
@@ -423,8 +477,11 @@ def _judge_greedy(greedy: dict[str, Any], mismatches: list[dict], budget: Budget
         for m in real:
             first_real.setdefault(m["text"], m["step"])
         steps = greedy["steps"]
-        greedy["agreement"] = round(float(np.mean(
-            [first_real.get(t, steps) / steps for t in range(greedy["sequences"])])), 4) if greedy["sequences"] else 1.0
+        greedy["agreement"] = (
+            round(float(np.mean([first_real.get(t, steps) / steps for t in range(greedy["sequences"])])), 4)
+            if greedy["sequences"]
+            else 1.0
+        )
     shown = real[0] if real else (mismatches[0] if mismatches else None)
     if shown is not None:
         greedy["first_difference"] = {k: shown[k] for k in ("text", "step", "expected", "got", "margin")}
@@ -442,6 +499,7 @@ def _prefix_agreement(ref: list[int], got: list[int]) -> float:
 
 
 # --- encoder-decoder --------------------------------------------------------------------
+
 
 def _seq2seq(model, enc_sess, dec_sess, tokenizer, texts, special_tokens) -> dict[str, Any]:
     import torch
@@ -467,15 +525,22 @@ def _seq2seq(model, enc_sess, dec_sess, tokenizer, texts, special_tokens) -> dic
         mask = np.ones_like(ids)
         enc_feeds = {"input_ids": ids, "attention_mask": mask}
         got_enc = enc_sess.run(None, {k: enc_feeds[k] for k in enc_inputs})[0]
-        ref_enc = encoder(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **enc_kwargs).last_hidden_state
+        ref_enc = encoder(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **enc_kwargs
+        ).last_hidden_state
         _merge(outputs, "last_hidden_state", _diff(ref_enc.numpy(), got_enc))
 
         ref_ids, ref_logits = [], []
         dec = torch.tensor([[start]])
         cache, ref_presents = None, None
         for _ in range(GREEDY_STEPS):
-            out = model(encoder_outputs=BaseModelOutput(last_hidden_state=ref_enc), attention_mask=torch.from_numpy(mask),
-                        decoder_input_ids=dec, past_key_values=cache, use_cache=True)
+            out = model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=ref_enc),
+                attention_mask=torch.from_numpy(mask),
+                decoder_input_ids=dec,
+                past_key_values=cache,
+                use_cache=True,
+            )
             cache = out.past_key_values
             if ref_presents is None:
                 ref_presents = _seq2seq_presents(cache)
@@ -488,7 +553,9 @@ def _seq2seq(model, enc_sess, dec_sess, tokenizer, texts, special_tokens) -> dic
         past = {}
         for name, info in dec_inputs.items():
             if name.startswith("past_key_values."):
-                past[name] = np.zeros((1, info.shape[1], 0, info.shape[3]), dtype=np.float16 if "float16" in info.type else np.float32)
+                past[name] = np.zeros(
+                    (1, info.shape[1], 0, info.shape[3]), dtype=np.float16 if "float16" in info.type else np.float32
+                )
         dec_ids = np.array([[start]], dtype=np.int64)
         cross = None
         for step in range(GREEDY_STEPS):
@@ -500,15 +567,25 @@ def _seq2seq(model, enc_sess, dec_sess, tokenizer, texts, special_tokens) -> dic
             got_logits.append(logits)
             got_ids.append(int(logits.argmax()))
             if got_ids[-1] != ref_ids[step]:
-                mismatches.append(_mismatch("decoder", {"encoder": {k: enc_feeds[k] for k in enc_inputs}, "decoder": feeds},
-                                            len(agreement), step, ref_logits[step], got_ids[-1],
-                                            keep_feeds=len(mismatches) < _KEEP_FEEDS))
+                mismatches.append(
+                    _mismatch(
+                        "decoder",
+                        {"encoder": {k: enc_feeds[k] for k in enc_inputs}, "decoder": feeds},
+                        len(agreement),
+                        step,
+                        ref_logits[step],
+                        got_ids[-1],
+                        keep_feeds=len(mismatches) < _KEEP_FEEDS,
+                    )
+                )
             if step == 0:
                 for name, value in ref_presents.items():
                     if name in result:
                         _merge(outputs, name, _diff(value, result[name]))
             if cross is None:  # the cross-attention cache is computed once, on the first step
-                cross = {n.replace("present.", "past_key_values.", 1): result[n] for n in dec_outputs if ".encoder." in n}
+                cross = {
+                    n.replace("present.", "past_key_values.", 1): result[n] for n in dec_outputs if ".encoder." in n
+                }
             past = {n.replace("present.", "past_key_values.", 1): result[n] for n in dec_outputs if ".decoder." in n}
             past.update(cross)
             dec_ids = np.array([[ref_ids[step]]], dtype=np.int64)
@@ -521,7 +598,12 @@ def _seq2seq(model, enc_sess, dec_sess, tokenizer, texts, special_tokens) -> dic
     figures = {
         "outputs": outputs,
         "texts": n,
-        "greedy": {"steps": GREEDY_STEPS, "sequences": n, "identical": identical, "agreement": round(float(np.mean(agreement)), 4)},
+        "greedy": {
+            "steps": GREEDY_STEPS,
+            "sequences": n,
+            "identical": identical,
+            "agreement": round(float(np.mean(agreement)), 4),
+        },
     }
     _add_mismatches(figures, mismatches)
     _quality(figures, ref_all, got_all)

@@ -79,18 +79,26 @@ def quantize_int8(folder: Path, files: list[str], family: str) -> dict:
         keep = []
         if family in ("decoder", "seq2seq"):
             graph = onnx.load(str(path), load_external_data=False).graph
-            keep = [n.name for n in _all_nodes(graph) if n.op_type in ("MatMul", "Gemm") and any(k in n.name for k in _KEEP_FP32)]
+            keep = [
+                n.name
+                for n in _all_nodes(graph)
+                if n.op_type in ("MatMul", "Gemm") and any(k in n.name for k in _KEEP_FP32)
+            ]
             excluded += len(keep)
         config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True, nodes_to_exclude=keep)
         try:
             quantizer = ORTQuantizer.from_pretrained(folder, file_name=name)
             with _default_tensor_type_float():
                 quantizer.quantize(
-                    save_dir=folder, quantization_config=config, file_suffix="int8",
+                    save_dir=folder,
+                    quantization_config=config,
+                    file_suffix="int8",
                     use_external_data_format=path.stat().st_size > (1 << 31) - (1 << 24),
                 )
         except Exception as exc:
-            raise ExportError(f"int8 quantisation of {name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise ExportError(
+                f"int8 quantisation of {name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from None
         _replace_onnx(folder / f"{path.stem}_int8.onnx", path)
     return {"method": "dynamic", "weights": "int8 per-channel", "kept_fp32_matmuls": excluded}
 
@@ -144,7 +152,9 @@ def convert_fp16(folder: Path, files: list[str]) -> None:
             model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
             onnx.save(model, str(path), save_as_external_data=model.ByteSize() > (1 << 31) - (1 << 24))
         except Exception as exc:
-            raise ExportError(f"fp16 conversion of {name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise ExportError(
+                f"fp16 conversion of {name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from None
 
 
 def _replace_onnx(new: Path, old: Path) -> None:

@@ -7,7 +7,8 @@ of the model, including those absent from the data) so that a test can hold them
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -47,8 +48,12 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
             "f1": float(f1.mean()),
         },
         "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                   "support": int(support[i])}
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i, name in enumerate(labels)
         },
         "labels": list(labels),
@@ -63,5 +68,9 @@ def agreement(pred_a: Sequence[int], pred_b: Sequence[int]) -> dict[str, Any]:
     if a.shape != b.shape:
         raise ValueError(f"{a.size} predictions against {b.size}")
     same = int((a == b).sum())
-    return {"examples": int(a.size), "same": same, "differ": int(a.size - same),
-            "agreement": float(same / a.size) if a.size else 0.0}
+    return {
+        "examples": int(a.size),
+        "same": same,
+        "differ": int(a.size - same),
+        "agreement": float(same / a.size) if a.size else 0.0,
+    }

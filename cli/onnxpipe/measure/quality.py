@@ -8,20 +8,20 @@ translations and summaries). Nothing here prints.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from onnxpipe.errors import InputError, UsageError
 from onnxpipe.home import resolve_model
-from onnxpipe.stream.labelled import Labelled, apply_label_map, parse_label_map, read_labelled
 from onnxpipe.manifest import read_manifest
 from onnxpipe.measure.metrics import agreement, classification_metrics
 from onnxpipe.registry import FAMILIES
+from onnxpipe.stream.labelled import Labelled, apply_label_map, parse_label_map, read_labelled
 
 CLASSIFICATION = FAMILIES["classify"].export_tasks[0]
 SEQ2SEQ = FAMILIES["translate"].export_tasks[0]
-
 
 
 @dataclass
@@ -60,17 +60,27 @@ def label_ids(data: Labelled, labels: list[str]) -> list[int]:
             raise InputError(
                 f"label {label!r} is not one of the model's labels ({', '.join(labels)}); "
                 "pass --label-map to translate the file's labels",
-                line=line, source=data.source,
+                line=line,
+                source=data.source,
             )
         ids.append(index[label])
     return ids
 
 
-def evaluate_classification(model: str | Path, data_path: str | Path, *, text_column: str = "text",
-                            label_column: str = "label", label_map: str | None = None,
-                            data_format: str | None = None, against: str | Path | None = None,
-                            device: str = "auto", threads: int | None = None, batch_size: int = 64,
-                            predictor: Predictor | None = None) -> dict[str, Any]:
+def evaluate_classification(
+    model: str | Path,
+    data_path: str | Path,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    label_map: str | None = None,
+    data_format: str | None = None,
+    against: str | Path | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    batch_size: int = 64,
+    predictor: Predictor | None = None,
+) -> dict[str, Any]:
     """Accuracy, macro and per-class P/R/F1 and the confusion matrix of MODEL on DATA_PATH.
 
     With `against`, the second export runs on the same texts: its own figures plus how often
@@ -148,14 +158,17 @@ def _run_texts(task: Any, data: Labelled, value_of: Callable[[Any], Any], option
     from onnxpipe.stream.records import Record
 
     collect = _Collect(len(data), value_of)
-    records = (Record(seq=i, text=text, source=data.source, line=line, nbytes=len(text) + 1)
-               for i, (text, line) in enumerate(zip(data.texts, data.lines)))
+    records = (
+        Record(seq=i, text=text, source=data.source, line=line, nbytes=len(text) + 1)
+        for i, (text, line) in enumerate(zip(data.texts, data.lines))
+    )
     summary = Engine(task, collect, options).run_records(records)
     return collect.values, summary
 
 
-def predict_onnx(folder: Path, manifest: dict, data: Labelled, device: str, batch_size: int,
-                 threads: int | None = None) -> Prediction:
+def predict_onnx(
+    folder: Path, manifest: dict, data: Labelled, device: str, batch_size: int, threads: int | None = None
+) -> Prediction:
     """Label ids for the texts of DATA exactly as `onnxpipe classify` makes them: same runtime, task and batcher.
 
     An empty text gets no prediction (None), as classify gives it an empty result.
@@ -166,8 +179,9 @@ def predict_onnx(folder: Path, manifest: dict, data: Labelled, device: str, batc
     model = load_model(folder, device=device, threads=threads)
     index = {name: i for i, name in enumerate(manifest["labels"])}
     task = FAMILIES["classify"].make_task(model, {})
-    labels, summary = _run_texts(task, data, lambda r: index.get(r.labels[0]) if r.labels else None,
-                                 EngineOptions(batch_size=batch_size))
+    labels, summary = _run_texts(
+        task, data, lambda r: index.get(r.labels[0]) if r.labels else None, EngineOptions(batch_size=batch_size)
+    )
     return Prediction(labels, model.provider or "", model.device_note, summary.truncated)
 
 
@@ -178,8 +192,10 @@ def load_seq2seq(ref: str | Path) -> tuple[Path, dict[str, Any]]:
     folder = resolve_model(ref)
     manifest = read_manifest(folder)
     if manifest.get("task") != SEQ2SEQ:
-        raise UsageError(f"{folder.name} is a {manifest.get('task')} export, not {SEQ2SEQ}",
-                         hint="--against needs an export of the same task")
+        raise UsageError(
+            f"{folder.name} is a {manifest.get('task')} export, not {SEQ2SEQ}",
+            hint="--against needs an export of the same task",
+        )
     return folder, manifest
 
 
@@ -187,8 +203,10 @@ def read_references(data_path: str | Path, references: str | Path) -> Labelled:
     """DATA as plain text (one source per line) and REFERENCES with one reference per line."""
     sources, refs = _plain_lines(Path(data_path)), _plain_lines(Path(references))
     if len(sources) != len(refs):
-        raise UsageError(f"{data_path} has {len(sources)} line(s) and {references} has {len(refs)}",
-                         hint="one reference per source line, in the same order")
+        raise UsageError(
+            f"{data_path} has {len(sources)} line(s) and {references} has {len(refs)}",
+            hint="one reference per source line, in the same order",
+        )
     for number, ref in enumerate(refs, 1):
         if not ref.strip():
             raise InputError("empty reference", line=number, source=str(references))
@@ -217,11 +235,21 @@ class Generated:
 Generator = Callable[[Path, Labelled, str, int, dict], Generated]
 
 
-def evaluate_generation(model: str | Path, data_path: str | Path, *, text_column: str = "text",
-                        reference_column: str = "reference", references: str | Path | None = None,
-                        data_format: str | None = None, against: str | Path | None = None,
-                        device: str = "auto", threads: int | None = None, batch_size: int = 32,
-                        task_options: dict | None = None, generator: Generator | None = None) -> dict[str, Any]:
+def evaluate_generation(
+    model: str | Path,
+    data_path: str | Path,
+    *,
+    text_column: str = "text",
+    reference_column: str = "reference",
+    references: str | Path | None = None,
+    data_format: str | None = None,
+    against: str | Path | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    batch_size: int = 32,
+    task_options: dict | None = None,
+    generator: Generator | None = None,
+) -> dict[str, Any]:
     """Corpus BLEU and chrF (sacrebleu, with its signatures) of MODEL's outputs against references.
 
     The outputs are made as `onnxpipe translate` (or `summarize`, task_options summarize=True) makes
@@ -241,9 +269,15 @@ def evaluate_generation(model: str | Path, data_path: str | Path, *, text_column
     refs = [data.labels[i] for i in scored]
     hyps = [out.texts[i] for i in scored]
     report: dict[str, Any] = {
-        "model": folder.name, "path": str(folder), "precision": manifest.get("precision"),
-        "provider": out.provider, "data": str(data_path), "task": SEQ2SEQ,
-        "examples": len(scored), "skipped_empty": len(data) - len(scored), "truncated": out.truncated,
+        "model": folder.name,
+        "path": str(folder),
+        "precision": manifest.get("precision"),
+        "provider": out.provider,
+        "data": str(data_path),
+        "task": SEQ2SEQ,
+        "examples": len(scored),
+        "skipped_empty": len(data) - len(scored),
+        "truncated": out.truncated,
         "scores": metrics(hyps, refs),
     }
     notes = [out.device_note] if out.device_note else []
@@ -254,10 +288,17 @@ def evaluate_generation(model: str | Path, data_path: str | Path, *, text_column
         other_hyps = [other.texts[i] for i in scored]
         same = sum(a == b for a, b in zip(hyps, other_hyps))
         report["against"] = {
-            "model": other_folder.name, "path": str(other_folder), "precision": other_manifest.get("precision"),
-            "provider": other.provider, "scores": metrics(other_hyps, refs),
-            "agreement": {"examples": len(scored), "same": same, "differ": len(scored) - same,
-                          "agreement": same / len(scored) if scored else 0.0},
+            "model": other_folder.name,
+            "path": str(other_folder),
+            "precision": other_manifest.get("precision"),
+            "provider": other.provider,
+            "scores": metrics(other_hyps, refs),
+            "agreement": {
+                "examples": len(scored),
+                "same": same,
+                "differ": len(scored) - same,
+                "agreement": same / len(scored) if scored else 0.0,
+            },
         }
         if other.device_note:
             notes.append(other.device_note)
@@ -281,16 +322,24 @@ def _sacrebleu() -> Callable[[list[str], list[str]], dict[str, Any]]:
         bleu, chrf = BLEU(), CHRF()
         b, c = bleu.corpus_score(hyps, [refs]), chrf.corpus_score(hyps, [refs])
         return {
-            "bleu": {"score": b.score, "precisions": list(b.precisions), "bp": b.bp, "sys_len": b.sys_len,
-                     "ref_len": b.ref_len, "signature": str(bleu.get_signature()), "text": str(b)},
+            "bleu": {
+                "score": b.score,
+                "precisions": list(b.precisions),
+                "bp": b.bp,
+                "sys_len": b.sys_len,
+                "ref_len": b.ref_len,
+                "signature": str(bleu.get_signature()),
+                "text": str(b),
+            },
             "chrf": {"score": c.score, "signature": str(chrf.get_signature()), "text": str(c)},
         }
 
     return score
 
 
-def generate_onnx(folder: Path, data: Labelled, device: str, batch_size: int, task_options: dict,
-                  threads: int | None = None) -> Generated:
+def generate_onnx(
+    folder: Path, data: Labelled, device: str, batch_size: int, task_options: dict, threads: int | None = None
+) -> Generated:
     """Outputs for the sources of DATA exactly as `onnxpipe translate`/`summarize` make them."""
     from onnxpipe.runtime import load_model
     from onnxpipe.stream.engine import EngineOptions
@@ -304,6 +353,5 @@ def generate_onnx(folder: Path, data: Labelled, device: str, batch_size: int, ta
     texts, summary = _run_texts(task, data, task.to_text, EngineOptions(batch_size=batch_size, max_batch_tokens=8192))
     note = None
     if getattr(task, "position_limited", 0):  # as run_stream_command reads it
-        note = (f"{task.position_limited} output(s) stopped at {task.position_limit}, "
-                f"before {task.requested_limit}")
+        note = f"{task.position_limited} output(s) stopped at {task.position_limit}, before {task.requested_limit}"
     return Generated(texts, model.provider or "", model.device_note, summary.truncated, note)

@@ -23,17 +23,18 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from onnxpipe import __version__
-from onnxpipe.runtime import machine
 from onnxpipe.errors import InputError, UsageError
 from onnxpipe.registry import export_kind, export_tasks
+from onnxpipe.runtime import machine
 from onnxpipe.stream.records import Record
 
 TASKS = export_tasks()  # every task family's exports bench, by the graphs they hold
@@ -84,10 +85,17 @@ class Measurement:
     def as_dict(self) -> dict[str, Any]:
         runs = len(self.seconds)
         return {
-            "test": self.test, "batch_size": self.batch_size, "seq_len": self.seq_len, "new_tokens": self.new_tokens,
-            "runs": runs, "records": self.batch_size * runs,
+            "test": self.test,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "new_tokens": self.new_tokens,
+            "runs": runs,
+            "records": self.batch_size * runs,
             "tokens": self.count * runs if self.unit == "tokens/s" else self.seq_len * self.batch_size * runs,
-            "unit": self.unit, "mean": self.mean, "sd": self.sd, "seconds": list(self.seconds),
+            "unit": self.unit,
+            "mean": self.mean,
+            "sd": self.sd,
+            "seconds": list(self.seconds),
         }
 
 
@@ -127,8 +135,13 @@ class BenchOptions:
     repeat: int = 5
 
 
-def run_bench(model_ref: str | Path, options: BenchOptions, device: str = "auto", threads: int | None = None,
-              on_result: Callable[[Measurement], None] | None = None) -> BenchReport:
+def run_bench(
+    model_ref: str | Path,
+    options: BenchOptions,
+    device: str = "auto",
+    threads: int | None = None,
+    on_result: Callable[[Measurement], None] | None = None,
+) -> BenchReport:
     """Load MODEL_REF, measure it as OPTIONS say, and return the report. `on_result` sees each row when done."""
     from onnxpipe.runtime import load_model
 
@@ -142,10 +155,20 @@ def run_bench(model_ref: str | Path, options: BenchOptions, device: str = "auto"
     _check_options(model, options)
     bench: _Bench = _BENCHES[export_kind(model.task)](model, options)
     report = BenchReport(
-        model=model.name, path=str(model.folder), task=str(model.task), precision=model.manifest.get("precision"),
-        optimization=model.manifest.get("optimization"), provider=model.provider, device=str(model.device),
-        threads=model.threads or physical_cores(), machine=machine_info(), versions=versions(), warmup=options.warmup,
-        repeat=options.repeat, input=options.input_name, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model=model.name,
+        path=str(model.folder),
+        task=str(model.task),
+        precision=model.manifest.get("precision"),
+        optimization=model.manifest.get("optimization"),
+        provider=model.provider,
+        device=str(model.device),
+        threads=model.threads or physical_cores(),
+        machine=machine_info(),
+        versions=versions(),
+        warmup=options.warmup,
+        repeat=options.repeat,
+        input=options.input_name,
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     for measurement in bench.measurements():
         report.results.append(measurement)
@@ -156,16 +179,23 @@ def run_bench(model_ref: str | Path, options: BenchOptions, device: str = "auto"
 
 def _check_options(model: Any, options: BenchOptions) -> None:
     encoder = model.task in ENCODER_TASKS
-    wrong = ["--prompt-tokens" if options.prompt_tokens else None, "--new-tokens" if options.new_tokens else None] \
-        if encoder else ["--seq-lens" if options.seq_lens else None]
+    wrong = (
+        ["--prompt-tokens" if options.prompt_tokens else None, "--new-tokens" if options.new_tokens else None]
+        if encoder
+        else ["--seq-lens" if options.seq_lens else None]
+    )
     wrong = [w for w in wrong if w]
     if wrong:
         kind = "generators" if encoder else "encoder tasks (--prompt-tokens sets a generator's input length)"
         raise UsageError(f"{' and '.join(wrong)} apply to {kind}; {model.name} is a {model.task} export")
     if options.input_lines is not None and (options.seq_lens or options.prompt_tokens):
         raise UsageError("--input gives the texts: drop --seq-lens/--prompt-tokens")
-    for name, values in (("--batch-sizes", options.batch_sizes), ("--seq-lens", options.seq_lens),
-                         ("--prompt-tokens", options.prompt_tokens), ("--new-tokens", options.new_tokens)):
+    for name, values in (
+        ("--batch-sizes", options.batch_sizes),
+        ("--seq-lens", options.seq_lens),
+        ("--prompt-tokens", options.prompt_tokens),
+        ("--new-tokens", options.new_tokens),
+    ):
         if values is not None and (not values or min(values) < 1):
             raise UsageError(f"{name} takes positive integers")
 
@@ -211,7 +241,7 @@ class _EncoderBench(_Bench):
         prefix = ""
         if self.model.task == "fill-mask":
             prefix = self.task.mask_token + " "  # a line without a mask is a record error
-        for seq_len in (opts.seq_lens or (DEFAULT_SEQ_LENS if opts.input_lines is None else (0,))):
+        for seq_len in opts.seq_lens or (DEFAULT_SEQ_LENS if opts.input_lines is None else (0,)):
             for batch in opts.batch_sizes or DEFAULT_ENCODER_BATCH_SIZES:
                 texts = self.texts(self.task.tokenizer, batch, seq_len, self.task.max_length, prefix)
                 records = [Record(seq=i, text=t) for i, t in enumerate(texts)]
@@ -261,17 +291,21 @@ class _GeneratorBench(_Bench):
     def measurements(self):
         opts = self.options
         limit = self.max_positions or 1 << 30
-        for prompt_tokens in (opts.prompt_tokens or (DEFAULT_PROMPT_TOKENS if opts.input_lines is None else (0,))):
+        for prompt_tokens in opts.prompt_tokens or (DEFAULT_PROMPT_TOKENS if opts.input_lines is None else (0,)):
             for new in opts.new_tokens or DEFAULT_NEW_TOKENS:
                 for batch in opts.batch_sizes or DEFAULT_GENERATOR_BATCH_SIZES:
                     self.check_new_tokens(new)
                     texts = self.texts(self.tokenizer, batch, prompt_tokens, limit, "")
                     prompts = [self.encode(t) for t in texts]
                     if self.room_counts_prompt and max(len(p) for p in prompts) + new > limit:
-                        raise UsageError(f"a prompt of {max(len(p) for p in prompts)} tokens and {new} new tokens "
-                                         f"do not fit the model's {limit} positions", hint="use fewer tokens")
-                    pp = Measurement("pp", batch, round(sum(map(len, prompts)) / batch), None, "tokens/s",
-                                     sum(map(len, prompts)))
+                        raise UsageError(
+                            f"a prompt of {max(len(p) for p in prompts)} tokens and {new} new tokens "
+                            f"do not fit the model's {limit} positions",
+                            hint="use fewer tokens",
+                        )
+                    pp = Measurement(
+                        "pp", batch, round(sum(map(len, prompts)) / batch), None, "tokens/s", sum(map(len, prompts))
+                    )
                     tg = Measurement("tg", batch, pp.seq_len, new, "tokens/s", 0)
                     passes = 0
 
@@ -319,8 +353,9 @@ class _CausalBench(_GeneratorBench):
     def loop(self, logits, step, prompts, new):
         from onnxpipe.decoding import generate
 
-        config = self.lm.defaults.update(do_sample=False, num_beams=1, num_return_sequences=1,
-                                         min_new_tokens=new, max_new_tokens=new)
+        config = self.lm.defaults.update(
+            do_sample=False, num_beams=1, num_return_sequences=1, min_new_tokens=new, max_new_tokens=new
+        )
         before = self.lm.decoder.stats.steps
         hyps = generate(step, logits, prompts, config)
         return self.lm.decoder.stats.steps - before, hyps
@@ -348,7 +383,7 @@ class _Seq2SeqBench(_GeneratorBench):
             width = max(map(len, prompts))
             ids = np.full((len(prompts), width), self.task.pad_id, dtype=np.int64)
             for r, p in enumerate(prompts):
-                ids[r, :len(p)] = p
+                ids[r, : len(p)] = p
         mask = (np.arange(ids.shape[1])[None, :] < np.array([len(p) for p in prompts])[:, None]).astype(np.int64)
         return self.runner.start(ids, mask, int(self.task.generation_config.decoder_start_token_id))
 
@@ -384,13 +419,15 @@ def text_of_length(tokenizer: Any, tokens: int, prefix: str = "") -> str:
     ends = [end for (_, end), special in zip(encoding.offsets, encoding.special_tokens_mask) if not special]
     target = tokens - specials - 1  # index of the last content token
     for delta in range(0, 8):
-        for j in ((target,) if delta == 0 else (target - delta, target + delta)):
+        for j in (target,) if delta == 0 else (target - delta, target + delta):
             if 0 <= j < len(ends):
                 text = source[: ends[j]]
                 if len(tokenizer.encode(text).ids) == tokens:
                     return text
-    raise UsageError(f"cannot make an input of exactly {tokens} tokens with this tokenizer",
-                     hint=f"use at least {specials + 1} tokens")
+    raise UsageError(
+        f"cannot make an input of exactly {tokens} tokens with this tokenizer",
+        hint=f"use at least {specials + 1} tokens",
+    )
 
 
 _BENCHES: dict[str, type[_Bench]] = {"encoder": _EncoderBench, "decoder": _CausalBench, "seq2seq": _Seq2SeqBench}
@@ -428,10 +465,15 @@ def machine_info() -> dict[str, Any]:
         pass
     flags = next((c.get("flags", "") for c in cpus), "").split()
     return {
-        "cpu": model, "cores": physical_cores(), "logical_cpus": os.cpu_count(),
+        "cpu": model,
+        "cores": physical_cores(),
+        "logical_cpus": os.cpu_count(),
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_gib": memory, "avx512_vnni": "avx512_vnni" in flags, "avx2": "avx2" in flags,
-        "gpu": gpu_names() or None, "platform": platform.platform(),
+        "memory_gib": memory,
+        "avx512_vnni": "avx512_vnni" in flags,
+        "avx2": "avx2" in flags,
+        "gpu": gpu_names() or None,
+        "platform": platform.platform(),
     }
 
 
@@ -449,5 +491,9 @@ def versions() -> dict[str, str]:
     import onnxruntime
     import tokenizers
 
-    return {"onnxpipe": __version__, "onnxruntime": onnxruntime.__version__, "tokenizers": tokenizers.__version__,
-            "numpy": np.__version__}
+    return {
+        "onnxpipe": __version__,
+        "onnxruntime": onnxruntime.__version__,
+        "tokenizers": tokenizers.__version__,
+        "numpy": np.__version__,
+    }

@@ -23,6 +23,7 @@ prompts, chat templates, languages and results are the tasks'. Nothing here impo
 transformers or optimum; onnxruntime is imported when the first session is made, so `--help` and
 argument errors stay fast.
 """
+
 from __future__ import annotations
 
 from onnxpipe.runtime.device import Device, parse_device

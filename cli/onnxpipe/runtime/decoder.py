@@ -46,8 +46,13 @@ class CopyStats:
         return (self.h2d + self.d2h) / self.steps if self.steps else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "h2d": self.h2d, "d2h": self.d2h,
-                "cache_gathers": self.cache_gathers, "copies_per_step": round(self.per_step, 3)}
+        return {
+            "steps": self.steps,
+            "h2d": self.h2d,
+            "d2h": self.d2h,
+            "cache_gathers": self.cache_gathers,
+            "copies_per_step": round(self.per_step, 3),
+        }
 
 
 class CausalDecoder:
@@ -60,7 +65,7 @@ class CausalDecoder:
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name: o for o in session.get_outputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
-        self.present_names = ["present." + n[len("past_key_values."):] for n in self.past_names]
+        self.present_names = ["present." + n[len("past_key_values.") :] for n in self.past_names]
         missing = [n for n in ["input_ids", "logits", *self.present_names] if n not in inputs and n not in outputs]
         if not self.past_names or missing:
             raise ModelNotFoundError(
@@ -99,7 +104,9 @@ class CausalDecoder:
         shape = (rows, self.kv_heads, 0, self.head_dim)
         if self.device_type == "cpu":
             return [OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype)) for _ in self.past_names]
-        return [OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda", self.device_id) for _ in self.past_names]
+        return [
+            OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda", self.device_id) for _ in self.past_names
+        ]
 
     @property
     def graph_gather(self) -> bool:
@@ -119,8 +126,9 @@ class CausalDecoder:
 
     # --- running the graph --------------------------------------------------------------
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list,
-             want_logits: bool = True) -> tuple[np.ndarray | None, list]:
+    def _run(
+        self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list, want_logits: bool = True
+    ) -> tuple[np.ndarray | None, list]:
         """One forward pass; returns the last position's logits (rows, vocab) float32 and the presents.
 
         A fresh binding each run: an output OrtValue left bound would be reused as a preallocated buffer,
@@ -168,8 +176,13 @@ class CausalDecoder:
         chunk = width if self.last_logits_only else max(16, LOGITS_BUDGET // (rows * self.vocab_size))
         for lo in range(0, width, chunk):
             hi = min(lo + chunk, width)
-            logits, past = self._run(np.ascontiguousarray(ids[:, lo:hi]), np.ascontiguousarray(mask[:, :hi]),
-                                     np.ascontiguousarray(positions[:, lo:hi]), past, want_logits=hi == width)
+            logits, past = self._run(
+                np.ascontiguousarray(ids[:, lo:hi]),
+                np.ascontiguousarray(mask[:, :hi]),
+                np.ascontiguousarray(positions[:, lo:hi]),
+                past,
+                want_logits=hi == width,
+            )
         state = {"past": past, "mask": mask, "next": positions[:, -1] + 1}
 
         def step(tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:

@@ -15,9 +15,9 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 from onnxpipe.errors import DeviceError, UsageError
 
@@ -51,8 +51,7 @@ def providers_for(device: Device, available: list[str]) -> list:
         return [CPU]
     if device.kind == "cuda" and CUDA not in available:
         raise DeviceError(
-            "--device cuda: this onnxruntime build has no CUDA provider "
-            f"(available: {', '.join(available)})",
+            f"--device cuda: this onnxruntime build has no CUDA provider (available: {', '.join(available)})",
             hint="install onnxruntime-gpu, or use --device cpu",
         )
     return [(CUDA, {"device_id": device.index}), CPU]

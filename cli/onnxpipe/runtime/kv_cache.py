@@ -38,8 +38,9 @@ class CacheReorder:
             return reorder_rows(values, rows)
         session = self._sessions.get(len(values))
         if session is None:
-            session = self._sessions[len(values)] = _gather_session(len(values), self.kv_dtype, self.model_session,
-                                                                    self.device)
+            session = self._sessions[len(values)] = _gather_session(
+                len(values), self.kv_dtype, self.model_session, self.device
+            )
         binding = session.io_binding()
         binding.bind_cpu_input("rows", rows)
         for i, value in enumerate(values):
@@ -115,11 +116,19 @@ def gather_model(n: int, elem_type: int) -> bytes:
         return blob(1, name) + blob(2, blob(1, tensor_type))
 
     nodes = b"".join(
-        blob(1, blob(1, f"x{i}") + blob(1, "rows") + blob(2, f"y{i}") + blob(4, "Gather")
-             + blob(5, blob(1, "axis") + num(3, 0) + num(20, 2)))
+        blob(
+            1,
+            blob(1, f"x{i}")
+            + blob(1, "rows")
+            + blob(2, f"y{i}")
+            + blob(4, "Gather")
+            + blob(5, blob(1, "axis") + num(3, 0) + num(20, 2)),
+        )
         for i in range(n)
     )
-    inputs = blob(11, value_info("rows", 7, 1)) + b"".join(blob(11, value_info(f"x{i}", elem_type, 4)) for i in range(n))
+    inputs = blob(11, value_info("rows", 7, 1)) + b"".join(
+        blob(11, value_info(f"x{i}", elem_type, 4)) for i in range(n)
+    )
     outputs = b"".join(blob(12, value_info(f"y{i}", elem_type, 4)) for i in range(n))
     graph = nodes + blob(2, "gather_rows") + inputs + outputs
     return num(1, 8) + blob(8, blob(1, "") + num(2, 13)) + blob(7, graph)

@@ -20,21 +20,32 @@ def nvidia_gpus() -> dict[str, Any]:
         return out
     query = "index,name,memory.total,memory.used,driver_version"
     try:
-        proc = subprocess.run([smi, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=20)
+        proc = subprocess.run(
+            [smi, f"--query-gpu={query}", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         out["error"] = str(exc)
         return out
     if proc.returncode != 0:
-        out["error"] = (proc.stdout + proc.stderr).strip().splitlines()[0] if (proc.stdout + proc.stderr).strip() \
+        out["error"] = (
+            (proc.stdout + proc.stderr).strip().splitlines()[0]
+            if (proc.stdout + proc.stderr).strip()
             else f"nvidia-smi exited with {proc.returncode}"
+        )
         return out
     for line in proc.stdout.strip().splitlines():
         cells = [c.strip() for c in line.split(",")]
         if len(cells) == 5:
             index, name, total, used, driver = cells
-            out["devices"].append({"index": int(index) if index.isdigit() else index, "name": name,
-                                "memory_total_mib": _int(total), "memory_used_mib": _int(used), "driver": driver})
+            out["devices"].append(
+                {
+                    "index": int(index) if index.isdigit() else index,
+                    "name": name,
+                    "memory_total_mib": _int(total),
+                    "memory_used_mib": _int(used),
+                    "driver": driver,
+                }
+            )
     return out
 
 

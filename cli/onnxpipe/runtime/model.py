@@ -9,9 +9,9 @@ from typing import Any
 
 from onnxpipe.errors import ExportFolderError, ModelNotFoundError, OnnxpipeError, UsageError
 from onnxpipe.home import resolve_model
-from onnxpipe.runtime.machine import cap_threads
 from onnxpipe.manifest import inside, read_manifest
 from onnxpipe.runtime.device import CUDA, Device, cuda_failure_reason, parse_device
+from onnxpipe.runtime.machine import cap_threads
 
 # Position ids of these models start after the padding index, so `max_position_embeddings`
 # counts `pad_token_id + 1` slots that no token can use (RoBERTa: 514 -> 512 tokens).
@@ -202,7 +202,7 @@ class ExportedModel:
             raise UsageError(
                 f"{name} is a {self.task} export; this command needs a {' or '.join(tasks)} export",
                 hint=f"run onnxpipe {_commands_for(self.task)} -m {name}, "
-                     f"or export the checkpoint again with --task {tasks[0]}",
+                f"or export the checkpoint again with --task {tasks[0]}",
             )
 
 

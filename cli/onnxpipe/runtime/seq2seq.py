@@ -49,11 +49,13 @@ class Seq2SeqRunner:
         pasts = [n for n in inputs if n.startswith("past_key_values.")]
         self.self_pasts = [n for n in pasts if ".encoder." not in n]
         self.cross_pasts = [n for n in pasts if ".encoder." in n]
-        self.self_presents = ["present." + n[len("past_key_values."):] for n in self.self_pasts]
-        self.cross_presents = ["present." + n[len("past_key_values."):] for n in self.cross_pasts]
+        self.self_presents = ["present." + n[len("past_key_values.") :] for n in self.self_pasts]
+        self.cross_presents = ["present." + n[len("past_key_values.") :] for n in self.cross_pasts]
         if "use_cache_branch" not in inputs or not self.self_pasts or not self.cross_pasts:
-            raise ModelNotFoundError("this export has no merged decoder with past key values",
-                                     hint="re-export it with onnxpipe export (task text2text-generation)")
+            raise ModelNotFoundError(
+                "this export has no merged decoder with past key values",
+                hint="re-export it with onnxpipe export (task text2text-generation)",
+            )
         first = inputs[self.self_pasts[0]]
         self.kv_dtype = KV_DTYPES.get(first.type)
         self.hidden_dtype = KV_DTYPES.get(inputs["encoder_hidden_states"].type)
@@ -62,8 +64,10 @@ class Seq2SeqRunner:
         self.heads, self.head_dim = first.shape[1], first.shape[3]
         self.hidden_size = inputs["encoder_hidden_states"].shape[2]
         if not all(isinstance(d, int) for d in (self.heads, self.head_dim, self.hidden_size)):
-            raise ModelNotFoundError("the decoder graph does not declare its key/value and hidden sizes",
-                                     hint="re-export it with onnxpipe export")
+            raise ModelNotFoundError(
+                "the decoder graph does not declare its key/value and hidden sizes",
+                hint="re-export it with onnxpipe export",
+            )
         self.steps = 0
         self.gathers = 0
         vocab = {o.name: o for o in decoder.get_outputs()}["logits"].shape[-1]
@@ -102,8 +106,9 @@ class Seq2SeqRunner:
         self.encoder.run_with_iobinding(binding)
         return binding.get_outputs()[0]
 
-    def _decode(self, tokens: np.ndarray, hidden: Any, mask: np.ndarray, self_past: list, cross_past: list,
-                first: bool) -> tuple[np.ndarray, list, list]:
+    def _decode(
+        self, tokens: np.ndarray, hidden: Any, mask: np.ndarray, self_past: list, cross_past: list, first: bool
+    ) -> tuple[np.ndarray, list, list]:
         binding = self.decoder.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1, 1))
         binding.bind_cpu_input("encoder_attention_mask", mask)
@@ -132,7 +137,7 @@ class Seq2SeqRunner:
         else:
             logits = np.array(outputs[0].numpy()[:, -1, :], dtype=np.float32)  # a copy the search may change
         n = len(self.self_presents)
-        return logits, outputs[1:1 + n], (outputs[1 + n:] if first else cross_past)
+        return logits, outputs[1 : 1 + n], (outputs[1 + n :] if first else cross_past)
 
     def _logits_buffer(self, rows: int) -> np.ndarray | None:
         """A (rows, 1, vocab) float32 array for the next step's logits, or None (GPU, unknown vocabulary).
@@ -170,27 +175,33 @@ class Seq2SeqRunner:
                     state["self"] = self.gather(state["self"], parents)
                 else:
                     both = self.gather(state["self"] + state["cross"], parents)
-                    state["self"], state["cross"] = both[:len(self.self_pasts)], both[len(self.self_pasts):]
+                    state["self"], state["cross"] = both[: len(self.self_pasts)], both[len(self.self_pasts) :]
                     state["mask"] = np.ascontiguousarray(state["mask"][parents])
                     state["inputs"] = inputs
             if n not in placeholders:
                 placeholders[n] = self._placeholder((n, 1, self.hidden_size), self.hidden_dtype)
             logits, state["self"], state["cross"] = self._decode(
-                tokens, placeholders[n], state["mask"], state["self"], state["cross"], first=False)
+                tokens, placeholders[n], state["mask"], state["self"], state["cross"], first=False
+            )
             return logits
 
         return logits, step
 
-    def generate(self, sources: Sequence[Sequence[int]], config: GenerationConfig, pad_id: int,
-                 max_new_tokens: int, keys: Sequence[int] | None = None) -> list[list[Hypothesis]]:
+    def generate(
+        self,
+        sources: Sequence[Sequence[int]],
+        config: GenerationConfig,
+        pad_id: int,
+        max_new_tokens: int,
+        keys: Sequence[int] | None = None,
+    ) -> list[list[Hypothesis]]:
         """Decode each source (token ids); n-best lists (num_return_sequences), best first."""
         width = max(len(s) for s in sources)
         ids = np.full((len(sources), width), pad_id, dtype=np.int64)
         mask = np.zeros((len(sources), width), dtype=np.int64)
         for r, source in enumerate(sources):
-            ids[r, :len(source)] = source
-            mask[r, :len(source)] = 1
+            ids[r, : len(source)] = source
+            mask[r, : len(source)] = 1
         start = config.decoder_start_token_id
         logits, step = self.start(ids, mask, int(start))
-        return generate(step, logits, [[start]] * len(sources), config.update(max_new_tokens=max_new_tokens),
-                        keys=keys)
+        return generate(step, logits, [[start]] * len(sources), config.update(max_new_tokens=max_new_tokens), keys=keys)

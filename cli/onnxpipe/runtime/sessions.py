@@ -23,9 +23,15 @@ from onnxpipe.runtime.device import (
 )
 
 
-def make_session(source: str | Path | bytes, device: Device | None = None, *, threads: int | None = None,
-                 options: Any = None, providers: Sequence[Any] | None = None,
-                 on_fallback: Callable[[str], None] | None = None) -> Any:
+def make_session(
+    source: str | Path | bytes,
+    device: Device | None = None,
+    *,
+    threads: int | None = None,
+    options: Any = None,
+    providers: Sequence[Any] | None = None,
+    on_fallback: Callable[[str], None] | None = None,
+) -> Any:
     """An `onnxruntime.InferenceSession` for SOURCE (a graph file, or a serialized ModelProto) on DEVICE.
 
     DEVICE (None: the CPU) picks the providers, as `--device` does; PROVIDERS, when given, is the list
@@ -59,8 +65,10 @@ def make_session(source: str | Path | bytes, device: Device | None = None, *, th
     if wanted != CPU and session.get_providers()[0] != wanted:
         said = "".join(log)
         if device is not None and device.kind == "cuda":
-            raise DeviceError(f"--device {device}: CUDA cannot run here ({cuda_failure_reason(said)})",
-                              hint="use --device cpu, or fix the CUDA/cuDNN install")
+            raise DeviceError(
+                f"--device {device}: CUDA cannot run here ({cuda_failure_reason(said)})",
+                hint="use --device cpu, or fix the CUDA/cuDNN install",
+            )
         if on_fallback is not None:
             on_fallback(said)
     return session

@@ -12,8 +12,9 @@ reach the task; they get an empty result (and an error in JSONL).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 from onnxpipe.errors import InputError, OnnxpipeError, UsageError
 from onnxpipe.stream.readers import IDLE, LineSource, RecordParser
@@ -82,8 +83,14 @@ _KEEP_WHERE = 5
 class Engine:
     """Runs one task over a stream of records. Never prints: `report` gets warnings, `progress` updates."""
 
-    def __init__(self, task: Task, writer: Writer, options: EngineOptions | None = None,
-                 report: Callable[[str], None] | None = None, progress: Any = None):
+    def __init__(
+        self,
+        task: Task,
+        writer: Writer,
+        options: EngineOptions | None = None,
+        report: Callable[[str], None] | None = None,
+        progress: Any = None,
+    ):
         self.task = task
         self.writer = writer
         self.options = options or EngineOptions()
@@ -111,7 +118,7 @@ class Engine:
                 window.extend(parser.parse(chunk))
                 while len(window) >= opts.window:
                     self._process(window[: opts.window])
-                    window = window[opts.window:]
+                    window = window[opts.window :]
                     opened = time.perf_counter()
                 if window and time.perf_counter() - opened > opts.max_wait:
                     self._process(window)

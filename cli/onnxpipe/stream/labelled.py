@@ -17,8 +17,7 @@ from pathlib import Path
 from onnxpipe.errors import InputError, UsageError
 
 FORMATS = ("csv", "tsv", "jsonl")
-_SUFFIX_FORMAT = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl",
-                  ".ndjson": "jsonl", ".json": "jsonl"}
+_SUFFIX_FORMAT = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 
 
 @dataclass
@@ -41,8 +40,9 @@ def detect_format(path: Path, fmt: str | None = None) -> str:
         return fmt
     found = _SUFFIX_FORMAT.get(path.suffix.lower())
     if found is None:
-        raise UsageError(f"cannot tell the format of {path} from its name",
-                         hint="name it .csv, .tsv or .jsonl, or pass --format")
+        raise UsageError(
+            f"cannot tell the format of {path} from its name", hint="name it .csv, .tsv or .jsonl, or pass --format"
+        )
     return found
 
 
@@ -53,8 +53,9 @@ def decode_utf8(raw: bytes, source: str) -> str:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise InputError(
-            f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8, "
-            f"e.g. iconv -f latin1 -t utf-8", line=line, source=source,
+            f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8, e.g. iconv -f latin1 -t utf-8",
+            line=line,
+            source=source,
         ) from None
 
 
@@ -67,8 +68,13 @@ def _label(value: object) -> str:
     return str(value).strip()
 
 
-def read_labelled(path: str | Path, text_column: str = "text", label_column: str = "label",
-                  fmt: str | None = None, label_option: str = "--label-column") -> Labelled:
+def read_labelled(
+    path: str | Path,
+    text_column: str = "text",
+    label_column: str = "label",
+    fmt: str | None = None,
+    label_option: str = "--label-column",
+) -> Labelled:
     """Read every (text, label) pair of PATH. CSV/TSV need a header row naming the columns.
 
     CSV follows RFC 4180 (quotes, doubled quotes, newlines inside quotes); TSV has no quoting.
@@ -90,8 +96,9 @@ def read_labelled(path: str | Path, text_column: str = "text", label_column: str
     return _read_delimited(text, source, "," if fmt == "csv" else "\t", text_column, label_column, label_option)
 
 
-def _read_delimited(text: str, source: str, delimiter: str, text_column: str, label_column: str,
-                    label_option: str = "--label-column") -> Labelled:
+def _read_delimited(
+    text: str, source: str, delimiter: str, text_column: str, label_column: str, label_option: str = "--label-column"
+) -> Labelled:
     if delimiter == "\t":
         # TSV as the shell tools read it (cut, paste, awk -F'\t'): no quoting, a quote is a character.
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -107,7 +114,8 @@ def _read_delimited(text: str, source: str, delimiter: str, text_column: str, la
         if wanted not in header:
             raise InputError(
                 f"no column {wanted!r} in the header (columns: {', '.join(header)}); pass {option}",
-                line=1, source=source,
+                line=1,
+                source=source,
             )
         columns[wanted] = header.index(wanted)
     ti, li = columns[text_column], columns[label_column]
@@ -127,15 +135,17 @@ def _read_delimited(text: str, source: str, delimiter: str, text_column: str, la
             raise InputError(
                 f"{len(row)} field(s), the header has {len(header)} "
                 f"(a {'tab' if delimiter == chr(9) else 'comma'} missing, or an unquoted one too many?)",
-                line=start, source=source,
+                line=start,
+                source=source,
             )
         _append(out, row[ti], row[li], start, source, label_column)
         start = reader.line_num + 1
     return _nonempty(out, source)
 
 
-def _read_jsonl(lines: list[str], source: str, text_column: str, label_column: str,
-                label_option: str = "--label-column") -> Labelled:
+def _read_jsonl(
+    lines: list[str], source: str, text_column: str, label_column: str, label_option: str = "--label-column"
+) -> Labelled:
     out = Labelled([], [], [], source)
     for number, line in enumerate(lines, 1):  # split on "\n" only: U+2028 inside a JSON string stays in it
         if not line.strip():
@@ -200,7 +210,8 @@ def apply_label_map(data: Labelled, mapping: dict[str, str]) -> Labelled:
         if label not in mapping:
             raise InputError(
                 f"label {label!r} is not in --label-map (it maps {', '.join(map(repr, mapping))})",
-                line=line, source=data.source,
+                line=line,
+                source=data.source,
             )
         names.append(mapping[label])
     return Labelled(data.texts, names, data.lines, data.source)

@@ -9,16 +9,28 @@ class Progress:
     """A rich progress display. `total_bytes` (regular files only) enables percentage and ETA."""
 
     def __init__(self, total_bytes: int | None, label: str = "records"):
-        from rich.progress import BarColumn, Progress as RichProgress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import (
+            Progress as RichProgress,
+        )
 
         from onnxpipe.console import stderr
 
-        columns = [TextColumn("{task.fields[records]:,} {task.fields[label]}"),
-                   TextColumn("{task.fields[rate]:,.0f}/s"), BarColumn()]
+        columns = [
+            TextColumn("{task.fields[records]:,} {task.fields[label]}"),
+            TextColumn("{task.fields[rate]:,.0f}/s"),
+            BarColumn(),
+        ]
         if total_bytes:
             columns += [TaskProgressColumn(), TimeRemainingColumn()]
-        self._progress = RichProgress(*columns, console=stderr(), transient=True, auto_refresh=True,
-                                      refresh_per_second=5)
+        self._progress = RichProgress(
+            *columns, console=stderr(), transient=True, auto_refresh=True, refresh_per_second=5
+        )
         self._task = self._progress.add_task("", total=total_bytes or None, records=0, rate=0.0, label=label)
         self._start = time.perf_counter()
         self._records = 0

@@ -21,8 +21,9 @@ import re
 import stat
 import sys
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, Iterator, Sequence
+from typing import IO
 
 from onnxpipe.errors import InputError
 from onnxpipe.stream.records import Record
@@ -194,6 +195,7 @@ def _total_size(paths: Sequence[str]) -> int | None:
 
 # --- parsing ---------------------------------------------------------------------------------
 
+
 class RecordParser:
     """Raw lines -> Records: text lines, JSONL (`field`) or TSV (`column`, 1-based)."""
 
@@ -343,11 +345,14 @@ def _refuse_constant(name: str):
 def _json_type(value) -> str:
     if isinstance(value, RawNumber) or isinstance(value, (int, float)) and not isinstance(value, bool):
         return "a number"
-    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
 
 
-def read_text_lines(path: str | os.PathLike, *, strict: bool = False, skip_empty: bool = False,
-                    limit: int | None = None) -> list[str]:
+def read_text_lines(
+    path: str | os.PathLike, *, strict: bool = False, skip_empty: bool = False, limit: int | None = None
+) -> list[str]:
     """The lines of a small file read whole (eval's sources and references, bench's --input, labelled
     JSONL), split as the streaming reader splits: on "\\n" only, a CR before it dropped, a BOM at the
     start dropped, a last line without a newline kept. '-' is stdin. Invalid UTF-8 is replaced, or with
@@ -366,8 +371,12 @@ def read_text_lines(path: str | os.PathLike, *, strict: bool = False, skip_empty
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 if strict:
-                    raise InputError(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8, "
-                                     "e.g. iconv -f latin1 -t utf-8", line=number, source=source) from None
+                    raise InputError(
+                        f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8, "
+                        "e.g. iconv -f latin1 -t utf-8",
+                        line=number,
+                        source=source,
+                    ) from None
                 text = raw.decode("utf-8", "replace")
             if number == 1 and text.startswith("\ufeff"):
                 text = text[1:]

@@ -7,7 +7,8 @@ All user-facing stderr (device line, warnings, summary) is printed here, not in 
 from __future__ import annotations
 
 import sys
-from typing import IO, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import IO, Any
 
 import click
 
@@ -20,8 +21,14 @@ from onnxpipe.stream.records import Record
 from onnxpipe.stream.writers import make_writer
 
 
-def run_stream_command(model_ref: str, stream: Any, make_task: Callable[[Any], Any], tasks: tuple[str, ...],
-                       engine_options: dict[str, Any] | None = None, records: Sequence[Record] | None = None) -> Summary:
+def run_stream_command(
+    model_ref: str,
+    stream: Any,
+    make_task: Callable[[Any], Any],
+    tasks: tuple[str, ...],
+    engine_options: dict[str, Any] | None = None,
+    records: Sequence[Record] | None = None,
+) -> Summary:
     """Load MODEL_REF, build its task with MAKE_TASK(model), stream the inputs through it, report.
 
     `stream` is the StreamOptions that `stream_options` built. RECORDS, when given, are the input
@@ -37,8 +44,12 @@ def run_stream_command(model_ref: str, stream: Any, make_task: Callable[[Any], A
         raise InputError(STDIN_CLOSED)
     if stream.output in ("-", "") and is_closed(sys.stdout):
         raise OnnxpipeError("cannot write results: stdout is closed (give -o FILE, or redirect stdout)")
-    options = EngineOptions(batch_size=stream.batch_size, max_batch_tokens=stream.max_batch_tokens,
-                            on_error=stream.on_error, **(engine_options or {}))
+    options = EngineOptions(
+        batch_size=stream.batch_size,
+        max_batch_tokens=stream.max_batch_tokens,
+        on_error=stream.on_error,
+        **(engine_options or {}),
+    )
     model = load_model(model_ref, device=stream.device, threads=stream.threads)
     model.check_task(*tasks)
     task = make_task(model)  # makes the sessions: a --device error comes before any input is read
@@ -74,8 +85,9 @@ def run_stream_command(model_ref: str, stream: Any, make_task: Callable[[Any], A
             except OSError:
                 pass
     if getattr(task, "position_limited", 0):  # generation tasks count what stopped at the model's limit
-        console.warn(f"{task.position_limited} record(s) stopped at {task.position_limit}, "
-                     f"before {task.requested_limit}")
+        console.warn(
+            f"{task.position_limited} record(s) stopped at {task.position_limit}, before {task.requested_limit}"
+        )
     _report(summary, model.max_length)
     if summary.errors:
         raise click.exceptions.Exit(int(ExitStatus.PARTIAL))
@@ -106,7 +118,9 @@ def _isatty(stream) -> bool:
 
 def _report(summary: Summary, max_length: int) -> None:
     if summary.truncated:
-        where = ", ".join(summary.truncated_where) + (", ..." if summary.truncated > len(summary.truncated_where) else "")
+        where = ", ".join(summary.truncated_where) + (
+            ", ..." if summary.truncated > len(summary.truncated_where) else ""
+        )
         console.warn(f"{summary.truncated} record(s) longer than {max_length} tokens were truncated ({where})")
     if summary.replaced:
         console.warn(f"{summary.replaced} record(s) had invalid UTF-8, replaced with U+FFFD")

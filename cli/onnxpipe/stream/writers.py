@@ -119,8 +119,13 @@ class JsonlWriter(Writer):
         try:
             line = self._dumps(obj, raw_numbers)
         except RecursionError:  # cannot happen for parsed input (its depth is bounded), only for results
-            line = self._dumps({"input": record.raw if record.raw is not None else record.text,
-                                "error": "result nested too deeply to write"}, [])
+            line = self._dumps(
+                {
+                    "input": record.raw if record.raw is not None else record.text,
+                    "error": "result nested too deeply to write",
+                },
+                [],
+            )
         return line
 
     @staticmethod

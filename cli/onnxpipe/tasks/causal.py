@@ -8,9 +8,10 @@ generation defaults and chat template around that driver, and `GenerateTask` is 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,6 @@ from onnxpipe.registry import FAMILIES
 from onnxpipe.runtime.decoder import CausalDecoder, CopyStats
 from onnxpipe.runtime.model import ExportedModel
 from onnxpipe.tasks.encoder import CHARS_PER_TOKEN_CAP
-
 
 # --- text ------------------------------------------------------------------------------
 
@@ -76,8 +76,10 @@ class CausalLM:
         template, names = _chat_template(folder, tok_info)
         note = None
         if decoder.device.kind == "cuda" and (manifest.get("graph") or {}).get("builder") == "onnxpipe-fused":
-            note = (f"{manifest.get('name', folder.name)} is onnxpipe's fused graph, built for the CPU: on "
-                    "CUDA its float32 attention runs on the CPU. Re-export with --graph optimum for the GPU")
+            note = (
+                f"{manifest.get('name', folder.name)} is onnxpipe's fused graph, built for the CPU: on "
+                "CUDA its float32 attention runs on the CPU. Re-export with --graph optimum for the GPU"
+            )
         return cls(folder, decoder, tokenizer, manifest, defaults, max_positions, template, names, note)
 
     # --- prompts ------------------------------------------------------------------------
@@ -129,7 +131,7 @@ class CausalLM:
                 continue
             if self.max_positions and len(ids) >= self.max_positions:
                 truncated[i] = True
-                ids = ids[len(ids) - self.max_positions + 1:]  # keep the end: it is what gets continued
+                ids = ids[len(ids) - self.max_positions + 1 :]  # keep the end: it is what gets continued
             run.append(i)
             run_prompts.append(ids)
             wanted = max(1, config.max_length - len(ids)) if by_length else max_new
@@ -140,8 +142,12 @@ class CausalLM:
             pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or [0])[0]
             logits, step = self.decoder.prefill(run_prompts, pad)
             hyps = generate(
-                step, logits, run_prompts, config.update(max_new_tokens=max_new),
-                max_new_tokens=limits, keys=[keys[i] for i in run],
+                step,
+                logits,
+                run_prompts,
+                config.update(max_new_tokens=max_new),
+                max_new_tokens=limits,
+                keys=[keys[i] for i in run],
                 stop=texts.stop if texts is not None and not beams else None,
                 on_token=texts.feed if texts is not None and not beams else None,
             )
@@ -157,8 +163,9 @@ class CausalLM:
                     texts.finish(keys[i], results[i][0].text)
         return results  # type: ignore[return-value]
 
-    def _completion(self, hyp: Hypothesis, prompt_tokens: int, truncated: bool, stop: Sequence[str],
-                    streamed: str | None) -> Completion:
+    def _completion(
+        self, hyp: Hypothesis, prompt_tokens: int, truncated: bool, stop: Sequence[str], streamed: str | None
+    ) -> Completion:
         if hyp.finish_reason == "stop" and streamed is not None:
             text = streamed
         else:
@@ -171,7 +178,7 @@ class CausalLM:
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str | None:
     hits = [text.find(s) for s in stop if s and s in text]
-    return text[:min(hits)] if hits else None
+    return text[: min(hits)] if hits else None
 
 
 class _TextStreams:
@@ -209,15 +216,19 @@ class _TextStreams:
             return
         text = self.texts[key]
         # Hold back what could be the start of a stop string, so a stop string is never printed.
-        safe = len(text) if self.stopped.get(key) or not self.longest else max(self.emitted[key], len(text) - self.longest + 1)
+        safe = (
+            len(text)
+            if self.stopped.get(key) or not self.longest
+            else max(self.emitted[key], len(text) - self.longest + 1)
+        )
         if safe > self.emitted[key]:
-            self.on_text(key, text[self.emitted[key]:safe])
+            self.on_text(key, text[self.emitted[key] : safe])
             self.emitted[key] = safe
 
     def finish(self, key: int, final_text: str) -> None:
         """Emit what was held back (or, for beam search, everything) once the record is done."""
         if self.on_text is not None and len(final_text) > self.emitted[key]:
-            self.on_text(key, final_text[self.emitted[key]:])
+            self.on_text(key, final_text[self.emitted[key] :])
             self.emitted[key] = len(final_text)
 
     def stop(self, keys: np.ndarray, generated: np.ndarray) -> np.ndarray:
@@ -299,8 +310,14 @@ class GenerateTask:
 
     task_names = FAMILIES["generate"].export_tasks  # the registry's
 
-    def __init__(self, model: Any, overrides: dict[str, Any] | None = None, chat: bool = False,
-                 system: str | None = None, stop: Sequence[str] = ()):
+    def __init__(
+        self,
+        model: Any,
+        overrides: dict[str, Any] | None = None,
+        chat: bool = False,
+        system: str | None = None,
+        stop: Sequence[str] = (),
+    ):
         self.model = model
         self.lm = CausalLM.from_model(model)  # makes the session: a --device error comes first
         self.notes = [self.lm.note] if self.lm.note else []  # lines for the command to print
@@ -320,8 +337,11 @@ class GenerateTask:
         self.chat, self.system, self.stop = chat, system, [s for s in stop if s]
         self.generated_tokens = 0
         # Records that stopped at the model's last position before max_new_tokens (the command says so).
-        self.requested_limit = (f"max_new_tokens {self.config.max_new_tokens}" if self.config.max_new_tokens
-                                else f"max_length {self.config.max_length} (prompt included)")
+        self.requested_limit = (
+            f"max_new_tokens {self.config.max_new_tokens}"
+            if self.config.max_new_tokens
+            else f"max_length {self.config.max_length} (prompt included)"
+        )
         self.position_limited = 0
         positions = self.lm.max_positions
         self.position_limit = f"the model's {positions} positions (prompt + completion)" if positions else None
@@ -343,28 +363,32 @@ class GenerateTask:
             text = self.lm.render_chat(record.text, self.system) if self.chat else record.text
             cut = bool(limit) and len(text) > limit * CHARS_PER_TOKEN_CAP  # no tokenizer makes fewer tokens
             if cut:
-                text = text[-limit * CHARS_PER_TOKEN_CAP:]
+                text = text[-limit * CHARS_PER_TOKEN_CAP :]
             ids = self.lm.encode(text, chat=self.chat)
             if limit and len(ids) >= limit:  # keep the end, which is what gets continued
-                ids, cut = ids[len(ids) - limit + 1:], True
+                ids, cut = ids[len(ids) - limit + 1 :], True
             item = Item(record, len(ids), data=ids, truncated=cut)
             max_length = self.config.max_length if self.config.max_new_tokens is None else None
             if max_length is not None and len(ids) >= max_length:  # transformers refuses it too
-                item.error = (f"the prompt has {len(ids)} tokens, not fewer than --max-length {max_length} "
-                              "(which counts the prompt): raise it, or use --max-new-tokens")
+                item.error = (
+                    f"the prompt has {len(ids)} tokens, not fewer than --max-length {max_length} "
+                    "(which counts the prompt): raise it, or use --max-new-tokens"
+                )
             items.append(item)
         return items
 
     def run(self, batch: Sequence[Any]) -> list[list[Completion]]:
-        results = self.lm.generate([item.data for item in batch], self.config,
-                                   keys=[item.record.seq for item in batch], stop=self.stop)
+        results = self.lm.generate(
+            [item.data for item in batch], self.config, keys=[item.record.seq for item in batch], stop=self.stop
+        )
         self.generated_tokens += sum(len(c.token_ids) for nbest in results for c in nbest)
         self.position_limited += sum(nbest[0].position_limited for nbest in results)
         return results
 
     def run_streaming(self, item: Any, emit: Callable[[str], None]) -> list[Completion]:
-        results = self.lm.generate([item.data], self.config, keys=[item.record.seq], stop=self.stop,
-                                   on_text=lambda _key, chunk: emit(chunk))
+        results = self.lm.generate(
+            [item.data], self.config, keys=[item.record.seq], stop=self.stop, on_text=lambda _key, chunk: emit(chunk)
+        )
         self.generated_tokens += sum(len(c.token_ids) for c in results[0])
         self.position_limited += results[0][0].position_limited
         return results[0]
@@ -375,16 +399,32 @@ class GenerateTask:
 
     def to_fields(self, result: list[Completion] | None) -> dict[str, Any]:
         if result is None:
-            return {"generated_text": "", "finish_reason": None, "prompt_tokens": 0, "generated_tokens": 0,
-                    "provider": self.provider}
+            return {
+                "generated_text": "",
+                "finish_reason": None,
+                "prompt_tokens": 0,
+                "generated_tokens": 0,
+                "provider": self.provider,
+            }
         best = result[0]
-        fields = {"generated_text": best.text, "finish_reason": best.finish_reason,
-                  "prompt_tokens": best.prompt_tokens, "generated_tokens": len(best.token_ids)}
+        fields = {
+            "generated_text": best.text,
+            "finish_reason": best.finish_reason,
+            "prompt_tokens": best.prompt_tokens,
+            "generated_tokens": len(best.token_ids),
+        }
         if best.score is not None:
             fields["score"] = best.score
         if len(result) > 1:
-            fields["sequences"] = [{"generated_text": c.text, "finish_reason": c.finish_reason,
-                                    "generated_tokens": len(c.token_ids), "score": c.score} for c in result]
+            fields["sequences"] = [
+                {
+                    "generated_text": c.text,
+                    "finish_reason": c.finish_reason,
+                    "generated_tokens": len(c.token_ids),
+                    "score": c.score,
+                }
+                for c in result
+            ]
         fields["provider"] = self.provider
         return fields
 

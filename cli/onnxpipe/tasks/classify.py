@@ -6,8 +6,9 @@ The choice of function follows transformers' TextClassificationPipeline: sigmoid
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,17 +26,21 @@ class Classification:
 class ClassifyTask(EncoderTask):
     task_names = FAMILIES["classify"].export_tasks  # the registry's
 
-    def __init__(self, model: Any, top_k: int | None = None, threshold: float | None = None,
-                 function: str | None = None):
+    def __init__(
+        self, model: Any, top_k: int | None = None, threshold: float | None = None, function: str | None = None
+    ):
         super().__init__(model)
         self.labels = model.labels or [f"LABEL_{i}" for i in range(self.session.get_outputs()[0].shape[-1] or 0)]
-        self.function = function or default_function(model.manifest.get("problem_type") or model.config.get("problem_type"),
-                                                      len(self.labels))
+        self.function = function or default_function(
+            model.manifest.get("problem_type") or model.config.get("problem_type"), len(self.labels)
+        )
         self.threshold = threshold
         # Without --top-k: the best label, or every label above --threshold when one is given.
         self.top_k = top_k if top_k is not None else (len(self.labels) if threshold is not None else 1)
 
-    def postprocess(self, outputs: dict[str, np.ndarray], batch: Sequence[Item], lengths: list[int]) -> list[Classification]:
+    def postprocess(
+        self, outputs: dict[str, np.ndarray], batch: Sequence[Item], lengths: list[int]
+    ) -> list[Classification]:
         logits = outputs.get("logits", next(iter(outputs.values()))).astype(np.float32)
         if self.function == "softmax":
             scores = softmax(logits)
@@ -63,9 +68,13 @@ class ClassifyTask(EncoderTask):
     def to_fields(self, result: Classification | None) -> dict[str, Any]:
         if result is None:
             return {"label": None, "score": None, "labels": [], "scores": [], "provider": self.provider}
-        return {"label": result.labels[0] if result.labels else None,
-                "score": result.scores[0] if result.scores else None,
-                "labels": result.labels, "scores": result.scores, "provider": self.provider}
+        return {
+            "label": result.labels[0] if result.labels else None,
+            "score": result.scores[0] if result.scores else None,
+            "labels": result.labels,
+            "scores": result.scores,
+            "provider": self.provider,
+        }
 
     def to_columns(self, result: Classification | None) -> list[str]:
         if result is None:

@@ -8,9 +8,10 @@ token. Normalize divides by the L2 norm (clamped at 1e-12), as torch.nn.function
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,8 @@ def read_sentence_transformers(folder: Path) -> dict[str, Any] | None:
             config = _json_or_empty(folder / path / "config.json") if path else {}
             if kind == "Transformer":
                 st = _json_or_empty(folder / path / "sentence_bert_config.json") or _json_or_empty(
-                    folder / "sentence_bert_config.json")
+                    folder / "sentence_bert_config.json"
+                )
                 if st.get("do_lower_case"):
                     raise UsageError(f"{folder}: sentence_bert_config.json do_lower_case is not supported")
                 declared["max_seq_length"] = st.get("max_seq_length")
@@ -67,16 +69,26 @@ def read_sentence_transformers(folder: Path) -> dict[str, Any] | None:
             elif kind == "Dense":
                 activation = ACTIVATIONS.get(config.get("activation_function", "torch.nn.modules.activation.Tanh"))
                 if activation is None:
-                    raise UsageError(f"{folder}/{path}: Dense activation {config.get('activation_function')!r} "
-                                     "is not supported", hint="one of: " + ", ".join(sorted(ACTIVATIONS)))
-                declared["dense"].append({"path": path, "activation": activation,
-                                          "in_features": config.get("in_features"),
-                                          "out_features": config.get("out_features"), "bias": config.get("bias", True)})
+                    raise UsageError(
+                        f"{folder}/{path}: Dense activation {config.get('activation_function')!r} is not supported",
+                        hint="one of: " + ", ".join(sorted(ACTIVATIONS)),
+                    )
+                declared["dense"].append(
+                    {
+                        "path": path,
+                        "activation": activation,
+                        "in_features": config.get("in_features"),
+                        "out_features": config.get("out_features"),
+                        "bias": config.get("bias", True),
+                    }
+                )
             elif kind == "Normalize":
                 declared["normalize"] = True
             else:
-                raise UsageError(f"{folder}: the sentence-transformers module {module.get('type')!r} is not supported",
-                                 hint="onnxpipe reproduces Transformer, Pooling, Dense and Normalize")
+                raise UsageError(
+                    f"{folder}: the sentence-transformers module {module.get('type')!r} is not supported",
+                    hint="onnxpipe reproduces Transformer, Pooling, Dense and Normalize",
+                )
     except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
         raise UsageError(f"{modules_file}: not a sentence-transformers modules list ({exc})") from None
     if declared["pooling"] is None:
@@ -194,7 +206,9 @@ def _load_dense(folder: Path, record: dict[str, Any]) -> tuple[np.ndarray, np.nd
         try:
             return np.load(path, allow_pickle=False).astype(np.float32)
         except (OSError, ValueError) as exc:
-            raise ModelNotFoundError(f"{folder}: cannot read dense layer {name}: {exc}", hint="re-run onnxpipe export") from None
+            raise ModelNotFoundError(
+                f"{folder}: cannot read dense layer {name}: {exc}", hint="re-run onnxpipe export"
+            ) from None
 
     if record.get("activation") not in _ACTIVATE:
         raise ModelNotFoundError(f"{folder}: unknown dense activation {record.get('activation')!r}")

@@ -6,7 +6,8 @@ int64 numpy arrays with exactly the names the graph declares (DistilBERT has no 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -8,7 +8,8 @@ when its tokenizer_config.json asks for it. A line without a mask token is a rec
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +29,14 @@ class FillMaskTask(EncoderTask):
         self.top_k = top_k
         mask = model.special_tokens.get("mask_token_id")
         if not isinstance(mask, int):
-            mask = next((self.tokenizer.token_to_id(t) for t in ("[MASK]", "<mask>")
-                         if self.tokenizer.token_to_id(t) is not None), None)
+            mask = next(
+                (
+                    self.tokenizer.token_to_id(t)
+                    for t in ("[MASK]", "<mask>")
+                    if self.tokenizer.token_to_id(t) is not None
+                ),
+                None,
+            )
         if mask is None:
             raise ModelNotFoundError(f"{model.name} has no mask token", hint="is it a fill-mask export?")
         self.mask_id = int(mask)
@@ -42,14 +49,14 @@ class FillMaskTask(EncoderTask):
     def make_item(self, record: Record, encoding: Any) -> Item:
         item = super().make_item(record, encoding)
         if self.mask_id not in encoding.ids:
-            cut = " within the first %d tokens" % self.max_length if item.truncated else ""
+            cut = f" within the first {self.max_length} tokens" if item.truncated else ""
             item.error = f"no mask token {self.mask_token}{cut}"
         return item
 
     def postprocess(self, outputs: dict[str, np.ndarray], batch: Sequence[Item], lengths: list[int]) -> list[Any]:
         logits = outputs.get("logits", next(iter(outputs.values())))
         results = []
-        for row, (item, n) in enumerate(zip(batch, lengths)):
+        for row, item in enumerate(batch):
             ids = np.asarray(item.data.ids, dtype=np.int64)
             positions = np.flatnonzero(ids == self.mask_id)
             probs = softmax(logits[row, positions].astype(np.float32))
@@ -64,12 +71,14 @@ class FillMaskTask(EncoderTask):
                     filled = ids.copy()
                     filled[position] = token
                     filled = filled[filled != self.pad_id]
-                    candidates.append({
-                        "score": float(p[token]),
-                        "token": int(token),
-                        "token_str": self._decode([token], False),
-                        "sequence": self._decode(filled.tolist(), single),
-                    })
+                    candidates.append(
+                        {
+                            "score": float(p[token]),
+                            "token": int(token),
+                            "token_str": self._decode([token], False),
+                            "sequence": self._decode(filled.tolist(), single),
+                        }
+                    )
                 masks.append(candidates)
             results.append(masks[0] if single else masks)
         return results
@@ -77,9 +86,18 @@ class FillMaskTask(EncoderTask):
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         if self.cleanup:  # transformers' clean_up_tokenization
-            text = (text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",")
-                    .replace(" ' ", "'").replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s")
-                    .replace(" 've", "'ve").replace(" 're", "'re"))
+            text = (
+                text.replace(" .", ".")
+                .replace(" ?", "?")
+                .replace(" !", "!")
+                .replace(" ,", ",")
+                .replace(" ' ", "'")
+                .replace(" n't", "n't")
+                .replace(" 'm", "'m")
+                .replace(" 's", "'s")
+                .replace(" 've", "'ve")
+                .replace(" 're", "'re")
+            )
         return text
 
     # --- formatters ---------------------------------------------------------------------------

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from onnxpipe.decoding import DEFAULT_MAX_NEW_TOKENS, GenerationConfig, Hypothesis
 from onnxpipe.errors import UsageError
@@ -53,8 +54,9 @@ class Languages:
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         codes = [t for t in names if isinstance(t, str) and t in vocab and _is_code(t)]
         if not codes:  # only special (added) tokens: a plain vocabulary may hold code-like pieces
-            codes = sorted(t.content for t in tokenizer.get_added_tokens_decoder().values()
-                           if t.special and _is_code(t.content))
+            codes = sorted(
+                t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special and _is_code(t.content)
+            )
         self.codes: list[str] = codes
         self.marian = bool(codes) and codes[0].startswith(">>")
         self.source = self._template_code() if codes and not self.marian else None  # parses tokenizer.json
@@ -70,15 +72,19 @@ class Languages:
         if not self.codes:
             raise UsageError(f"--{which}-lang: this model has no language codes", hint="drop the option")
         # 'fr' for mBART's fr_XX, 'deu' for NLLB's deu_Latn (or the code in other case): taken when only one fits
-        for same in ([c for c in self.codes if c.lower() == code.lower()],
-                     [c for c in self.codes if c.split("_")[0].lower() == code.lower()]):
+        for same in (
+            [c for c in self.codes if c.lower() == code.lower()],
+            [c for c in self.codes if c.split("_")[0].lower() == code.lower()],
+        ):
             if len(same) == 1:
                 return same[0]
         import difflib
 
         close = same or difflib.get_close_matches(code, self.codes, n=3, cutoff=0.5)
-        raise UsageError(f"unknown {which} language {code!r}" + (f"; did you mean {', '.join(close)}?" if close else ""),
-                         hint="known: " + ", ".join(sorted(self.codes)))
+        raise UsageError(
+            f"unknown {which} language {code!r}" + (f"; did you mean {', '.join(close)}?" if close else ""),
+            hint="known: " + ", ".join(sorted(self.codes)),
+        )
 
     def token_id(self, code: str) -> int:
         return int(self.tokenizer.token_to_id(code))
@@ -96,8 +102,7 @@ class Languages:
         from tokenizers import Tokenizer
 
         if self.source is None:
-            raise UsageError("--source-lang: this model does not mark the source language",
-                             hint="drop --source-lang")
+            raise UsageError("--source-lang: this model does not mark the source language", hint="drop --source-lang")
         if code == self.source:
             return self.tokenizer
         data = json.loads(self.tokenizer.to_str())
@@ -117,8 +122,9 @@ def _is_code(token: str) -> bool:
     return any(p.match(token) for p in _CODE_PATTERNS)
 
 
-def task_defaults(config: dict[str, Any], summarize: bool, source_lang: str | None,
-                  target_lang: str | None) -> tuple[dict[str, Any], str | None]:
+def task_defaults(
+    config: dict[str, Any], summarize: bool, source_lang: str | None, target_lang: str | None
+) -> tuple[dict[str, Any], str | None]:
     """The entry of config.json's `task_specific_params` the command uses (T5), and its key.
 
     summarize -> "summarization"; translate -> "translation_{src}_to_{tgt}" for the languages given,
@@ -131,12 +137,16 @@ def task_defaults(config: dict[str, Any], summarize: bool, source_lang: str | No
     if not pairs:
         return {}, None
     if source_lang or target_lang:
-        matches = [k for k in pairs if (not source_lang or k.split("_")[1] == source_lang)
-                   and (not target_lang or k.rsplit("_", 1)[1] == target_lang)]
+        matches = [
+            k
+            for k in pairs
+            if (not source_lang or k.split("_")[1] == source_lang)
+            and (not target_lang or k.rsplit("_", 1)[1] == target_lang)
+        ]
     else:
         matches = pairs
     if len(matches) != 1:
-        known = ", ".join(k[len("translation_"):].replace("_to_", "->") for k in pairs)
+        known = ", ".join(k[len("translation_") :].replace("_to_", "->") for k in pairs)
         raise UsageError(
             "this model translates " + known + ("" if matches else f", not {source_lang or '*'}->{target_lang or '*'}"),
             hint="pick one with --source-lang and --target-lang, or give --prefix",
@@ -161,6 +171,7 @@ def base_generation_config(folder, config: dict[str, Any], special: dict[str, An
 
 # --- the task ----------------------------------------------------------------------------------
 
+
 @dataclass
 class Seq2SeqResult:
     texts: list[str]  # n-best, best first
@@ -175,8 +186,16 @@ class Seq2SeqTask:
 
     task_names = FAMILIES["translate"].export_tasks  # the registry's
 
-    def __init__(self, model: Any, *, summarize: bool = False, prefix: str | None = None,
-                 source_lang: str | None = None, target_lang: str | None = None, **overrides: Any):
+    def __init__(
+        self,
+        model: Any,
+        *,
+        summarize: bool = False,
+        prefix: str | None = None,
+        source_lang: str | None = None,
+        target_lang: str | None = None,
+        **overrides: Any,
+    ):
         self.model = model
         self.summarize = summarize
         self.field = "summary" if summarize else "translation"
@@ -208,11 +227,14 @@ class Seq2SeqTask:
                 else:
                     gen = gen.update(forced_bos_token_id=self.languages.token_id(code))
             elif self.languages.marian or gen.forced_bos_token_id is None:
-                raise UsageError(f"{model.name} is multilingual: give --target-lang",
-                                 hint="known: " + ", ".join(self.languages.codes))
+                raise UsageError(
+                    f"{model.name} is multilingual: give --target-lang",
+                    hint="known: " + ", ".join(self.languages.codes),
+                )
         elif (source_lang or target_lang) and self.params_key is None:
-            raise UsageError(f"{model.name} translates one language pair and takes no --source-lang/--target-lang",
-                             hint="drop them")
+            raise UsageError(
+                f"{model.name} translates one language pair and takes no --source-lang/--target-lang", hint="drop them"
+            )
 
         # Lengths: --max-new-tokens wins, then --max-length (the whole decoder sequence, start id included).
         max_length = overrides.pop("max_length", None)
@@ -227,10 +249,16 @@ class Seq2SeqTask:
         # Records whose output stopped at that limit before max_new_tokens (the command says so once).
         self.requested_limit = f"max_new_tokens {gen.max_new_tokens}"
         self.position_limited = 0
-        self.position_limit = (None if self.max_new_tokens >= gen.max_new_tokens else
-                               f"{self.model_type}'s limit of {positions - 1} decoder tokens" +
-                               (" (relative positions: onnxpipe's bound, the model's input length)" if relative
-                                else f" ({positions} positions, the start token included)"))
+        self.position_limit = (
+            None
+            if self.max_new_tokens >= gen.max_new_tokens
+            else f"{self.model_type}'s limit of {positions - 1} decoder tokens"
+            + (
+                " (relative positions: onnxpipe's bound, the model's input length)"
+                if relative
+                else f" ({positions} positions, the start token included)"
+            )
+        )
         try:
             gen.validate()
         except ValueError as exc:
@@ -266,13 +294,24 @@ class Seq2SeqTask:
         for record, text, encoding in zip(records, texts, self.tokenizer.encode_batch(texts)):
             if len(text) < len(self.source_text(record.text)) and not encoding.overflowing:
                 encoding = self.tokenizer.encode(self.source_text(record.text))  # the cut was not needed
-            items.append(Item(record, len(encoding.ids), data=self.model.graph_ids(encoding.ids),
-                              truncated=bool(encoding.overflowing)))
+            items.append(
+                Item(
+                    record,
+                    len(encoding.ids),
+                    data=self.model.graph_ids(encoding.ids),
+                    truncated=bool(encoding.overflowing),
+                )
+            )
         return items
 
     def run(self, batch: Sequence[Item]) -> list[Seq2SeqResult]:
-        hyps = self.runner.generate([item.data for item in batch], self.generation_config, self.pad_id,
-                                    self.max_new_tokens, keys=[item.record.seq for item in batch])
+        hyps = self.runner.generate(
+            [item.data for item in batch],
+            self.generation_config,
+            self.pad_id,
+            self.max_new_tokens,
+            keys=[item.record.seq for item in batch],
+        )
         self.generated_tokens += sum(len(nbest[0].token_ids) for nbest in hyps)
         if self.position_limit is not None:
             # At the limit, whether it ended there on length or on a forced eos (BART, Marian).
@@ -281,8 +320,9 @@ class Seq2SeqTask:
 
     def _result(self, nbest: list[Hypothesis], source_tokens: int) -> Seq2SeqResult:
         texts = [self.decode(h.token_ids) for h in nbest]
-        return Seq2SeqResult(texts, [h.token_ids for h in nbest], [h.score for h in nbest], nbest[0].finish_reason,
-                             source_tokens)
+        return Seq2SeqResult(
+            texts, [h.token_ids for h in nbest], [h.score for h in nbest], nbest[0].finish_reason, source_tokens
+        )
 
     def decode(self, ids: Sequence[int]) -> str:
         text = self.target_tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -294,15 +334,26 @@ class Seq2SeqTask:
 
     def to_fields(self, result: Seq2SeqResult | None) -> dict[str, Any]:
         if result is None:
-            return {self.field: "", "finish_reason": None, "source_tokens": 0, "generated_tokens": 0,
-                    "provider": self.provider}
-        fields: dict[str, Any] = {self.field: result.texts[0], "finish_reason": result.finish_reason,
-                                  "source_tokens": result.source_tokens, "generated_tokens": len(result.token_ids[0])}
+            return {
+                self.field: "",
+                "finish_reason": None,
+                "source_tokens": 0,
+                "generated_tokens": 0,
+                "provider": self.provider,
+            }
+        fields: dict[str, Any] = {
+            self.field: result.texts[0],
+            "finish_reason": result.finish_reason,
+            "source_tokens": result.source_tokens,
+            "generated_tokens": len(result.token_ids[0]),
+        }
         if result.scores[0] is not None:
             fields["score"] = result.scores[0]
         if len(result.texts) > 1:
-            fields["sequences"] = [{self.field: text, "generated_tokens": len(ids), "score": score}
-                                   for text, ids, score in zip(result.texts, result.token_ids, result.scores)]
+            fields["sequences"] = [
+                {self.field: text, "generated_tokens": len(ids), "score": score}
+                for text, ids, score in zip(result.texts, result.token_ids, result.scores)
+            ]
         fields["provider"] = self.provider
         return fields
 
@@ -312,7 +363,17 @@ class Seq2SeqTask:
 
 def _clean_up(text: str) -> str:
     """transformers' `clean_up_tokenization` (for tokenizers saved with clean_up_tokenization_spaces)."""
-    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for a, b in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(a, b)
     return text

@@ -10,7 +10,8 @@ offsets into the line as read (after UTF-8 decoding).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,9 @@ class TagTask(EncoderTask):
         self.word_aware = bool(getattr(self.tokenizer.model, "continuing_subword_prefix", None))
         self.decoder = self.tokenizer.decoder
 
-    def postprocess(self, outputs: dict[str, np.ndarray], batch: Sequence[Item], lengths: list[int]) -> list[list[dict]]:
+    def postprocess(
+        self, outputs: dict[str, np.ndarray], batch: Sequence[Item], lengths: list[int]
+    ) -> list[list[dict]]:
         logits = outputs.get("logits", next(iter(outputs.values()))).astype(np.float32)
         all_scores = softmax(logits)  # per token, so padding does not change a row's values
         results = []
@@ -48,7 +51,8 @@ class TagTask(EncoderTask):
     def _pre_entities(self, sentence: str, encoding: Any, scores: np.ndarray) -> list[dict]:
         pre = []
         for idx, (token_id, special, (start, end)) in enumerate(
-                zip(encoding.ids, encoding.special_tokens_mask, encoding.offsets)):
+            zip(encoding.ids, encoding.special_tokens_mask, encoding.offsets)
+        ):
             if special:
                 continue
             word = self.tokenizer.id_to_token(token_id)
@@ -56,12 +60,20 @@ class TagTask(EncoderTask):
             if self.word_aware:
                 is_subword = len(word) != len(word_ref)
             else:
-                is_subword = start > 0 and " " not in sentence[start - 1:start + 1]
+                is_subword = start > 0 and " " not in sentence[start - 1 : start + 1]
             if token_id == self.unk_id:
                 word = word_ref
                 is_subword = False
-            pre.append({"word": word, "scores": scores[idx], "start": start, "end": end, "index": idx,
-                        "is_subword": is_subword})
+            pre.append(
+                {
+                    "word": word,
+                    "scores": scores[idx],
+                    "start": start,
+                    "end": end,
+                    "index": idx,
+                    "is_subword": is_subword,
+                }
+            )
         return pre
 
     def _label(self, index: int) -> str:
@@ -72,8 +84,16 @@ class TagTask(EncoderTask):
             entities = []
             for p in pre:
                 i = int(p["scores"].argmax())
-                entities.append({"entity": self._label(i), "score": p["scores"][i], "index": p["index"],
-                                 "word": p["word"], "start": p["start"], "end": p["end"]})
+                entities.append(
+                    {
+                        "entity": self._label(i),
+                        "score": p["scores"][i],
+                        "index": p["index"],
+                        "word": p["word"],
+                        "start": p["start"],
+                        "end": p["end"],
+                    }
+                )
         else:
             entities = self._aggregate_words(pre)
         if self.aggregation == "none":
@@ -97,8 +117,13 @@ class TagTask(EncoderTask):
             average = np.nanmean(np.stack([e["scores"] for e in entities]), axis=0)
             i = int(average.argmax())
             score = average[i]
-        return {"entity": self._label(i), "score": score, "word": word,
-                "start": entities[0]["start"], "end": entities[-1]["end"]}
+        return {
+            "entity": self._label(i),
+            "score": score,
+            "word": word,
+            "start": entities[0]["start"],
+            "end": entities[-1]["end"],
+        }
 
     def _aggregate_words(self, entities: list[dict]) -> list[dict]:
         words, group = [], None
@@ -122,10 +147,13 @@ class TagTask(EncoderTask):
             score = float(np.nanmean(scores))
         else:
             score = sum(scores) / len(scores)  # np.nanmean's value, without its per-call cost
-        return {"entity_group": entities[0]["entity"].split("-", 1)[-1],
-                "score": score,
-                "word": self._tokens_to_string([e["word"] for e in entities]),
-                "start": entities[0]["start"], "end": entities[-1]["end"]}
+        return {
+            "entity_group": entities[0]["entity"].split("-", 1)[-1],
+            "score": score,
+            "word": self._tokens_to_string([e["word"] for e in entities]),
+            "start": entities[0]["start"],
+            "end": entities[-1]["end"],
+        }
 
     @staticmethod
     def _tag(name: str) -> tuple[str, str]:

@@ -13,16 +13,16 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from onnxpipe.errors import InputError, MissingExtraError, SourceError, UsageError
-from onnxpipe.stream.labelled import Labelled, apply_label_map, parse_label_map, read_labelled, sorted_labels
 from onnxpipe.measure.metrics import classification_metrics
+from onnxpipe.stream.labelled import Labelled, apply_label_map, parse_label_map, read_labelled, sorted_labels
 
 SUMMARY_NAME = "onnxpipe_finetune.json"
 Report = Callable[[str], None]
@@ -70,7 +70,9 @@ def split_indices(labels: list[str], fraction: float, seed: int) -> tuple[list[i
 
 
 def _subset(data: Labelled, idx: list[int]) -> Labelled:
-    return Labelled([data.texts[i] for i in idx], [data.labels[i] for i in idx], [data.lines[i] for i in idx], data.source)
+    return Labelled(
+        [data.texts[i] for i in idx], [data.labels[i] for i in idx], [data.lines[i] for i in idx], data.source
+    )
 
 
 def _require_stack() -> None:
@@ -82,10 +84,17 @@ def _require_stack() -> None:
         raise MissingExtraError("export", "onnxpipe finetune", missing=exc.name) from None
 
 
-def prepare_data(data_path: str | Path, text_column: str, label_column: str, label_map: str | None,
-                 validation_split: float | None, validation_file: str | Path | None, seed: int,
-                 data_format: str | None = None, warn: Report = _quiet,
-                 ) -> tuple[Labelled, Labelled | None, list[str], list[str]]:
+def prepare_data(
+    data_path: str | Path,
+    text_column: str,
+    label_column: str,
+    label_map: str | None,
+    validation_split: float | None,
+    validation_file: str | Path | None,
+    seed: int,
+    data_format: str | None = None,
+    warn: Report = _quiet,
+) -> tuple[Labelled, Labelled | None, list[str], list[str]]:
     """Read, map and split. Returns (train, validation or None, raw labels by id, label names by id)."""
     mapping = parse_label_map(label_map)
     data = read_labelled(data_path, text_column, label_column, data_format)
@@ -111,8 +120,11 @@ def prepare_data(data_path: str | Path, text_column: str, label_column: str, lab
         known = set(names)
         for label, line in zip(val.labels, val.lines):
             if label not in known:
-                raise InputError(f"label {label!r} does not occur in the training data ({', '.join(names)})",
-                                 line=line, source=val.source)
+                raise InputError(
+                    f"label {label!r} does not occur in the training data ({', '.join(names)})",
+                    line=line,
+                    source=val.source,
+                )
         return data, val, raw_labels, names
     fraction = 0.1 if validation_split is None else validation_split
     train_idx, val_idx = split_indices(data.labels, fraction, seed)
@@ -149,16 +161,20 @@ def check_output(output: Path, force: bool, *inputs: str | Path | None) -> None:
     onnxpipe_finetune.json) or an empty one is replaced; never a link, another folder, or a folder
     that is or holds the base checkpoint or the data."""
     if os.path.islink(output):
-        raise UsageError(f"{output} is a symbolic link; refusing to replace it or what it points to",
-                         hint="give the folder itself as --output")
+        raise UsageError(
+            f"{output} is a symbolic link; refusing to replace it or what it points to",
+            hint="give the folder itself as --output",
+        )
     out = os.path.realpath(output)
     for item in inputs:
         if item is None or not os.path.exists(item):
             continue
         src = os.path.realpath(item)
         if os.path.commonpath([out, src]) == out:
-            raise UsageError(f"the output {output} {'is' if out == src else 'holds'} {item}; "
-                             "refusing to write there", hint="choose another --output")
+            raise UsageError(
+                f"the output {output} {'is' if out == src else 'holds'} {item}; refusing to write there",
+                hint="choose another --output",
+            )
     if not os.path.lexists(output):
         return
     if not output.is_dir():
@@ -166,9 +182,11 @@ def check_output(output: Path, force: bool, *inputs: str | Path | None) -> None:
     entries = sorted(os.listdir(output))
     if entries and not (output / SUMMARY_NAME).is_file():
         shown = ", ".join(entries[:3]) + (f", and {len(entries) - 3} more" if len(entries) > 3 else "")
-        raise UsageError(f"{output} holds {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} that onnxpipe "
-                         f"finetune did not write ({shown}); refusing to replace it",
-                         hint="--force replaces only a folder made by onnxpipe finetune: choose another --output")
+        raise UsageError(
+            f"{output} holds {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} that onnxpipe "
+            f"finetune did not write ({shown}); refusing to replace it",
+            hint="--force replaces only a folder made by onnxpipe finetune: choose another --output",
+        )
     if not force:
         raise UsageError(f"{output} exists", hint="pass --force to replace it")
 
@@ -190,11 +208,22 @@ def _progress_callback(report: Report):
     return StderrProgress()
 
 
-def finetune(base: str | Path, data: str | Path, output: str | Path, *, text_column: str = "text",
-             label_column: str = "label", label_map: str | None = None, validation_split: float | None = None,
-             validation_file: str | Path | None = None, options: TrainingOptions | None = None,
-             data_format: str | None = None, force: bool = False, report: Report = _quiet,
-             warn: Report = _quiet) -> dict[str, Any]:
+def finetune(
+    base: str | Path,
+    data: str | Path,
+    output: str | Path,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    label_map: str | None = None,
+    validation_split: float | None = None,
+    validation_file: str | Path | None = None,
+    options: TrainingOptions | None = None,
+    data_format: str | None = None,
+    force: bool = False,
+    report: Report = _quiet,
+    warn: Report = _quiet,
+) -> dict[str, Any]:
     """Fine-tune BASE on DATA into the checkpoint folder OUTPUT and return the training summary.
 
     REPORT gets the progress lines, WARN what went differently than asked (the command prints both).
@@ -214,8 +243,13 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, *, text_col
 
     import torch
     import transformers
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     base_path = Path(base)
@@ -229,17 +263,22 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, *, text_col
     transformers.logging.set_verbosity_error()  # the "newly initialized weights" warning is expected here
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            base_path, num_labels=len(names), id2label=id2label, label2id=label2id,
-            problem_type="single_label_classification", ignore_mismatched_sizes=True,
+            base_path,
+            num_labels=len(names),
+            id2label=id2label,
+            label2id=label2id,
+            problem_type="single_label_classification",
+            ignore_mismatched_sizes=True,
         )
     except (OSError, ValueError) as exc:
         raise SourceError(f"cannot load {base} for sequence classification: {exc}") from None
     finally:
         transformers.logging.set_verbosity(previous)
-    report(f"fine-tuning {base} ({model.config.model_type}) for {len(names)} labels: "
-                 + ", ".join(f"{i}={n}" for i, n in id2label.items()))
-    report(f"{len(train)} training examples, "
-                 + (f"{len(val)} validation examples" if val else "no validation set"))
+    report(
+        f"fine-tuning {base} ({model.config.model_type}) for {len(names)} labels: "
+        + ", ".join(f"{i}={n}" for i, n in id2label.items())
+    )
+    report(f"{len(train)} training examples, " + (f"{len(val)} validation examples" if val else "no validation set"))
 
     train_ds, truncated = _encode(tokenizer, train, label2id, options.max_length)
     val_ds = _encode(tokenizer, val, label2id, options.max_length)[0] if val else None
@@ -268,8 +307,13 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, *, text_col
             dataloader_num_workers=0,
             dataloader_pin_memory=torch.cuda.is_available(),
         )
-        trainer = Trainer(model=model, args=args, train_dataset=train_ds,
-                          data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            processing_class=tokenizer,
+        )
         # The Trainer's own printers write dicts to stdout; stdout is for results only.
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
@@ -297,8 +341,9 @@ def finetune(base: str | Path, data: str | Path, output: str | Path, *, text_col
         summary = {
             "base": str(base_path.resolve()),
             "data": str(Path(data).resolve()),
-            "validation": str(Path(validation_file).resolve()) if validation_file else
-                          {"split": 0.1 if validation_split is None else validation_split, "seed": options.seed},
+            "validation": str(Path(validation_file).resolve())
+            if validation_file
+            else {"split": 0.1 if validation_split is None else validation_split, "seed": options.seed},
             "labels": {"raw": raw_labels, "names": names},
             "examples": {"train": len(train), "validation": len(val) if val else 0, "truncated": truncated},
             "options": asdict(options),
