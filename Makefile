@@ -29,6 +29,7 @@ test: lint
 lint: venv
 	$(VENV)/bin/ruff check cli tests benchmarks man scripts
 	$(VENV)/bin/ruff format --check cli tests benchmarks man scripts
+	$(VENV)/bin/mypy
 
 # The fuzz targets (tests/fuzz/targets.py: record parser + writer, manifest loader), FUZZ_SECONDS each:
 # coverage-guided with atheris (libFuzzer), then hypothesis' structured inputs. `make test` runs both

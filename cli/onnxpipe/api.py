@@ -154,7 +154,7 @@ class Pipeline:
             window=max(len(texts), 1),
         )
         records = [Record(seq=i, text=t, source="<api>", line=i + 1, nbytes=len(t) + 1) for i, t in enumerate(texts)]
-        Engine(task, collector, engine_options).run_records(records)  # type: ignore[arg-type]
+        Engine(task, collector, engine_options).run_records(records)
         return collector.take()
 
 

@@ -77,7 +77,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     try:
         if not path.is_file() and not path.is_symlink():
             raise ModelNotFoundError(f"{folder} has no {MANIFEST_NAME}", hint="re-run onnxpipe export")
-        inside(folder, MANIFEST_NAME, path)
+        inside(folder, MANIFEST_NAME)
         with open(path, "rb") as f:
             raw = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:

@@ -160,6 +160,8 @@ def _fill_closed_descriptors() -> None:
             sys.stderr = open(os.devnull, "w", encoding="utf-8")  # messages go nowhere; the run goes on
         else:
             raw = _ClosedRaw(name)
-            stream = io.TextIOWrapper(io.BufferedRWPair(raw, raw), encoding="utf-8", line_buffering=True)
+            # typeshed's TextIOWrapper wants a buffer with a `name`; BufferedRWPair has none, and TextIOWrapper does not need it
+            pair = io.BufferedRWPair(raw, raw)
+            stream = io.TextIOWrapper(pair, encoding="utf-8", line_buffering=True)  # type: ignore[type-var]
             stream._onnxpipe_raw = raw  # type: ignore[attr-defined]
             setattr(sys, name, stream)

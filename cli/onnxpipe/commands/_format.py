@@ -24,7 +24,7 @@ def folder_size(folder) -> int:
     return total
 
 
-def human_size(size: int) -> str:
+def human_size(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
@@ -72,8 +72,8 @@ def validation_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((topk.replace("_", " "), f"{v[topk]:.2%}"))
     if v.get("fp32"):
         f = v["fp32"]
-        worst = max((o["max_abs_diff"] for o in (f.get("outputs") or {}).values()), default=0.0)
-        rows.append(("fp32 baseline", ("passed" if f.get("passed") else "failed") + f", max abs diff {worst:.2g}"))
+        fp32_worst = max((o["max_abs_diff"] for o in (f.get("outputs") or {}).values()), default=0.0)
+        rows.append(("fp32 baseline", ("passed" if f.get("passed") else "failed") + f", max abs diff {fp32_worst:.2g}"))
     for failure in v.get("failures") or []:
         rows.append(("failure", failure))
     return rows

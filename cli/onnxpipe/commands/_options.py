@@ -170,7 +170,7 @@ def stream_options(formats: tuple[str, ...] = ("text", "jsonl", "tsv"), family: 
             values["inputs"] = tuple(values["inputs"]) or ("-",)
             return f(*args, stream=StreamOptions(**values), **kwargs)
 
-        options = [
+        options: list[Callable[[Callable], Callable]] = [
             click.argument(
                 "inputs", nargs=-1, metavar="[FILE]...", type=click.Path(exists=True, dir_okay=False, allow_dash=True)
             ),

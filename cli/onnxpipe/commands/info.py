@@ -58,7 +58,8 @@ def _render(folder, manifest: dict[str, Any], problems: list[str], recorded: dic
     from rich.console import Console
     from rich.table import Table
 
-    out = Console(highlight=False, soft_wrap=True, file=io.StringIO(), width=Console().width)
+    buffer = io.StringIO()
+    out = Console(highlight=False, soft_wrap=True, file=buffer, width=Console().width)
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -120,7 +121,7 @@ def _render(folder, manifest: dict[str, Any], problems: list[str], recorded: dic
     versions = manifest.get("versions") or {}
     out.print()
     out.print("made with " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + f" on {manifest.get('created')}")
-    return out.file.getvalue()
+    return buffer.getvalue()
 
 
 def _pooling(m: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -24,7 +25,7 @@ def models(as_json: bool) -> None:
     from onnxpipe.manifest import file_problems, read_manifest
 
     home = export_home()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for folder in list_exports(home):
         problem = None
         try:
@@ -71,6 +72,6 @@ def models(as_json: bool) -> None:
     ]
     # Plain aligned columns: never truncated, whatever the terminal width, and easy to `awk`.
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        cells = [cell.rjust(w) if i == 4 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+    for line in table:
+        cells = [cell.rjust(w) if i == 4 else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))]
         click.echo("  ".join(cells).rstrip())

@@ -136,7 +136,7 @@ def beam_search(
         history = History(run_ids[:, :, : width + t].reshape(live * beams, width + t), np.repeat(start, beams), width)
         # The step's logits are the search's own (a fresh array per step), so they are worked in place.
         scores = processors(history, log_softmax(np.asarray(logits, dtype=np.float32), inplace=True))
-        flat = scores.reshape(live, beams, vocab)
+        flat: np.ndarray = scores.reshape(live, beams, vocab)  # (live, beams, vocab), then (live, beams * vocab)
         flat += run_scores[:, :, None]
         flat = flat.reshape(live, beams * vocab)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -43,7 +43,7 @@ def _graphs_for(case: dict[str, Any]) -> list[str]:
     return ["encoder", case["graph"]] if "encoder" in case["feeds"] else [case["graph"]]
 
 
-def _locate(path: Path, feeds: dict[str, np.ndarray], rtol: float, expected: int | None) -> dict[str, Any] | None:
+def _locate(path: Path, feeds: dict[str, np.ndarray], rtol: float, expected: int | None) -> dict[str, Any]:
     import onnx
 
     model = onnx.load(str(path))
@@ -60,7 +60,7 @@ def _locate(path: Path, feeds: dict[str, np.ndarray], rtol: float, expected: int
     ref = _run_fp64(model, feeds, got)
     errors: dict[str, float] = {}
     first = None
-    best = (0.0, None)
+    best: tuple[float, tuple[Any, str, float, float] | None] = (0.0, None)
     for node in model.graph.node:
         for out in node.output:
             if out not in got or out not in ref or not np.issubdtype(np.asarray(got[out]).dtype, np.floating):
@@ -172,7 +172,8 @@ def _run_fp64(model, feeds: dict[str, np.ndarray], fp32: dict[str, np.ndarray]) 
     feeds64 = {k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in feeds.items()}
     with warnings.catch_warnings(), np.errstate(all="ignore"):  # log(0) in masks etc.: library code stays quiet
         warnings.simplefilter("ignore")
-        return ReferenceEvaluator(double).run(None, feeds64, intermediate=True)
+        # intermediate=True: a dict of every result by name (onnx types run() as dict | list)
+        return cast(dict[str, np.ndarray], ReferenceEvaluator(double).run(None, feeds64, intermediate=True))
 
 
 def _to_float64(model, fp32: dict[str, np.ndarray]):

@@ -98,7 +98,8 @@ def spm_normalizer_spec(model_file: Any) -> Any:
     try:
         from sentencepiece import sentencepiece_model_pb2
 
-        proto = sentencepiece_model_pb2.ModelProto()
+        # protobuf's generated module makes its classes at import time: no attribute a checker can see
+        proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
         with open(model_file, "rb") as f:
             proto.ParseFromString(f.read())
     except Exception:
@@ -175,7 +176,9 @@ def _to_json(normalizer: Any) -> str:
 @lru_cache(maxsize=1)
 def _combining_class() -> str:
     """unicodedata.combining(c) != 0, as regex ranges (what the slow tokenizer strips after NFKD)."""
-    ranges, start, prev = [], None, None
+    ranges: list[tuple[int, int]] = []
+    start: int | None = None
+    prev = 0  # read only once start is set
     for c in range(sys.maxunicode + 1):
         if 0xD800 <= c < 0xE000 or not unicodedata.combining(chr(c)):
             continue

@@ -67,7 +67,7 @@ def check_exportable(model_type: str | None, task: str) -> str:
     wanted = optimum_task(task)
     known = TasksManager._SUPPORTED_MODEL_TYPE
     for spelling in (model_type, (model_type or "").replace("_", "-")):
-        if spelling in known:
+        if spelling and spelling in known:
             tasks = _onnx_tasks(spelling)
             if wanted in tasks:
                 return spelling

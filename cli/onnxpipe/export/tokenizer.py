@@ -106,7 +106,7 @@ def save_tokenizers(toks: FastTokenizers, out: Path) -> dict[str, Any]:
     if toks.chat_template:
         chat_template = "chat_template.jinja"
         (out / chat_template).write_text(toks.chat_template, encoding="utf-8")
-    record = {
+    record: dict[str, Any] = {
         "file": "tokenizer.json",
         "target_file": target_file,
         "max_length": toks.max_length,

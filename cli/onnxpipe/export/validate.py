@@ -338,7 +338,8 @@ def _decoder(model, sess, tokenizer, texts, special_tokens) -> dict[str, Any]:
     input_names = {i.name for i in sess.get_inputs()}
     output_names = [o.name for o in sess.get_outputs()]
     outputs: dict[str, dict] = {}
-    identical, agreement = 0, []
+    identical = 0
+    agreement: list[float] = []
     mismatches: list[dict] = []
     ref_first: list[np.ndarray] = []
     got_first: list[np.ndarray] = []
@@ -348,7 +349,8 @@ def _decoder(model, sess, tokenizer, texts, special_tokens) -> dict[str, Any]:
         ids = torch.tensor([prompt])
         # A cache of every position, as the ONNX graph keeps: transformers' default one keeps only a sliding
         # window's last positions (Mistral), whose presents could not be compared; the mask still applies the window.
-        cache, length, first_presents = DynamicCache(), 0, None
+        cache, length = DynamicCache(), 0
+        first_presents: list[np.ndarray] = []
         for step in range(GREEDY_STEPS):
             length += ids.shape[1]
             out = model(
@@ -368,11 +370,11 @@ def _decoder(model, sess, tokenizer, texts, special_tokens) -> dict[str, Any]:
         # ONNX Runtime, the way the runtime decodes.
         got_ids, got_logits = [], []
         feeds_past = _empty_past(sess, 1)
-        ids = np.array([prompt], dtype=np.int64)
+        feed_ids = np.array([prompt], dtype=np.int64)
         past_len = 0
         for step in range(GREEDY_STEPS):
-            n = ids.shape[1]
-            feeds = {"input_ids": ids, **feeds_past}
+            n = feed_ids.shape[1]
+            feeds = {"input_ids": feed_ids, **feeds_past}
             if "attention_mask" in input_names:
                 feeds["attention_mask"] = np.ones((1, past_len + n), dtype=np.int64)
             if "position_ids" in input_names:
@@ -408,7 +410,7 @@ def _decoder(model, sess, tokenizer, texts, special_tokens) -> dict[str, Any]:
             }
             past_len += n
             # Feed PyTorch's token, so later steps compare like with like even after a divergence.
-            ids = np.array([[ref_ids[step]]], dtype=np.int64)
+            feed_ids = np.array([[ref_ids[step]]], dtype=np.int64)
         _merge(outputs, "logits", _diff(np.concatenate(ref_logits), np.concatenate(got_logits)))
         identical += int(ref_ids == got_ids)
         agreement.append(_prefix_agreement(ref_ids, got_ids))
@@ -512,7 +514,8 @@ def _seq2seq(model, enc_sess, dec_sess, tokenizer, texts, special_tokens) -> dic
     if start is None:
         start = model.config.decoder_start_token_id
     outputs: dict[str, dict] = {}
-    identical, agreement = 0, []
+    identical = 0
+    agreement: list[float] = []
     mismatches: list[dict] = []
     ref_all: list[np.ndarray] = []
     got_all: list[np.ndarray] = []
@@ -578,7 +581,7 @@ def _seq2seq(model, enc_sess, dec_sess, tokenizer, texts, special_tokens) -> dic
                         keep_feeds=len(mismatches) < _KEEP_FEEDS,
                     )
                 )
-            if step == 0:
+            if step == 0 and ref_presents is not None:
                 for name, value in ref_presents.items():
                     if name in result:
                         _merge(outputs, name, _diff(value, result[name]))

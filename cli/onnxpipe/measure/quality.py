@@ -8,10 +8,10 @@ translations and summaries). Nothing here prints.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from onnxpipe.errors import InputError, UsageError
 from onnxpipe.home import resolve_model
@@ -95,7 +95,7 @@ def evaluate_classification(
     pred = predictor(folder, manifest, data, device, batch_size)
     scored = [i for i, p in enumerate(pred.labels) if p is not None]
     y_true = [y_true[i] for i in scored]
-    y_pred = [pred.labels[i] for i in scored]
+    y_pred = _at(pred.labels, scored)
     report: dict[str, Any] = {
         "model": folder.name,
         "path": str(folder),
@@ -115,7 +115,7 @@ def evaluate_classification(
                 "their predictions cannot be compared"
             )
         other = predictor(other_folder, other_manifest, data, device, batch_size)
-        other_pred = [other.labels[i] for i in scored]
+        other_pred = _at(other.labels, scored)
         report["against"] = {
             "model": other_folder.name,
             "path": str(other_folder),
@@ -128,6 +128,20 @@ def evaluate_classification(
             notes.append(other.device_note)
     report["notes"] = notes
     return report
+
+
+_T = TypeVar("_T")
+
+
+def _at(values: Sequence[_T | None], scored: Sequence[int]) -> list[_T]:
+    """VALUES at the SCORED indexes: the non-empty texts, which every export gives a value."""
+    out: list[_T] = []
+    for i in scored:
+        value = values[i]
+        if value is None:  # only an empty text gets none, and empty texts are not in SCORED
+            raise ValueError(f"text {i + 1} got no output, though it is not empty")
+        out.append(value)
+    return out
 
 
 class _Collect:
@@ -267,7 +281,7 @@ def evaluate_generation(
     out = generator(folder, data, device, batch_size, task_options)
     scored = [i for i, t in enumerate(out.texts) if t is not None]
     refs = [data.labels[i] for i in scored]
-    hyps = [out.texts[i] for i in scored]
+    hyps = _at(out.texts, scored)
     report: dict[str, Any] = {
         "model": folder.name,
         "path": str(folder),
@@ -285,7 +299,7 @@ def evaluate_generation(
     if against is not None:
         other_folder, other_manifest = load_seq2seq(against)
         other = generator(other_folder, data, device, batch_size, task_options)
-        other_hyps = [other.texts[i] for i in scored]
+        other_hyps = _at(other.texts, scored)
         same = sum(a == b for a, b in zip(hyps, other_hyps))
         report["against"] = {
             "model": other_folder.name,

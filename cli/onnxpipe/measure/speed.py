@@ -179,12 +179,12 @@ def run_bench(
 
 def _check_options(model: Any, options: BenchOptions) -> None:
     encoder = model.task in ENCODER_TASKS
-    wrong = (
+    flags = (
         ["--prompt-tokens" if options.prompt_tokens else None, "--new-tokens" if options.new_tokens else None]
         if encoder
         else ["--seq-lens" if options.seq_lens else None]
     )
-    wrong = [w for w in wrong if w]
+    wrong = [w for w in flags if w]
     if wrong:
         kind = "generators" if encoder else "encoder tasks (--prompt-tokens sets a generator's input length)"
         raise UsageError(f"{' and '.join(wrong)} apply to {kind}; {model.name} is a {model.task} export")

@@ -94,7 +94,9 @@ class CausalDecoder:
     def from_model(cls, model: ExportedModel) -> CausalDecoder:
         """The driver of MODEL's graph, on the device its session really got."""
         session = model.session()  # sets model.provider: what really runs
-        return cls(session, model.runs_on)
+        device = model.runs_on
+        assert device is not None  # known once a session exists
+        return cls(session, device)
 
     # --- the cache ----------------------------------------------------------------------
 
@@ -183,7 +185,7 @@ class CausalDecoder:
                 past,
                 want_logits=hi == width,
             )
-        state = {"past": past, "mask": mask, "next": positions[:, -1] + 1}
+        state: dict[str, Any] = {"past": past, "mask": mask, "next": positions[:, -1] + 1}
 
         def step(tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
             if parents is not None:
@@ -197,6 +199,7 @@ class CausalDecoder:
             logits, state["past"] = self._run(
                 np.ascontiguousarray(tokens, dtype=np.int64)[:, None], state["mask"], positions, state["past"]
             )
+            assert logits is not None  # _run returns logits when want_logits (its default)
             return logits
 
         return logits, step

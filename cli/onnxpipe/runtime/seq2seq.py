@@ -79,7 +79,9 @@ class Seq2SeqRunner:
     def from_model(cls, model: ExportedModel) -> Seq2SeqRunner:
         """The driver of MODEL's encoder and merged decoder, on the device their sessions really got."""
         encoder, decoder = model.session("encoder"), model.session("decoder")  # sets model.provider
-        return cls(encoder, decoder, model.runs_on)
+        device = model.runs_on
+        assert device is not None  # known once a session exists
+        return cls(encoder, decoder, device)
 
     # --- values on the device -------------------------------------------------------------
     def _placeholder(self, shape: tuple, dtype) -> Any:
@@ -164,7 +166,7 @@ class Seq2SeqRunner:
         crosses = [self._placeholder(empty, self.kv_dtype) for _ in self.cross_pasts]
         tokens = np.full(rows, decoder_start, dtype=np.int64)
         logits, self_past, cross_past = self._decode(tokens, hidden, mask, pasts, crosses, first=True)
-        state = {"self": self_past, "cross": cross_past, "mask": mask, "inputs": np.arange(rows)}
+        state: dict[str, Any] = {"self": self_past, "cross": cross_past, "mask": mask, "inputs": np.arange(rows)}
         placeholders: dict[int, Any] = {}
 
         def step(tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
@@ -203,5 +205,9 @@ class Seq2SeqRunner:
             ids[r, : len(source)] = source
             mask[r, : len(source)] = 1
         start = config.decoder_start_token_id
+        if start is None:  # int(None) would fail with a TypeError
+            raise ModelNotFoundError(
+                "no decoder_start_token_id to start decoding from", hint="re-export it with onnxpipe export"
+            )
         logits, step = self.start(ids, mask, int(start))
         return generate(step, logits, [[start]] * len(sources), config.update(max_new_tokens=max_new_tokens), keys=keys)

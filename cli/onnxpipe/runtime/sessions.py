@@ -59,7 +59,9 @@ def make_session(
     first = providers[0]
     wanted = first if isinstance(first, str) else first[0]
     model = str(source) if isinstance(source, Path) else source
-    loading = loading_providers() if wanted != CPU else contextlib.nullcontext([])
+    loading: contextlib.AbstractContextManager[list[str]] = (
+        loading_providers() if wanted != CPU else contextlib.nullcontext([])
+    )
     with loading as log:
         session = ort.InferenceSession(model, sess_options=options, providers=list(providers))
     if wanted != CPU and session.get_providers()[0] != wanted:

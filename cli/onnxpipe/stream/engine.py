@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from onnxpipe.errors import InputError, OnnxpipeError, UsageError
-from onnxpipe.stream.readers import IDLE, LineSource, RecordParser
+from onnxpipe.stream.readers import LineSource, RawChunk, RecordParser
 from onnxpipe.stream.records import Item, Record, Result
-from onnxpipe.stream.writers import Writer
 
 ON_ERROR = ("fail", "null")
 
@@ -32,6 +31,14 @@ class Task(Protocol):
     def to_text(self, result: Any) -> str: ...
     def to_fields(self, result: Any) -> dict[str, Any]: ...
     def to_columns(self, result: Any) -> list[str]: ...
+
+
+class ResultWriter(Protocol):
+    """What the engine writes results to: a stream.writers.Writer, or a collector with its methods."""
+
+    def write(self, result: Result) -> None: ...
+    def write_partial(self, text: str) -> None: ...
+    def flush(self) -> None: ...
 
 
 @dataclass
@@ -86,7 +93,7 @@ class Engine:
     def __init__(
         self,
         task: Task,
-        writer: Writer,
+        writer: ResultWriter,
         options: EngineOptions | None = None,
         report: Callable[[str], None] | None = None,
         progress: Any = None,
@@ -108,7 +115,7 @@ class Engine:
         opened = 0.0
         try:
             for chunk in source.chunks(opts.idle):
-                if chunk is IDLE:
+                if not isinstance(chunk, RawChunk):  # IDLE: a quiet spell
                     if window:
                         self._process(window)
                         window = []

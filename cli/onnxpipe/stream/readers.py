@@ -23,7 +23,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any, cast
 
 from onnxpipe.errors import InputError
 from onnxpipe.stream.records import Record
@@ -153,7 +153,8 @@ class LineSource:
 def _binary_stdin() -> IO[bytes]:
     if stdin_is_closed():
         raise InputError(STDIN_CLOSED)
-    return getattr(sys.stdin, "buffer", sys.stdin)
+    stdin: Any = sys.stdin  # a replaced sys.stdin (a test's BytesIO) may have no .buffer
+    return cast(IO[bytes], getattr(stdin, "buffer", stdin))
 
 
 STDIN_CLOSED = "cannot read <stdin>: it is closed (give FILE arguments, or redirect stdin)"
@@ -228,7 +229,7 @@ class RecordParser:
         if self.field is not None:
             self._parse_json(record)
         elif self.column is not None:
-            self._parse_tsv(record)
+            self._parse_tsv(record, self.column)
         if record.replaced:
             self.replaced += 1
         return record
@@ -265,14 +266,14 @@ class RecordParser:
             record.replaced = True
         record.text = value
 
-    def _parse_tsv(self, record: Record) -> None:
+    def _parse_tsv(self, record: Record, column: int) -> None:
         line, record.text = record.text, ""
         record.columns = line.split("\t") if line else []
         if not line:
             return
-        index = self.column - 1
+        index = column - 1
         if index >= len(record.columns):
-            record.error = f"has {len(record.columns)} column(s), --column {self.column} asked"
+            record.error = f"has {len(record.columns)} column(s), --column {column} asked"
             record.raw = line
             return
         record.text = record.columns[index]

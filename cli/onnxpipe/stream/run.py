@@ -72,7 +72,7 @@ def run_stream_command(
         progress = Progress(source.total_bytes if source is not None else None)
     engine = Engine(task, writer, options, report=console.warn, progress=progress)
     try:
-        summary = engine.run(source, parser) if source is not None else engine.run_records(records)
+        summary = engine.run(source, parser) if source is not None else engine.run_records(records or ())
         writer.close()
     except BrokenPipeError:
         raise

@@ -119,10 +119,10 @@ class CausalLM:
         results: list[list[Completion] | None] = [None] * len(prompts)
         # Without max_new_tokens, an explicit max_length counts the prompt: each row gets what is left of it
         # after its own prompt (GenerateTask refuses a prompt that leaves nothing, as transformers does).
-        by_length = config.max_new_tokens is None and config.max_length is not None
+        by_length = config.max_length if config.max_new_tokens is None else None
         max_new = config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-        if by_length:
-            max_new = max([max(1, config.max_length - len(p)) for p in prompts] or [1])
+        if by_length is not None:
+            max_new = max([max(1, by_length - len(p)) for p in prompts] or [1])
         run, run_prompts, limits, truncated = [], [], [], {}
         for i, ids in enumerate(prompts):
             ids = list(ids)
@@ -134,7 +134,7 @@ class CausalLM:
                 ids = ids[len(ids) - self.max_positions + 1 :]  # keep the end: it is what gets continued
             run.append(i)
             run_prompts.append(ids)
-            wanted = max(1, config.max_length - len(ids)) if by_length else max_new
+            wanted = max(1, by_length - len(ids)) if by_length is not None else max_new
             limits.append(min(wanted, self.max_positions - len(ids)) if self.max_positions else wanted)
         if run:
             texts = _TextStreams(self.tokenizer, [keys[i] for i in run], stop, on_text) if (stop or on_text) else None
@@ -153,14 +153,15 @@ class CausalLM:
             )
             for j, (i, nbest) in enumerate(zip(run, hyps)):
                 streamed = texts.text(keys[i]) if texts is not None and not beams else None
-                results[i] = [self._completion(h, len(run_prompts[j]), i in truncated, stop, streamed) for h in nbest]
+                done = [self._completion(h, len(run_prompts[j]), i in truncated, stop, streamed) for h in nbest]
+                results[i] = done
                 positions_left = self.max_positions - len(run_prompts[j]) if self.max_positions else None
                 if positions_left is not None and limits[j] == positions_left and limits[j] < max_new:
                     # the prompt leaves fewer positions than max_new_tokens
-                    for c in results[i]:
+                    for c in done:
                         c.position_limited = c.finish_reason != "stop" and len(c.token_ids) >= limits[j]
                 if texts is not None:
-                    texts.finish(keys[i], results[i][0].text)
+                    texts.finish(keys[i], done[0].text)
         return results  # type: ignore[return-value]
 
     def _completion(
@@ -361,9 +362,9 @@ class GenerateTask:
         items = []
         for record in records:
             text = self.lm.render_chat(record.text, self.system) if self.chat else record.text
-            cut = bool(limit) and len(text) > limit * CHARS_PER_TOKEN_CAP  # no tokenizer makes fewer tokens
-            if cut:
-                text = text[-limit * CHARS_PER_TOKEN_CAP :]
+            cut = False
+            if limit and len(text) > limit * CHARS_PER_TOKEN_CAP:  # no tokenizer makes fewer tokens
+                text, cut = text[-limit * CHARS_PER_TOKEN_CAP :], True
             ids = self.lm.encode(text, chat=self.chat)
             if limit and len(ids) >= limit:  # keep the end, which is what gets continued
                 ids, cut = ids[len(ids) - limit + 1 :], True
@@ -407,7 +408,7 @@ class GenerateTask:
                 "provider": self.provider,
             }
         best = result[0]
-        fields = {
+        fields: dict[str, Any] = {
             "generated_text": best.text,
             "finish_reason": best.finish_reason,
             "prompt_tokens": best.prompt_tokens,

@@ -8,7 +8,7 @@ token. Normalize divides by the L2 norm (clamped at 1e-12), as torch.nn.function
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -185,7 +185,7 @@ def _normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.clip(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12, None)
 
 
-_ACTIVATE = {
+_ACTIVATE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "tanh": np.tanh,
     "identity": lambda x: x,
     "relu": lambda x: np.maximum(x, np.float32(0)),
@@ -212,7 +212,10 @@ def _load_dense(folder: Path, record: dict[str, Any]) -> tuple[np.ndarray, np.nd
 
     if record.get("activation") not in _ACTIVATE:
         raise ModelNotFoundError(f"{folder}: unknown dense activation {record.get('activation')!r}")
-    return load(record.get("weight")), load(record.get("bias")), record["activation"]
+    weight = load(record.get("weight"))
+    if weight is None:  # without one, the first batch would fail on None.T
+        raise ModelNotFoundError(f"{folder}: dense layer has no weight file", hint="re-run onnxpipe export")
+    return weight, load(record.get("bias")), record["activation"]
 
 
 def _floats(vector: np.ndarray) -> list[str]:

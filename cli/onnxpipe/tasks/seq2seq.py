@@ -206,7 +206,8 @@ class Seq2SeqTask:
 
         tokenizer = model.tokenizer
         self.languages = Languages(tokenizer, model.tokenizer_config)
-        params, self.params_key = ({}, None)
+        params: dict[str, Any] = {}
+        self.params_key: str | None = None
         if not self.languages:
             params, self.params_key = task_defaults(config, summarize, source_lang, target_lang)
         self.prefix = prefix if prefix is not None else params.pop("prefix", "") or ""
@@ -239,19 +240,21 @@ class Seq2SeqTask:
         # Lengths: --max-new-tokens wins, then --max-length (the whole decoder sequence, start id included).
         max_length = overrides.pop("max_length", None)
         gen = gen.update(**overrides)
+        requested = gen.max_new_tokens
         if overrides.get("max_new_tokens") is None and max_length is not None:
-            gen = gen.update(max_new_tokens=max(1, max_length - 1))
-        elif gen.max_new_tokens is None:
-            gen = gen.update(max_new_tokens=gen.max_length - 1 if gen.max_length else DEFAULT_MAX_NEW_TOKENS)
+            requested = max(1, max_length - 1)
+        elif requested is None:
+            requested = gen.max_length - 1 if gen.max_length else DEFAULT_MAX_NEW_TOKENS
+        gen = gen.update(max_new_tokens=requested)
         relative = self.model_type in _RELATIVE_POSITIONS
         positions = model.max_length if relative else config.get("max_position_embeddings")
-        self.max_new_tokens = min(gen.max_new_tokens, positions - 1) if positions else gen.max_new_tokens
+        self.max_new_tokens = min(requested, positions - 1) if positions else requested
         # Records whose output stopped at that limit before max_new_tokens (the command says so once).
-        self.requested_limit = f"max_new_tokens {gen.max_new_tokens}"
+        self.requested_limit = f"max_new_tokens {requested}"
         self.position_limited = 0
         self.position_limit = (
             None
-            if self.max_new_tokens >= gen.max_new_tokens
+            if self.max_new_tokens >= requested
             else f"{self.model_type}'s limit of {positions - 1} decoder tokens"
             + (
                 " (relative positions: onnxpipe's bound, the model's input length)"

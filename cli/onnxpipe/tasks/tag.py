@@ -164,7 +164,8 @@ class TagTask(EncoderTask):
         return "I", name
 
     def _group_entities(self, entities: list[dict]) -> list[dict]:
-        groups, current = [], []
+        groups: list[dict] = []
+        current: list[dict] = []
         for entity in entities:
             if not current:
                 current.append(entity)

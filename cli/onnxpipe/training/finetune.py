@@ -129,8 +129,8 @@ def prepare_data(
     fraction = 0.1 if validation_split is None else validation_split
     train_idx, val_idx = split_indices(data.labels, fraction, seed)
     train = _subset(data, train_idx)
-    val = _subset(data, val_idx) if val_idx else None
-    return train, val, raw_labels, names
+    held_out = _subset(data, val_idx) if val_idx else None
+    return train, held_out, raw_labels, names
 
 
 class _Encoded:
