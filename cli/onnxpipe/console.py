@@ -43,11 +43,6 @@ def _print(message: str, style: str | None = None) -> None:
 
 
 def _discard_stderr() -> None:
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, sys.stderr.fileno())
-        finally:
-            os.close(devnull)
-    except (OSError, ValueError, AttributeError):
-        pass
+    from onnxpipe.signals import redirect_to_devnull
+
+    redirect_to_devnull(sys.stderr)

@@ -48,6 +48,18 @@ class MissingExtraError(OnnxpipeError):
         super().__init__(f"{what} needs the [{extra}] extra{detail}: install onnxpipe[{extra}]")
 
 
+def require_extra(extra: str, what: str, *modules: str) -> None:
+    """Fail in one line ("WHAT needs the [EXTRA] extra: install onnxpipe[EXTRA]") when a module of an
+    optional extra is missing: before any work starts, not with an ImportError half-way through."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise MissingExtraError(extra, what, missing=module.split(".")[0]) from None
+
+
 class ModelNotFoundError(OnnxpipeError):
     """`-m NAME` is neither an export folder nor an export in the export home."""
 

@@ -127,16 +127,21 @@ def is_closed(stream) -> bool:
     return stream is None or isinstance(getattr(stream, "_onnxpipe_raw", None), _ClosedRaw)
 
 
-def discard_stdout() -> None:
-    """After a write error on stdout was reported: make every later write and the final flush succeed."""
+def redirect_to_devnull(stream: object) -> None:
+    """Point STREAM's descriptor at /dev/null, so later writes and the interpreter's final flush succeed."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
-            os.dup2(devnull, sys.stdout.fileno())
+            os.dup2(devnull, getattr(stream, "fileno")())  # noqa: B009 (any stream; None when it was closed)
         finally:
             os.close(devnull)
     except (OSError, ValueError, AttributeError):
         pass
+
+
+def discard_stdout() -> None:
+    """After a write error on stdout was reported: make every later write and the final flush succeed."""
+    redirect_to_devnull(sys.stdout)
     raw = getattr(sys.stdout, "_onnxpipe_raw", None)
     if isinstance(raw, _ClosedRaw):
         raw.discarding = True

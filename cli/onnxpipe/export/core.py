@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from onnxpipe.errors import ExportError, MissingExtraError, OnnxpipeError, SourceError, UsageError
+from onnxpipe.errors import ExportError, OnnxpipeError, SourceError, UsageError, require_extra
 from onnxpipe.export.tasks import FAMILY, check_exportable, check_task, infer_task, optimum_task
 from onnxpipe.manifest import checksums, looks_like_export, write_manifest
 
@@ -60,13 +60,7 @@ def _no_progress(stage: str, message: str) -> None:
 
 def require_export_stack() -> None:
     """Fail with "install onnxpipe[export]" before anything else when the export extra is missing."""
-    import importlib
-
-    for module in ("torch", "transformers", "optimum.exporters.onnx", "onnx"):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            raise MissingExtraError("export", "onnxpipe export", missing=module.split(".")[0]) from None
+    require_extra("export", "onnxpipe export", "torch", "transformers", "optimum.exporters.onnx", "onnx")
 
 
 def export_model(

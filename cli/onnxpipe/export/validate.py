@@ -416,20 +416,7 @@ def _decoder(model, sess, tokenizer, texts, special_tokens) -> dict[str, Any]:
         agreement.append(_prefix_agreement(ref_ids, got_ids))
         ref_first.append(np.concatenate(ref_logits))
         got_first.append(np.concatenate(got_logits))
-    n = len(agreement)
-    figures = {
-        "outputs": outputs,
-        "texts": n,
-        "greedy": {
-            "steps": GREEDY_STEPS,
-            "sequences": n,
-            "identical": identical,
-            "agreement": round(float(np.mean(agreement)), 4),
-        },
-    }
-    _add_mismatches(figures, mismatches)
-    _quality(figures, ref_first, got_first)
-    return figures
+    return _generation_figures(outputs, agreement, identical, mismatches, ref_first, got_first)
 
 
 _KEEP_FEEDS = 4  # the feeds of the first few differing steps are kept for export.drift
@@ -597,6 +584,18 @@ def _seq2seq(model, enc_sess, dec_sess, tokenizer, texts, special_tokens) -> dic
         agreement.append(_prefix_agreement(ref_ids, got_ids))
         ref_all.append(np.concatenate(ref_logits))
         got_all.append(np.concatenate(got_logits))
+    return _generation_figures(outputs, agreement, identical, mismatches, ref_all, got_all)
+
+
+def _generation_figures(
+    outputs: dict[str, Any],
+    agreement: list[float],
+    identical: int,
+    mismatches: list[Any],
+    ref: list[np.ndarray],
+    got: list[np.ndarray],
+) -> dict[str, Any]:
+    """The report of a generator's validation (decoder or seq2seq): outputs, greedy agreement, quality."""
     n = len(agreement)
     figures = {
         "outputs": outputs,
@@ -609,7 +608,7 @@ def _seq2seq(model, enc_sess, dec_sess, tokenizer, texts, special_tokens) -> dic
         },
     }
     _add_mismatches(figures, mismatches)
-    _quality(figures, ref_all, got_all)
+    _quality(figures, ref, got)
     return figures
 
 

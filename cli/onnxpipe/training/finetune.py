@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.errors import InputError, MissingExtraError, SourceError, UsageError
+from onnxpipe.errors import InputError, SourceError, UsageError, require_extra
 from onnxpipe.measure.metrics import classification_metrics
 from onnxpipe.stream.labelled import Labelled, apply_label_map, parse_label_map, read_labelled, sorted_labels
 
@@ -76,12 +76,8 @@ def _subset(data: Labelled, idx: list[int]) -> Labelled:
 
 
 def _require_stack() -> None:
-    try:
-        import accelerate  # noqa: F401  (Trainer needs it; say so now rather than mid-way)
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as exc:
-        raise MissingExtraError("export", "onnxpipe finetune", missing=exc.name) from None
+    # torch, transformers and accelerate (Trainer needs it) come with the [export] extra: say so now.
+    require_extra("export", "onnxpipe finetune", "accelerate", "torch", "transformers")
 
 
 def prepare_data(
