@@ -53,7 +53,7 @@ def unk_remapped(ids: list[int], unk_remap: dict[str, int] | None) -> list[int]:
     """IDS with every id at or past unk_remap["from_id"] made unk_remap["unk_id"]: the manifest's record for
     SentencePiece pieces that the model's vocabulary lacks (Marian, M2M100; export.tokenizer.marian_side)."""
     if not unk_remap:
-        return list(ids)
+        return ids  # nearly every export: no copy per record on the encode path
     first, unk = unk_remap["from_id"], unk_remap["unk_id"]
     return [unk if i >= first else i for i in ids]
 
