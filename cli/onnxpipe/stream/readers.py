@@ -198,11 +198,23 @@ def _total_size(paths: Sequence[str]) -> int | None:
 
 
 class RecordParser:
-    """Raw lines -> Records: text lines, JSONL (`field`) or TSV (`column`, 1-based)."""
+    """Raw lines -> Records: text lines, JSONL (`field`) or TSV (`column`, 1-based).
 
-    def __init__(self, field: str | None = None, column: int | None = None):
+    With `pair_field` (JSONL) or `pair_column` (TSV), each record is a text pair: the second text
+    goes to `Record.pair` (a missing or non-string one makes an error record, as for `field`).
+    """
+
+    def __init__(
+        self,
+        field: str | None = None,
+        column: int | None = None,
+        pair_field: str | None = None,
+        pair_column: int | None = None,
+    ):
         self.field = field
         self.column = column
+        self.pair_field = pair_field
+        self.pair_column = pair_column
         self.seq = 0
         self.replaced = 0  # records with invalid UTF-8 (or lone surrogates in JSON) replaced
 
@@ -250,21 +262,36 @@ class RecordParser:
             record.raw = text
             return
         record.fields = obj
-        if self.field not in obj:
-            record.error = f"no field {self.field!r} (fields: {', '.join(map(str, obj)) or 'none'})"
-            return
-        value = obj[self.field]
+        value = self._json_text(record, obj, self.field)
         if value is None:
             return
+        if self.pair_field is not None:
+            pair = self._json_text(record, obj, self.pair_field)
+            if pair is None:
+                if record.error is None:
+                    record.error = f"field {self.pair_field!r} is null"
+                return
+            record.pair = pair
+        record.text = value
+
+    @staticmethod
+    def _json_text(record: Record, obj: dict, name: str | None) -> str | None:
+        """The string in field NAME; None (with record.error set when it is missing or not a string) else."""
+        if name not in obj:
+            record.error = f"no field {name!r} (fields: {', '.join(map(str, obj)) or 'none'})"
+            return None
+        value = obj[name]
+        if value is None:
+            return None
         if not isinstance(value, str):
-            record.error = f"field {self.field!r} is a {type(value).__name__}, not a string"
-            return
+            record.error = f"field {name!r} is a {type(value).__name__}, not a string"
+            return None
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates from \\ud800-style escapes
             value = value.encode("utf-8", "replace").decode("utf-8")
             record.replaced = True
-        record.text = value
+        return value
 
     def _parse_tsv(self, record: Record, column: int) -> None:
         line, record.text = record.text, ""
@@ -276,6 +303,12 @@ class RecordParser:
             record.error = f"has {len(record.columns)} column(s), --column {column} asked"
             record.raw = line
             return
+        if self.pair_column is not None:
+            if self.pair_column > len(record.columns):
+                record.error = f"has {len(record.columns)} column(s), --pair-column {self.pair_column} asked"
+                record.raw = line
+                return
+            record.pair = record.columns[self.pair_column - 1]
         record.text = record.columns[index]
 
 

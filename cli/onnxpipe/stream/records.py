@@ -29,6 +29,7 @@ class Record:
     replaced: bool = False  # invalid UTF-8 was replaced with U+FFFD
     raw: str | None = None  # the input line, kept when it could not be parsed (error records carry it)
     raw_numbers: bool = False  # `fields` holds numbers kept as written (readers.RawNumber)
+    pair: str | None = None  # the second text of a text pair (--pair-field / --pair-column), else None
 
     @property
     def where(self) -> str:
