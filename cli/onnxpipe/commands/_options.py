@@ -30,6 +30,8 @@ class StreamOptions:
     output_format: str | None = None  # None: jsonl with --field, tsv with --column, else text
     field: str | None = None
     column: int | None = None
+    pair_field: str | None = None  # text pairs: the second text's JSONL field (needs field)
+    pair_column: int | None = None  # ... or TSV column (needs column); commands set these, see pair_options
     batch_size: int = DEFAULT_BATCH_SIZE
     max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS
     on_error: str = "fail"
@@ -235,6 +237,33 @@ def stream_options(formats: tuple[str, ...] = ("text", "jsonl", "tsv"), family: 
         return wrapper
 
     return decorator
+
+
+def pair_options(f: Callable) -> Callable:
+    """--pair-field and --pair-column: each record is a text pair (the second text in Record.pair).
+
+    Apply it below `stream_options` (nearer the function): it moves its values into `stream`.
+    """
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        stream = kwargs["stream"]
+        stream.pair_field = kwargs.pop("pair_field")
+        stream.pair_column = kwargs.pop("pair_column")
+        return f(*args, **kwargs)
+
+    wrapper = click.option(
+        "--pair-column",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="With --column: each row is a text pair, its second text in column N.",
+    )(wrapper)
+    wrapper = click.option(
+        "--pair-field",
+        metavar="NAME",
+        help="With --field: each record is a text pair, its second text in field NAME.",
+    )(wrapper)
+    return wrapper
 
 
 def run_family(family: str, model: str, stream: StreamOptions, options: dict[str, Any], **kw: Any) -> tuple[Any, Any]:

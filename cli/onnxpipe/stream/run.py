@@ -39,6 +39,11 @@ def run_stream_command(
 
     if stream.field is not None and stream.column is not None:
         raise UsageError("--field (JSONL input) and --column (TSV input) cannot be used together")
+    pair_field, pair_column = getattr(stream, "pair_field", None), getattr(stream, "pair_column", None)
+    if pair_field is not None and stream.field is None:
+        raise UsageError("--pair-field needs --field (JSONL input): the first text's field")
+    if pair_column is not None and stream.column is None:
+        raise UsageError("--pair-column needs --column (TSV input): the first text's column")
     # Closed standard streams are refused before the model loads (onnxpipe.signals fills them).
     if records is None and STDIN in stream.inputs and stdin_is_closed():
         raise InputError(STDIN_CLOSED)
@@ -61,7 +66,7 @@ def run_stream_command(
     out, owned = _open_output(stream.output, stream.format)
     writer = make_writer(stream.format, out, task)
     source = LineSource(stream.inputs) if records is None else None
-    parser = RecordParser(field=stream.field, column=stream.column)
+    parser = RecordParser(field=stream.field, column=stream.column, pair_field=pair_field, pair_column=pair_column)
     if records is None and "-" in stream.inputs and _isatty(sys.stdin):
         console.info("reading lines from the terminal (end with Ctrl-D)")
     progress = None
