@@ -117,6 +117,8 @@ $(BENCH_STAMP): pyproject.toml | $(STAMP)
 	$(PIP) install -q -e '.[bench]'
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PIP) install -q --no-deps 'llama-cpp-python==0.3.36' diskcache \
 	    || echo "llama-cpp-python did not build: benchmarks/generate.py will skip llama.cpp"
+	# llama.cpp's OpenAI server (llama_cpp.server), the peer of benchmarks/serve.py: its [server] extra's packages.
+	$(PIP) install -q fastapi pydantic-settings sse-starlette starlette-context PyYAML
 	touch $@
 
 bench: models $(BENCH_STAMP)
