@@ -1,0 +1,255 @@
+"""The local engine: the parent reads the shards and writes their outputs; worker processes run the model.
+
+Rows go to the workers in chunks (a few batches of one shard each) and come back rendered, in the order
+they were sent, so one big file is spread over every worker and each shard is written in input order.
+Each worker opens the export once (`onnxpipe.load`) with its own session and --threads. With one worker
+the model runs in this process. Ctrl-C or SIGTERM stops the workers and removes this run's temporary
+files; the shards already renamed into place stay, and a rerun skips them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from onnxpipe.batch.job import JobRun
+from onnxpipe.batch.plan import Shard
+from onnxpipe.batch.shards import InputSpec, ShardWriter, output_record, read_rows, render_jsonl
+from onnxpipe.errors import ExitStatus, OnnxpipeError
+from onnxpipe.stream.records import Record
+
+CHUNK_BATCHES = 4  # batches of rows per chunk sent to a worker
+_WAIT = 0.25  # seconds: the longest the parent blocks on a worker before it looks at signals
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    """What each worker needs to open the export and run the task. `model` is the export folder."""
+
+    model: str
+    family: str
+    options: dict[str, Any]
+    device: str = "auto"
+    threads: int | None = None
+    batch_size: int | None = None
+    max_batch_tokens: int | None = None
+    on_error: str = "fail"
+    output_format: str = "jsonl"
+    workers: int = 1
+
+
+@dataclass
+class BatchSummary:
+    records: int = 0
+    seconds: float = 0.0
+    errors: int = 0
+    truncated: int = 0
+    replaced: int = 0
+    shards_done: int = 0
+    shards_skipped: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.records / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class ChunkResult:
+    """A chunk's outputs (JSONL lines or dicts), in input order, and what the engine counted."""
+
+    outputs: list[Any]
+    errors: int = 0
+    truncated: int = 0
+    replaced: int = 0
+    failure: str | None = None  # an error that stops the run: its one line
+    failure_status: int = int(ExitStatus.ERROR)
+
+
+# --- the worker side --------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(options: LocalOptions, quiet_signals: bool = True) -> None:
+    """Open the export once for this process. Workers leave Ctrl-C and SIGTERM to the parent."""
+    import warnings
+
+    import onnxpipe
+
+    if quiet_signals:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        from onnxpipe.console import VERBOSITY
+
+        VERBOSITY["level"] = -1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the parent already said when threads were capped
+        pipeline = onnxpipe.load(
+            options.model,
+            device=options.device,
+            threads=options.threads,
+            task=options.family,
+            batch_size=options.batch_size,
+            max_batch_tokens=options.max_batch_tokens,
+            on_error=options.on_error,
+        )
+    _WORKER.update(pipeline=pipeline, task=pipeline.task_for(options.options), options=options)
+
+
+def _run_chunk(shard: Shard, records: list[Record]) -> ChunkResult:
+    """Run RECORDS (one shard's, in order) through the worker's task; render each as its output record."""
+    from onnxpipe.api import _Collector
+    from onnxpipe.stream.engine import Engine, EngineOptions
+
+    options: LocalOptions = _WORKER["options"]
+    pipeline = _WORKER["pipeline"]
+    try:
+        collector = _Collector()
+        engine_options = EngineOptions(
+            batch_size=pipeline.batch_size,
+            max_batch_tokens=pipeline.max_batch_tokens,
+            on_error=options.on_error,
+            window=max(len(records), 1),
+        )
+        summary = Engine(_WORKER["task"], collector, engine_options).run_records(records)
+        outputs: list[Any] = []
+        for result in collector.take():
+            obj = output_record(result.to_dict(), shard, result.record)
+            if options.output_format == "jsonl":
+                outputs.append(render_jsonl(obj, result.record.raw_numbers))
+            else:
+                outputs.append(obj)
+        return ChunkResult(outputs, summary.errors, summary.truncated, summary.replaced)
+    except OnnxpipeError as exc:
+        return ChunkResult([], failure=str(exc), failure_status=int(exc.exit_status))
+    except Exception as exc:  # a bug: the parent says so in one line
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        return ChunkResult([], failure=f"unexpected {type(exc).__name__} in a worker: {detail}")
+
+
+# --- the parent side --------------------------------------------------------------------------
+
+
+def _chunks(shards: list[Shard], spec: InputSpec, size: int) -> Iterator[tuple[Shard, list[Record], bool]]:
+    """(shard, rows, last) in plan order; every shard ends with a chunk whose `last` is True (maybe empty)."""
+    for shard in shards:
+        chunk: list[Record] = []
+        for record in read_rows(shard, spec):
+            chunk.append(record)
+            if len(chunk) >= size:
+                yield shard, chunk, False
+                chunk = []
+        yield shard, chunk, True
+
+
+class _Pending:
+    """A chunk handed to a worker (or run here, with one worker)."""
+
+    def __init__(self, shard: Shard, records: list[Record], last: bool, result: Any):
+        self.shard = shard
+        self.count = len(records)
+        self.nbytes = sum(r.nbytes for r in records)
+        self.last = last
+        self._result = result
+
+    def get(self) -> ChunkResult:
+        if isinstance(self._result, ChunkResult):
+            return self._result
+        while True:
+            self._result.wait(_WAIT)  # never an unbounded wait: Ctrl-C and SIGTERM are seen in time
+            if self._result.ready():
+                result: ChunkResult = self._result.get()
+                return result
+
+
+def run_local(
+    run: JobRun,
+    spec: InputSpec,
+    options: LocalOptions,
+    progress: Callable[[Shard, int, int, bool], None] | None = None,
+) -> BatchSummary:
+    """Run the shards of RUN that are not done yet; write each to a temporary, rename it when complete.
+
+    PROGRESS(shard, records, nbytes, done) is called as each chunk is written, and with done=True
+    when its shard is renamed into place.
+    """
+    summary = BatchSummary(shards_skipped=len(run.plan.shards) - len(run.todo()))
+    start = time.perf_counter()
+    todo = run.todo()
+    batch = options.batch_size or 32
+    size = batch * CHUNK_BATCHES
+    pool = None
+    if options.workers > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(
+            options.workers, initializer=_init_worker, initargs=(options, True)
+        )
+    else:
+        _init_worker(options, quiet_signals=False)
+        summary.notes = list(_WORKER["pipeline"].notes)
+    writers: dict[str, ShardWriter] = {}
+    pending: deque[_Pending] = deque()
+    ahead = 2 * options.workers  # chunks in flight: enough to keep every worker busy, memory bounded
+    try:
+        for shard, records, last in _chunks(todo, spec, size):
+            if shard.key not in writers:
+                writers[shard.key] = ShardWriter(shard, run.plan.output_dir, options.output_format)
+            if pool is None:
+                pending.append(_Pending(shard, records, last, _run_chunk(shard, records)))
+            else:
+                pending.append(_Pending(shard, records, last, pool.apply_async(_run_chunk, (shard, records))))
+            while len(pending) >= (1 if pool is None else ahead):
+                _take(pending.popleft(), writers, summary, progress)
+        while pending:
+            _take(pending.popleft(), writers, summary, progress)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        _WORKER.clear()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _take(
+    item: _Pending,
+    writers: dict[str, ShardWriter],
+    summary: BatchSummary,
+    progress: Callable[[Shard, int, int, bool], None] | None,
+) -> None:
+    result = item.get()
+    if result.failure is not None:
+        error = OnnxpipeError(result.failure)
+        error.exit_status = ExitStatus(result.failure_status)
+        raise error
+    writer = writers[item.shard.key]
+    if writer.fmt == "jsonl":
+        for line in result.outputs:
+            writer.write_line(line)
+    else:
+        for obj in result.outputs:
+            writer.write_row(obj)
+    summary.records += item.count
+    summary.errors += result.errors
+    summary.truncated += result.truncated
+    summary.replaced += result.replaced
+    if progress is not None:
+        progress(item.shard, item.count, item.nbytes, False)
+    if item.last:
+        writer.commit()
+        del writers[item.shard.key]
+        summary.shards_done += 1
+        if progress is not None:
+            progress(item.shard, 0, 0, True)
