@@ -143,3 +143,233 @@ def test_shard_writer_is_atomic_and_temporaries_are_removed(tmp_path):
     aborted = ShardWriter(shard, plan.output_dir, "jsonl")
     aborted.abort()
     assert not aborted.temp.exists() and json.loads(shard.output.read_text()) == {"a": 1}
+
+
+# --- the command: every task family gives the streaming command's records ---------------------
+
+LINES = [
+    "A good movie with a great cast.",
+    "",
+    "Paris is the capital of France.",
+    "Short.",
+    "The quick brown fox jumps over the lazy dog, again and again and again.",
+]
+MASKED = ["The capital of France is [MASK].", "", "A [MASK] movie.", "[MASK] [MASK] fox."]
+
+# family -> (arch, export task, task arguments, inputs); the tiny models of tests/test_api.py
+FAMILIES = {
+    "classify": ("bert", "text-classification", ["--top-k", "2"], LINES),
+    "embed": ("distilbert", "feature-extraction", ["--pooling", "cls"], LINES),
+    "tag": ("roberta", "token-classification", ["--aggregation", "first"], LINES),
+    "fill-mask": ("bert", "fill-mask", ["-k", "3"], MASKED),
+    "generate": ("gpt2", None, ["--max-new-tokens", "6", "--num-beams", "2"], LINES),
+    "translate": ("marian", None, ["--max-new-tokens", "6"], LINES),
+    "summarize": ("bart", None, ["--max-new-tokens", "6", "--num-beams", "2"], LINES),
+}
+
+
+def _invoke(args: list[str], **kw):
+    from click.testing import CliRunner
+
+    from onnxpipe.main import cli
+
+    return CliRunner().invoke(cli, args, **kw)
+
+
+def _stream_records(family: str, folder: Path, args: list[str], path: Path, extra: tuple[str, ...] = ()) -> list:
+    result = _invoke([family, "-m", str(folder), "--device", "cpu", "--format", "jsonl", *extra, *args, str(path)])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def _batch(family: str, folder: Path, args: list[str], inputs: list, out: Path, *more: str):
+    return _invoke(
+        [
+            "batch",
+            family,
+            "-m",
+            str(folder),
+            "--device",
+            "cpu",
+            *args,
+            *map(str, inputs),
+            "--output-dir",
+            str(out),
+            *more,
+        ]
+    )
+
+
+def _shard(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_writes_the_streaming_records_plus_source_and_line(family, exported, tmp_path, monkeypatch):
+    arch, export_task, args, lines = FAMILIES[family]
+    folder = exported(arch, export_task)
+    monkeypatch.chdir(tmp_path)
+    Path("in").mkdir()
+    Path("in/lines.txt").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    result = _batch(family, folder, args, ["in"], tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    assert "5 records" in result.stderr or f"{len(lines)} records" in result.stderr
+    assert "1 shard(s) done, 0 skipped" in result.stderr
+    got = _shard(tmp_path / "out/lines.txt.jsonl")
+    assert [(r.pop("_source"), r.pop("_line")) for r in got] == [("in/lines.txt", i + 1) for i in range(len(lines))]
+    assert got == _stream_records(family, folder, args, Path("in/lines.txt"))
+    assert (tmp_path / "out/_SUCCESS").is_file()
+    manifest = json.loads((tmp_path / "out/onnxpipe-batch.json").read_text())
+    assert manifest["status"] == "done" and manifest["task"] == family and manifest["shards"] == 1
+
+
+# --- formats, pass-through, resume --------------------------------------------------------------
+
+
+@pytest.fixture
+def classifier(exported) -> Path:
+    return exported("bert", "text-classification")
+
+
+def test_jsonl_csv_tsv_parquet_inputs_pass_everything_through(classifier, tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    monkeypatch.chdir(tmp_path)
+    texts = ["good film", "bad, sad film", "", "ok"]
+    Path("a").mkdir()
+    Path("b").mkdir()
+    Path("a/rows.jsonl").write_text(
+        "".join(json.dumps({"id": i, "body": t, "meta": {"n": [i]}}) + "\n" for i, t in enumerate(texts))
+    )
+    Path("b/rows.csv").write_text("id,body\n" + "".join(f'{i},"{t}"\n' for i, t in enumerate(texts)))
+    Path("b/rows.tsv").write_text("id\tbody\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(texts)))
+    pq.write_table(pa.table({"id": list(range(4)), "body": texts}), "b/rows.parquet")
+    Path("texts.txt").write_text("".join(t + "\n" for t in texts))
+    result = _batch("classify", classifier, ["--field", "body", "--column", "body"], ["a", "b"], tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    plain = _stream_records("classify", classifier, [], Path("texts.txt"))
+    task_fields = [{k: v for k, v in r.items() if k != "text"} for r in plain]
+    jsonl = _shard(tmp_path / "out/a/rows.jsonl.jsonl")
+    assert jsonl == [
+        {"id": i, "body": t, "meta": {"n": [i]}, **f, "_source": "a/rows.jsonl", "_line": i + 1}
+        for i, (t, f) in enumerate(zip(texts, task_fields))
+    ]
+    assert jsonl[:4] == [
+        {**r, "_source": "a/rows.jsonl", "_line": i + 1}
+        for i, r in enumerate(_stream_records("classify", classifier, [], Path("a/rows.jsonl"), ("--field", "body")))
+    ]
+    for name, ident in (("csv", str), ("tsv", str), ("parquet", int)):
+        rows = _shard(tmp_path / f"out/b/rows.{name}.jsonl")
+        assert rows == [
+            {"id": ident(i), "body": t, **f, "_source": f"b/rows.{name}", "_row": i + 1}
+            for i, (t, f) in enumerate(zip(texts, task_fields))
+        ], name
+
+
+def test_parquet_output_holds_the_jsonl_records(classifier, tmp_path):
+    pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    (tmp_path / "in.txt").write_text("good\n\nbad film\n")
+    args = ["-k", "2"]
+    assert _batch("classify", classifier, args, [tmp_path / "in.txt"], tmp_path / "j").exit_code == 0
+    result = _batch("classify", classifier, args, [tmp_path / "in.txt"], tmp_path / "p", "--output-format", "parquet")
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(tmp_path / "p/in.txt.parquet").to_pylist() == _shard(tmp_path / "j/in.txt.jsonl")
+
+
+def _state(out: Path) -> dict[str, tuple[int, int]]:
+    return {
+        p.relative_to(out).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(out.rglob("*.jsonl"))
+    }
+
+
+def test_a_rerun_skips_done_shards_and_redoes_the_rest(classifier, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for folder in ("x", "y"):  # the same basenames in two folders
+        for name in ("a", "b"):
+            _touch(tmp_path / f"in/{folder}/{name}.txt", f"{folder} {name} good\nbad\n")
+    out = tmp_path / "out"
+    first = _batch("classify", classifier, [], ["in"], out)
+    assert first.exit_code == 0, first.output
+    assert sorted(_state(out)) == ["x/a.txt.jsonl", "x/b.txt.jsonl", "y/a.txt.jsonl", "y/b.txt.jsonl"]
+    assert _shard(out / "y/a.txt.jsonl")[0]["_source"] == "in/y/a.txt"
+    before = _state(out)
+    reference = (out / "y/b.txt.jsonl").read_bytes()
+    # an interrupted run: one shard missing, a temporary left behind, no _SUCCESS
+    (out / "y/b.txt.jsonl").unlink()
+    (out / "_SUCCESS").unlink()
+    (out / ".tmp-0123456789abcdef-99999").write_text('{"half": ')
+    again = _batch("classify", classifier, [], ["in"], out)
+    assert again.exit_code == 0, again.output
+    assert "skipped 3 shard(s) already done" in again.stderr
+    assert "2 records in" in again.stderr and "1 shard(s) done, 3 skipped" in again.stderr
+    after = _state(out)
+    assert {k: after[k] for k in before if k != "y/b.txt.jsonl"} == {
+        k: v for k, v in before.items() if k != "y/b.txt.jsonl"
+    }
+    assert (out / "y/b.txt.jsonl").read_bytes() == reference
+    assert not list(out.glob(".tmp-*")) and (out / "_SUCCESS").is_file()
+
+
+def test_other_options_or_model_refuse_and_force_redoes(classifier, exported, tmp_path):
+    _touch(tmp_path / "in.txt", "good\nbad\n")
+    out = tmp_path / "out"
+    assert _batch("classify", classifier, [], [tmp_path / "in.txt"], out).exit_code == 0
+    before = _state(out)
+    refused = _batch("classify", classifier, ["--top-k", "2"], [tmp_path / "in.txt"], out)
+    assert refused.exit_code == 2
+    assert refused.stderr.count("\n") == 1 and "options.top_k was null, now 2" in refused.stderr
+    assert "--force" in refused.stderr and refused.stdout == ""
+    other = exported("bert", "fill-mask")
+    wrong = _batch("fill-mask", other, [], [tmp_path / "in.txt"], out)
+    assert wrong.exit_code == 2 and 'task was "classify", now "fill-mask"' in wrong.stderr
+    assert _state(out) == before
+    forced = _batch("classify", classifier, ["--top-k", "2"], [tmp_path / "in.txt"], out, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert _state(out)["in.txt.jsonl"] != before["in.txt.jsonl"]
+    assert [len(r["labels"]) for r in _shard(out / "in.txt.jsonl")] == [2, 2]
+    assert json.loads((out / "onnxpipe-batch.json").read_text())["options"]["top_k"] == 2
+
+
+def test_a_folder_with_other_files_refuses_and_usage_errors_are_one_line(classifier, tmp_path):
+    _touch(tmp_path / "in.jsonl", '{"t": "good"}\n')
+    _touch(tmp_path / "out/notes.txt")
+    cases = [
+        ([tmp_path / "in.jsonl"], "give --field NAME"),
+        ([tmp_path / "in.jsonl", "--field", "t"], "holds files but no onnxpipe-batch.json"),
+    ]
+    for inputs, message in cases:
+        result = _batch("classify", classifier, [], inputs, tmp_path / "out")
+        assert result.exit_code == 2 and message in result.stderr, result.output
+        assert result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+def test_on_error_null_writes_error_records_and_exits_3(classifier, tmp_path):
+    _touch(tmp_path / "in.jsonl", '{"t": "good"}\nnot json\n{"x": 1}\n')
+    failed = _batch("classify", classifier, ["--field", "t"], [tmp_path / "in.jsonl"], tmp_path / "a")
+    assert failed.exit_code == 1 and "in.jsonl:2: malformed JSON" in failed.stderr
+    assert not (tmp_path / "a/in.jsonl.jsonl").exists() and not list((tmp_path / "a").glob(".tmp-*"))
+    result = _batch(
+        "classify", classifier, ["--field", "t", "--on-error", "null"], [tmp_path / "in.jsonl"], tmp_path / "b"
+    )
+    assert result.exit_code == 3, result.output
+    rows = _shard(tmp_path / "b/in.jsonl.jsonl")
+    assert [r["_line"] for r in rows] == [1, 2, 3]
+    assert rows[1]["input"] == "not json" and rows[1]["error"].startswith("malformed JSON")
+    assert rows[2]["error"].startswith("no field 't'")
+    assert "2 failed" in result.stderr
+
+
+def test_engine_ray_without_its_engine_or_ray_fails_in_one_line(classifier, tmp_path, monkeypatch):
+    import sys
+
+    _touch(tmp_path / "in.txt", "good\n")
+    monkeypatch.setitem(sys.modules, "onnxpipe.batch.ray_engine", None)
+    result = _batch("classify", classifier, [], [tmp_path / "in.txt"], tmp_path / "out", "--engine", "ray")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    monkeypatch.setitem(sys.modules, "ray", None)
+    result = _batch("classify", classifier, [], [tmp_path / "in.txt"], tmp_path / "out", "--engine", "ray")
+    assert result.exit_code == 1 and "install onnxpipe[ray]" in result.stderr, result.output
