@@ -374,6 +374,17 @@ def test_stop_string_cuts_before_it(exported):
     assert beam_cut["finish_reason"] == "stop"
 
 
+def test_stop_strings_survive_bytes_that_form_no_utf8(exported):
+    """The tiny Llama's byte-fallback pieces often form no valid UTF-8; tokenizers' DecodeStream refused such
+    a window ('Invalid prefix encountered'), which ended every streamed or --stop record with an error."""
+    prompts = ["The quick brown fox", "A good movie with a great cast and a moving story about"]
+    args = ("-m", exported("llama"), "--greedy", "--max-new-tokens", 30, "--format", "jsonl")
+    plain = jsonl(invoke(*args, input="".join(p + "\n" for p in prompts)))
+    assert any("\ufffd" in r["generated_text"] for r in plain)  # the case in question
+    stopped = jsonl(invoke(*args, "--stop", "never there", input="".join(p + "\n" for p in prompts)))
+    assert [r["generated_text"] for r in stopped] == [r["generated_text"] for r in plain]
+
+
 def test_streaming_to_a_terminal_prints_the_same_line(exported, monkeypatch):
     import onnxpipe.commands.generate as command
     from onnxpipe.stream.writers import TextWriter

@@ -192,14 +192,36 @@ class _TextStreams:
         self.stop_strings = [s for s in stop if s]
         self.longest = max((len(s) for s in self.stop_strings), default=0)
         self.on_text = on_text
-        self.streams = {k: DecodeStream(skip_special_tokens=True) for k in keys}
+        self.streams: dict[int, Any] = {k: DecodeStream(skip_special_tokens=True) for k in keys}
+        self.ids: dict[int, list[int]] = {k: [] for k in keys}
         self.texts = {k: "" for k in keys}
         self.stopped: dict[int, bool] = {}
         self.emitted = {k: 0 for k in keys}
 
+    def _step(self, key: int, token: int) -> str | None:
+        """The text TOKEN completes (None: not a whole character yet)."""
+        self.ids[key].append(token)
+        stream = self.streams[key]
+        if stream is not None:
+            try:
+                chunk: str | None = stream.step(self.tokenizer, token)
+                if not chunk or "\ufffd" not in chunk:
+                    return chunk
+            except Exception:  # noqa: BLE001 - tokenizers raises a bare Exception
+                pass
+            # Bytes that form no valid UTF-8 (a random or confused model) decode to other U+FFFDs in
+            # DecodeStream's window than in the whole text, or make it refuse the window: from here on
+            # this record decodes its whole ids, so the pieces add up to the text decode() gives.
+            self.streams[key] = None
+        whole = self.tokenizer.decode(self.ids[key], skip_special_tokens=True)
+        done = self.texts[key]
+        if whole.endswith("\ufffd") or not whole.startswith(done) or len(whole) == len(done):
+            return None  # an incomplete character, or nothing new
+        return whole[len(done) :]
+
     def feed(self, keys: np.ndarray, tokens: np.ndarray) -> None:
         for key, token in zip(keys.tolist(), tokens.tolist()):
-            chunk = self.streams[key].step(self.tokenizer, token)
+            chunk = self._step(key, token)
             if not chunk:
                 continue
             before = len(self.texts[key])
