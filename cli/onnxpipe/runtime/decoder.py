@@ -161,7 +161,38 @@ class CausalDecoder:
         return logits, outputs[1:]
 
     def prefill(self, prompts: Sequence[Sequence[int]], pad_id: int = 0):
-        """Run the left-padded prompts; return their next-token logits and the `Step` that continues them.
+        """Run the left-padded prompts; return their next-token logits and the `Step` that continues them."""
+        logits, past, mask, next_positions = self.prefill_cache(prompts, pad_id)
+        state: dict[str, Any] = {"past": past, "mask": mask, "next": next_positions}
+
+        def step(tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
+            if parents is not None:
+                state["past"] = self.gather(state["past"], parents)
+                state["mask"] = state["mask"][parents]
+                state["next"] = state["next"][parents]
+            n = len(tokens)
+            state["mask"] = np.concatenate([state["mask"], np.ones((n, 1), dtype=np.int64)], axis=1)
+            positions = state["next"][:, None].copy()
+            state["next"] = state["next"] + 1
+            logits, state["past"] = self.decode(tokens, state["mask"], positions, state["past"])
+            return logits
+
+        return logits, step
+
+    def decode(
+        self, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list
+    ) -> tuple[np.ndarray, list]:
+        """One decoding step: TOKENS (rows,) appended after PAST; MASK covers past and the new position,
+        POSITIONS (rows, 1). Returns the next-token logits (rows, vocab) and the presents."""
+        logits, presents = self._run(np.ascontiguousarray(tokens, dtype=np.int64)[:, None], mask, positions, past)
+        assert logits is not None  # _run returns logits when want_logits (its default)
+        return logits, presents
+
+    def prefill_cache(
+        self, prompts: Sequence[Sequence[int]], pad_id: int = 0
+    ) -> tuple[np.ndarray, list, np.ndarray, np.ndarray]:
+        """Run the left-padded prompts; return their next-token logits, the cache, its attention mask and
+        each row's next position id: what `decode` continues (serve.continuous merges these between batches).
 
         optimum's graph computes logits for every position, so a long batch is run in chunks of positions
         (the cache carries over) to keep those logits within LOGITS_BUDGET floats; a fused graph makes the
@@ -185,21 +216,5 @@ class CausalDecoder:
                 past,
                 want_logits=hi == width,
             )
-        state: dict[str, Any] = {"past": past, "mask": mask, "next": positions[:, -1] + 1}
-
-        def step(tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
-            if parents is not None:
-                state["past"] = self.gather(state["past"], parents)
-                state["mask"] = state["mask"][parents]
-                state["next"] = state["next"][parents]
-            n = len(tokens)
-            state["mask"] = np.concatenate([state["mask"], np.ones((n, 1), dtype=np.int64)], axis=1)
-            positions = state["next"][:, None].copy()
-            state["next"] = state["next"] + 1
-            logits, state["past"] = self._run(
-                np.ascontiguousarray(tokens, dtype=np.int64)[:, None], state["mask"], positions, state["past"]
-            )
-            assert logits is not None  # _run returns logits when want_logits (its default)
-            return logits
-
-        return logits, step
+        assert logits is not None  # the last chunk's logits are fetched
+        return logits, past, mask, positions[:, -1] + 1
