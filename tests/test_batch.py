@@ -373,3 +373,123 @@ def test_engine_ray_without_its_engine_or_ray_fails_in_one_line(classifier, tmp_
     monkeypatch.setitem(sys.modules, "ray", None)
     result = _batch("classify", classifier, [], [tmp_path / "in.txt"], tmp_path / "out", "--engine", "ray")
     assert result.exit_code == 1 and "install onnxpipe[ray]" in result.stderr, result.output
+
+
+# --- real processes: kill -9, SIGTERM, Ctrl-C, several workers ----------------------------------
+
+
+def _corpus(root: Path, files: int = 12, lines: int = 60) -> Path:
+    words = ["good", "bad", "film", "cast", "plot", "dull", "great", "slow", "fun", "long"]
+    for f in range(files):
+        body = "".join(
+            " ".join(words[(f * 7 + i * j) % len(words)] for j in range(1 + i % 9)) + "\n" for i in range(lines)
+        )
+        _touch(root / f"part-{f:02d}" / "data.txt", body)
+    return root
+
+
+def _command(model: Path, out: Path, *more: str) -> list[str]:
+    import sys
+
+    return [
+        sys.executable, "-m", "onnxpipe", "batch", "classify", "-m", str(model), "--device", "cpu",
+        "--threads", "1", "--batch-size", "4", "-k", "2", "corpus", "--output-dir", str(out), *more,
+    ]  # fmt: skip
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    """Every shard and _SUCCESS, by path (the manifest and the lock file aside)."""
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name not in ("onnxpipe-batch.json", ".onnxpipe-batch.lock")
+    }
+
+
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory, exported):
+    """A corpus and an uninterrupted run over it: (the folder the runs start in, its files, its wall time)."""
+    import subprocess
+    import time
+
+    root = tmp_path_factory.mktemp("corpus")
+    _corpus(root / "corpus")
+    model = exported("bert", "text-classification")
+    start = time.monotonic()
+    proc = subprocess.run(_command(model, root / "whole"), capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    files = _files(root / "whole")
+    assert len(files) == 13 and "_SUCCESS" in files
+    return root, files, time.monotonic() - start
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_kill_9_at_a_random_moment_then_a_rerun_gives_the_uninterrupted_output(classifier, corpus_run, tmp_path, seed):
+    import random
+    import signal
+    import subprocess
+    import time
+
+    root, whole, seconds = corpus_run
+    out = tmp_path / f"killed-{seed}"
+    delay = random.Random(seed).uniform(0.05, seconds)  # from start-up to the last shard
+    proc = subprocess.Popen(_command(classifier, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    if out.exists():  # whatever the kill left: only complete shards under their final names
+        for name, data in _files(out).items():
+            if not name.startswith(".tmp-"):
+                assert data == whole[name], name
+    rerun = subprocess.run(_command(classifier, out), capture_output=True, text=True, timeout=300, cwd=root)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _files(out) == whole
+    assert not list(out.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize(
+    "signum,status,line,workers", [("SIGTERM", 143, "terminated", "2"), ("SIGINT", 130, "interrupted", "1")]
+)
+def test_a_signal_stops_the_job_keeps_done_shards_and_removes_its_temporaries(
+    classifier, corpus_run, tmp_path, signum, status, line, workers
+):
+    import signal
+    import subprocess
+    import time
+
+    root, whole, _ = corpus_run
+    out = tmp_path / "signalled"
+    proc = subprocess.Popen(
+        _command(classifier, out, "--workers", workers),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=root,
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.rglob("data.txt.jsonl")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(getattr(signal, signum))
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == status, stderr
+    assert stderr.splitlines()[-1] == f"onnxpipe: {line}" and "Traceback" not in stderr
+    assert stdout == ""
+    done = _files(out)
+    assert "_SUCCESS" not in done and not list(out.glob(".tmp-*"))
+    assert 1 <= len(done) < 12 and all(data == whole[name] for name, data in done.items())
+    rerun = subprocess.run(_command(classifier, out), capture_output=True, text=True, timeout=300, cwd=root)
+    assert rerun.returncode == 0 and f"skipped {len(done)} shard(s) already done" in rerun.stderr
+    assert _files(out) == whole
+
+
+def test_two_workers_write_what_one_writes(classifier, corpus_run, tmp_path):
+    import subprocess
+
+    root, whole, _ = corpus_run
+    proc = subprocess.run(
+        _command(classifier, tmp_path / "two", "--workers", "2"), capture_output=True, text=True, timeout=300, cwd=root
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert _files(tmp_path / "two") == whole
+    assert "720 records" in proc.stderr and "12 shard(s) done, 0 skipped" in proc.stderr
