@@ -134,6 +134,12 @@ def check_invocation(args: list[str]) -> list[str]:
         return problems + [f"unknown command {name}"]
     command = cli.get_command(root_ctx, name)
     ctx = click.Context(command, info_name=name, parent=root_ctx)
+    if isinstance(command, click.Group) and args and not args[0].startswith("-"):  # batch TASK ...
+        sub = args.pop(0)
+        task = command.get_command(ctx, sub)
+        if task is None:
+            return problems + [f"unknown command {name} {sub}"]
+        command, ctx, name = task, click.Context(task, info_name=sub, parent=ctx), f"{name} {sub}"
     opts = _options(command, ctx)
     i = 0
     while i < len(args):
