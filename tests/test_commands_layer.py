@@ -58,6 +58,7 @@ def test_export_task_choices_are_the_registry_export_tasks(monkeypatch):
         "token-classification": "encoder",
         "feature-extraction": "encoder",
         "fill-mask": "encoder",
+        "question-answering": "encoder",
         "text-generation": "decoder",
         "text2text-generation": "seq2seq",
     }

@@ -32,6 +32,7 @@ STAND_INS = {
     "sentiment-int8": ("bert", None, {"quantize": "int8"}),
     "minilm": ("bert", "feature-extraction", {}),
     "ner": ("bert", "token-classification", {}),
+    "squad": ("bert", "question-answering", {}),
     "distilroberta": ("roberta", "fill-mask", {}),
     "smollm2": ("llama", None, {}),
     "opus-mt-en-de": ("marian", None, {}),
@@ -69,6 +70,19 @@ MAN_FILES = {
     "heldout.tsv": LABELLED,
     "newstest.en": "The house is small.\nThe weather is nice today.\n",
     "newstest.de": "Das Haus ist klein.\nDas Wetter ist heute schön.\n",
+    "squad.jsonl": "".join(
+        json.dumps(
+            {"id": i, "question": q, "context": c, "answers": {"text": a, "answer_start": [c.find(t) for t in a]}}
+        )
+        + "\n"
+        for i, (q, c, a) in enumerate(
+            [
+                ("Where is Paris?", "Paris is the capital of France.", ["France", "capital of France"]),
+                ("Who left?", 'She said: "hello, world" and left the room.', ["She"]),
+                ("What is the capital of Mars?", "The quick brown fox jumps over the lazy dog.", []),
+            ]
+        )
+    ),
     "pairs.tsv": "en\tde\nThe house is small.\tDas Haus ist klein.\nThe weather is nice today.\tDas Wetter ist heute schön.\n",
 }
 

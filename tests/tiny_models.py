@@ -106,6 +106,7 @@ _ENCODER_HEADS = {
     "text-classification": "ForSequenceClassification",
     "token-classification": "ForTokenClassification",
     "fill-mask": "ForMaskedLM",
+    "question-answering": "ForQuestionAnswering",
     "feature-extraction": "Model",
 }
 

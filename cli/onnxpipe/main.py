@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "embed": "onnxpipe.commands.embed:embed",
     "tag": "onnxpipe.commands.tag:tag",
     "fill-mask": "onnxpipe.commands.fill_mask:fill_mask",
+    "answer": "onnxpipe.commands.answer:answer",
     "generate": "onnxpipe.commands.generate:generate",
     "translate": "onnxpipe.commands.translate:translate",
     "summarize": "onnxpipe.commands.summarize:summarize",

@@ -11,7 +11,7 @@ torch or transformers. Keys (format 1):
     format            1
     name              the export's name (folder name)
     task              text-classification | token-classification | feature-extraction |
-                      fill-mask | text-generation | text2text-generation
+                      fill-mask | question-answering | text-generation | text2text-generation
     family            encoder | decoder | seq2seq (must be the task's family)
     architecture      e.g. "BertForSequenceClassification"; model_type e.g. "bert"
     source            {"kind": "folder"|"gguf"|"hub", "path" or "id", "revision", "sha256"}

@@ -121,6 +121,21 @@ FAMILIES: dict[str, TaskFamily] = {
         ),
         TaskFamily("fill-mask", ("fill-mask",), "encoder", "onnxpipe.tasks.fill_mask:FillMaskTask", ("top_k",)),
         TaskFamily(
+            "answer",
+            ("question-answering",),
+            "encoder",
+            "onnxpipe.tasks.answer:AnswerTask",
+            (
+                "question",
+                "top_k",
+                "doc_stride",
+                "max_answer_len",
+                "max_seq_len",
+                "handle_impossible_answer",
+                "align_to_words",
+            ),
+        ),
+        TaskFamily(
             "generate",
             ("text-generation",),
             "decoder",

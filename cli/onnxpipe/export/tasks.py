@@ -18,6 +18,7 @@ FAMILY: dict[str, str] = {task: export_kind(task) for task in TASKS}
 _SUFFIX_TASK = (
     ("ForSequenceClassification", "text-classification"),
     ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
     ("ForMaskedLM", "fill-mask"),
     ("ForCausalLM", "text-generation"),
     ("LMHeadModel", "text-generation"),

@@ -244,7 +244,8 @@ class _EncoderBench(_Bench):
         for seq_len in opts.seq_lens or (DEFAULT_SEQ_LENS if opts.input_lines is None else (0,)):
             for batch in opts.batch_sizes or DEFAULT_ENCODER_BATCH_SIZES:
                 texts = self.texts(self.task.tokenizer, batch, seq_len, self.task.max_length, prefix)
-                records = [Record(seq=i, text=t) for i, t in enumerate(texts)]
+                question = "What is it?" if self.model.task == "question-answering" else None  # the text is its context
+                records = [Record(seq=i, text=t, pair=question) for i, t in enumerate(texts)]
                 lengths: list[int] = []
 
                 def run() -> None:

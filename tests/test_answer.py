@@ -1,0 +1,246 @@
+"""Question answering: the export, AnswerTask against transformers' question-answering pipeline, `onnxpipe answer`.
+
+The oracle is `pipeline("question-answering")` on the PyTorch checkpoint of each tiny random model:
+answers, character offsets and scores must agree (scores within 1e-4), on short contexts, contexts
+split into several windows, top_k, max_answer_len, the impossible answer and non-ASCII text.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from onnxpipe.main import cli
+from onnxpipe.registry import FAMILIES
+from onnxpipe.runtime import load_model
+from onnxpipe.stream.records import Record
+
+ARCHS = ["bert", "distilbert", "roberta"]
+QA = "question-answering"
+
+LONG = " ".join(
+    [
+        "Paris is the capital of France, and Berlin is the capital of Germany.",
+        "The quick brown fox jumps over the lazy dog.",
+        "Pipelines of small tools make the shell a pleasant place to work.",
+        "Numbers like 42, 3.14 and 2026 appear in text too.",
+    ]
+    * 6
+)
+CASES = [
+    ("Where is Paris?", "Paris is the capital of France."),
+    ("What jumps over the dog?", LONG),  # several windows at the models' 126-128 tokens
+    ("Wo?", "Émile a visité Zürich 東京タワー 😀🎉 et São Paulo en e\u0301te\u0301, cafe\u0301 ok."),
+    ("WHO SAID HELLO?", 'She said: "hello, world" and left the room. Short. I loved every minute of it!'),
+]
+OPTIONS = [
+    {},
+    {"top_k": 3},
+    {"max_seq_len": 40, "doc_stride": 10, "top_k": 2},  # many windows, short strides
+    {"max_seq_len": 48, "doc_stride": 24},
+    {"handle_impossible_answer": True, "top_k": 2},
+    {"max_answer_len": 2, "top_k": 4},
+    {"align_to_words": False, "top_k": 2},
+]
+
+
+@pytest.fixture(scope="module")
+def qa_export(exported):
+    return lambda arch: exported(arch, QA)
+
+
+@pytest.fixture(scope="module")
+def oracle(checkpoint):
+    from transformers import pipeline
+
+    cache: dict = {}
+
+    def make(arch: str):
+        if arch not in cache:
+            folder = str(checkpoint(arch, QA))
+            cache[arch] = pipeline(QA, model=folder, tokenizer=folder, device="cpu")
+        return cache[arch]
+
+    return make
+
+
+def _ours(folder, options, pairs):
+    task = FAMILIES["answer"].make_task(load_model(folder, device="cpu"), options)
+    items = task.encode([Record(i, context, pair=question) for i, (question, context) in enumerate(pairs)])
+    return task.run(items), items
+
+
+def _theirs(pipe, options, question, context):
+    ref = pipe(question=question, context=context, **options)
+    return ref if isinstance(ref, list) else [ref]
+
+
+def assert_same_answers(got: list[dict], ref: list[dict]) -> None:
+    assert [(a["answer"], a["start"], a["end"]) for a in got] == [(a["answer"], a["start"], a["end"]) for a in ref]
+    for g, r in zip(got, ref):
+        assert g["score"] == pytest.approx(r["score"], abs=1e-4)
+
+
+# --- export -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_infers_the_task_and_validates_start_and_end_logits(arch, qa_export):
+    manifest = json.loads((qa_export(arch) / "onnxpipe.json").read_text(encoding="utf-8"))
+    assert manifest["task"] == QA and manifest["architecture"].endswith("ForQuestionAnswering")
+    assert manifest["graph"]["outputs"] == ["start_logits", "end_logits"]
+    validation = manifest["validation"]
+    assert validation["passed"]
+    for name in ("start_logits", "end_logits"):
+        assert validation["outputs"][name]["max_abs_diff"] < 1e-4
+
+
+# --- parity with transformers' pipeline -----------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+def test_answers_match_the_pipeline(arch, options, qa_export, oracle):
+    got, items = _ours(qa_export(arch), options, CASES)
+    for (question, context), answers in zip(CASES, got):
+        ref = _theirs(oracle(arch), options, question, context)
+        assert_same_answers(answers, ref)
+        for a in answers:  # offsets index the context as given
+            assert context[a["start"] : a["end"]] == a["answer"]
+    if not options:  # the long context really was read in several windows
+        assert len(items[1].data) > 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_windows_are_the_fast_tokenizers_overflowing_windows(arch, qa_export, checkpoint):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(checkpoint(arch, QA)))
+    question, context = CASES[1]
+    _, items = _ours(qa_export(arch), {"max_seq_len": 40, "doc_stride": 10}, [(question, context)])
+    ref = tok(question, context, truncation="only_second", max_length=40, stride=10, return_overflowing_tokens=True)
+    assert [w.ids for w in items[0].data] == ref["input_ids"]
+    assert len(ref["input_ids"]) > 5
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_the_impossible_answer_wins_when_it_scores_highest(arch, qa_export, oracle):
+    """The null score is the smallest CLS score over the windows; on a tiny random model it beats the spans."""
+    options = {"handle_impossible_answer": True, "max_seq_len": 40, "doc_stride": 10}
+    got, _ = _ours(qa_export(arch), options, CASES)
+    refs = [_theirs(oracle(arch), options, q, c) for q, c in CASES]
+    for answers, ref in zip(got, refs):
+        assert_same_answers(answers, ref)
+    assert any(r[0]["answer"] == "" for r in refs) or all(r[0]["score"] > 0 for r in refs)
+
+
+def test_a_question_too_long_for_the_window_is_a_record_error(qa_export):
+    task = FAMILIES["answer"].make_task(load_model(qa_export("bert"), device="cpu"), {"max_seq_len": 16})
+    [item] = task.encode([Record(0, "Paris.", pair="what " * 30)])
+    assert item.error and "leaves 0 of 16 tokens" in item.error
+    # a question that leaves the context no more than the stride: transformers' tokenizer panics, we refuse it
+    question = next(q for q in ("is " * k for k in range(1, 16)) if len(task.tokenizer.encode(q, "").ids) >= 10)
+    [item] = task.encode([Record(0, "Paris. " * 20, pair=question)])
+    assert item.error and "not more than the stride (8)" in item.error
+    [item] = task.encode([Record(0, "Paris.", pair=question)])  # it fits: no window needed
+    assert item.error is None and len(item.data) == 1
+
+
+def test_bad_options_are_usage_errors(qa_export):
+    from onnxpipe.errors import UsageError
+
+    model = load_model(qa_export("bert"), device="cpu")
+    for options in ({"max_seq_len": 10_000}, {"max_seq_len": 40, "doc_stride": 41}, {"top_k": 0}):
+        with pytest.raises(UsageError):
+            FAMILIES["answer"].make_task(model, options)
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def _invoke(args, input=None):
+    return CliRunner().invoke(cli, args, input=input)
+
+
+def test_cli_tsv_input_answers_in_text(qa_export, oracle):
+    lines = "".join(f"{q}\t{c}\n" for q, c in CASES)
+    result = _invoke(["answer", "-m", str(qa_export("bert")), "--device", "cpu"], input=lines)
+    assert result.exit_code == 0, result.stderr
+    expected = [_theirs(oracle("bert"), {}, q, c)[0]["answer"] for q, c in CASES]
+    assert result.stdout.splitlines() == expected
+    assert "4 records" in result.stderr
+
+
+def test_cli_jsonl_fields_and_top_k(qa_export, oracle):
+    records = [{"id": i, "q": q, "ctx": c} for i, (q, c) in enumerate(CASES)]
+    args = ["answer", "-m", str(qa_export("roberta")), "--question-field", "q", "--context-field", "ctx", "-k", "2"]
+    result = _invoke(args, input="".join(json.dumps(r) + "\n" for r in records))
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["id"] for r in rows] == [0, 1, 2, 3]
+    for row, (q, c) in zip(rows, CASES):
+        ref = _theirs(oracle("roberta"), {"top_k": 2}, q, c)
+        assert_same_answers(row["answers"], ref)
+        assert (row["answer"], row["start"], row["end"]) == (ref[0]["answer"], ref[0]["start"], ref[0]["end"])
+
+
+def test_cli_plain_lines_with_one_question_and_tsv_output(qa_export, oracle):
+    contexts = [c for _, c in CASES]
+    args = ["answer", "-m", str(qa_export("distilbert")), "--question", "Where?", "--format", "tsv"]
+    result = _invoke(args, input="\n".join(contexts) + "\n")
+    assert result.exit_code == 0, result.stderr
+    for line, context in zip(result.stdout.splitlines(), contexts):
+        ref = _theirs(oracle("distilbert"), {}, "Where?", context)[0]
+        text, answer, start, end, score = line.split("\t")
+        assert (text, answer, int(start), int(end)) == (context, ref["answer"], ref["start"], ref["end"])
+        assert float(score) == pytest.approx(ref["score"], rel=1e-5, abs=1e-6)
+
+
+def test_cli_keeps_the_line_contract_under_hostile_input(qa_export):
+    hostile = (
+        b"Where is Paris?\tParis is the capital of France.\n"
+        b"\n"  # empty: empty result
+        b"no tab at all\n"  # one column: an error record
+        b"\tcontext without a question\n"  # empty question: an error record
+        b"question without a context\t\n"  # empty context: empty result
+        b"\xff\xfe bad utf-8?\tsome \xc3 text\n"
+        b"a\tb\tc\td\n"  # extra columns pass through
+        b"Long?\t" + b"word " * 5000 + b"\n"
+    )
+    result = CliRunner().invoke(cli, ["answer", "-m", str(qa_export("bert")), "--on-error", "null"], input=hostile)
+    assert result.exit_code == 3, result.stderr
+    lines = result.stdout.split("\n")
+    assert len(lines) == 9 and lines[-1] == ""  # one line per input line
+    assert lines[1] == lines[2] == lines[3] == lines[4] == ""
+    assert lines[0] and set(lines[7].split()) == {"word"}
+    assert "2 record(s) failed" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--question", ""], "--question is empty"),
+        (["--question", "x", "--question-field", "q"], "not with --question-field"),
+        (["--question-field", "q", "--context-column", "2"], "takes no TSV columns"),
+        (["--field", "x"], "--field needs --question"),
+        (["--question-column", "2"], "both in column 2"),
+        (["--max-seq-len", "100000"], "max_seq_len 100000"),
+        (["--max-seq-len", "40", "--stride", "41"], "doc_stride (41)"),
+        (["--top-k", "0"], "0 is not in the range"),
+    ],
+)
+def test_cli_bad_flags_are_one_line_on_stderr(qa_export, args, message):
+    result = _invoke(["answer", "-m", str(qa_export("bert")), *args], input="")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_refuses_an_export_of_another_task(exported):
+    result = _invoke(["answer", "-m", str(exported("bert", "text-classification")), "-q", "x"], input="a\n")
+    assert result.exit_code != 0 and result.stdout == ""
+    assert "question-answering" in result.stderr
