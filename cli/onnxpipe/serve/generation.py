@@ -1,0 +1,139 @@
+"""Chat and text completions on a decoder export, on its batcher (serve.serial until serve.continuous lands).
+
+Each choice of each prompt is one request to the export's `ContinuousBatcher` (choice j uses random
+stream j), so concurrent requests share decoding steps and a long generation does not hold up short
+ones. A request whose client went away, or whose time ran out, is cancelled: its rows leave the batch
+at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from onnxpipe.api import Pipeline
+from onnxpipe.decoding import DEFAULT_MAX_NEW_TOKENS
+
+# The one edit that swaps in continuous batching: serve.continuous (ContinuousBatcher) has the same surface.
+from onnxpipe.serve.serial import (
+    BatcherClosed,
+    GenerationEvent,
+    GenerationOutput,
+    GenerationRequest,
+    GenerationStream,
+    QueueFull,
+)
+from onnxpipe.serve.serial import SerialGenerator as ContinuousBatcher
+
+__all__ = ["BatcherClosed", "Generator", "QueueFull", "Sampling"]
+
+
+@dataclass
+class Sampling:
+    """A request's decoding settings (None: the export's own default)."""
+
+    max_new_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+
+class Generator:
+    """A decoder export's generation for the server; `lm` is its CausalLM (tokenizer, template, defaults)."""
+
+    def __init__(self, pipeline: Pipeline, max_queue: int = 256, max_batch: int | None = None):
+        self.batcher = ContinuousBatcher(pipeline, max_batch=max_batch or pipeline.batch_size, max_queue=max_queue)
+        self.lm = self.batcher.lm
+        self.requests = 0  # HTTP requests that generated
+
+    @property
+    def context(self) -> int | None:
+        """The model's positions (prompt + completion), when its config says."""
+        return self.batcher.max_positions
+
+    @property
+    def default_max_new_tokens(self) -> int:
+        return self.lm.defaults.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+
+    def describe(self) -> dict[str, Any]:
+        b = self.batcher
+        return {
+            "requests": self.requests,
+            "cancelled": getattr(b, "cancelled", None),  # choices stopped early: client gone, timeout
+            "running": b.running,
+            "waiting": b.waiting,
+            "prefills": b.prefills,
+            "steps": b.steps,
+            "max_rows": b.max_rows,
+        }
+
+    def submit(self, prompts: Sequence[Sequence[int]], n: int, sampling: Sampling) -> list[GenerationStream]:
+        """One stream per choice, choice `i * n + j` for prompt i's j-th. QueueFull, BatcherClosed, UsageError."""
+        streams: list[GenerationStream] = []
+        try:
+            for ids in prompts:
+                for j in range(n):
+                    request = GenerationRequest(
+                        list(ids),
+                        max_new_tokens=sampling.max_new_tokens,
+                        temperature=sampling.temperature,
+                        top_p=sampling.top_p,
+                        seed=sampling.seed,
+                        stop=list(sampling.stop),
+                        key=j,
+                    )
+                    streams.append(self.batcher.submit(request))
+        except Exception:
+            self.cancel(streams)
+            raise
+        self.requests += 1
+        return streams
+
+    def cancel(self, streams: Sequence[GenerationStream]) -> None:
+        for stream in streams:
+            stream.cancel()
+
+    async def complete(self, streams: list[GenerationStream]) -> list[GenerationOutput]:
+        """The whole completions; cancelling this coroutine (timeout, client gone) cancels the streams."""
+        try:
+            return list(await asyncio.gather(*(s.aresult() for s in streams)))
+        finally:
+            self.cancel(streams)
+
+    async def events(self, streams: list[GenerationStream]) -> AsyncGenerator[tuple[int, GenerationEvent], None]:
+        """(choice, event) as the choices produce them; leaving the loop early cancels the streams."""
+        queue: asyncio.Queue[tuple[int, GenerationEvent | None, BaseException | None]] = asyncio.Queue()
+
+        async def pump(choice: int, stream: GenerationStream) -> None:
+            try:
+                async for event in stream:
+                    queue.put_nowait((choice, event, None))
+                queue.put_nowait((choice, None, None))
+            except Exception as exc:  # a failed model run: the consumer raises it
+                queue.put_nowait((choice, None, exc))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            left = len(streams)
+            while left:
+                choice, event, error = await queue.get()
+                if error is not None:
+                    raise error
+                if event is None:
+                    left -= 1
+                    continue
+                yield choice, event
+        finally:
+            self.cancel(streams)
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+
+    def close(self) -> None:
+        self.batcher.close(timeout=0)
