@@ -250,6 +250,24 @@ def test_seeded_sampling_is_the_same_whatever_the_batch_mates(pipelines):
         other_seed.close()
 
 
+def test_the_exports_generation_defaults_apply_to_each_row_as_alone(pipelines):
+    """Processors that read a row's history (repetition penalty, no-repeat n-grams) see only its own ids."""
+    pipeline = pipelines("llama")
+    batcher = Stepped(pipeline, max_batch=4)
+    defaults = batcher.lm.defaults
+    batcher.lm.defaults = defaults.update(repetition_penalty=1.8, no_repeat_ngram_size=2)
+    try:
+        ids = [batcher.encode_text(p) for p in PROMPTS[:4]]
+        requests = [GenerationRequest(i, max_new_tokens=16, temperature=0) for i in ids]
+        results = staggered(batcher, requests, [0, 0, 3, 6])
+        alone = [lone(pipeline, i, 16, repetition_penalty=1.8, no_repeat_ngram_size=2).token_ids for i in ids]
+    finally:
+        batcher.lm.defaults = defaults
+        batcher.close()
+    assert [[e.token_id for e in r if e.token_id is not None] for r in results] == alone
+    assert alone != [lone(pipeline, i, 16).token_ids for i in ids]  # the settings changed the ids
+
+
 def test_stop_strings_and_text_deltas(pipelines):
     pipeline = pipelines("gpt2")
     prompt_ids = pipeline.task_for({}).lm.encode("The quick brown fox")
