@@ -39,10 +39,12 @@ COMMANDS: dict[str, str] = {
     "generate": "onnxpipe.commands.generate:generate",
     "translate": "onnxpipe.commands.translate:translate",
     "summarize": "onnxpipe.commands.summarize:summarize",
+    "batch": "onnxpipe.commands.batch:batch",
     "finetune": "onnxpipe.commands.finetune:finetune",
     "eval": "onnxpipe.commands.eval:eval_command",
     "bench": "onnxpipe.commands.bench:bench",
     "doctor": "onnxpipe.commands.doctor:doctor",
+    "serve": "onnxpipe.commands.serve:serve",
 }
 
 
