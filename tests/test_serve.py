@@ -502,3 +502,55 @@ def test_served_names():
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.com")
     check_host("0.0.0.0", "key", False)
     check_host("0.0.0.0", None, True)
+
+
+def test_a_client_that_goes_away_mid_stream_cancels_its_generation(pipelines, monkeypatch):
+    """Driven as ASGI directly: the client reads one chunk, then disconnects; the generation stops."""
+    _slow_steps(monkeypatch, pipelines, 0.02)
+    app = create_app(pipelines, Settings())
+    body = json.dumps({**CHAT, "max_tokens": 200, "temperature": 0, "stream": True}).encode()
+
+    async def main():
+        sent: list[dict] = []
+        gone = asyncio.Event()
+        requested = False
+
+        async def receive():
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+            if message["type"] == "http.response.body" and message.get("body"):
+                gone.set()  # the client read its first chunk and went away
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "query_string": b"",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 5000),
+            "server": ("test", 80),
+        }
+        await asyncio.wait_for(app(scope, receive, send), 20)
+        served = app.app.state.served["chat"]  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while served.generator.batcher.running:
+            assert time.monotonic() < deadline, "the generation kept running after its client left"
+            await asyncio.sleep(0.02)
+        return sent, served.generator.describe()
+
+    sent, stats = asyncio.run(main())
+    assert sent[0]["status"] == 200
+    chunks = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert b"[DONE]" not in chunks  # it ended early
+    assert stats["cancelled"] == 1 and stats["steps"] < 150, stats

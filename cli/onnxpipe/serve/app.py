@@ -443,9 +443,7 @@ class _Handlers:
                     yield chunk(choice, None, first=True)
             while True:
                 try:
-                    choice, event = await asyncio.wait_for(events.__anext__(), max(0.0, deadline - loop.time()))
-                except StopAsyncIteration:
-                    break
+                    arrived = await asyncio.wait_for(events.next(), max(0.0, deadline - loop.time()))
                 except asyncio.TimeoutError:
                     timeout = APIError(408, f"Request timed out after {self.settings.request_timeout:g} s", "timeout")
                     yield _event(timeout.body())
@@ -454,6 +452,9 @@ class _Handlers:
                     self.log(f"error: generation on {served.name}: {exc}")
                     yield _event(APIError(500, _GENERIC_500, type="server_error").body())
                     break
+                if arrived is None:
+                    break
+                choice, event = arrived
                 if event.text:
                     yield chunk(choice, event.text)
                 if event.finish_reason is not None:
@@ -468,7 +469,7 @@ class _Handlers:
                 yield _event(final)
             yield "data: [DONE]\n\n"
         finally:
-            await events.aclose()  # cancels the choices still running (client gone, timeout)
+            events.close()  # cancels the choices still running (client gone, timeout)
 
     @staticmethod
     def _chunk(

@@ -9,8 +9,7 @@ at the next step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,36 +103,46 @@ class Generator:
         finally:
             self.cancel(streams)
 
-    async def events(self, streams: list[GenerationStream]) -> AsyncGenerator[tuple[int, GenerationEvent], None]:
-        """(choice, event) as the choices produce them; leaving the loop early cancels the streams."""
-        queue: asyncio.Queue[tuple[int, GenerationEvent | None, BaseException | None]] = asyncio.Queue()
-
-        async def pump(choice: int, stream: GenerationStream) -> None:
-            try:
-                async for event in stream:
-                    queue.put_nowait((choice, event, None))
-                queue.put_nowait((choice, None, None))
-            except Exception as exc:  # a failed model run: the consumer raises it
-                queue.put_nowait((choice, None, exc))
-
-        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-        try:
-            left = len(streams)
-            while left:
-                choice, event, error = await queue.get()
-                if error is not None:
-                    raise error
-                if event is None:
-                    left -= 1
-                    continue
-                yield choice, event
-        finally:
-            self.cancel(streams)
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(BaseException):
-                    await task
+    def events(self, streams: list[GenerationStream]) -> ChoiceEvents:
+        """The choices' events as they come (`await events.next()`); `events.close()` cancels what still runs."""
+        return ChoiceEvents(self, streams)
 
     def close(self) -> None:
         self.batcher.close(timeout=0)
+
+
+class ChoiceEvents:
+    """The events of several choices merged in arrival order. Awaiting `next()` can be cancelled at any time
+    (a timeout, a client gone) without harm; `close()` is synchronous, so it runs even inside a cancelled task."""
+
+    def __init__(self, generator: Generator, streams: list[GenerationStream]):
+        self.generator = generator
+        self.streams = streams
+        self.left = len(streams)
+        self._queue: asyncio.Queue[tuple[int, GenerationEvent | None, BaseException | None]] = asyncio.Queue()
+        self._tasks = [asyncio.ensure_future(self._pump(i, s)) for i, s in enumerate(streams)]
+
+    async def _pump(self, choice: int, stream: GenerationStream) -> None:
+        try:
+            async for event in stream:
+                self._queue.put_nowait((choice, event, None))
+            self._queue.put_nowait((choice, None, None))
+        except Exception as exc:  # a failed model run: next() raises it
+            self._queue.put_nowait((choice, None, exc))
+
+    async def next(self) -> tuple[int, GenerationEvent] | None:
+        """The next (choice, event); None once every choice has ended."""
+        while self.left:
+            choice, event, error = await self._queue.get()
+            if error is not None:
+                raise error
+            if event is None:
+                self.left -= 1
+                continue
+            return choice, event
+        return None
+
+    def close(self) -> None:
+        self.generator.cancel(self.streams)
+        for task in self._tasks:
+            task.cancel()
