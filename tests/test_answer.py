@@ -244,3 +244,88 @@ def test_cli_refuses_an_export_of_another_task(exported):
     result = _invoke(["answer", "-m", str(exported("bert", "text-classification")), "-q", "x"], input="a\n")
     assert result.exit_code != 0 and result.stdout == ""
     assert "question-answering" in result.stderr
+
+
+# --- eval: SQuAD exact match and F1 ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "gold, pred",
+    [
+        ("France", "france"),
+        ("the capital of France", "Capital, of France!"),
+        ("Denver Broncos", "the Broncos"),
+        ("a b c d", "c d e"),
+        ("", ""),
+        ("", "something"),
+        ("An apple", "apple an"),
+        ("Zürich  São Paulo", "zürich"),
+        ("1,000", "1000"),
+        ("the", ""),
+    ],
+)
+def test_squad_metric_is_the_official_scripts(gold, pred):
+    """transformers ships the official SQuAD 2.0 script's functions: ours must give the same values."""
+    from transformers.data.metrics import squad_metrics as official
+
+    from onnxpipe.measure.metrics import normalize_answer, squad_exact, squad_f1
+
+    assert normalize_answer(gold) == official.normalize_answer(gold)
+    assert squad_exact(gold, pred) == official.compute_exact(gold, pred)
+    assert squad_f1(gold, pred) == pytest.approx(official.compute_f1(gold, pred))
+
+
+def test_squad_metrics_by_hand():
+    from onnxpipe.measure.metrics import squad_metrics
+
+    golds = [["Denver Broncos", "The Denver Broncos"], ["a b c d"], [], ["x"]]
+    preds = ["the broncos", "c d e", "", "y"]
+    # F1: broncos vs {denver broncos}: p=1, r=1/2 -> 2/3; c d e vs (a, an article, goes) b c d: p=r=2/3 -> 2/3;
+    # no answer against no answer: 1; y vs x: 0
+    scores = squad_metrics(golds, preds)
+    assert scores["total"] == 4
+    assert scores["exact_match"] == pytest.approx(100 * 1 / 4)
+    assert scores["f1"] == pytest.approx(100 * (2 / 3 + 2 / 3 + 1 + 0) / 4)
+    assert scores["no_answer"] == {"exact_match": 100.0, "f1": 100.0, "total": 1}
+    assert scores["has_answer"]["total"] == 3
+    assert scores["has_answer"]["f1"] == pytest.approx(100 * (2 / 3 + 2 / 3) / 3)
+
+
+@pytest.mark.parametrize("impossible", [False, True])
+def test_eval_scores_the_pipelines_answers(tmp_path, qa_export, oracle, impossible):
+    from onnxpipe.measure.metrics import squad_metrics
+
+    examples = [
+        ("Where is Paris?", "Paris is the capital of France.", {"text": ["France", "capital of France"]}),
+        ("Who left?", 'She said: "hello, world" and left the room.', [{"text": "She", "answer_start": 0}]),
+        (CASES[1][0], CASES[1][1], ["quick brown fox"]),
+        ("What is on Mars?", "The quick brown fox jumps over the lazy dog.", {"text": [], "answer_start": []}),
+    ]
+    data = tmp_path / "squad.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": q, "context": c, "answers": a}) + "\n" for q, c, a in examples),
+        encoding="utf-8",
+    )
+    args = ["eval", "-m", str(qa_export("bert")), str(data), "--json", "--device", "cpu"]
+    result = _invoke(args + (["--handle-impossible"] if impossible else []))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    options = {"handle_impossible_answer": impossible}
+    preds = [_theirs(oracle("bert"), options, q, c)[0]["answer"] for q, c, _ in examples]
+    golds = [["France", "capital of France"], ["She"], ["quick brown fox"], []]
+    expected = squad_metrics(golds, preds)
+    for part in ("has_answer", "no_answer"):
+        assert report["scores"].pop(part) == pytest.approx(expected.pop(part))
+    assert report["scores"] == pytest.approx(expected)
+    assert report["examples"] == 4 and report["task"] == QA
+    assert "exact match" in result.stderr and "F1" in result.stderr
+
+
+def test_eval_refuses_squad_flags_on_other_exports_and_bad_data(tmp_path, exported, qa_export):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a", "label": "positive"}\n', encoding="utf-8")
+    result = _invoke(["eval", "-m", str(exported("bert", "text-classification")), str(data), "--handle-impossible"])
+    assert result.exit_code == 2 and "--handle-impossible: only for question-answering exports" in result.stderr
+    result = _invoke(["eval", "-m", str(qa_export("bert")), str(data)])
+    assert result.exit_code != 0 and result.stdout == ""
+    assert "d.jsonl:1" in result.stderr and "'question'" in result.stderr

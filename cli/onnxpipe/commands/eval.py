@@ -1,7 +1,7 @@
 """`onnxpipe eval`: score an export on labelled data, through ONNX Runtime.
 
 Classifiers get accuracy, P/R/F1 and the confusion matrix; encoder-decoders (translate, summarize)
-get sacrebleu's corpus BLEU and chrF against references.
+get sacrebleu's corpus BLEU and chrF against references; question answering gets SQuAD exact match and F1.
 """
 
 from __future__ import annotations
@@ -24,6 +24,15 @@ _SEQ2SEQ_ONLY = (
     "target_lang",
     "prefix",
     *decoding_names("translate"),
+)
+_QA_ONLY = (
+    "question_field",
+    "context_field",
+    "answers_field",
+    "handle_impossible_answer",
+    "max_answer_len",
+    "max_seq_len",
+    "doc_stride",
 )
 
 
@@ -72,6 +81,53 @@ _SEQ2SEQ_ONLY = (
 @decoding_options("translate")
 @prefix_option
 @click.option(
+    "--question-field",
+    default="question",
+    show_default=True,
+    help="Question answering: JSONL field holding the question.",
+)
+@click.option(
+    "--context-field",
+    default="context",
+    show_default=True,
+    help="Question answering: JSONL field holding the context.",
+)
+@click.option(
+    "--answers-field",
+    default="answers",
+    show_default=True,
+    help='Question answering: JSONL field holding the gold answers, as SQuAD has them ({"text": [...]}, '
+    "a list of {text} objects or of strings); none means no answer (SQuAD 2.0).",
+)
+@click.option(
+    "--handle-impossible",
+    "handle_impossible_answer",
+    is_flag=True,
+    help="Question answering: allow the empty answer, as onnxpipe answer --handle-impossible (SQuAD 2.0).",
+)
+@click.option(
+    "--max-answer-length",
+    "max_answer_len",
+    type=click.IntRange(min=1),
+    default=15,
+    show_default=True,
+    metavar="N",
+    help="Question answering: answers are at most N tokens long.",
+)
+@click.option(
+    "--max-seq-len",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Question answering: tokens per window, as onnxpipe answer. [default: the model's limit, at most 384]",
+)
+@click.option(
+    "--stride",
+    "doc_stride",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Question answering: tokens that consecutive windows share. [default: half the window, at most 128]",
+)
+@click.option(
     "--format",
     "data_format",
     type=click.Choice(["csv", "tsv", "jsonl"]),
@@ -114,7 +170,7 @@ def eval_command(
     batch_size: int | None,
     **kw: Any,
 ) -> None:
-    """Score an export on a labelled file: a classifier, or a translation/summarisation model.
+    """Score an export on a labelled file: a classifier, a translation/summarisation model or question answering.
 
     DATA is .csv or .tsv with a header row, or .jsonl. The outputs come from the ONNX
     export, as `onnxpipe classify` or `onnxpipe translate` (with --summarize, `onnxpipe
@@ -123,7 +179,10 @@ def eval_command(
     Classifiers: accuracy, macro and per-class precision, recall and F1 and the confusion
     matrix, on stderr. Translations and summaries: corpus BLEU and chrF from sacrebleu
     against the reference column (or, with --references FILE, DATA is plain text with one
-    source per line), with sacrebleu's signatures. --json writes the figures to stdout as
+    source per line), with sacrebleu's signatures. Question answering: SQuAD exact match and
+    F1 (the official script's normalisation, the best over each example's gold answers) on a
+    SQuAD JSONL file, also split into examples with and without an answer (SQuAD 2.0, with
+    --handle-impossible). --json writes the figures to stdout as
     well. --against runs a second export and reports how often the two agree.
 
     \b
@@ -131,24 +190,48 @@ def eval_command(
       onnxpipe eval -m sentiment-int8 --against sentiment --json heldout.tsv | jq .against.agreement
       onnxpipe eval -m opus-mt-en-de newstest.en --references newstest.de
       onnxpipe eval -m opus-mt-en-de --reference-column de --text-column en --json pairs.tsv | jq .scores.bleu.score
+      onnxpipe eval -m squad --handle-impossible squad-v2.jsonl
     """
     from onnxpipe import console
     from onnxpipe.errors import UsageError
     from onnxpipe.home import resolve_model
     from onnxpipe.manifest import read_manifest
-    from onnxpipe.measure.quality import SEQ2SEQ, evaluate_classification, evaluate_generation
+    from onnxpipe.measure.quality import (
+        QUESTION_ANSWERING,
+        SEQ2SEQ,
+        evaluate_answers,
+        evaluate_classification,
+        evaluate_generation,
+    )
 
     folder = resolve_model(model)
     task = read_manifest(folder).get("task")
-    seq2seq = task == SEQ2SEQ
-    wrong = _CLASSIFY_ONLY if seq2seq else _SEQ2SEQ_ONLY
+    seq2seq, qa = task == SEQ2SEQ, task == QUESTION_ANSWERING
+    only = {"text-classification": _CLASSIFY_ONLY, SEQ2SEQ: _SEQ2SEQ_ONLY, QUESTION_ANSWERING: _QA_ONLY}
+    scored_as = task if task in only else "text-classification"  # load_classifier says what it cannot score
+    wrong = tuple(name for kind, names in only.items() if kind != scored_as for name in names)
     ctx = click.get_current_context()
     flags = {p.name: max(p.opts, key=len) for p in ctx.command.params}
     given = [flags[name] for name in wrong if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
     if given:
-        meant = "text-classification" if seq2seq else SEQ2SEQ
+        meant = next(k for k, names in only.items() if k != scored_as and {flags[n] for n in names} & set(given))
         raise UsageError(f"{', '.join(given)}: only for {meant} exports ({folder.name} is a {task} export)")
-    if seq2seq:
+    if qa:
+        report = evaluate_answers(
+            model,
+            data,
+            question_field=kw["question_field"],
+            context_field=kw["context_field"],
+            answers_field=kw["answers_field"],
+            against=against,
+            device=device,
+            threads=threads,
+            batch_size=batch_size or 32,
+            task_options={
+                k: kw[k] for k in ("handle_impossible_answer", "max_answer_len", "max_seq_len", "doc_stride")
+            },
+        )
+    elif seq2seq:
         if (kw["num_return_sequences"] or 1) > 1:
             raise UsageError("--num-return-sequences: eval scores the best output of each source only")
         options = {
@@ -193,7 +276,9 @@ def eval_command(
     if report["truncated"]:
         console.warn(f"{report['truncated']} text(s) longer than the model's maximum length were truncated")
     if console.VERBOSITY["level"] >= 0:
-        if seq2seq:
+        if qa:
+            _print_answers(report)
+        elif seq2seq:
             _print_generation(report)
         else:
             _print_report(report, tables=not brief)
@@ -227,6 +312,29 @@ def _print_generation(report: dict) -> None:
         out.print(
             f"agreement {report['model']} vs {report['against']['model']}: [bold]{_pct(a['agreement'])}[/bold] "
             f"({a['same']}/{a['examples']} identical outputs, {a['differ']} differ)"
+        )
+
+
+def _print_answers(report: dict) -> None:
+    from onnxpipe.console import stderr
+
+    out = stderr()
+    runs = [report] + ([report["against"]] if "against" in report else [])
+    for run in runs:
+        s = run["scores"]
+        out.print(
+            f"[bold]{run['model']}[/bold] ({run.get('precision') or '?'}, {run['provider']}) on {report['data']}: "
+            f"exact match [bold]{s['exact_match']:.2f}[/bold], F1 [bold]{s['f1']:.2f}[/bold] ({s['total']} questions)"
+        )
+        for key, what in (("has_answer", "with an answer"), ("no_answer", "without an answer")):
+            if s[key]["total"] and s[key]["total"] < s["total"]:
+                part = s[key]
+                out.print(f"  {what}: exact match {part['exact_match']:.2f}, F1 {part['f1']:.2f} ({part['total']})")
+    if "against" in report:
+        a = report["against"]["agreement"]
+        out.print(
+            f"agreement {report['model']} vs {report['against']['model']}: [bold]{_pct(a['agreement'])}[/bold] "
+            f"({a['same']}/{a['examples']} same answer, {a['differ']} differ)"
         )
 
 

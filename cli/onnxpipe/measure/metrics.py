@@ -74,3 +74,76 @@ def agreement(pred_a: Sequence[int], pred_b: Sequence[int]) -> dict[str, Any]:
         "differ": int(a.size - same),
         "agreement": float(same / a.size) if a.size else 0.0,
     }
+
+
+# --- SQuAD (extractive question answering) ---------------------------------------------------------
+# The official SQuAD 2.0 evaluation script's functions (v1.1's normalisation, plus its no-answer rule):
+# no kept library computes them without torch or the hub (evaluate's squad metric loads its script
+# from the hub; torchmetrics needs torch), so they are here, line for line.
+
+
+def normalize_answer(s: str) -> str:
+    """Lower text and remove punctuation, articles and extra whitespace."""
+    import re
+    import string
+
+    def remove_articles(text: str) -> str:
+        return re.sub(re.compile(r"\b(a|an|the)\b", re.UNICODE), " ", text)
+
+    def white_space_fix(text: str) -> str:
+        return " ".join(text.split())
+
+    def remove_punc(text: str) -> str:
+        exclude = set(string.punctuation)
+        return "".join(ch for ch in text if ch not in exclude)
+
+    return white_space_fix(remove_articles(remove_punc(s.lower())))
+
+
+def _tokens(s: str) -> list[str]:
+    return normalize_answer(s).split() if s else []
+
+
+def squad_exact(gold: str, pred: str) -> int:
+    return int(normalize_answer(gold) == normalize_answer(pred))
+
+
+def squad_f1(gold: str, pred: str) -> float:
+    from collections import Counter
+
+    gold_toks, pred_toks = _tokens(gold), _tokens(pred)
+    common = Counter(gold_toks) & Counter(pred_toks)
+    num_same = sum(common.values())
+    if len(gold_toks) == 0 or len(pred_toks) == 0:
+        # If either is no-answer, then F1 is 1 if they agree, 0 otherwise
+        return float(gold_toks == pred_toks)
+    if num_same == 0:
+        return 0.0
+    precision = num_same / len(pred_toks)
+    recall = num_same / len(gold_toks)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def squad_metrics(golds: Sequence[Sequence[str]], preds: Sequence[str]) -> dict[str, Any]:
+    """Exact match and F1 in percent, each the max over an example's gold answers, as the official script
+    gives them: overall and split into examples with an answer and without (SQuAD 2.0: no gold answer, or
+    only answers that normalise to nothing, means the right prediction is the empty answer)."""
+    exact, f1, has_answer = [], [], []
+    for answers, pred in zip(golds, preds):
+        gold = [a for a in answers if normalize_answer(a)] or [""]
+        exact.append(max(squad_exact(a, pred) for a in gold))
+        f1.append(max(squad_f1(a, pred) for a in gold))
+        has_answer.append(bool(answers))  # as the script's make_qid_to_has_ans: any gold answer at all
+
+    def figures(keep: list[bool]) -> dict[str, Any]:
+        n = sum(keep)
+        return {
+            "exact_match": 100.0 * sum(e for e, k in zip(exact, keep) if k) / n if n else 0.0,
+            "f1": 100.0 * sum(f for f, k in zip(f1, keep) if k) / n if n else 0.0,
+            "total": n,
+        }
+
+    out = figures([True] * len(exact))
+    out["has_answer"] = figures(has_answer)
+    out["no_answer"] = figures([not h for h in has_answer])
+    return out

@@ -16,12 +16,13 @@ from typing import Any, TypeVar
 from onnxpipe.errors import InputError, UsageError
 from onnxpipe.home import resolve_model
 from onnxpipe.manifest import read_manifest
-from onnxpipe.measure.metrics import agreement, classification_metrics
+from onnxpipe.measure.metrics import agreement, classification_metrics, squad_metrics
 from onnxpipe.registry import FAMILIES
 from onnxpipe.stream.labelled import Labelled, apply_label_map, parse_label_map, read_labelled
 
 CLASSIFICATION = FAMILIES["classify"].export_tasks[0]
 SEQ2SEQ = FAMILIES["translate"].export_tasks[0]
+QUESTION_ANSWERING = FAMILIES["answer"].export_tasks[0]
 
 
 @dataclass
@@ -364,3 +365,165 @@ def generate_onnx(
     if getattr(task, "position_limited", 0):  # as run_stream_command reads it
         note = f"{task.position_limited} output(s) stopped at {task.position_limit}, before {task.requested_limit}"
     return Generated(texts, model.provider or "", model.device_note, summary.truncated, note)
+
+
+# --- question answering (SQuAD) ---------------------------------------------------------------
+
+
+@dataclass
+class SquadData:
+    questions: list[str]
+    contexts: list[str]
+    answers: list[list[str]]  # the gold answers of each example; empty: no answer (SQuAD 2.0)
+    lines: list[int]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+
+def _gold_answers(value: Any) -> list[str] | None:
+    """SQuAD's answers as datasets writes them ({"text": [...], "answer_start": [...]}), as the original JSON
+    holds them ([{"text": ..., "answer_start": ...}, ...]), or a plain list of strings; None if none of these."""
+    if isinstance(value, dict):
+        value = value.get("text")
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        texts = [v.get("text") if isinstance(v, dict) else v for v in value]
+        if all(isinstance(t, str) for t in texts):
+            return [str(t) for t in texts]
+    return None
+
+
+def read_squad(
+    path: str | Path, question: str = "question", context: str = "context", answers: str = "answers"
+) -> SquadData:
+    """A SQuAD-style JSONL file: one example per line with QUESTION, CONTEXT and ANSWERS fields."""
+    import json
+
+    from onnxpipe.stream.readers import read_text_lines
+
+    source = str(path)
+    data = SquadData([], [], [], [], source)
+    for number, line in enumerate(read_text_lines(path, strict=True), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise InputError(f"malformed JSON: {exc}", line=number, source=source) from None
+        if not isinstance(obj, dict):
+            raise InputError("not a JSON object", line=number, source=source)
+        fields = []
+        for name in (question, context):
+            if not isinstance(obj.get(name), str):
+                raise InputError(
+                    f"no text field {name!r} (fields: {', '.join(obj) or 'none'})", line=number, source=source
+                )
+            fields.append(obj[name])
+        gold = _gold_answers(obj.get(answers))
+        if gold is None:
+            raise InputError(
+                f"field {answers!r} is not a list of answers ({{'text': [...]}}, [{{'text': ...}}] or [...])",
+                line=number,
+                source=source,
+            )
+        data.questions.append(fields[0])
+        data.contexts.append(fields[1])
+        data.answers.append(gold)
+        data.lines.append(number)
+    if not data.questions:
+        raise InputError(f"{source} has no examples")
+    return data
+
+
+def load_question_answering(ref: str | Path) -> tuple[Path, dict[str, Any]]:
+    folder = resolve_model(ref)
+    manifest = read_manifest(folder)
+    if manifest.get("task") != QUESTION_ANSWERING:
+        raise UsageError(
+            f"{folder.name} is a {manifest.get('task')} export, not {QUESTION_ANSWERING}",
+            hint="--against needs an export of the same task",
+        )
+    return folder, manifest
+
+
+def answer_onnx(
+    folder: Path, data: SquadData, device: str, batch_size: int, task_options: dict, threads: int | None = None
+) -> Generated:
+    """The best answer to each question of DATA exactly as `onnxpipe answer` gives it ("" for none)."""
+    from onnxpipe.runtime import load_model
+    from onnxpipe.stream.engine import Engine, EngineOptions
+    from onnxpipe.stream.records import Record
+
+    model = load_model(folder, device=device, threads=threads)
+    task = FAMILIES["answer"].make_task(model, task_options)
+    collect = _Collect(len(data), lambda answers: answers[0]["answer"] if answers else "")
+    records = (
+        Record(seq=i, text=c, source=data.source, line=line, nbytes=len(c) + len(q) + 2, pair=q)
+        for i, (q, c, line) in enumerate(zip(data.questions, data.contexts, data.lines))
+    )
+    Engine(task, collect, EngineOptions(batch_size=batch_size)).run_records(records)
+    texts = [t if t is not None else "" for t in collect.values]  # an empty context answers nothing
+    return Generated(list(texts), model.provider or "", model.device_note)
+
+
+def evaluate_answers(
+    model: str | Path,
+    data_path: str | Path,
+    *,
+    question_field: str = "question",
+    context_field: str = "context",
+    answers_field: str = "answers",
+    against: str | Path | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    batch_size: int = 32,
+    task_options: dict | None = None,
+) -> dict[str, Any]:
+    """SQuAD exact match and F1 (the official script's, in percent) of MODEL's answers on a SQuAD JSONL file.
+
+    Every example is scored; one without gold answers (SQuAD 2.0) is right when the answer is empty, which
+    needs task_options handle_impossible_answer. With `against`, a second export answers the same questions.
+    """
+    folder, manifest = load_question_answering(model)
+    data = read_squad(data_path, question_field, context_field, answers_field)
+    options = dict(task_options or {})
+    out = answer_onnx(folder, data, device, batch_size, options, threads=threads)
+    preds = [t or "" for t in out.texts]
+    report: dict[str, Any] = {
+        "model": folder.name,
+        "path": str(folder),
+        "precision": manifest.get("precision"),
+        "provider": out.provider,
+        "data": str(data_path),
+        "task": QUESTION_ANSWERING,
+        "examples": len(data),
+        "skipped_empty": 0,
+        "truncated": 0,
+        "scores": squad_metrics(data.answers, preds),
+    }
+    notes = [out.device_note] if out.device_note else []
+    if against is not None:
+        other_folder, other_manifest = load_question_answering(against)
+        other = answer_onnx(other_folder, data, device, batch_size, options, threads=threads)
+        other_preds = [t or "" for t in other.texts]
+        same = sum(a == b for a, b in zip(preds, other_preds))
+        report["against"] = {
+            "model": other_folder.name,
+            "path": str(other_folder),
+            "precision": other_manifest.get("precision"),
+            "provider": other.provider,
+            "scores": squad_metrics(data.answers, other_preds),
+            "agreement": {
+                "examples": len(data),
+                "same": same,
+                "differ": len(data) - same,
+                "agreement": same / len(data),
+            },
+        }
+        if other.device_note:
+            notes.append(other.device_note)
+    report["notes"] = notes
+    return report
