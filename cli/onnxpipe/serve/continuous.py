@@ -277,10 +277,12 @@ class ContinuousBatcher:
         self._mask = np.zeros((0, 0), dtype=np.int64)
         self._next = np.zeros(0, dtype=np.int64)
         self._logits: np.ndarray | None = None  # the next-token logits of every running row
-        # Counters, for tests and benchmarks: model runs, and the most rows one decoding step ran.
+        # Counters, for tests, benchmarks and the server's /health: model runs, the most rows one decoding
+        # step ran, and the requests cancelled before their end (client gone, timeout).
         self.prefills = 0
         self.steps = 0
         self.max_rows = 0
+        self.cancelled = 0
         self._thread = threading.Thread(target=self._loop, name=f"onnxpipe-generate-{pipeline.name}", daemon=True)
         self._thread.start()
 
@@ -382,6 +384,7 @@ class ContinuousBatcher:
                     return  # closing, and nothing left
                 room = self.max_batch - len(self._rows)
                 newcomers = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+            self.cancelled += sum(s.cancelled for s in newcomers)
             newcomers = [s for s in newcomers if not s.cancelled]
             try:
                 if newcomers:
@@ -447,6 +450,7 @@ class ContinuousBatcher:
         for r, row in enumerate(self._rows):
             if row.stream.cancelled:
                 keep[r] = False
+                self.cancelled += 1
                 continue
             token = self._pick(row, self._logits[r : r + 1])
             tokens[r] = token
@@ -460,9 +464,8 @@ class ContinuousBatcher:
             if not self._rows:
                 self._reset()
                 return
-            self._past = self.decoder.gather(self._past, kept)
             self._mask, self._next, tokens = self._mask[kept], self._next[kept], tokens[kept]
-            self._trim()
+            self._leave(kept)
         self._mask = np.concatenate([self._mask, np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
         positions = self._next[:, None].copy()
         self._next = self._next + 1
@@ -510,12 +513,18 @@ class ContinuousBatcher:
         finish = "length" if reason == "length" else "stop"
         row.stream._push(GenerationEvent(text=text, finish_reason=finish, usage=usage))
 
-    def _trim(self) -> None:
-        """Drop the left-padding columns no running row uses any more (they only cost compute)."""
-        used = self._mask.any(axis=0)
-        lead = int(np.argmax(used)) if used.any() else 0
+    def _leave(self, kept: np.ndarray) -> None:
+        """Keep the cache rows KEPT (the mask already kept them), without the left-padding columns that no
+        remaining row uses any more: they would only cost compute."""
+        lead = int(np.argmax(self._mask.any(axis=0)))
         if lead:
             self._mask = np.ascontiguousarray(self._mask[:, lead:])
+        if self.decoder.device_type == "cpu":  # one copy: the rows and columns at once
+            self.decoder.stats.cache_gathers += 1
+            self._past = [_from_numpy(self.decoder, v.numpy()[kept, :, lead:]) for v in self._past]
+            return
+        self._past = self.decoder.gather(self._past, kept)  # on the device
+        if lead:
             self._past = [_from_numpy(self.decoder, _to_numpy(v)[:, :, lead:]) for v in self._past]
 
 
@@ -523,20 +532,20 @@ def merge_caches(
     decoder: Any, past_a: list, mask_a: np.ndarray, past_b: list, mask_b: np.ndarray
 ) -> tuple[list, np.ndarray]:
     """Two batches' caches as one: rows of A then rows of B, the shorter left-padded with masked zeros."""
-    width = max(mask_a.shape[1], mask_b.shape[1])
-
-    def padded(values: list, mask: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        extra = width - mask.shape[1]
-        arrays = [_to_numpy(v) for v in values]
-        if not extra:
-            return arrays, mask
-        arrays = [np.pad(a, ((0, 0), (0, 0), (extra, 0), (0, 0))) for a in arrays]
-        return arrays, np.pad(mask, ((0, 0), (extra, 0)))
-
-    arrays_a, mask_a = padded(past_a, mask_a)
-    arrays_b, mask_b = padded(past_b, mask_b)
-    merged = [_from_numpy(decoder, np.concatenate([a, b])) for a, b in zip(arrays_a, arrays_b)]
-    return merged, np.concatenate([mask_a, mask_b])
+    rows_a, width_a = mask_a.shape
+    rows_b, width_b = mask_b.shape
+    width = max(width_a, width_b)
+    mask = np.zeros((rows_a + rows_b, width), dtype=np.int64)
+    mask[:rows_a, width - width_a :] = mask_a
+    mask[rows_a:, width - width_b :] = mask_b
+    merged = []
+    for value_a, value_b in zip(past_a, past_b):
+        a, b = _to_numpy(value_a), _to_numpy(value_b)
+        out = np.zeros((rows_a + rows_b, a.shape[1], width, a.shape[3]), dtype=a.dtype)
+        out[:rows_a, :, width - width_a :] = a
+        out[rows_a:, :, width - width_b :] = b
+        merged.append(_from_numpy(decoder, out))
+    return merged, mask
 
 
 def _to_numpy(value: Any) -> np.ndarray:
