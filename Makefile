@@ -134,6 +134,7 @@ bench: models $(BENCH_STAMP)
 	    $(PY) benchmarks/batch_sizes.py $$1 exports/$$2 $(SENTIMENT)/heldout.txt --threads $(BENCH_THREADS) \
 	    | tee $(RESULTS)/batch-sizes-$$2.md; done
 	set -o pipefail; $(PY) benchmarks/generate.py --threads $(BENCH_THREADS) --json $(RESULTS)/generate.json | tee $(RESULTS)/generate.md
+	set -o pipefail; $(PY) benchmarks/serve.py --threads $(BENCH_THREADS) --hostile --json $(RESULTS)/serve.json | tee $(RESULTS)/serve.md
 	set -o pipefail; $(PY) benchmarks/seq2seq.py build/opus-mt-shaped --threads $(BENCH_THREADS) \
 	    --json $(RESULTS)/seq2seq.json | tee $(RESULTS)/seq2seq.md
 
