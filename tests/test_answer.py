@@ -329,3 +329,53 @@ def test_eval_refuses_squad_flags_on_other_exports_and_bad_data(tmp_path, export
     result = _invoke(["eval", "-m", str(qa_export("bert")), str(data)])
     assert result.exit_code != 0 and result.stdout == ""
     assert "d.jsonl:1" in result.stderr and "'question'" in result.stderr
+
+
+# --- the line contract in a real process and under the suite's hostile inputs -----------------------
+
+
+def test_hostile_inputs_keep_the_line_contract(qa_export):
+    from test_line_contract import expected_texts, hostile_inputs
+
+    for name, data in hostile_inputs().items():
+        for args in (["--question", "What?"], []):  # lines of context; TSV question<TAB>context
+            result = _invoke(
+                ["answer", "-m", str(qa_export("bert")), "--format", "jsonl", "--on-error", "null", *args], data
+            )
+            assert result.exit_code in (0, 3), (name, args, result.stderr)
+            assert "Traceback" not in result.stderr, name
+            rows = [json.loads(line) for line in result.stdout.splitlines()]
+            if args:
+                assert [row.get("text") for row in rows] == expected_texts(data), name
+            else:  # one record per line; a line without a tab is an error record that keeps it
+                assert len(rows) == len(expected_texts(data)), name
+
+
+def test_head_ends_a_run_quietly_and_ctrl_c_exits_130(qa_export):
+    import signal
+    import subprocess
+    import sys
+
+    onnxpipe = [sys.executable, "-m", "onnxpipe", "answer", "-m", str(qa_export("bert"))]
+    proc = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"yes 'Where?\tParis is in France.' | {' '.join(onnxpipe)} | head -2; echo rc=${{PIPESTATUS[1]}} >&2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.stdout.count("\n") == 2
+    assert proc.stderr.strip().splitlines()[-1] in ("rc=0", "rc=141")
+    assert "Traceback" not in proc.stderr
+    run = subprocess.Popen(
+        [*onnxpipe, "-q", "x"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    run.stdin.write(b"Paris is in France.\n")
+    run.stdin.flush()
+    assert run.stdout.readline().strip(), run.communicate(timeout=60)[1].decode(errors="replace")[-2000:]
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and b"Traceback" not in err

@@ -48,6 +48,7 @@ class Family:
 
 _ENC = "logits vs PyTorch; labels (1e-4 scores) vs transformers pipelines"
 _ENC_TASKS = ("text-classification", "token-classification", "fill-mask", "feature-extraction")
+_QA_TASKS = (*_ENC_TASKS, "question-answering")  # the families test_answer.py holds to the QA pipeline
 _GEN = "greedy + beam ids vs transformers generate"
 
 FAMILIES: tuple[Family, ...] = (
@@ -58,10 +59,10 @@ FAMILIES: tuple[Family, ...] = (
         ("bert",),
         "encoder",
         EXPORTS,
-        _ENC_TASKS,
+        _QA_TASKS,
         _ENC,
         TOKENIZER_FAST,
-        ("test_classify.py", "test_tag.py", "test_fill_mask.py", "test_embed.py"),
+        ("test_classify.py", "test_tag.py", "test_fill_mask.py", "test_embed.py", "test_answer.py"),
     ),
     Family(
         "distilbert",
@@ -69,10 +70,10 @@ FAMILIES: tuple[Family, ...] = (
         ("distilbert",),
         "encoder",
         EXPORTS,
-        _ENC_TASKS,
+        _QA_TASKS,
         _ENC,
         TOKENIZER_FAST,
-        ("test_classify.py", "test_tag.py", "test_fill_mask.py", "test_embed.py"),
+        ("test_classify.py", "test_tag.py", "test_fill_mask.py", "test_embed.py", "test_answer.py"),
     ),
     Family(
         "roberta",
@@ -80,10 +81,10 @@ FAMILIES: tuple[Family, ...] = (
         ("roberta",),
         "encoder",
         EXPORTS,
-        _ENC_TASKS,
+        _QA_TASKS,
         _ENC,
         TOKENIZER_FAST,
-        ("test_classify.py", "test_tag.py", "test_fill_mask.py", "test_embed.py"),
+        ("test_classify.py", "test_tag.py", "test_fill_mask.py", "test_embed.py", "test_answer.py"),
     ),
     Family(
         "xlm-roberta",

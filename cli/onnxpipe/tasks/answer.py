@@ -126,6 +126,7 @@ class AnswerTask(EncoderTask):
     def _answers(self, context: str, windows: list[Any], starts: list[np.ndarray], ends: list[np.ndarray]) -> list:
         min_null_score = 1000000.0  # large and positive
         answers: list[dict[str, Any]] = []
+        by_text: dict[str, dict[str, Any]] = {}  # the pipeline's get_answer (first answer of the same text, any case)
         pre_topk = self.top_k * 2 + 10 if self.align_to_words else self.top_k
         sequence_index = 1 if self.question_first else 0
         for enc, start, end in zip(windows, starts, ends):
@@ -138,11 +139,13 @@ class AnswerTask(EncoderTask):
             for s, e, score in zip(s_idx, e_idx, scores):
                 start_index, end_index = self._indices(enc, int(s) - offset, int(e) - offset, sequence_index)
                 target = context[start_index:end_index]
-                same = next((a for a in answers if a["answer"].lower() == target.lower()), None)
+                same = by_text.get(target.lower())
                 if same is not None:
                     same["score"] += score.item()
                 else:
-                    answers.append({"score": score.item(), "start": start_index, "end": end_index, "answer": target})
+                    answer = {"score": score.item(), "start": start_index, "end": end_index, "answer": target}
+                    answers.append(answer)
+                    by_text[target.lower()] = answer
         if self.handle_impossible_answer:
             answers.append({"score": min_null_score, "start": 0, "end": 0, "answer": ""})
         answers = sorted(answers, key=lambda a: a["score"], reverse=True)[: self.top_k]
