@@ -296,7 +296,7 @@ class _Handlers:
                 code="unknown_url",
             )
         served = self._lookup(request, body, family, f"/v1/{name}")
-        texts, _ = openai.texts(body, "input")
+        texts = openai.task_inputs(body)
         options = {k: v for k, v in body.items() if k not in ("model", "input", "user")}
         results = await served.batcher(family, self.settings).submit(texts, options)
         return JSONResponse({"object": "list", "model": served.name, "data": [r.to_dict() for r in results]})

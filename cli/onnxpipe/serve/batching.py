@@ -19,13 +19,21 @@ from onnxpipe.api import Pipeline, _hashable
 from onnxpipe.stream.records import Result
 
 
+def _chars(value: Any) -> int:
+    """An input's characters: a text, a (text, text_pair) pair, a {"question", "context"} object."""
+    if isinstance(value, str):
+        return len(value)
+    items = value.values() if isinstance(value, dict) else value
+    return sum(len(v) for v in items if isinstance(v, str))
+
+
 class QueueFull(Exception):
     """More requests are waiting for this export than --max-queue allows."""
 
 
 @dataclass
 class _Request:
-    texts: list[str]
+    texts: list[Any]  # what Pipeline takes: texts, pairs, question/context objects
     options: dict[str, Any]
     key: Any
     future: asyncio.Future
@@ -61,7 +69,7 @@ class DynamicBatcher:
     def queued(self) -> int:
         return len(self._pending)
 
-    async def submit(self, texts: list[str], options: dict[str, Any]) -> list[Result]:
+    async def submit(self, texts: list[Any], options: dict[str, Any]) -> list[Result]:
         """The Results of TEXTS with OPTIONS, once the run that took them is done."""
         if len(self._pending) >= self.max_queue:
             raise QueueFull()
@@ -69,7 +77,7 @@ class DynamicBatcher:
         assert self._arrived is not None
         key = tuple(sorted((k, _hashable(v)) for k, v in options.items()))
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Request(texts, options, key, future, sum(len(t) for t in texts)))
+        self._pending.append(_Request(texts, options, key, future, sum(_chars(t) for t in texts)))
         self._arrived.set()
         try:
             # shield: a client that went away (or timed out) does not cancel the shared run
@@ -123,7 +131,7 @@ class DynamicBatcher:
                 await asyncio.wait_for(self._arrived.wait(), left)
         return group
 
-    def _call(self, texts: list[str], options: dict[str, Any]) -> list[Result]:
+    def _call(self, texts: list[Any], options: dict[str, Any]) -> list[Result]:
         return self.pipeline(texts, **options)
 
     async def _run(self, group: list[_Request]) -> None:

@@ -105,6 +105,39 @@ def texts(body: dict[str, Any], name: str = "input", allow_empty: bool = True) -
     return items, single
 
 
+def task_inputs(body: dict[str, Any]) -> list[Any]:
+    """onnxpipe's task endpoints: "input" as a text, a {"question", "context"} object (answer), or a
+    non-empty list of texts, [text, text_pair] pairs and such objects; as the Python API takes them."""
+    value = body.get("input")
+    if value == []:
+        raise APIError(400, "'input' cannot be an empty array", param="input")
+    items: list[Any] = value if isinstance(value, list) else [value]  # a pair alone is [[text, text_pair]]
+    out: list[Any] = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, list) and _pair(item):
+            out.append((item[0], item[1]))
+        elif (
+            isinstance(item, dict)
+            and set(item) == {"question", "context"}
+            and all(isinstance(v, str) for v in item.values())
+        ):
+            out.append(dict(item))
+        else:
+            raise APIError(
+                400,
+                '\'input\' must be a text, a {"question", "context"} object, or a non-empty array of texts, '
+                "[text, text_pair] pairs and such objects",
+                param="input",
+            )
+    return out
+
+
+def _pair(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
+
+
 def stop_strings(body: dict[str, Any]) -> list[str]:
     value = body.get("stop")
     if value is None:
