@@ -17,6 +17,10 @@ from onnxpipe.commands._options import _STREAM_KEYS
 _COPIED = ("model", "batch_size", "max_batch_tokens", "on_error", "device", "threads")
 # What the batch options are called, to tell them from a task option of the same name.
 _BATCH_KEYS = ("inputs", "output_dir", "field", "column", "output_format", "workers", "force", "engine", "progress")
+_PAIR_KEYS = ("pair_field", "pair_column")
+# Streaming commands whose records can be text pairs (Record.pair): classify's --pair-field, answer's question.
+_PAIRED = ("pair_field", "question_field")
+_RAY_KEYS = ("actors", "cpus_per_actor", "gpus_per_actor", "ray_address")  # --engine ray's own options
 
 
 def _families() -> list[str]:
@@ -95,6 +99,7 @@ def _batch_params() -> list[click.Parameter]:
             show_default=True,
             help="local: worker processes on this machine. ray: Ray Data (needs onnxpipe[ray]).",
         ),
+        *_ray_params(),
         click.Option(
             ["--force"],
             is_flag=True,
@@ -104,6 +109,42 @@ def _batch_params() -> list[click.Parameter]:
             ["--progress/--no-progress"],
             default=None,
             help="Show a progress bar on stderr. [default: when stderr is a terminal]",
+        ),
+    ]
+
+
+def _ray_params() -> list[click.Parameter]:
+    return [
+        click.Option(
+            ["--actors"],
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            metavar="N",
+            help="--engine ray: Ray actors, each holding the model once (its own session and --threads).",
+        ),
+        click.Option(
+            ["--cpus-per-actor"],
+            type=click.FloatRange(min=0, min_open=True),
+            default=1.0,
+            show_default=True,
+            metavar="X",
+            help="--engine ray: CPUs Ray reserves for each actor; without --threads, each actor runs that many threads.",
+        ),
+        click.Option(
+            ["--gpus-per-actor"],
+            type=click.FloatRange(min=0),
+            default=0.0,
+            show_default=True,
+            metavar="X",
+            help="--engine ray: GPUs for each actor, fractions allowed (0.5: two actors share a GPU); "
+            "above 0, each actor runs on CUDA.",
+        ),
+        click.Option(
+            ["--ray-address"],
+            metavar="ADDRESS",
+            help="--engine ray: the Ray cluster to run on (host:port, or ray://...). "
+            "[default: RAY_ADDRESS, else a local Ray started for the job and stopped after it]",
         ),
     ]
 
@@ -124,10 +165,26 @@ def _task_command(name: str) -> click.Command:
     def callback(**kw: Any) -> None:
         run_batch(name, kw)
 
+    pairs = []
+    if any(p.name in _PAIRED for p in streaming.params):
+        pairs = [
+            click.Option(
+                ["--pair-field"],
+                metavar="NAME",
+                help="JSONL inputs: each record is a text pair, its second text in field NAME"
+                + (" (answer: the question)." if name == "answer" else "."),
+            ),
+            click.Option(
+                ["--pair-column"],
+                metavar="NAME|N",
+                help="CSV, TSV and Parquet inputs: each row is a text pair, its second text in column NAME (or N)"
+                + (" (answer: the question)." if name == "answer" else "."),
+            ),
+        ]
     return click.Command(
         name,
         callback=callback,
-        params=[*_task_params(name), *_batch_params()],
+        params=[*_task_params(name), *_batch_params(), *pairs],
         help=_SUB_HELP.format(summary=summary, name=name),
         short_help=f"{summary.split('. ')[0].rstrip('.')}, as a batch job.",
     )
@@ -173,7 +230,8 @@ def run_batch(name: str, kw: dict[str, Any]) -> None:
     from onnxpipe.manifest import read_manifest
     from onnxpipe.registry import family_for_export
 
-    batch_opts = {k: kw.pop(k) for k in _BATCH_KEYS}
+    batch_opts = {k: kw.pop(k) for k in (*_BATCH_KEYS, *_RAY_KEYS)}
+    pairs = {k: kw.pop(k, None) for k in _PAIR_KEYS}
     common = {k: kw.pop(k) for k in _COPIED if k in kw}
     options = _task_options(name, kw)
     if batch_opts["output_format"] == "parquet":
@@ -181,7 +239,7 @@ def run_batch(name: str, kw: dict[str, Any]) -> None:
 
         require_extra("parquet", "--output-format parquet", "pyarrow", "pyarrow.parquet")
     plan = plan_job(batch_opts["inputs"], batch_opts["output_dir"], batch_opts["output_format"])
-    spec = InputSpec(field=batch_opts["field"], column=batch_opts["column"])
+    spec = InputSpec(field=batch_opts["field"], column=batch_opts["column"], **pairs)
     spec.check(plan)
     folder = resolve_model(common["model"])
     manifest = read_manifest(folder)
@@ -192,7 +250,13 @@ def run_batch(name: str, kw: dict[str, Any]) -> None:
         export=str(folder.resolve()),
         export_checksum=export_checksum(folder),
         options=options,
-        input={"field": spec.field, "column": spec.column, "output_format": plan.output_format},
+        input={
+            "field": spec.field,
+            "column": spec.column,
+            "pair_field": spec.pair_field,
+            "pair_column": spec.pair_column,
+            "output_format": plan.output_format,
+        },
         engine=batch_opts["engine"],
     )
     engine = batch_opts["engine"]
@@ -203,7 +267,10 @@ def run_batch(name: str, kw: dict[str, Any]) -> None:
         if skipped:
             console.info(f"skipped {skipped} shard(s) already done")
         if engine == "ray":
-            summary = run_ray(plan, job, {**common, **batch_opts, "run": run, "spec": spec, "options": options})
+            settings = {**common, **batch_opts, "run": run, "spec": spec, "options": options}
+            summary = _with_bar(
+                run, batch_opts, lambda advance: run_ray(plan, job, {**settings, "on_progress": advance})
+            )
         else:
             summary = _run_local(name, run, spec, folder, options, common, batch_opts)
         run.finish()
@@ -284,6 +351,19 @@ def _run_local(
     bar = _Bar(run) if show and VERBOSITY["level"] >= 0 else None
     try:
         return run_local(run, spec, local, progress=bar.advance if bar else None)
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
+def _with_bar(run: Any, batch_opts: dict[str, Any], job: Any) -> Any:
+    """JOB(advance) with the progress bar's advance (None when there is no bar), as _run_local runs it."""
+    from onnxpipe.console import VERBOSITY
+
+    show = batch_opts["progress"] if batch_opts["progress"] is not None else _isatty(sys.stderr)
+    bar = _Bar(run) if show and VERBOSITY["level"] >= 0 else None
+    try:
+        return job(bar.advance if bar else None)
     finally:
         if bar is not None:
             bar.stop()
