@@ -33,10 +33,13 @@ _PARQUET_BATCH = 1024
 @dataclass(frozen=True)
 class InputSpec:
     """Where the text is: `field` in JSONL objects; `column` in CSV/TSV (a header name, or a 1-based
-    index as digits) and Parquet (a column name, or a 1-based index)."""
+    index as digits) and Parquet (a column name, or a 1-based index). With `pair_field` / `pair_column`
+    each record is a text pair, its second text in Record.pair (as the streaming --pair-field)."""
 
     field: str | None = None
     column: str | None = None
+    pair_field: str | None = None
+    pair_column: str | None = None
 
     def check(self, plan: Plan) -> None:
         """Refuse (UsageError) a plan whose files this spec cannot read, before any model loads."""
@@ -50,6 +53,16 @@ class InputSpec:
                 raise UsageError(f"{first.source} is {kind.upper()}: give --column NAME (or its 1-based index)")
         if "parquet" in kinds:
             _require_pyarrow("reading Parquet input")
+        if self.pair_field is not None or self.pair_column is not None:
+            for shard in plan.shards:
+                if shard.kind == "text":
+                    raise UsageError(f"{shard.source} is text: text pairs need JSONL, CSV, TSV or Parquet input")
+                if shard.kind == "jsonl" and self.pair_field is None:
+                    raise UsageError(f"{shard.source} is JSONL: give --pair-field NAME for the second text")
+                if shard.kind != "jsonl" and self.pair_column is None:
+                    raise UsageError(
+                        f"{shard.source} is {shard.kind.upper()}: give --pair-column NAME for the second text"
+                    )
 
 
 def number_key(shard: Shard) -> str:
@@ -62,12 +75,14 @@ def read_rows(shard: Shard, spec: InputSpec) -> Iterator[Record]:
     Parquet), `seq` the 0-based record index, `source` the path as given; `fields` carries the
     pass-through fields (JSONL) or columns (CSV, TSV, Parquet: by header name). A record that cannot
     be read (malformed JSON, a missing field or column) has `error` set, as in the streaming commands."""
-    if shard.kind in ("text", "jsonl"):
-        return _read_lines(shard, spec.field if shard.kind == "jsonl" else None)
+    if shard.kind == "text":
+        return _read_lines(shard, None, None)
+    if shard.kind == "jsonl":
+        return _read_lines(shard, spec.field, spec.pair_field)
     if shard.kind in ("csv", "tsv"):
-        return _read_delimited(shard, spec.column, "," if shard.kind == "csv" else "\t")
+        return _read_delimited(shard, spec.column, spec.pair_column, "," if shard.kind == "csv" else "\t")
     if shard.kind == "parquet":
-        return _read_parquet(shard, spec.column)
+        return _read_parquet(shard, spec.column, spec.pair_column)
     raise UsageError(f"unknown input kind {shard.kind!r}")
 
 
@@ -78,9 +93,9 @@ def _open(shard: Shard) -> IO[bytes]:
         raise InputError(f"cannot read {shard.source}: {exc.strerror or exc}") from None
 
 
-def _read_lines(shard: Shard, field: str | None) -> Iterator[Record]:
+def _read_lines(shard: Shard, field: str | None, pair_field: str | None) -> Iterator[Record]:
     """Lines split on b"\\n" only, as stream.readers.LineSource splits them; a last line without one counts."""
-    parser = RecordParser(field=field)
+    parser = RecordParser(field=field, pair_field=pair_field)
     source = str(shard.source)
     line = 1
     with _open(shard) as stream:
@@ -106,7 +121,7 @@ def _column_index(column: str, header: list[str], shard: Shard) -> int:
     raise InputError(f"{shard.source}: no column {column!r} (columns: {', '.join(header) or 'none'})")
 
 
-def _read_delimited(shard: Shard, column: str | None, delimiter: str) -> Iterator[Record]:
+def _read_delimited(shard: Shard, column: str | None, pair_column: str | None, delimiter: str) -> Iterator[Record]:
     source = str(shard.source)
     with _open(shard) as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
@@ -118,6 +133,7 @@ def _read_delimited(shard: Shard, column: str | None, delimiter: str) -> Iterato
         except csv.Error as exc:
             raise InputError(f"{source}: header: {exc}") from None
         index = _column_index(column or "", header, shard)
+        pair = None if pair_column is None else _column_index(pair_column, header, shard)
         seq = 0
         while True:
             try:
@@ -136,6 +152,8 @@ def _read_delimited(shard: Shard, column: str | None, delimiter: str) -> Iterato
                     record.fields = None
                 else:
                     record.text = row[index]
+                    if pair is not None:
+                        record.pair = row[pair]
             else:
                 record.fields = {}  # an empty line: an empty record, as in the streaming commands
             yield record
@@ -158,7 +176,7 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _read_parquet(shard: Shard, column: str | None) -> Iterator[Record]:
+def _read_parquet(shard: Shard, column: str | None, pair_column: str | None) -> Iterator[Record]:
     _require_pyarrow("reading Parquet input")
     import pyarrow.parquet as pq
 
@@ -169,6 +187,7 @@ def _read_parquet(shard: Shard, column: str | None) -> Iterator[Record]:
         raise InputError(f"cannot read {source} as Parquet: {exc}") from None
     names = list(pf.schema_arrow.names)
     name = names[_column_index(column or "", names, shard)]
+    pair = None if pair_column is None else names[_column_index(pair_column, names, shard)]
     seq = 0
     for batch in pf.iter_batches(batch_size=_PARQUET_BATCH):
         for row in batch.to_pylist():
@@ -177,10 +196,17 @@ def _read_parquet(shard: Shard, column: str | None) -> Iterator[Record]:
             value = row.get(name)
             if value is None:
                 pass  # null: an empty record, as a null JSONL field
-            elif isinstance(value, str):
+            elif not isinstance(value, str):
+                record.error = f"column {name!r} is a {type(value).__name__}, not a string"
+            elif pair is None:
                 record.text = value
             else:
-                record.error = f"column {name!r} is a {type(value).__name__}, not a string"
+                second = row.get(pair)
+                if isinstance(second, str):
+                    record.text, record.pair = value, second
+                else:
+                    what = "null" if second is None else f"a {type(second).__name__}, not a string"
+                    record.error = f"column {pair!r} is {what}"
             yield record
 
 
