@@ -268,6 +268,35 @@ def test_jsonl_csv_tsv_parquet_inputs_pass_everything_through(classifier, tmp_pa
         ], name
 
 
+def test_text_pairs_are_the_streaming_pairs(classifier, exported, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pairs = [("A man sleeps.", "Someone rests."), ("", "empty first"), ("Cats purr.", "Dogs bark loudly.")]
+    Path("p.jsonl").write_text("".join(json.dumps({"a": a, "b": b}) + "\n" for a, b in pairs))
+    Path("p.csv").write_text("a,b\n" + "".join(f"{a},{b}\n" for a, b in pairs))
+    result = _batch("classify", classifier, ["--field", "a", "--pair-field", "b"], ["p.jsonl"], tmp_path / "j")
+    assert result.exit_code == 0, result.output
+    streamed = _stream_records("classify", classifier, [], Path("p.jsonl"), ("--field", "a", "--pair-field", "b"))
+    assert _shard(tmp_path / "j/p.jsonl.jsonl") == [
+        {**r, "_source": "p.jsonl", "_line": i + 1} for i, r in enumerate(streamed)
+    ]
+    result = _batch("classify", classifier, ["--column", "a", "--pair-column", "b"], ["p.csv"], tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    got = [
+        {k: v for k, v in r.items() if k not in ("a", "b", "_source", "_row")}
+        for r in _shard(tmp_path / "c/p.csv.jsonl")
+    ]
+    assert got == [{k: v for k, v in r.items() if k not in ("a", "b")} for r in streamed]
+    refused = _batch("classify", classifier, ["--pair-column", "b"], ["p.jsonl", "--field", "a"], tmp_path / "r")
+    assert refused.exit_code == 2 and "give --pair-field NAME" in refused.stderr
+    # answer: the pair is the question
+    squad = exported("bert", "question-answering")
+    Path("qa.jsonl").write_text(json.dumps({"q": "Where is Paris?", "c": "Paris is the capital of France."}) + "\n")
+    result = _batch("answer", squad, ["--field", "c", "--pair-field", "q"], ["qa.jsonl"], tmp_path / "qa")
+    assert result.exit_code == 0, result.output
+    expected = _stream_records("answer", squad, [], Path("qa.jsonl"), ("--question-field", "q", "--context-field", "c"))
+    assert _shard(tmp_path / "qa/qa.jsonl.jsonl") == [{**expected[0], "_source": "qa.jsonl", "_line": 1}]
+
+
 def test_parquet_output_holds_the_jsonl_records(classifier, tmp_path):
     pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

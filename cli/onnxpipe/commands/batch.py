@@ -17,6 +17,9 @@ from onnxpipe.commands._options import _STREAM_KEYS
 _COPIED = ("model", "batch_size", "max_batch_tokens", "on_error", "device", "threads")
 # What the batch options are called, to tell them from a task option of the same name.
 _BATCH_KEYS = ("inputs", "output_dir", "field", "column", "output_format", "workers", "force", "engine", "progress")
+_PAIR_KEYS = ("pair_field", "pair_column")
+# Streaming commands whose records can be text pairs (Record.pair): classify's --pair-field, answer's question.
+_PAIRED = ("pair_field", "question_field")
 _RAY_KEYS = ("actors", "cpus_per_actor", "gpus_per_actor", "ray_address")  # --engine ray's own options
 
 
@@ -162,10 +165,26 @@ def _task_command(name: str) -> click.Command:
     def callback(**kw: Any) -> None:
         run_batch(name, kw)
 
+    pairs = []
+    if any(p.name in _PAIRED for p in streaming.params):
+        pairs = [
+            click.Option(
+                ["--pair-field"],
+                metavar="NAME",
+                help="JSONL inputs: each record is a text pair, its second text in field NAME"
+                + (" (answer: the question)." if name == "answer" else "."),
+            ),
+            click.Option(
+                ["--pair-column"],
+                metavar="NAME|N",
+                help="CSV, TSV and Parquet inputs: each row is a text pair, its second text in column NAME (or N)"
+                + (" (answer: the question)." if name == "answer" else "."),
+            ),
+        ]
     return click.Command(
         name,
         callback=callback,
-        params=[*_task_params(name), *_batch_params()],
+        params=[*_task_params(name), *_batch_params(), *pairs],
         help=_SUB_HELP.format(summary=summary, name=name),
         short_help=f"{summary.split('. ')[0].rstrip('.')}, as a batch job.",
     )
@@ -212,6 +231,7 @@ def run_batch(name: str, kw: dict[str, Any]) -> None:
     from onnxpipe.registry import family_for_export
 
     batch_opts = {k: kw.pop(k) for k in (*_BATCH_KEYS, *_RAY_KEYS)}
+    pairs = {k: kw.pop(k, None) for k in _PAIR_KEYS}
     common = {k: kw.pop(k) for k in _COPIED if k in kw}
     options = _task_options(name, kw)
     if batch_opts["output_format"] == "parquet":
@@ -219,7 +239,7 @@ def run_batch(name: str, kw: dict[str, Any]) -> None:
 
         require_extra("parquet", "--output-format parquet", "pyarrow", "pyarrow.parquet")
     plan = plan_job(batch_opts["inputs"], batch_opts["output_dir"], batch_opts["output_format"])
-    spec = InputSpec(field=batch_opts["field"], column=batch_opts["column"])
+    spec = InputSpec(field=batch_opts["field"], column=batch_opts["column"], **pairs)
     spec.check(plan)
     folder = resolve_model(common["model"])
     manifest = read_manifest(folder)
@@ -230,7 +250,13 @@ def run_batch(name: str, kw: dict[str, Any]) -> None:
         export=str(folder.resolve()),
         export_checksum=export_checksum(folder),
         options=options,
-        input={"field": spec.field, "column": spec.column, "output_format": plan.output_format},
+        input={
+            "field": spec.field,
+            "column": spec.column,
+            "pair_field": spec.pair_field,
+            "pair_column": spec.pair_column,
+            "output_format": plan.output_format,
+        },
         engine=batch_opts["engine"],
     )
     engine = batch_opts["engine"]
