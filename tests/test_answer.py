@@ -241,7 +241,7 @@ def test_cli_bad_flags_are_one_line_on_stderr(qa_export, args, message):
 
 
 def test_cli_refuses_an_export_of_another_task(exported):
-    result = _invoke(["answer", "-m", str(exported("bert", "text-classification")), "-q", "x"], input="a\n")
+    result = _invoke(["answer", "-m", str(exported("bert", "text-classification")), "--question", "x"], input="a\n")
     assert result.exit_code != 0 and result.stdout == ""
     assert "question-answering" in result.stderr
 
@@ -371,7 +371,7 @@ def test_head_ends_a_run_quietly_and_ctrl_c_exits_130(qa_export):
     assert proc.stderr.strip().splitlines()[-1] in ("rc=0", "rc=141")
     assert "Traceback" not in proc.stderr
     run = subprocess.Popen(
-        [*onnxpipe, "-q", "x"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [*onnxpipe, "--question", "x"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     run.stdin.write(b"Paris is in France.\n")
     run.stdin.flush()

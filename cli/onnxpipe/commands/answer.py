@@ -11,7 +11,6 @@ from onnxpipe.commands._options import StreamOptions, model_option, run_family, 
 @model_option
 @stream_options(family="answer")
 @click.option(
-    "-q",
     "--question",
     metavar="TEXT",
     help="Ask TEXT of every input line: each line (or --field / --column) is a context.",
