@@ -139,6 +139,7 @@ def test_staggered_greedy_requests_equal_each_request_alone(pipelines, arch):
         assert last.finish_reason == ("length" if alone.finish_reason == "length" else "stop")
         assert last.usage.prompt_tokens == len(prompt_ids) and last.usage.completion_tokens == len(got)
         assert "".join(e.text for e in events) == alone.streamed
+        assert last.full_text == alone.text  # what `onnxpipe generate` and result() give
         if arch == "gpt2":  # byte-level BPE: the pieces add up to decode()'s text
             assert alone.streamed == alone.text
     assert len({len(e) for e in results}) >= 6  # the rows left the batch at different steps

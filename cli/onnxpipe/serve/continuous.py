@@ -110,6 +110,11 @@ class GenerationEvent:
     token_id: int | None = None  # the id generated at this step (None on the last event)
     finish_reason: str | None = None  # "stop" (eos or a stop string) | "length", on the last event only
     usage: Usage | None = None  # on the last event only
+    # On the last event only: the whole completion as `onnxpipe generate` gives it (its ids decoded, cut
+    # before a stop string). The texts of the events add up to it, unless the model produced bytes that
+    # form no valid UTF-8: a byte-fallback decoder turns earlier bytes into U+FFFD once a later one
+    # shows the sequence invalid, which a delta already sent cannot follow.
+    full_text: str | None = None
 
 
 @dataclass
@@ -202,7 +207,8 @@ class GenerationStream:
         if last.finish_reason is None or last.usage is None:
             raise OnnxpipeError("the request was cancelled")
         ids = [e.token_id for e in events if e.token_id is not None]
-        return GenerationOutput("".join(e.text for e in events), ids, last.finish_reason, last.usage)
+        text = last.full_text if last.full_text is not None else "".join(e.text for e in events)
+        return GenerationOutput(text, ids, last.finish_reason, last.usage)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -503,15 +509,16 @@ class ContinuousBatcher:
 
         if reason == "stop":
             final = row.texts.text(0)
-        else:  # as CausalLM._completion: the whole decode (its text may differ from the deltas' at the end)
+        else:  # as CausalLM._completion: the whole decode, and a stop string found only there still ends it
             final = self.lm.tokenizer.decode(row.token_ids, skip_special_tokens=True)
             cut = _cut_at_stop(final, row.stream.request.stop)
-            final = final if cut is None else cut
+            if cut is not None:
+                final, reason = cut, "stop"
         row.texts.finish(0, final)
         usage = Usage(row.prompt_len, row.generated)
         text, row.pending = "".join(row.pending), []
         finish = "length" if reason == "length" else "stop"
-        row.stream._push(GenerationEvent(text=text, finish_reason=finish, usage=usage))
+        row.stream._push(GenerationEvent(text=text, finish_reason=finish, usage=usage, full_text=final))
 
     def _leave(self, kept: np.ndarray) -> None:
         """Keep the cache rows KEPT (the mask already kept them), without the left-padding columns that no
