@@ -528,3 +528,19 @@ def test_two_workers_write_what_one_writes(classifier, corpus_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert _files(tmp_path / "two") == whole
     assert "720 records" in proc.stderr and "12 shard(s) done, 0 skipped" in proc.stderr
+
+
+def test_a_worker_that_cannot_open_the_export_stops_the_job_in_one_line(classifier, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(classifier, broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx graph")
+    _touch(tmp_path / "in/a.txt", "good\n")
+    _touch(tmp_path / "in/b.txt", "bad\n")
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}"
+        result = _batch("classify", broken, [], [tmp_path / "in"], out, "--workers", workers)
+        assert result.exit_code == 1, result.output
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("onnxpipe: error: ")
+        assert not list(out.glob("*.jsonl")) and not list(out.glob(".tmp-*")) and not (out / "_SUCCESS").exists()

@@ -75,18 +75,33 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(options: LocalOptions, quiet_signals: bool = True) -> None:
-    """Open the export once for this process. Workers leave Ctrl-C and SIGTERM to the parent."""
+    """Open the export once for this process. Workers leave Ctrl-C and SIGTERM to the parent.
+
+    In a worker, a failure (a --device that cannot run, a broken export) is kept and every chunk
+    answers with it, so the parent stops with its one line (a raising initializer would only break
+    the pool)."""
+    if not quiet_signals:
+        _open_pipeline(options)
+        return
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from onnxpipe.console import VERBOSITY
+
+    VERBOSITY["level"] = -1
+    try:
+        _open_pipeline(options)
+    except OnnxpipeError as exc:
+        _WORKER.update(failure=(str(exc), int(exc.exit_status)))
+    except Exception as exc:
+        _WORKER.update(failure=(f"a worker could not open the export: {type(exc).__name__}: {exc}", 1))
+
+
+def _open_pipeline(options: LocalOptions) -> None:
     import warnings
 
     import onnxpipe
 
-    if quiet_signals:
-        import signal
-
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        from onnxpipe.console import VERBOSITY
-
-        VERBOSITY["level"] = -1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the parent already said when threads were capped
         pipeline = onnxpipe.load(
@@ -106,6 +121,9 @@ def _run_chunk(shard: Shard, records: list[Record]) -> ChunkResult:
     from onnxpipe.api import _Collector
     from onnxpipe.stream.engine import Engine, EngineOptions
 
+    if "failure" in _WORKER:
+        message, status = _WORKER["failure"]
+        return ChunkResult([], failure=message, failure_status=status)
     options: LocalOptions = _WORKER["options"]
     pipeline = _WORKER["pipeline"]
     try:
@@ -160,11 +178,19 @@ class _Pending:
     def get(self) -> ChunkResult:
         if isinstance(self._result, ChunkResult):
             return self._result
+        from concurrent.futures import TimeoutError as Timeout
+        from concurrent.futures.process import BrokenProcessPool
+
         while True:
-            self._result.wait(_WAIT)  # never an unbounded wait: Ctrl-C and SIGTERM are seen in time
-            if self._result.ready():
-                result: ChunkResult = self._result.get()
+            try:
+                result: ChunkResult = self._result.result(timeout=_WAIT)  # Ctrl-C and SIGTERM are seen in time
                 return result
+            except Timeout:
+                continue
+            except BrokenProcessPool:
+                raise OnnxpipeError(
+                    "a worker process died (killed, or out of memory: try fewer --workers or a smaller --batch-size)"
+                ) from None
 
 
 def run_local(
@@ -186,9 +212,13 @@ def run_local(
     pool = None
     if options.workers > 1:
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-        pool = multiprocessing.get_context("spawn").Pool(
-            options.workers, initializer=_init_worker, initargs=(options, True)
+        pool = ProcessPoolExecutor(
+            options.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(options, True),
         )
     else:
         _init_worker(options, quiet_signals=False)
@@ -203,24 +233,35 @@ def run_local(
             if pool is None:
                 pending.append(_Pending(shard, records, last, _run_chunk(shard, records)))
             else:
-                pending.append(_Pending(shard, records, last, pool.apply_async(_run_chunk, (shard, records))))
+                pending.append(_Pending(shard, records, last, pool.submit(_run_chunk, shard, records)))
             while len(pending) >= (1 if pool is None else ahead):
                 _take(pending.popleft(), writers, summary, progress)
         while pending:
             _take(pending.popleft(), writers, summary, progress)
     except BaseException:
         if pool is not None:
-            pool.terminate()
+            _stop(pool)
+            pool = None
         for writer in writers.values():
             writer.abort()
         raise
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True)
         _WORKER.clear()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _stop(pool: Any) -> None:
+    """Stop the workers now (Ctrl-C, SIGTERM, an error): what they were running is not needed."""
+    processes = list(getattr(pool, "_processes", {}).values())  # the executor has no public kill
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.join(timeout=5)
 
 
 def _take(
