@@ -544,3 +544,12 @@ def test_a_worker_that_cannot_open_the_export_stops_the_job_in_one_line(classifi
         assert result.exit_code == 1, result.output
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("onnxpipe: error: ")
         assert not list(out.glob("*.jsonl")) and not list(out.glob(".tmp-*")) and not (out / "_SUCCESS").exists()
+
+
+def test_several_workers_share_the_cpus_unless_threads_is_given(monkeypatch):
+    from onnxpipe.commands.batch import _worker_threads
+    from onnxpipe.runtime import machine
+
+    monkeypatch.setattr(machine, "usable_cpus", lambda: 8)
+    assert [_worker_threads(None, w) for w in (1, 2, 3, 16)] == [None, 4, 2, 1]
+    assert _worker_threads(3, 2) == 3

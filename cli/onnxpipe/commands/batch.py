@@ -90,7 +90,8 @@ def _batch_params() -> list[click.Parameter]:
             default=1,
             show_default=True,
             metavar="N",
-            help="Worker processes (--engine local), each with its own session and --threads.",
+            help="Worker processes (--engine local), each with its own session and --threads "
+            "[default --threads with several workers: the usable CPUs shared out among them].",
         ),
         click.Option(
             ["--engine"],
@@ -338,7 +339,7 @@ def _run_local(
         family=name,
         options=options,
         device=common["device"],
-        threads=common["threads"],
+        threads=_worker_threads(common["threads"], batch_opts["workers"]),
         batch_size=common["batch_size"],
         max_batch_tokens=common["max_batch_tokens"],
         on_error=common["on_error"],
@@ -354,6 +355,16 @@ def _run_local(
     finally:
         if bar is not None:
             bar.stop()
+
+
+def _worker_threads(threads: int | None, workers: int) -> int | None:
+    """--threads for each worker: as given; else, with several workers, the usable CPUs shared out
+    (each ONNX Runtime session would otherwise take every core, and the workers would fight over them)."""
+    if threads is not None or workers <= 1:
+        return threads
+    from onnxpipe.runtime.machine import usable_cpus
+
+    return max(1, usable_cpus() // workers)
 
 
 def _with_bar(run: Any, batch_opts: dict[str, Any], job: Any) -> Any:
