@@ -554,3 +554,37 @@ def test_a_client_that_goes_away_mid_stream_cancels_its_generation(pipelines, mo
     chunks = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     assert b"[DONE]" not in chunks  # it ended early
     assert stats["cancelled"] == 1 and stats["steps"] < 150, stats
+
+
+def test_concurrent_greedy_generations_equal_each_alone(pipelines):
+    """8 chat requests at once share decoding steps (continuous batching) and get what each gets alone."""
+    prompts = [f"Question {i}: {'why ' * i}is the sky blue?" for i in range(8)]
+    lengths = [4 + 3 * i for i in range(8)]  # they leave the batch at different steps
+
+    async def main():
+        app = create_app(pipelines, Settings())
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            responses = await asyncio.gather(
+                *(
+                    http.post(
+                        "/v1/chat/completions",
+                        json={
+                            "model": "chat",
+                            "messages": [{"role": "user", "content": p}],
+                            "max_tokens": n,
+                            "temperature": 0,
+                        },
+                    )
+                    for p, n in zip(prompts, lengths)
+                )
+            )
+            health = (await http.get("/health")).json()
+        return responses, health
+
+    responses, health = asyncio.run(main())
+    assert health["models"]["chat"]["generation"]["max_rows"] > 1, health  # they did run together
+    for prompt, n, response in zip(prompts, lengths, responses):
+        alone = pipelines["chat"](prompt, chat=True, max_new_tokens=n, temperature=0.0)
+        body = response.json()
+        assert body["choices"][0]["message"]["content"] == alone.generated_text, prompt
+        assert body["usage"]["completion_tokens"] == alone.generated_tokens

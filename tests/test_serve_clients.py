@@ -243,6 +243,22 @@ def _raw(server: Server, request: bytes, timeout: float = 30) -> bytes:
     return b"".join(chunks)
 
 
+def _response(sock: socket.socket) -> bytes:
+    """One whole HTTP response (headers and Content-Length bytes of body) from SOCK."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _length(data: bytes) -> int:
+    found = re.search(rb"(?i)content-length: *(\d+)", data.split(b"\r\n\r\n", 1)[0])
+    return int(found.group(1)) if found else 0
+
+
 def _post(path: str, body: bytes, extra: bytes = b"") -> bytes:
     return (
         f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -266,7 +282,7 @@ def test_oversize_and_malformed_bodies(tiny):
     body = b'{"model": "embed", "input": "' + b"x" * (5 * 1024 * 1024) + b'"}'
     with socket.create_connection(("127.0.0.1", tiny.port), timeout=30) as sock:
         sock.sendall(_post("/v1/embeddings", body)[: -len(body) + 1000])  # the headers, and the body's start
-        big = sock.recv(65536)  # refused on its Content-Length, before the rest is sent
+        big = _response(sock)  # refused on its Content-Length, before the rest is sent
     assert _status(big) == 413 and b'"code":"request_too_large"' in big
     # a body that claims more than it sends, and one that says it is huge before sending anything
     liar = _raw(

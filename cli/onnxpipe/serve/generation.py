@@ -1,4 +1,4 @@
-"""Chat and text completions on a decoder export, on its batcher (serve.serial until serve.continuous lands).
+"""Chat and text completions on a decoder export, on its continuous batcher (serve.continuous).
 
 Each choice of each prompt is one request to the export's `ContinuousBatcher` (choice j uses random
 stream j), so concurrent requests share decoding steps and a long generation does not hold up short
@@ -16,16 +16,16 @@ from typing import Any
 from onnxpipe.api import Pipeline
 from onnxpipe.decoding import DEFAULT_MAX_NEW_TOKENS
 
-# The one edit that swaps in continuous batching: serve.continuous (ContinuousBatcher) has the same surface.
-from onnxpipe.serve.serial import (
+# serve.serial (SerialGenerator: one request at a time) has the same surface, for comparison or a fallback.
+from onnxpipe.serve.continuous import (
     BatcherClosed,
+    ContinuousBatcher,
     GenerationEvent,
     GenerationOutput,
     GenerationRequest,
     GenerationStream,
     QueueFull,
 )
-from onnxpipe.serve.serial import SerialGenerator as ContinuousBatcher
 
 __all__ = ["BatcherClosed", "Generator", "QueueFull", "Sampling"]
 
