@@ -16,7 +16,6 @@ from typing import Any
 from onnxpipe.api import Pipeline
 from onnxpipe.decoding import DEFAULT_MAX_NEW_TOKENS
 
-# serve.serial (SerialGenerator: one request at a time) has the same surface, for comparison or a fallback.
 from onnxpipe.serve.continuous import (
     BatcherClosed,
     ContinuousBatcher,
