@@ -15,7 +15,6 @@ from typing import Any
 
 from onnxpipe.api import Pipeline
 from onnxpipe.decoding import DEFAULT_MAX_NEW_TOKENS
-
 from onnxpipe.serve.continuous import (
     BatcherClosed,
     ContinuousBatcher,
