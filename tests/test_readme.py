@@ -30,6 +30,8 @@ pytestmark = pytest.mark.slow
 STAND_INS = {
     "sentiment": ("bert", "text-classification", {}),
     "sentiment-int8": ("bert", None, {"quantize": "int8"}),
+    "nli": ("bert", "text-classification", {}),
+    "ms-marco": ("bert", "text-classification", {"checkpoint_kw": {"num_labels": 1}}),
     "minilm": ("bert", "feature-extraction", {}),
     "ner": ("bert", "token-classification", {}),
     "squad": ("bert", "question-answering", {}),
@@ -82,6 +84,11 @@ MAN_FILES = {
                 ("What is the capital of Mars?", "The quick brown fox jumps over the lazy dog.", []),
             ]
         )
+    ),
+    "passages.txt": "Pipes connect the output of one program to the input of another.\nThe weather is nice today.\n\n",
+    "nli.jsonl": "".join(
+        json.dumps({"id": i, "premise": p, "hypothesis": h}) + "\n"
+        for i, (p, h) in enumerate([(POSITIVE[0], "The film is good."), (NEGATIVE[0], "The film is good.")])
     ),
     "pairs.tsv": "en\tde\nThe house is small.\tDas Haus ist klein.\nThe weather is nice today.\tDas Wetter ist heute schön.\n",
 }

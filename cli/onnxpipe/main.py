@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "info": "onnxpipe.commands.info:info",
     "verify": "onnxpipe.commands.verify:verify",
     "classify": "onnxpipe.commands.classify:classify",
+    "rerank": "onnxpipe.commands.rerank:rerank",
     "embed": "onnxpipe.commands.embed:embed",
     "tag": "onnxpipe.commands.tag:tag",
     "fill-mask": "onnxpipe.commands.fill_mask:fill_mask",
