@@ -113,6 +113,42 @@ def test_answers_match_the_pipeline(arch, options, qa_export, oracle):
         assert len(items[1].data) > 1
 
 
+# The other encoder families optimum exports for question answering (ModernBERT it does not).
+FAMILY_ARCHS = ["xlm-roberta", "deberta-v2", "electra", "albert", "mpnet"]
+
+
+@pytest.fixture(scope="module")
+def family_qa(tmp_path_factory):
+    """(checkpoint, export) of tiny_families' ARCH with a question-answering head, built once."""
+    import tiny_families
+
+    from onnxpipe.export import export_model
+
+    cache: dict = {}
+
+    def make(arch: str):
+        if arch not in cache:
+            ckpt = tiny_families.build(arch, tmp_path_factory.mktemp("qa-family") / arch, QA)
+            out = tmp_path_factory.mktemp("qa-family-exports") / arch
+            export_model(ckpt, out, task=QA)
+            cache[arch] = ckpt, out
+        return cache[arch]
+
+    return make
+
+
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+def test_other_encoder_families_match_the_pipeline(arch, family_qa):
+    from transformers import pipeline
+
+    ckpt, folder = family_qa(arch)
+    pipe = pipeline(QA, model=str(ckpt), tokenizer=str(ckpt), device="cpu")
+    for options in (OPTIONS[0], OPTIONS[2], OPTIONS[4]):
+        got, _ = _ours(folder, options, CASES)
+        for (question, context), answers in zip(CASES, got):
+            assert_same_answers(answers, _theirs(pipe, options, question, context))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_windows_are_the_fast_tokenizers_overflowing_windows(arch, qa_export, checkpoint):
     from transformers import AutoTokenizer

@@ -19,6 +19,7 @@ _HEADS = {
     "token-classification": "ForTokenClassification",
     "fill-mask": "ForMaskedLM",
     "feature-extraction": "Model",
+    "question-answering": "ForQuestionAnswering",
 }
 _PREFIX = {
     "xlm-roberta": "XLMRoberta",
