@@ -321,7 +321,7 @@ def test_a_rerun_skips_done_shards_and_redoes_the_rest(classifier, tmp_path, mon
         for name in ("a", "b"):
             _touch(tmp_path / f"in/{folder}/{name}.txt", f"{folder} {name} good\nbad\n")
     out = tmp_path / "out"
-    first = _batch("classify", classifier, [], ["in"], out)
+    first = _batch("classify", classifier, [], ["in"], out, "--progress")  # the bar, where stderr is no terminal
     assert first.exit_code == 0, first.output
     assert sorted(_state(out)) == ["x/a.txt.jsonl", "x/b.txt.jsonl", "y/a.txt.jsonl", "y/b.txt.jsonl"]
     assert _shard(out / "y/a.txt.jsonl")[0]["_source"] == "in/y/a.txt"
