@@ -335,6 +335,32 @@ def test_queue_full_raises_and_close_finishes_what_was_accepted(pipelines):
     assert [q.result().token_ids for q in queued] == [expected[:3], expected[:4]]
 
 
+def test_a_request_cancelled_while_queued_frees_its_place(pipelines):
+    pipeline = pipelines("gpt2")
+    batcher = Stepped(pipeline, max_batch=1, max_queue=1)
+    ids = batcher.encode_text("Paris is")
+    try:
+        first = batcher.submit(GenerationRequest(ids, max_new_tokens=6, temperature=0))
+        batcher.advance(1)
+        queued = batcher.submit(GenerationRequest(ids, max_new_tokens=3, temperature=0))
+        with pytest.raises(QueueFull):
+            batcher.submit(GenerationRequest(ids, max_new_tokens=4, temperature=0))
+        queued.cancel()
+        batcher.advance(1)  # at the next step boundary the queue drops it
+        for _ in range(500):
+            if not batcher.waiting:
+                break
+            threading.Event().wait(0.01)
+        later = batcher.submit(GenerationRequest(ids, max_new_tokens=4, temperature=0))
+        batcher.run_free()
+        expected = lone(pipeline, ids, 6).token_ids
+        assert first.result().token_ids == expected and later.result().token_ids == expected[:4]
+        assert batcher.cancelled == 1 and batcher.prefills == 2  # the cancelled request never ran
+    finally:
+        batcher.run_free()
+        batcher.close()
+
+
 def test_async_iteration_of_concurrent_requests(pipelines):
     pipeline = pipelines("llama")
     batcher = ContinuousBatcher(pipeline, max_batch=3)

@@ -388,10 +388,11 @@ class ContinuousBatcher:
                     self._cond.wait()
                 if not self._queue and not self._rows:
                     return  # closing, and nothing left
+                if any(s.cancelled for s in self._queue):  # a client gone while waiting frees its place now
+                    self.cancelled += sum(s.cancelled for s in self._queue)
+                    self._queue = deque(s for s in self._queue if not s.cancelled)
                 room = self.max_batch - len(self._rows)
                 newcomers = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
-            self.cancelled += sum(s.cancelled for s in newcomers)
-            newcomers = [s for s in newcomers if not s.cancelled]
             try:
                 if newcomers:
                     self._admit(newcomers)
