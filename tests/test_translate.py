@@ -180,7 +180,7 @@ def test_summarize_keeps_the_line_contract_and_counts_truncation(s2s):
     )
     assert result.exit_code == 0, result.output
     assert len(result.stdout.split("\n")) == 5 and result.stdout.split("\n")[1] == ""
-    assert "1 record(s) longer than 128 tokens were truncated (<stdin>:3)" in result.stderr
+    assert "1 of 4 records was longer than the model's 128 tokens and was truncated (<stdin>:3)" in result.stderr
 
 
 def test_export_of_another_task_is_refused(exported):

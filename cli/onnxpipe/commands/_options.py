@@ -136,6 +136,27 @@ def device_options(f: Callable) -> Callable:
     return f
 
 
+def truncation_option(windows: bool = False) -> Callable:
+    """--truncation for the encoder commands: what a record longer than the model's window becomes.
+
+    WINDOWS (tag) adds the choice `window`, its default: the whole line in overlapping windows.
+    """
+    window = (
+        "window: tagged whole, in windows that overlap by --stride tokens, their entities merged "
+        "(the default, except with --aggregation none). truncate: only the first window is tagged"
+    )
+    return click.option(
+        "--truncation",
+        type=click.Choice(("window", "truncate", "error") if windows else ("truncate", "error")),
+        default=None if windows else "truncate",
+        show_default=not windows,
+        help="What a record longer than the model's window becomes. "
+        + (window if windows else "truncate: cut to the window")
+        + "; such records are counted and reported once on stderr at the end. error: an error record "
+        "instead (see --on-error).",
+    )
+
+
 _STREAM_KEYS = (
     "inputs",
     "output",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from onnxpipe.commands._options import StreamOptions, model_option, run_family, stream_options
+from onnxpipe.commands._options import StreamOptions, model_option, run_family, stream_options, truncation_option
 
 
 @click.command("embed")
@@ -21,7 +21,8 @@ from onnxpipe.commands._options import StreamOptions, model_option, run_family, 
     default=None,
     help="Scale each vector to unit length. [default: what the export declares, else off]",
 )
-def embed(model: str, stream: StreamOptions, pooling: str | None, normalize: bool | None) -> None:
+@truncation_option()
+def embed(model: str, stream: StreamOptions, pooling: str | None, normalize: bool | None, truncation: str) -> None:
     """Embed each input line with a feature-extraction export.
 
     Writes one vector per line, in input order: space-separated numbers (text), an
@@ -33,4 +34,4 @@ def embed(model: str, stream: StreamOptions, pooling: str | None, normalize: boo
       onnxpipe embed -m minilm --format npy -o vectors.npy sentences.txt
       jq -c '{id, text: .body}' posts.jsonl | onnxpipe embed -m minilm --field text > vectors.jsonl
     """
-    run_family("embed", model, stream, {"pooling": pooling, "normalize": normalize})
+    run_family("embed", model, stream, {"pooling": pooling, "normalize": normalize, "truncation": truncation})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from onnxpipe.commands._options import StreamOptions, model_option, run_family, stream_options
+from onnxpipe.commands._options import StreamOptions, model_option, run_family, stream_options, truncation_option
 
 
 @click.command("fill-mask")
@@ -19,7 +19,8 @@ from onnxpipe.commands._options import StreamOptions, model_option, run_family, 
     metavar="K",
     help="Candidates per mask token.",
 )
-def fill_mask(model: str, stream: StreamOptions, top_k: int) -> None:
+@truncation_option()
+def fill_mask(model: str, stream: StreamOptions, top_k: int, truncation: str) -> None:
     """Fill the mask token in each input line with a fill-mask export.
 
     Each line holds the model's mask token ([MASK] for BERT, <mask> for RoBERTa). Writes one
@@ -33,4 +34,4 @@ def fill_mask(model: str, stream: StreamOptions, top_k: int) -> None:
       echo "Paris is the [MASK] of France." | onnxpipe fill-mask -m bert-base
       onnxpipe fill-mask -m roberta --format jsonl -k 3 --on-error null cloze.txt
     """
-    run_family("fill-mask", model, stream, {"top_k": top_k})
+    run_family("fill-mask", model, stream, {"top_k": top_k, "truncation": truncation})

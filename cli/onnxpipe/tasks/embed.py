@@ -113,8 +113,10 @@ def declared_pooling(model: Any) -> tuple[str, bool]:
 class EmbedTask(EncoderTask):
     task_names = FAMILIES["embed"].export_tasks  # the registry's
 
-    def __init__(self, model: Any, pooling: str | None = None, normalize: bool | None = None):
-        super().__init__(model)
+    def __init__(
+        self, model: Any, pooling: str | None = None, normalize: bool | None = None, truncation: str = "truncate"
+    ):
+        super().__init__(model, truncation)
         declared, declared_normalize = declared_pooling(model)
         self.pooling = pooling or declared
         unknown = [p for p in self.pooling.split("+") if p not in POOLINGS]

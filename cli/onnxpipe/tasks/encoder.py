@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxpipe.errors import UsageError
 from onnxpipe.stream.records import Item, Record
 
 # A line longer than this many characters per allowed token is cut (at a space) before
@@ -19,13 +20,23 @@ from onnxpipe.stream.records import Item, Record
 # not to need truncation after all, the whole line is tokenized.
 CHARS_PER_TOKEN_CAP = 32
 
+# What an encoder task does with a record longer than the model's window: cut it (and count it), or make
+# it an error record (--truncation error). tag adds "window": strided windows over the whole line.
+TRUNCATIONS = ("truncate", "error")
+
 
 class EncoderTask:
     """Base of classify, embed, tag and fill-mask: one session, one forward pass per batch."""
 
     task_names: tuple[str, ...] = ()
+    truncations: tuple[str, ...] = TRUNCATIONS
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, truncation: str = "truncate"):
+        if truncation not in self.truncations:
+            raise UsageError(
+                f"unknown truncation {truncation!r}", hint="one of: " + ", ".join(map(repr, self.truncations))
+            )
+        self.truncation = truncation
         self.model = model
         self.session = model.session()
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -46,7 +57,7 @@ class EncoderTask:
         texts, cut = [], []
         for record in records:
             text = record.text
-            if len(text) > cap:
+            if len(text) > cap and self.truncation != "window":  # windows read the whole line
                 space = text.rfind(" ", cap - 256, cap)
                 text = text[: space if space > 0 else cap]
                 cut.append(True)
@@ -62,7 +73,19 @@ class EncoderTask:
         return items
 
     def make_item(self, record: Record, encoding: Any) -> Item:
+        if encoding.overflowing and self.truncation == "error":
+            return Item(record, len(encoding), data=encoding, error=self.too_long)
         return Item(record, len(encoding), data=encoding, truncated=bool(encoding.overflowing))
+
+    @property
+    def too_long(self) -> str:
+        """The error of a record longer than the model's window, under --truncation error."""
+        return f"longer than the model's {self.max_length} tokens (--truncation error)"
+
+    @property
+    def truncation_hint(self) -> str:
+        """What the end-of-run count of truncated records suggests."""
+        return "--truncation error refuses them"
 
     def run(self, batch: Sequence[Item]) -> list[Any]:
         feed, lengths = self.feed(batch)

@@ -24,8 +24,8 @@ DEFAULT_TOP_K = 5
 class FillMaskTask(EncoderTask):
     task_names = FAMILIES["fill-mask"].export_tasks  # the registry's
 
-    def __init__(self, model: Any, top_k: int = DEFAULT_TOP_K):
-        super().__init__(model)
+    def __init__(self, model: Any, top_k: int = DEFAULT_TOP_K, truncation: str = "truncate"):
+        super().__init__(model, truncation)
         self.top_k = top_k
         mask = model.special_tokens.get("mask_token_id")
         if not isinstance(mask, int):
@@ -48,7 +48,7 @@ class FillMaskTask(EncoderTask):
 
     def make_item(self, record: Record, encoding: Any) -> Item:
         item = super().make_item(record, encoding)
-        if self.mask_id not in encoding.ids:
+        if item.error is None and self.mask_id not in encoding.ids:
             cut = f" within the first {self.max_length} tokens" if item.truncated else ""
             item.error = f"no mask token {self.mask_token}{cut}"
         return item
