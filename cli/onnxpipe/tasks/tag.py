@@ -6,6 +6,12 @@ scores are the pipeline's for the same model and input: softmax per token, speci
 dropped, sub-words found by the tokenizer's continuing-subword prefix (or, for tokenizers without
 one such as byte-level BPE, the pipeline's space heuristic), "O" left out. Offsets are character
 offsets into the line as read (after UTF-8 decoding).
+
+A line longer than the model's window is read whole by default: the tokenizer cuts it into windows that
+overlap by `stride` tokens (the pipeline's `stride=`, return_overflowing_tokens), each window is tagged and
+aggregated on its own with offsets into the whole line, and the entities of all windows are merged as the
+pipeline's `aggregate_overlapping_entities` does (of overlapping entities the longer wins, then the more
+confident). `truncation="truncate"` keeps only the first window, as the pipeline does without a stride.
 """
 
 from __future__ import annotations
@@ -15,19 +21,58 @@ from typing import Any
 
 import numpy as np
 
+from onnxpipe.errors import UsageError
 from onnxpipe.registry import FAMILIES
-from onnxpipe.stream.records import Item
+from onnxpipe.stream.records import Item, Record
 from onnxpipe.tasks.encoder import EncoderTask, softmax
 
 AGGREGATIONS = ("none", "simple", "first", "average", "max")
 IGNORE_LABELS = ("O",)
+# Padded tokens per session run when the windows of long lines are run: a batch of a few long lines can
+# hold many windows, and they are run in slices of this size so memory does not grow with the line.
+WINDOW_RUN_TOKENS = 16384
+
+
+def default_stride(max_length: int) -> int:
+    """A quarter of the window: 128 tokens of overlap for 512-token models, about what question
+    answering's default doc_stride (128 on 384-token windows) gives, so an entity cut by one window's
+    edge is seen whole, with context on both sides, in the next."""
+    return max_length // 4
 
 
 class TagTask(EncoderTask):
     task_names = FAMILIES["tag"].export_tasks  # the registry's
+    truncations = ("window", "truncate", "error")
 
-    def __init__(self, model: Any, aggregation: str = "simple"):
-        super().__init__(model)
+    def __init__(
+        self, model: Any, aggregation: str = "simple", truncation: str | None = None, stride: int | None = None
+    ):
+        if aggregation not in AGGREGATIONS:
+            raise UsageError(f"unknown aggregation {aggregation!r}", hint="one of: " + ", ".join(AGGREGATIONS))
+        if truncation is None:  # windows, except for aggregation none, which the pipeline cannot window
+            truncation = "truncate" if aggregation == "none" and stride is None else "window"
+        super().__init__(model, truncation)
+        self.stride = 0
+        if truncation == "window":
+            if aggregation == "none":  # transformers' pipeline refuses stride= with aggregation_strategy="none"
+                raise UsageError(
+                    "windows over long lines (--stride) need an aggregation: per-token results (--aggregation none) "
+                    "cannot be merged across windows",
+                    hint="use --aggregation simple/first/average/max, or --truncation truncate",
+                )
+            specials = (
+                self.tokenizer.post_processor.num_special_tokens_to_add(False) if self.tokenizer.post_processor else 0
+            )
+            room = self.max_length - specials  # the tokenizer refuses a stride that leaves no new tokens per window
+            stride = min(default_stride(self.max_length), room - 1) if stride is None else stride
+            if not 0 <= stride < room:
+                raise UsageError(
+                    f"--stride {stride}: must be at least 0 and less than {room} "
+                    f"(the model's {self.max_length} tokens less {specials} special tokens)"
+                )
+            self.stride = stride
+        elif stride is not None:
+            raise UsageError("--stride is for --truncation window (the default)")
         self.aggregation = aggregation
         self.labels = model.labels
         unk = model.special_tokens.get("unk_token_id")
@@ -35,17 +80,76 @@ class TagTask(EncoderTask):
         self.word_aware = bool(getattr(self.tokenizer.model, "continuing_subword_prefix", None))
         self.decoder = self.tokenizer.decoder
 
-    def postprocess(
-        self, outputs: dict[str, np.ndarray], batch: Sequence[Item], lengths: list[int]
-    ) -> list[list[dict]]:
-        logits = outputs.get("logits", next(iter(outputs.values()))).astype(np.float32)
-        all_scores = softmax(logits)  # per token, so padding does not change a row's values
-        results = []
-        for row, (item, n) in enumerate(zip(batch, lengths)):
-            pre = self._pre_entities(item.record.text, item.data, all_scores[row, :n])
-            entities = self._aggregate(pre)
-            results.append([e for e in entities if e.get("entity", e.get("entity_group")) not in IGNORE_LABELS])
+    # --- windows ------------------------------------------------------------------------------
+    def encode(self, records: Sequence[Record]) -> list[Item]:
+        # The tokenizer is the export's, shared by every task made on it: set this task's windows each time.
+        self.tokenizer.enable_truncation(self.max_length, stride=self.stride)
+        return super().encode(records)
+
+    def make_item(self, record: Record, encoding: Any) -> Item:
+        if self.truncation != "window":
+            return super().make_item(record, encoding)
+        return Item(record, len(encoding) + sum(len(w) for w in encoding.overflowing), data=encoding)
+
+    def windows(self, item: Item) -> list[Any]:
+        """The encodings the model runs for ITEM: the first window, then the overflowing ones (windows only)."""
+        return [item.data, *item.data.overflowing] if self.truncation == "window" else [item.data]
+
+    @property
+    def truncation_hint(self) -> str:
+        if self.aggregation == "none":
+            return "windows over the whole line need an --aggregation other than none"
+        return "the default --truncation window reads them whole"
+
+    def run(self, batch: Sequence[Item]) -> list[Any]:
+        windows = [self.windows(item) for item in batch]
+        rows = [Item(item.record, len(w), data=w) for item, ws in zip(batch, windows) for w in ws]
+        scores: list[np.ndarray] = []
+        start = 0
+        while start < len(rows):  # slices of at most WINDOW_RUN_TOKENS padded tokens (one row at least)
+            end, width = start + 1, rows[start].cost
+            while end < len(rows) and max(width, rows[end].cost) * (end - start + 1) <= WINDOW_RUN_TOKENS:
+                width = max(width, rows[end].cost)
+                end += 1
+            feed, lengths = self.feed(rows[start:end])
+            outputs = dict(zip(self.output_names, self.session.run(None, feed)))
+            logits = outputs.get("logits", next(iter(outputs.values()))).astype(np.float32)
+            probs = softmax(logits)  # per token, so padding does not change a row's values
+            scores += [probs[row, :n] for row, n in enumerate(lengths)]
+            start = end
+        results, row = [], 0
+        for item, ws in zip(batch, windows):
+            entities: list[dict] = []
+            for window in ws:
+                pre = self._pre_entities(item.record.text, window, scores[row])
+                row += 1
+                entities += [
+                    e for e in self._aggregate(pre) if e.get("entity", e.get("entity_group")) not in IGNORE_LABELS
+                ]
+            if len(ws) > 1:
+                entities = self._aggregate_overlapping(entities)
+            results.append([self._clean(e) for e in entities])
         return results
+
+    @staticmethod
+    def _aggregate_overlapping(entities: list[dict]) -> list[dict]:
+        """transformers' aggregate_overlapping_entities: of entities that overlap (in start order), keep the
+        longer one, or the more confident one of equal length."""
+        if not entities:
+            return entities
+        entities = sorted(entities, key=lambda e: e["start"])
+        kept = []
+        previous = entities[0]
+        for entity in entities:
+            if previous["start"] <= entity["start"] < previous["end"]:
+                length, previous_length = entity["end"] - entity["start"], previous["end"] - previous["start"]
+                if length > previous_length or length == previous_length and entity["score"] > previous["score"]:
+                    previous = entity
+            else:
+                kept.append(previous)
+                previous = entity
+        kept.append(previous)
+        return kept
 
     # --- transformers' TokenClassificationPipeline, for one chunk ---------------------------
     def _pre_entities(self, sentence: str, encoding: Any, scores: np.ndarray) -> list[dict]:
@@ -186,9 +290,6 @@ class TagTask(EncoderTask):
         out = dict(entity)
         out["score"] = float(out["score"])
         return out
-
-    def run(self, batch: Sequence[Item]) -> list[Any]:
-        return [[self._clean(e) for e in entities] for entities in super().run(batch)]
 
     def to_text(self, result: list[dict]) -> str:
         return "\t".join(f"{e['word']}/{e.get('entity_group', e.get('entity'))}" for e in result)
