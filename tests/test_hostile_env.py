@@ -85,6 +85,7 @@ def _command_args(name: str, exports: dict, source: Path) -> tuple[list[str], bo
         "info": (["info", "cls"], False, True),
         "verify": (["verify", "cls"], False, True),
         "classify": (["classify", "-m", str(exports["cls"])], True, True),
+        "rerank": (["rerank", "-m", str(exports["cls"]), "--query", "q", "--label", "0"], True, True),
         "embed": (["embed", "-m", str(exports["emb"])], True, True),
         "tag": (["tag", "-m", str(exports["tag"])], True, True),
         "fill-mask": (["fill-mask", "-m", str(exports["mask"])], True, True),
