@@ -13,9 +13,10 @@ connection each) sending a bounded number of requests one after another:
 - embeddings: one sentence per request to /v1/embeddings (onnxpipe only: MiniLM);
 - chat: the same chat prompts to /v1/chat/completions, temperature 0, the same max_tokens.
 
-Reported: requests/s over the load's wall time, p50/p99 latency per request, and chat completion
-tokens/s (the servers' own `usage.completion_tokens` over the wall time). A row whose server is not
-installed says so. llama_cpp.server answers one request at a time (its lock); onnxpipe batches
+Reported: requests/s over the load's wall time, p50/p99 latency per request, chat completion tokens/s
+(the servers' own `usage.completion_tokens` over the wall time), and for onnxpipe the most rows one
+decoding step has run so far (its /health counters: the loads run in increasing client counts). A row
+whose server is not installed says so. llama_cpp.server answers one request at a time (its lock); onnxpipe batches
 concurrent chats continuously. Their greedy texts need not match: llama.cpp's Q4_1 kernels also
 quantize the activations (benchmarks/generate.py).
 
