@@ -9,6 +9,7 @@ over several shards at once.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
 import subprocess
@@ -254,6 +255,93 @@ def test_a_pool_the_cluster_cannot_hold_is_refused_before_it_waits_forever(ray_s
         result = _batch("classify", model, [], [tmp_path / "in.txt"], tmp_path / "out", "--engine", "ray", *more)
         assert result.exit_code == 2, result.output
         assert result.stderr.count("\n") == 1 and need in result.stderr and "--actors" in result.stderr
+
+
+# --- a real process: a signal mid-job; the Ray it started goes with it ------------------------------
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit():
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    out, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        out.add(pid)
+        todo.extend(children.get(pid, []))
+    return out - {root}
+
+
+def _shard_temporaries(out: Path) -> list[Path]:
+    """A shard's temporary (.tmp-<hash>-<pid>), not the manifest's (.tmp-onnxpipe-batch.json-<pid>)."""
+    return [p for p in out.glob(".tmp-*") if "onnxpipe-batch" not in p.name]
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace").replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("signum", ["SIGKILL", "SIGTERM"])
+def test_a_signal_mid_job_stops_the_ray_it_started_and_a_rerun_completes(ray_session, exported, tmp_path, signum):
+    """The job's own local Ray (no --ray-address) dies with it, even on kill -9; only complete shards stay."""
+    import signal
+    import time
+
+    model = exported("bert", "text-classification")
+    words = ["good", "bad", "film", "cast", "plot", "dull", "great", "slow", "fun", "long"]
+    for f in range(6):
+        lines = (" ".join(words[(f * 7 + i * j) % 10] for j in range(1 + i % 9)) for i in range(700))
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / f"in/part-{f}.txt").write_text("".join(line + "\n" for line in lines))
+    reference = _batch("classify", model, [], [tmp_path / "in"], tmp_path / "reference")
+    assert reference.exit_code == 0, reference.output
+    whole = _shards(tmp_path / "reference")
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "onnxpipe", "batch", "classify", "-m", str(model), "--device", "cpu", "--threads", "1",
+        "--batch-size", "1", str(tmp_path / "in"), "--output-dir", str(out), "--engine", "ray",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray, started by the job
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 180
+    while not _shard_temporaries(out) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # rows are being written: the job is under way
+    assert proc.poll() is None, "the job ended before it could be interrupted"
+    ray_processes = {pid: _command_line(pid) for pid in _descendants(proc.pid)}
+    assert any("raylet" in cmd for cmd in ray_processes.values())  # the Ray it started
+    proc.send_signal(getattr(signal, signum))
+    stdout, stderr = proc.communicate(timeout=120)
+    if signum == "SIGTERM":
+        assert proc.returncode == 143, stderr
+        assert stderr.splitlines()[-1] == "onnxpipe: terminated" and "Traceback" not in stderr
+        assert stdout == "" and not list(out.glob(".tmp-*"))
+    if signum == "SIGKILL":  # Ray's node agents see their raylet die at once, then wait out a GCS timeout
+        ray_processes = {pid: cmd for pid, cmd in ray_processes.items() if "Agent" not in cmd}
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in ray_processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [cmd for pid, cmd in ray_processes.items() if _alive(pid)], "the job's Ray outlived it"
+    done = {k: v for k, v in _shards(out).items() if not k.startswith(".tmp-")}
+    assert "_SUCCESS" not in done and all(data == whole[name] for name, data in done.items())
+    rerun = _batch("classify", model, [], [tmp_path / "in"], out, "--engine", "ray")
+    assert rerun.exit_code == 0, rerun.output
+    assert f"{6 - len(done)} shard(s) done, {len(done)} skipped" in rerun.stderr
+    assert _shards(out) == whole and not list(out.glob(".tmp-*"))
 
 
 # --- without Ray: no Ray job; ray imported by the engine only --------------------------------------

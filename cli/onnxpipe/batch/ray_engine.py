@@ -160,8 +160,13 @@ def _connect(ray: Any, options: RayOptions) -> bool:
     _quiet_ray_data()
     if ray.is_initialized():  # a Ray this process started (a test session, a notebook): used as it is
         return False
+    import signal
+    import threading
+
     address = ray_address(options.address)
     common = {"log_to_driver": False, "logging_level": logging.ERROR, "include_dashboard": False}
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
         if address is None:
             need = options.actors * options.cpus_per_actor + 1  # the read tasks' share
@@ -171,6 +176,9 @@ def _connect(ray: Any, options: RayOptions) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise OnnxpipeError(f"cannot start or join {where}: {_first_line(exc)}") from None
+    finally:
+        if on_sigterm is not None:  # ray.init takes SIGTERM (a bare exit 15): onnxpipe's handling again
+            signal.signal(signal.SIGTERM, on_sigterm)
     return True
 
 
