@@ -25,6 +25,7 @@ COMMANDS = {
     "embed": ("distilbert", "feature-extraction", []),
     "tag": ("roberta", "token-classification", ["--aggregation", "first"]),
     "fill-mask": ("bert", "fill-mask", []),
+    "rerank": ("bert", "text-classification", ["--query", "good movie", "--label", "1"]),
 }
 
 
