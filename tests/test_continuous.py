@@ -40,8 +40,9 @@ PROMPTS = [
     "She said",
 ]
 MAX_NEW = [24, 6, 17, 30, 9, 12, 20, 4]  # different lengths: rows leave at different steps
-# When each request arrives: after this many scheduler steps (several join while others run).
-ARRIVAL = [0, 0, 0, 3, 3, 5, 11, 12]
+# When each request arrives: after this many scheduler steps (several join while others run; the longest
+# prompt joins rows shorter than itself, so the running cache is the one padded).
+ARRIVAL = [0, 0, 3, 0, 3, 5, 11, 12]
 
 
 class Stepped(ContinuousBatcher):
@@ -129,6 +130,7 @@ def test_staggered_greedy_requests_equal_each_request_alone(pipelines, arch):
         results = staggered(batcher, requests, ARRIVAL)
     finally:
         batcher.close()
+    assert len(ids[2]) > max(len(ids[i]) for i in (0, 1, 3)) + ARRIVAL[2]  # longer than the batch it joins
     assert batcher.prefills >= 5  # the later requests were prefilled while the first ones ran
     assert batcher.max_rows >= 5  # and ran in one batch with them
     for prompt_ids, max_new, events in zip(ids, MAX_NEW, results):
