@@ -39,7 +39,6 @@ OPTIONS = [
     {},
     {"top_k": 3},
     {"max_seq_len": 40, "doc_stride": 10, "top_k": 2},  # many windows, short strides
-    {"max_seq_len": 48, "doc_stride": 24},
     {"handle_impossible_answer": True, "top_k": 2},
     {"max_answer_len": 2, "top_k": 4},
     {"align_to_words": False, "top_k": 2},
@@ -143,7 +142,7 @@ def test_other_encoder_families_match_the_pipeline(arch, family_qa):
 
     ckpt, folder = family_qa(arch)
     pipe = pipeline(QA, model=str(ckpt), tokenizer=str(ckpt), device="cpu")
-    for options in (OPTIONS[0], OPTIONS[2], OPTIONS[4]):
+    for options in (OPTIONS[2], OPTIONS[3]):  # windows and top_k; the impossible answer
         got, _ = _ours(folder, options, CASES)
         for (question, context), answers in zip(CASES, got):
             assert_same_answers(answers, _theirs(pipe, options, question, context))
@@ -161,15 +160,18 @@ def test_windows_are_the_fast_tokenizers_overflowing_windows(arch, qa_export, ch
     assert len(ref["input_ids"]) > 5
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta"])
-def test_the_impossible_answer_wins_when_it_scores_highest(arch, qa_export, oracle):
-    """The null score is the smallest CLS score over the windows; on a tiny random model it beats the spans."""
-    options = {"handle_impossible_answer": True, "max_seq_len": 40, "doc_stride": 10}
-    got, _ = _ours(qa_export(arch), options, CASES)
-    refs = [_theirs(oracle(arch), options, q, c) for q, c in CASES]
+def test_the_impossible_answer_wins_when_it_scores_highest(qa_export, oracle):
+    """The null score is the smallest CLS score over the windows: with --handle-impossible the empty answer
+    wins where it is highest (on this tiny BERT, for "Who?" of "Short."), and not elsewhere."""
+    options = {"handle_impossible_answer": True, "max_seq_len": 40, "doc_stride": 10, "top_k": 2}
+    cases = [("Who?", "Short."), ("Who?", "a"), *CASES]
+    got, _ = _ours(qa_export("bert"), options, cases)
+    refs = [_theirs(oracle("bert"), options, q, c) for q, c in cases]
     for answers, ref in zip(got, refs):
         assert_same_answers(answers, ref)
-    assert any(r[0]["answer"] == "" for r in refs) or all(r[0]["score"] > 0 for r in refs)
+    assert refs[0][0]["answer"] == "", "the case meant to exercise the impossible answer no longer does"
+    assert got[0][0] == {"answer": "", "start": 0, "end": 0, "score": pytest.approx(refs[0][0]["score"], abs=1e-4)}
+    assert got[1][0]["answer"] == "a" and got[1][1]["answer"] == ""  # the null answer second, under top_k
 
 
 def test_a_question_too_long_for_the_window_is_a_record_error(qa_export):
