@@ -156,6 +156,16 @@ def test_text_output_top_k_threshold_and_batching(base):
         assert all(s >= 0.5 for s in json.loads(line)["scores"])
 
 
+def test_the_api_takes_a_list_of_labels_and_refuses_pairs(base):
+    import onnxpipe
+
+    clf = onnxpipe.load(tiny_pairs.export(base, "bert", labels=tiny_pairs.NLI_LABELS), device="cpu", on_error="null")
+    listed = clf(TEXTS[0], candidate_labels=["war, peace", "sports"], multi_label=True)
+    assert sorted(listed.labels) == ["sports", "war, peace"]
+    pair = clf([("a premise", "a hypothesis"), TEXTS[0]], candidate_labels="sports,politics")
+    assert "text pair" in pair[0].error and pair[1].error is None
+
+
 def test_usage_errors_are_one_line_before_any_output(base):
     folder = tiny_pairs.export(base, "bert", labels=tiny_pairs.NLI_LABELS)
     cases = [
