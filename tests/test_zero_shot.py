@@ -164,6 +164,11 @@ def test_the_api_takes_a_list_of_labels_and_refuses_pairs(base):
     assert sorted(listed.labels) == ["sports", "war, peace"]
     pair = clf([("a premise", "a hypothesis"), TEXTS[0]], candidate_labels="sports,politics")
     assert "text pair" in pair[0].error and pair[1].error is None
+    # Zero-shot truncates only-first on the export's tokenizer, which its other tasks share: they are unmoved.
+    long_pair = (LONG, "word " * 100)
+    before = clf(long_pair, top_k=3).scores
+    clf([LONG], candidate_labels="sports", hypothesis_template="word " * 100 + "{}")
+    assert clf(long_pair, top_k=3).scores == before
 
 
 def test_usage_errors_are_one_line_before_any_output(base):
