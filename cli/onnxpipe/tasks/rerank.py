@@ -92,6 +92,7 @@ class RerankTask(EncoderTask):
 
     # --- the Task protocol --------------------------------------------------------------------
     def encode(self, records: Sequence[Record]) -> list[Item]:
+        self.tokenizer.enable_truncation(self.max_length)  # longest-first; the export's tokenizer is shared
         encodings = encode_pairs(self.tokenizer, self.max_length, [(self.query, r.text) for r in records])
         return [self.make_item(record, encoding) for record, encoding in zip(records, encodings)]
 
