@@ -46,7 +46,7 @@ def _complete(shell: str, words: str, cword: str | None = None) -> list[str]:
     return result.stdout.splitlines()
 
 
-@pytest.mark.parametrize("command", ["classify", "embed", "generate", "translate", "bench"])
+@pytest.mark.parametrize("command", ["classify", "embed", "generate", "translate", "bench", "serve"])
 def test_model_option_completes_the_export_names(home, command):
     if command not in COMMANDS:
         pytest.skip(f"{command} is not a command here")

@@ -513,6 +513,7 @@ def test_a_client_that_goes_away_mid_stream_cancels_its_generation(pipelines, mo
     async def main():
         sent: list[dict] = []
         gone = asyncio.Event()
+        leaving: list[asyncio.Future] = []
         requested = False
 
         async def receive():
@@ -523,10 +524,15 @@ def test_a_client_that_goes_away_mid_stream_cancels_its_generation(pipelines, mo
             await gone.wait()
             return {"type": "http.disconnect"}
 
+        async def leave_once_generating():
+            while not app.app.state.served["chat"].generator.batcher.running:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.005)
+            gone.set()  # the client read its first chunk and went away, mid-generation
+
         async def send(message):
             sent.append(message)
-            if message["type"] == "http.response.body" and message.get("body"):
-                gone.set()  # the client read its first chunk and went away
+            if message["type"] == "http.response.body" and message.get("body") and not leaving:
+                leaving.append(asyncio.ensure_future(leave_once_generating()))
 
         scope = {
             "type": "http",
@@ -544,7 +550,7 @@ def test_a_client_that_goes_away_mid_stream_cancels_its_generation(pipelines, mo
         await asyncio.wait_for(app(scope, receive, send), 20)
         served = app.app.state.served["chat"]  # type: ignore[attr-defined]
         deadline = time.monotonic() + 10
-        while served.generator.batcher.running:
+        while served.generator.batcher.running or served.generator.batcher.waiting:
             assert time.monotonic() < deadline, "the generation kept running after its client left"
             await asyncio.sleep(0.02)
         return sent, served.generator.describe()
@@ -588,3 +594,20 @@ def test_concurrent_greedy_generations_equal_each_alone(pipelines):
         body = response.json()
         assert body["choices"][0]["message"]["content"] == alone.generated_text, prompt
         assert body["usage"]["completion_tokens"] == alone.generated_tokens
+
+
+def test_a_failed_model_run_is_a_500_without_details(pipelines, monkeypatch):
+    decoder = pipelines["chat"].task_for({}).lm.decoder
+
+    def broken(*args, **kw):
+        raise RuntimeError("secret detail of a broken graph")
+
+    monkeypatch.setattr(decoder, "decode", broken)
+    log: list[str] = []
+    with _client(pipelines, log=log) as client:
+        response = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 5})
+        _error(response, 500, type="server_error")
+        assert "secret" not in response.text
+        events = _events(client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 5, "stream": True}))
+        assert events[-1]["error"]["type"] == "server_error" and "secret" not in json.dumps(events)
+    assert sum("secret detail of a broken graph" in line for line in log) == 2

@@ -353,7 +353,11 @@ class _Handlers:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        outputs = await generator.complete(streams)
+        try:
+            outputs = await generator.complete(streams)
+        except OnnxpipeError as exc:  # the model run failed (the request itself was accepted): the server's fault
+            self.log(f"error: generation on {served.name}: {exc}")
+            raise APIError(500, _GENERIC_500, type="server_error") from None
         choices = []
         for i, out in enumerate(outputs):
             if chat:
