@@ -33,8 +33,10 @@ Use (from the server, or any thread):
     batcher.close()                   # finish what was accepted, refuse new requests
 
 Every generated id gives one event (`token_id`, and the text it completes, maybe ""), then one last
-event has `finish_reason`, `usage` and the text held back until then (a possible stop-string start).
-`async for` is fed with `loop.call_soon_threadsafe`, so an asyncio server awaits events without a
+event has `finish_reason`, `usage`, the text held back until then (a possible stop-string start) and
+`full_text`, the whole completion as `onnxpipe generate` gives it (what `result()`/`aresult()` return).
+A cancelled request's iteration ends without a last event; one cancelled while it waits leaves the
+queue at the next step boundary. `async for` is fed with `loop.call_soon_threadsafe`, so an asyncio server awaits events without a
 thread per request. Leaving a `for`/`async for` loop early cancels the request. If the model run
 fails, every request in the batch ends with an `OnnxpipeError` raised by its iteration, and the
 scheduler goes on with the next requests. n choices are n requests (keys 0..n-1 for their random
