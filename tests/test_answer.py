@@ -357,6 +357,11 @@ def test_eval_scores_the_pipelines_answers(tmp_path, qa_export, oracle, impossib
     assert report["scores"] == pytest.approx(expected)
     assert report["examples"] == 4 and report["task"] == QA
     assert "exact match" in result.stderr and "F1" in result.stderr
+    if impossible:  # a second export on the same questions: the same answers here
+        result = _invoke([*args, "--handle-impossible", "--against", str(qa_export("bert"))])
+        against = json.loads(result.stdout)["against"]
+        assert against["agreement"] == {"examples": 4, "same": 4, "differ": 0, "agreement": 1.0}
+        assert against["scores"]["f1"] == pytest.approx(report["scores"]["f1"])
 
 
 def test_eval_refuses_squad_flags_on_other_exports_and_bad_data(tmp_path, exported, qa_export):
