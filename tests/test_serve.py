@@ -32,6 +32,13 @@ MASKED = ["The capital of France is [MASK].", "A [MASK] movie."]
 # endpoint -> (arch, export task, CLI arguments, request options, inputs)
 TASKS = {
     "classify": ("bert", "text-classification", ["--top-k", "2"], {"top_k": 2}, LINES),
+    "rerank": (
+        "bert",
+        "text-classification",
+        ["--query", "a good film", "--label", "1"],
+        {"query": "a good film", "label": 1},
+        LINES,
+    ),
     "tag": ("roberta", "token-classification", ["--aggregation", "first"], {"aggregation": "first"}, LINES),
     "fill-mask": ("bert", "fill-mask", ["-k", "3"], {"top_k": 3}, MASKED),
     "translate": ("marian", None, ["--max-new-tokens", "6"], {"max_new_tokens": 6}, LINES[:2]),
