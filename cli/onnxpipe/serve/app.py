@@ -274,7 +274,8 @@ class _Handlers:
         if failed is not None:
             raise APIError(400, f"input could not be embedded: {failed.error or 'empty'}", param="input")
         tokenizer = served.pipeline.model.tokenizer
-        tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts))
+        # tokenizing (and templating, below) runs in a thread: a large body never stalls the other requests
+        tokens = await asyncio.to_thread(lambda: sum(len(e.ids) for e in tokenizer.encode_batch(texts)))
         return JSONResponse(
             {
                 "object": "list",
@@ -315,8 +316,10 @@ class _Handlers:
                 param="model",
                 code="model_not_supported",
             )
-        prompt = render_chat_template(lm.chat_template, messages, lm.special_tokens)
-        ids = lm.encode(prompt, chat=True)
+        template = lm.chat_template
+        ids = await asyncio.to_thread(
+            lambda: lm.encode(render_chat_template(template, messages, lm.special_tokens), chat=True)
+        )
         return await self._generate(request, body, served, [ids], chat=True)
 
     async def completions(self, request: Request, body: dict[str, Any]) -> Response:
@@ -324,7 +327,7 @@ class _Handlers:
         assert served.generator is not None
         prompts, _ = openai.texts(body, "prompt")
         lm = served.generator.lm
-        ids = [lm.encode(p) for p in prompts]
+        ids = await asyncio.to_thread(lambda: [lm.encode(p) for p in prompts])
         echo = bool(openai.field(body, "echo", bool, False))
         return await self._generate(request, body, served, ids, chat=False, echo=prompts if echo else None)
 
