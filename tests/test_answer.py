@@ -186,6 +186,16 @@ def test_a_question_too_long_for_the_window_is_a_record_error(qa_export):
     assert item.error is None and len(item.data) == 1
 
 
+def test_tasks_on_one_model_keep_their_own_windows(qa_export):
+    """The API makes a task per set of options on one opened model: a second one's windows are not the first's."""
+    model = load_model(qa_export("bert"), device="cpu")
+    first = FAMILIES["answer"].make_task(model, {})
+    FAMILIES["answer"].make_task(model, {"max_seq_len": 40, "doc_stride": 10})
+    question, context = CASES[1]
+    windows = first.encode([Record(0, context, pair=question)])[0].data
+    assert max(len(w.ids) for w in windows) == 128 and len(windows) < 10
+
+
 def test_bad_options_are_usage_errors(qa_export):
     from onnxpipe.errors import UsageError
 

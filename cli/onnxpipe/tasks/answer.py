@@ -67,8 +67,11 @@ class AnswerTask(EncoderTask):
         self.question_first = not self.pad_left
         cls = model.special_tokens.get("cls_token_id")
         self.cls_id = cls if isinstance(cls, int) else None
+        # Its own copies of the model's tokenizer: the windows' truncation is this task's (another task on the
+        # same model, e.g. the API's with other options, keeps its own), and one that never cuts, to measure.
+        self.tokenizer = type(self.tokenizer).from_str(self.tokenizer.to_str())
         self.tokenizer.no_padding()
-        self._untruncated = type(self.tokenizer).from_str(self.tokenizer.to_str())  # to measure, never to cut
+        self._untruncated = type(self.tokenizer).from_str(self.tokenizer.to_str())
         self._untruncated.no_truncation()
         self._specials = self.tokenizer.num_special_tokens_to_add(True)
         self.tokenizer.enable_truncation(
