@@ -162,16 +162,21 @@ def test_windows_are_the_fast_tokenizers_overflowing_windows(arch, qa_export, ch
 
 def test_the_impossible_answer_wins_when_it_scores_highest(qa_export, oracle):
     """The null score is the smallest CLS score over the windows: with --handle-impossible the empty answer
-    wins where it is highest (on this tiny BERT, for "Who?" of "Short."), and not elsewhere."""
+    wins where it is highest. Random weights decide where that is, so one-word contexts are tried until the
+    pipeline gives the empty answer for some (about one in eight does on these tiny models)."""
+    import tiny_models
+
     options = {"handle_impossible_answer": True, "max_seq_len": 40, "doc_stride": 10, "top_k": 2}
-    cases = [("Who?", "Short."), ("Who?", "a"), *CASES]
+    words = list(dict.fromkeys(w.strip('.,:;!"') for line in tiny_models.CORPUS for w in line.split()))[:60]
+    cases = [*((q, w) for w in words for q in ("Who?", "What?")), *CASES]
     got, _ = _ours(qa_export("bert"), options, cases)
     refs = [_theirs(oracle("bert"), options, q, c) for q, c in cases]
     for answers, ref in zip(got, refs):
         assert_same_answers(answers, ref)
-    assert refs[0][0]["answer"] == "", "the case meant to exercise the impossible answer no longer does"
-    assert got[0][0] == {"answer": "", "start": 0, "end": 0, "score": pytest.approx(refs[0][0]["score"], abs=1e-4)}
-    assert got[1][0]["answer"] == "a" and got[1][1]["answer"] == ""  # the null answer second, under top_k
+    empty = [answers for answers, ref in zip(got, refs) if ref[0]["answer"] == ""]
+    assert empty, "no case exercised the impossible answer"
+    assert all(answers[0]["start"] == answers[0]["end"] == 0 for answers in empty)
+    assert any(ref[0]["answer"] and ref[1]["answer"] == "" for ref in refs)  # and second, under top_k
 
 
 def test_a_question_too_long_for_the_window_is_a_record_error(qa_export):
