@@ -447,7 +447,6 @@ def test_timeout_answers_408_and_stops_the_generation(pipelines, monkeypatch):
     _slow_steps(monkeypatch, pipelines, 0.02)
     log: list[str] = []
     with _client(pipelines, log=log, request_timeout=0.3) as client:
-        started = time.monotonic()
         response = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 200, "temperature": 0})
         _error(response, 408, type="timeout")
         stream = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 200, "temperature": 0, "stream": True})
@@ -457,7 +456,6 @@ def test_timeout_answers_408_and_stops_the_generation(pipelines, monkeypatch):
         while client.get("/health").json()["models"]["chat"]["generation"]["cancelled"] < 2:
             assert time.monotonic() < deadline, "the timed-out generations kept running"
             time.sleep(0.05)
-        assert time.monotonic() - started < 8  # 2 x 200 pieces x 0.02 s would be 8 s
         ok = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2, "temperature": 0})
         assert ok.status_code == 200
 
