@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sys
 import threading
 import time
 
@@ -616,3 +617,12 @@ def test_a_failed_model_run_is_a_500_without_details(pipelines, monkeypatch):
         events = _events(client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 5, "stream": True}))
         assert events[-1]["error"]["type"] == "server_error" and "secret" not in json.dumps(events)
     assert sum("secret detail of a broken graph" in line for line in log) == 2
+
+
+def test_without_the_serve_extra_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if `pip install onnxpipe` without [serve]
+    result = CliRunner().invoke(cli, ["serve", "-m", "sentiment"])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == (
+        "onnxpipe: error: onnxpipe serve needs the [serve] extra (uvicorn is missing): install onnxpipe[serve]\n"
+    )
