@@ -32,14 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from onnxpipe.batch.job import JobRun
-from onnxpipe.batch.local import BatchSummary
+from onnxpipe.batch.local import CHUNK_BATCHES, BatchSummary
 from onnxpipe.batch.plan import Plan, Shard
 from onnxpipe.batch.shards import InputSpec, ShardWriter, output_record, read_rows, render_jsonl
 from onnxpipe.errors import ExitStatus, OnnxpipeError, UsageError
 from onnxpipe.stream.records import Record
-
-ROWS_PER_BLOCK = 512  # rows per block a read task yields
-BATCH_BATCHES = 8  # the task's batches of rows per map_batches call (the engine sorts each call's rows by length)
 
 # What a row is (the `kind` column): a record, the end of its shard (seq = the shard's row count), or a
 # failure that stops the job (payload: the pickled (message, exit status)).
@@ -68,6 +65,13 @@ class RayOptions:
     def actor_device(self) -> str:
         """An actor with a GPU runs on it (Ray sets its CUDA_VISIBLE_DEVICES, so it is cuda:0 there)."""
         return "cuda" if self.gpus_per_actor > 0 else self.device
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per block, and per engine run on an actor: the local engine's chunk, from each shard's start.
+        The same records meet in the same batches as with the local engine, so even a result that
+        depends on its batch-mates in the last bits (a beam score next to longer padded rows) is the same."""
+        return (self.batch_size or 32) * CHUNK_BATCHES
 
     @property
     def actor_threads(self) -> int:
@@ -214,18 +218,17 @@ def _check_resources(ray: Any, options: RayOptions) -> None:
 def _dataset(ray: Any, shards: list[Shard], spec: InputSpec, options: RayOptions) -> Any:
     from ray.data import ActorPoolStrategy
 
-    source = _shard_source(shards, spec)
+    source = _shard_source(shards, spec, options.chunk_rows)
     # Read tasks hold no CPU: the actors hold them all, and a read task waiting for a CPU that an
     # actor holds would wait forever (reading is light next to the model).
     dataset = ray.data.read_datasource(source, num_cpus=0)
-    rows = (options.batch_size or 32) * BATCH_BATCHES
     with warnings.catch_warnings():
         # max_restarts has no named parameter in Ray 2.60 (the pinned version): a plain remote argument,
         # which Ray warns about on stderr
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
         return dataset.map_batches(
             _predictor_class(options),
-            batch_size=rows,
+            batch_size=None,  # whole blocks: each holds whole chunks (see RayOptions.chunk_rows)
             batch_format="pyarrow",
             compute=ActorPoolStrategy(size=options.actors),
             num_cpus=options.cpus_per_actor,
@@ -241,7 +244,7 @@ def _dataset(ray: Any, shards: list[Shard], spec: InputSpec, options: RayOptions
 # --- reading: a Ray datasource over the plan ---------------------------------------------------
 
 
-def _shard_source(shards: list[Shard], spec: InputSpec) -> Any:
+def _shard_source(shards: list[Shard], spec: InputSpec, rows: int) -> Any:
     """A ray.data Datasource with one read task per shard (the class is made here: Ray is imported now)."""
     import functools
 
@@ -264,7 +267,7 @@ def _shard_source(shards: list[Shard], spec: InputSpec) -> Any:
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None):
             return [
                 ReadTask(
-                    functools.partial(read_shard, index, shard, spec, ROWS_PER_BLOCK, given),
+                    functools.partial(read_shard, index, shard, spec, rows, given),
                     BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None, input_files=(given,)),
                 )
                 for index, ((shard, given), size) in enumerate(zip(self._shards, self._sizes))
@@ -403,11 +406,15 @@ class ShardPredictor:
         try:
             if self.failure is not None:
                 raise _Stop(*self.failure)
-            places = [i for i, kind in enumerate(kinds) if kind == RECORD]
-            records = [pickle.loads(payloads[i]) for i in places]
-            outputs, counts = self._run(records)
-            for i, out in zip(places, outputs):
-                payloads[i] = out
+            chunks: dict[tuple[int, int], list[int]] = {}  # one engine run per local chunk, as local runs it
+            for i, kind in enumerate(kinds):
+                if kind == RECORD:
+                    chunks.setdefault((shards[i], seqs[i] // self.options.chunk_rows), []).append(i)
+            for places in chunks.values():
+                outputs, counted = self._run([pickle.loads(payloads[i]) for i in places])
+                for i, out in zip(places, outputs):
+                    payloads[i] = out
+                counts = [a + b for a, b in zip(counts, counted)]
         except _Stop as stop:
             shards, seqs, kinds, sizes = [shards[0] if shards else -1], [0], [FAILURE], [0]
             payloads = [pickle.dumps((stop.message, stop.status))]
@@ -423,9 +430,6 @@ class ShardPredictor:
 
         if not records:
             return [], [0, 0, 0]
-        originals = [r.seq for r in records]
-        for i, record in enumerate(records):  # records of several shards in one run: seq unique per call
-            record.seq = i
         collector = _Collector()
         engine_options = EngineOptions(
             batch_size=self.pipeline.batch_size,
@@ -440,9 +444,8 @@ class ShardPredictor:
         except Exception as exc:  # a bug: the driver says so in one line
             raise _Stop(f"unexpected {type(exc).__name__} in a Ray actor: {_first_line(exc)}", 1) from None
         outputs = []
-        for result, original in zip(collector.take(), originals):
+        for result in collector.take():
             record = result.record
-            record.seq = original
             try:
                 obj = output_record(result.to_dict(), _shard_of(record), record)
             except OnnxpipeError as exc:
