@@ -336,6 +336,14 @@ def test_a_rerun_skips_done_shards_and_redoes_the_rest(classifier, tmp_path, mon
     assert "skipped 3 shard(s) already done" in again.stderr
     assert "2 records in" in again.stderr and "1 shard(s) done, 3 skipped" in again.stderr
     after = _state(out)
+    from onnxpipe.batch import local
+
+    def no_model(*args):
+        raise AssertionError("a job with every shard done opened the export")
+
+    monkeypatch.setattr(local, "_open_pipeline", no_model)
+    done = _batch("classify", classifier, [], ["in"], out)
+    assert done.exit_code == 0 and "skipped 4 shard(s) already done" in done.stderr, done.output
     assert {k: after[k] for k in before if k != "y/b.txt.jsonl"} == {
         k: v for k, v in before.items() if k != "y/b.txt.jsonl"
     }

@@ -207,6 +207,8 @@ def run_local(
     summary = BatchSummary(shards_skipped=len(run.plan.shards) - len(run.todo()))
     start = time.perf_counter()
     todo = run.todo()
+    if not todo:  # every shard is done: no model to open
+        return summary
     batch = options.batch_size or 32
     size = batch * CHUNK_BATCHES
     pool = None
