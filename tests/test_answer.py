@@ -389,6 +389,40 @@ def test_eval_refuses_squad_flags_on_other_exports_and_bad_data(tmp_path, export
     assert "d.jsonl:1" in result.stderr and "'question'" in result.stderr
 
 
+# --- the Python API ---------------------------------------------------------------------------------
+
+
+def test_api_takes_the_pipelines_input_forms(qa_export, oracle):
+    import onnxpipe
+
+    qa = onnxpipe.load(qa_export("roberta"), device="cpu")
+    pipe = oracle("roberta")
+    (q1, c1), (q2, c2) = CASES[0], CASES[1]
+    ref1, ref2 = _theirs(pipe, {}, q1, c1)[0], _theirs(pipe, {}, q2, c2)[0]
+
+    def same(result, ref):
+        assert (result.answer, result.start, result.end) == (ref["answer"], ref["start"], ref["end"])
+        assert result.score == pytest.approx(ref["score"], abs=1e-4)
+
+    same(qa(question=q1, context=c1), ref1)
+    same(qa({"question": q1, "context": c1}), ref1)
+    same(qa((q1, c1)), ref1)
+    same(qa(c1, question=q1), ref1)
+    for result, ref in zip(qa([{"question": q1, "context": c1}, (q2, c2)]), (ref1, ref2)):
+        same(result, ref)
+    for result, ref in zip(qa(question=[q1, q2], context=[c1, c2]), (ref1, ref2)):
+        same(result, ref)
+    top = qa(question=q2, context=c2, top_k=3)
+    assert_same_answers(top.answers, _theirs(pipe, {"top_k": 3}, q2, c2))
+    assert top.to_dict()["text"] == c2
+    from onnxpipe.errors import UsageError
+
+    with pytest.raises(UsageError, match="1 questions and 2 contexts"):
+        qa(question=[q1], context=[c1, c2])
+    with pytest.raises(UsageError, match="'question' and 'context'"):
+        qa({"question": q1})
+
+
 # --- the line contract in a real process and under the suite's hostile inputs -----------------------
 
 

@@ -72,7 +72,7 @@ class Pipeline:
 
     @property
     def task(self) -> str:
-        """The task family's name: classify, embed, tag, fill-mask, generate, translate or summarize."""
+        """The task family's name: classify, rerank, embed, tag, fill-mask, answer, generate, translate or summarize."""
         return self.family.name
 
     @property
@@ -109,19 +109,32 @@ class Pipeline:
         return f"<onnxpipe.Pipeline {self.family.name} {self.name!r} on {self.provider or self.model.device}>"
 
     @overload
-    def __call__(self, inputs: str, **options: Any) -> Result: ...
+    def __call__(self, inputs: str | tuple[str, str], **options: Any) -> Result: ...
     @overload
-    def __call__(self, inputs: Sequence[str], **options: Any) -> list[Result]: ...
+    def __call__(self, inputs: Sequence[str | tuple[str, str]], **options: Any) -> list[Result]: ...
+    @overload
+    def __call__(self, inputs: None = None, **options: Any) -> Result | list[Result]: ...
 
-    def __call__(self, inputs: str | Sequence[str], **options: Any) -> Result | list[Result]:
-        """Run INPUTS (a text, or a list of texts) with the task's OPTIONS; one Result per text, in order."""
-        if isinstance(inputs, str):
-            return self._run([inputs], options)[0]
+    def __call__(
+        self, inputs: str | tuple[str, str] | Sequence[str | tuple[str, str]] | None = None, **options: Any
+    ) -> Result | list[Result]:
+        """Run INPUTS (a text, or a list of texts) with the task's OPTIONS; one Result per text, in order.
+
+        A (text, text_pair) tuple is a text pair (classify's --pair-field): a premise and its hypothesis,
+        a query and a passage. Question answering takes its inputs as transformers' pipeline does:
+        question= and context= (each a str or a list), {"question", "context"} dicts, (question, context)
+        tuples, or contexts with one question= for all."""
+        if self.family.name == "answer":
+            inputs, options = _qa_inputs(inputs, options)
+        if inputs is None:
+            raise UsageError("give the inputs: a text or a list of texts")
+        if isinstance(inputs, str) or _is_pair(inputs):
+            return self._run([inputs], options)[0]  # type: ignore[list-item]
         return self._run(list(inputs), options)
 
-    def stream(self, inputs: Iterable[str], **options: Any) -> Iterator[Result]:
+    def stream(self, inputs: Iterable[str | tuple[str, str]], **options: Any) -> Iterator[Result]:
         """Results for any iterable of texts, lazily and in input order; memory stays bounded."""
-        window: list[str] = []
+        window: list[str | tuple[str, str]] = []
         for text in inputs:
             window.append(text)
             if len(window) >= _STREAM_WINDOW:
@@ -138,13 +151,12 @@ class Pipeline:
             self._tasks[key] = self.family.make_task(self.model, options)
         return self._tasks[key]
 
-    def _run(self, texts: list[str], options: Mapping[str, Any]) -> list[Result]:
+    def _run(self, texts: list[str | tuple[str, str]], options: Mapping[str, Any]) -> list[Result]:
         from onnxpipe.stream.engine import Engine, EngineOptions
-        from onnxpipe.stream.records import Record
 
         for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise UsageError(f"input {i} is a {type(text).__name__}, not a str")
+            if not isinstance(text, str) and not _is_pair(text):
+                raise UsageError(f"input {i} is a {type(text).__name__}, not a str or a (text, text_pair) tuple")
         task = self.task_for(options)
         collector = _Collector()
         engine_options = EngineOptions(
@@ -153,9 +165,50 @@ class Pipeline:
             on_error=self.on_error,
             window=max(len(texts), 1),
         )
-        records = [Record(seq=i, text=t, source="<api>", line=i + 1, nbytes=len(t) + 1) for i, t in enumerate(texts)]
+        records = [_record(i, t) for i, t in enumerate(texts)]
         Engine(task, collector, engine_options).run_records(records)
         return collector.take()
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, str) for v in value)
+
+
+def _qa_inputs(inputs: Any, options: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Question answering's inputs as the engine takes them: (context, question) pairs, or contexts for the
+    task's own question= (the record's text is the context, as a line is for `onnxpipe answer --question`)."""
+    options = dict(options)
+    if inputs is None:
+        question, context = options.pop("question", None), options.pop("context", None)
+        if isinstance(question, str) and isinstance(context, str):
+            return (context, question), options
+        if isinstance(question, list) and isinstance(context, str):
+            return [(context, q) for q in question], options
+        if isinstance(question, list) and isinstance(context, list):
+            if len(question) != len(context):
+                raise UsageError(f"{len(question)} questions and {len(context)} contexts: give one context each")
+            return [(c, q) for q, c in zip(question, context)], options
+        raise UsageError("give question= and context= (each a str or a list of str)")
+
+    def one(item: Any) -> Any:
+        if isinstance(item, dict):
+            if not (isinstance(item.get("question"), str) and isinstance(item.get("context"), str)):
+                raise UsageError("a question-answering input dict needs str 'question' and 'context'")
+            return (item["context"], item["question"])
+        return (item[1], item[0]) if _is_pair(item) else item
+
+    if isinstance(inputs, (str, dict, tuple)):
+        return one(inputs), options
+    return [one(item) for item in inputs], options
+
+
+def _record(seq: int, text: str | tuple[str, str]) -> Any:
+    from onnxpipe.stream.records import Record
+
+    if isinstance(text, tuple):  # a text pair; an empty first text is an empty record, as on the CLI
+        first, pair = text
+        return Record(seq=seq, text=first, source="<api>", line=seq + 1, nbytes=len(first) + len(pair) + 2, pair=pair)
+    return Record(seq=seq, text=text, source="<api>", line=seq + 1, nbytes=len(text) + 1)
 
 
 def _hashable(value: Any) -> Any:

@@ -113,13 +113,32 @@ FAMILIES: dict[str, TaskFamily] = {
             ("text-classification",),
             "encoder",
             "onnxpipe.tasks.classify:ClassifyTask",
-            ("top_k", "threshold", "function"),
+            ("top_k", "threshold", "function", "candidate_labels", "hypothesis_template", "multi_label", "truncation"),
         ),
-        TaskFamily("tag", ("token-classification",), "encoder", "onnxpipe.tasks.tag:TagTask", ("aggregation",)),
         TaskFamily(
-            "embed", ("feature-extraction",), "encoder", "onnxpipe.tasks.embed:EmbedTask", ("pooling", "normalize")
+            "rerank",
+            ("text-classification",),
+            "encoder",
+            "onnxpipe.tasks.rerank:RerankTask",
+            ("query", "activation", "label", "truncation"),
         ),
-        TaskFamily("fill-mask", ("fill-mask",), "encoder", "onnxpipe.tasks.fill_mask:FillMaskTask", ("top_k",)),
+        TaskFamily(
+            "tag",
+            ("token-classification",),
+            "encoder",
+            "onnxpipe.tasks.tag:TagTask",
+            ("aggregation", "truncation", "stride"),
+        ),
+        TaskFamily(
+            "embed",
+            ("feature-extraction",),
+            "encoder",
+            "onnxpipe.tasks.embed:EmbedTask",
+            ("pooling", "normalize", "truncation"),
+        ),
+        TaskFamily(
+            "fill-mask", ("fill-mask",), "encoder", "onnxpipe.tasks.fill_mask:FillMaskTask", ("top_k", "truncation")
+        ),
         TaskFamily(
             "answer",
             ("question-answering",),

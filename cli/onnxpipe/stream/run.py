@@ -28,11 +28,13 @@ def run_stream_command(
     tasks: tuple[str, ...],
     engine_options: dict[str, Any] | None = None,
     records: Sequence[Record] | None = None,
+    wrap_writer: Callable[[Any], Any] | None = None,
 ) -> Summary:
     """Load MODEL_REF, build its task with MAKE_TASK(model), stream the inputs through it, report.
 
     `stream` is the StreamOptions that `stream_options` built. RECORDS, when given, are the input
-    instead of stream.inputs (prompts given on the command line). Exits 3 when --on-error null
+    instead of stream.inputs (prompts given on the command line). WRAP_WRITER, when given, wraps the
+    output writer (rerank --sort holds the results and writes them sorted). Exits 3 when --on-error null
     let some records fail.
     """
     from onnxpipe.runtime import load_model
@@ -65,6 +67,8 @@ def run_stream_command(
 
     out, owned = _open_output(stream.output, stream.format)
     writer = make_writer(stream.format, out, task)
+    if wrap_writer is not None:
+        writer = wrap_writer(writer)
     source = LineSource(stream.inputs) if records is None else None
     parser = RecordParser(field=stream.field, column=stream.column, pair_field=pair_field, pair_column=pair_column)
     if records is None and "-" in stream.inputs and _isatty(sys.stdin):
@@ -93,10 +97,22 @@ def run_stream_command(
         console.warn(
             f"{task.position_limited} record(s) stopped at {task.position_limit}, before {task.requested_limit}"
         )
-    _report(summary, model.max_length)
+    _report(summary, getattr(task, "max_length", None) or model.max_length, getattr(task, "truncation_hint", None))
     if summary.errors:
         raise click.exceptions.Exit(int(ExitStatus.PARTIAL))
     return summary
+
+
+def truncation_line(summary: Summary, max_length: int, hint: str | None = None) -> str:
+    """The one end-of-run line about truncated records: how many of how many, the first few, what to do."""
+    n = summary.truncated
+    where = ", ".join(summary.truncated_where) + (", ..." if n > len(summary.truncated_where) else "")
+    records = "record" if summary.records == 1 else "records"
+    was = "was" if n == 1 else "were"
+    return (
+        f"{n} of {summary.records:,} {records} {was} longer than the model's {max_length} tokens and {was} truncated "
+        f"({where})" + (f"; {hint}" if hint else "")
+    )
 
 
 def _open_output(path: str, fmt: str) -> tuple[IO[bytes], bool]:
@@ -121,12 +137,9 @@ def _isatty(stream) -> bool:
         return False
 
 
-def _report(summary: Summary, max_length: int) -> None:
+def _report(summary: Summary, max_length: int, hint: str | None = None) -> None:
     if summary.truncated:
-        where = ", ".join(summary.truncated_where) + (
-            ", ..." if summary.truncated > len(summary.truncated_where) else ""
-        )
-        console.warn(f"{summary.truncated} record(s) longer than {max_length} tokens were truncated ({where})")
+        console.warn(truncation_line(summary, max_length, hint))
     if summary.replaced:
         console.warn(f"{summary.replaced} record(s) had invalid UTF-8, replaced with U+FFFD")
     if summary.errors:
