@@ -38,9 +38,10 @@ from onnxpipe.batch.shards import InputSpec, ShardWriter, output_record, read_ro
 from onnxpipe.errors import ExitStatus, OnnxpipeError, UsageError
 from onnxpipe.stream.records import Record
 
-# What a row is (the `kind` column): a record, the end of its shard (seq = the shard's row count), or a
-# failure that stops the job (payload: the pickled (message, exit status)).
-RECORD, END, FAILURE = 0, 1, 2
+# What a row is (the `kind` column): a record, the end of its shard (seq = the shard's row count), a
+# failure that stops the job (payload: the pickled (message, exit status)), or padding (a shard's last
+# block is padded to the block size, so that map_batches' batches are the blocks themselves).
+RECORD, END, FAILURE, PAD = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def _dataset(ray: Any, shards: list[Shard], spec: InputSpec, options: RayOptions
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
         return dataset.map_batches(
             _predictor_class(options),
-            batch_size=None,  # whole blocks: each holds whole chunks (see RayOptions.chunk_rows)
+            batch_size=options.chunk_rows,  # = the block size: each batch is one block, one chunk
             batch_format="pyarrow",
             compute=ActorPoolStrategy(size=options.actors),
             num_cpus=options.cpus_per_actor,
@@ -309,9 +310,10 @@ def _row_schema() -> Any:
 
 def read_shard(index: int, shard: Shard, spec: InputSpec, rows: int, given: str) -> Iterator[Any]:
     """SHARD's records as Arrow blocks of (shard index, seq, kind, the record's bytes in the file, the
-    pickled Record), then its END row (seq: the row count). SHARD's source is an absolute path; the
-    records and errors name the file as GIVEN. A file that cannot be read gives a FAILURE row (the
-    error's message and exit status) instead of a Ray task error with its traceback."""
+    pickled Record), then its END row (seq: the row count). Every block has ROWS rows (the last is
+    padded), so that map_batches(batch_size=ROWS) cuts its batches at block edges. SHARD's source is
+    an absolute path; the records and errors name the file as GIVEN. A file that cannot be read gives
+    a FAILURE row (the error's message and exit status) instead of a Ray task error with its traceback."""
     import pyarrow as pa
 
     seqs: list[int] = []
@@ -333,10 +335,10 @@ def read_shard(index: int, shard: Shard, spec: InputSpec, rows: int, given: str)
             if len(seqs) >= rows:
                 yield block([RECORD] * len(seqs))
                 seqs, sizes, payloads = [], [], []
-        kinds = [RECORD] * len(seqs) + [END]
-        seqs.append(count)
-        sizes.append(0)
-        payloads.append(b"")
+        kinds = [RECORD] * len(seqs) + [END] + [PAD] * (rows - len(seqs) - 1)
+        seqs += [count] * (rows - len(seqs))
+        sizes += [0] * (rows - len(sizes))
+        payloads += [b""] * (rows - len(payloads))
         yield block(kinds)
     except OnnxpipeError as exc:
         message = str(exc).replace(str(shard.source), given)
@@ -410,11 +412,15 @@ class ShardPredictor:
             for i, kind in enumerate(kinds):
                 if kind == RECORD:
                     chunks.setdefault((shards[i], seqs[i] // self.options.chunk_rows), []).append(i)
+            keep = [i for i, kind in enumerate(kinds) if kind != PAD]
             for places in chunks.values():
                 outputs, counted = self._run([pickle.loads(payloads[i]) for i in places])
                 for i, out in zip(places, outputs):
                     payloads[i] = out
                 counts = [a + b for a, b in zip(counts, counted)]
+            shards, seqs, kinds, sizes, payloads = (
+                [column[i] for i in keep] for column in (shards, seqs, kinds, sizes, payloads)
+            )
         except _Stop as stop:
             shards, seqs, kinds, sizes = [shards[0] if shards else -1], [0], [FAILURE], [0]
             payloads = [pickle.dumps((stop.message, stop.status))]
@@ -505,6 +511,8 @@ class ShardAssembler:
         self.committed: set[int] = set()
 
     def add(self, shard: int, seq: int, kind: int, payload: bytes, nbytes: int = 0) -> None:
+        if kind == PAD:
+            return
         if kind == FAILURE:
             message, status = pickle.loads(payload)
             error = OnnxpipeError(message)
