@@ -561,3 +561,12 @@ def test_several_workers_share_the_cpus_unless_threads_is_given(monkeypatch):
     monkeypatch.setattr(machine, "usable_cpus", lambda: 8)
     assert [_worker_threads(None, w) for w in (1, 2, 3, 16)] == [None, 4, 2, 1]
     assert _worker_threads(3, 2) == 3
+
+
+def test_invalid_utf8_is_replaced_and_counted_as_the_streaming_command_counts_it(classifier, tmp_path):
+    (tmp_path / "in.txt").write_bytes(b"good \xff film\nfine\nbad \xc3\n")
+    result = _batch("classify", classifier, [], [tmp_path / "in.txt"], tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    rows = _shard(tmp_path / "out/in.txt.jsonl")
+    assert [r["text"] for r in rows] == ["good \ufffd film", "fine", "bad \ufffd"]
+    assert "2 record(s) had invalid UTF-8, replaced with U+FFFD" in result.stderr

@@ -142,7 +142,8 @@ def _run_chunk(shard: Shard, records: list[Record]) -> ChunkResult:
                 outputs.append(render_jsonl(obj, result.record.raw_numbers))
             else:
                 outputs.append(obj)
-        return ChunkResult(outputs, summary.errors, summary.truncated, summary.replaced)
+        replaced = sum(1 for record in records if record.replaced)  # run_records counts no parser's replacements
+        return ChunkResult(outputs, summary.errors, summary.truncated, replaced)
     except OnnxpipeError as exc:
         return ChunkResult([], failure=str(exc), failure_status=int(exc.exit_status))
     except Exception as exc:  # a bug: the parent says so in one line
