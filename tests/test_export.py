@@ -381,7 +381,9 @@ def test_task_not_inferable_lists_choices(checkpoint, tmp_path):
     config["architectures"] = ["SomethingWeird"]
     (ckpt / "config.json").write_text(json.dumps(config))
     result = run("export", str(ckpt), "--output", str(tmp_path / "o"))
-    assert_one_line_error(result, "cannot infer the task", "--task", "fill-mask, text-classification")
+    assert_one_line_error(
+        result, "cannot infer the task", "--task", "fill-mask, question-answering, text-classification"
+    )
 
 
 def test_trust_remote_code_is_off_by_default(checkpoint, tmp_path, monkeypatch):

@@ -73,6 +73,7 @@ def walk_setup(exported, checkpoint, tmp_path_factory):
         "mask": exported("bert", "fill-mask"),
         "gpt2": exported("gpt2"),
         "t5": exported("t5"),
+        "qa": exported("bert", "question-answering"),
     }
     return root, home, exports, checkpoint("bert", "feature-extraction")
 
@@ -86,6 +87,7 @@ def _command_args(name: str, exports: dict, source: Path) -> tuple[list[str], bo
         "verify": (["verify", "cls"], False, True),
         "classify": (["classify", "-m", str(exports["cls"])], True, True),
         "rerank": (["rerank", "-m", str(exports["cls"]), "--query", "q", "--label", "0"], True, True),
+        "answer": (["answer", "-m", str(exports["qa"]), "--question", "which movie?"], True, True),
         "embed": (["embed", "-m", str(exports["emb"])], True, True),
         "tag": (["tag", "-m", str(exports["tag"])], True, True),
         "fill-mask": (["fill-mask", "-m", str(exports["mask"])], True, True),
@@ -94,6 +96,12 @@ def _command_args(name: str, exports: dict, source: Path) -> tuple[list[str], bo
         "summarize": (["summarize", "-m", str(exports["t5"]), "--max-new-tokens", "3"], True, True),
         "finetune": (
             ["finetune", str(source), "--data", "train.tsv", "--output", "ft-out", "--epochs", "1", "--force"],
+            False,
+            False,
+        ),
+        # batch reads its input files and writes shards: no stdin, no stdout
+        "batch": (
+            ["batch", "classify", "-m", str(exports["cls"]), "input.txt", "--output-dir", "batch-out", "--force"],
             False,
             False,
         ),
@@ -132,6 +140,8 @@ HEAVY = ("export", "finetune")
 
 def _cases():
     for name in COMMANDS:
+        if name == "serve":
+            continue  # runs until stopped: test_serve_with_every_standard_stream_closed
         if name in HEAVY:
             yield name, "all-hostile"
         else:
@@ -159,6 +169,42 @@ def test_every_command_in_a_hostile_environment(command, mode, walk_setup):
         assert result.returncode == 0, (result.returncode, result.stderr)
         if mode == "stderr-closed" and writes_stdout:
             assert result.stdout.strip()  # the run went on and wrote its results
+
+
+def test_serve_with_every_standard_stream_closed(walk_setup):
+    """The server starts, answers and stops on SIGTERM (exit 0) with stdin, stdout and stderr closed."""
+    import socket
+    import time
+    import urllib.request
+
+    root, home, exports, _ = walk_setup
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = " ".join(_quote(a) for a in [PY, "-m", "onnxpipe", "serve", "-m", str(exports["cls"]), "--port", str(port)])
+    proc = subprocess.Popen(["bash", "-c", f"exec {args} <&- >&- 2>&-"], cwd=root, env={**os.environ})
+    try:
+        deadline, answer = time.monotonic() + 120, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/classify",
+                    data=json.dumps({"model": "cls", "input": ["good movie"]}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    answer = json.loads(response.read())
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert answer is not None, f"no answer (exit status {proc.poll()})"
+        assert answer["data"][0]["label"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_closed_stderr_does_not_change_the_results(walk_setup):
