@@ -21,7 +21,8 @@ from onnxpipe.batch.shards import InputSpec, ShardWriter, output_record, read_ro
 from onnxpipe.errors import ExitStatus, OnnxpipeError
 from onnxpipe.stream.records import Record
 
-CHUNK_BATCHES = 4  # batches of rows per chunk sent to a worker
+CHUNK_BATCHES = 32  # batches of rows per chunk sent to a worker: 1,024 rows at batch 32, the streaming
+# engine's window, so a chunk's length-sorted batches pad as little as the streaming command's do
 _WAIT = 0.25  # seconds: the longest the parent blocks on a worker before it looks at signals
 
 
