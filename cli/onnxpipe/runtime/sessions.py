@@ -31,6 +31,7 @@ def make_session(
     options: Any = None,
     providers: Sequence[Any] | None = None,
     on_fallback: Callable[[str], None] | None = None,
+    external_data_folder: Path | None = None,
 ) -> Any:
     """An `onnxruntime.InferenceSession` for SOURCE (a graph file, or a serialized ModelProto) on DEVICE.
 
@@ -43,7 +44,9 @@ def make_session(
     CPU without a word: when a GPU provider is asked for, the CUDA pip libraries are preloaded, what the
     loaders say is captured (it would land on stdout, which is for results), and the session's providers
     are read back. Had it fallen back, a `cuda` DEVICE raises DeviceError; otherwise ON_FALLBACK receives
-    the loaders' text (`device.cuda_failure_reason` boils it down to one line). onnxruntime's own errors
+    the loaders' text (`device.cuda_failure_reason` boils it down to one line). EXTERNAL_DATA_FOLDER is
+    where a serialized SOURCE's external tensors live (a graph edited in memory, its weights left in
+    the export folder). onnxruntime's own errors
     (a truncated graph, an unknown operator) are raised as they are: the caller knows what the file was.
     """
     import onnxruntime as ort
@@ -54,6 +57,10 @@ def make_session(
         options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = int(threads)
+    if external_data_folder is not None:
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(external_data_folder)
+        )
     if providers is None:
         providers = providers_for(device or Device("cpu"), ort.get_available_providers())
     first = providers[0]
