@@ -623,3 +623,51 @@ def _seq2seq_presents(cache) -> dict[str, np.ndarray]:
             presents[f"present.{i}.{side}.key"] = key.float().numpy()
             presents[f"present.{i}.{side}.value"] = value.float().numpy()
     return presents
+
+
+# --- lossy text-generation variants: teacher-forced quality against float32 -----------------
+
+# A lossy variant (int4, int8) of a text-generation export is judged against the float32 export on
+# onnxpipe's held-out English text (measure.lm_quality), teacher-forced: the share of positions whose
+# top-1 next token is float32's, and its perplexity relative to float32's (only a rise fails).
+LM_QUALITY = {"min_agreement": 0.98, "max_perplexity_ratio": 1.02}
+LM_QUALITY_TOKENS = 4096  # more than the held-out text has: all of it (about 2,800 tokens for SmolLM2)
+LM_QUALITY_CONTEXT = 512
+
+
+def lm_quality_report(
+    export_dir: Path,
+    reference_dir: Path,
+    *,
+    max_tokens: int = LM_QUALITY_TOKENS,
+    context: int = LM_QUALITY_CONTEXT,
+    texts: list[str] | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """The validation report's quality figures of the variant in EXPORT_DIR against the float32 export in
+    REFERENCE_DIR (either may be an export's temporary folder): measure.lm_quality.lm_agreement's figures,
+    the thresholds (LM_QUALITY), `passed` and `failures` ("quality: ..."). Raises nothing on a failure."""
+    from onnxpipe.measure.lm_quality import lm_agreement
+
+    figures = lm_agreement(export_dir, reference_dir, texts, max_tokens, context, threads=threads)
+    failures = []
+    if not figures["agreement"] >= LM_QUALITY["min_agreement"]:
+        failures.append(
+            f"quality: next-token agreement with float32 {figures['agreement']:.4f} < {LM_QUALITY['min_agreement']} "
+            f"({figures['tokens']} tokens, teacher-forced)"
+        )
+    if not figures["perplexity_ratio"] <= LM_QUALITY["max_perplexity_ratio"]:
+        failures.append(
+            f"quality: perplexity {figures['perplexity']:.4g} is {figures['perplexity_ratio']:.4f} x float32's "
+            f"{figures['reference_perplexity']:.4g} > {LM_QUALITY['max_perplexity_ratio']}"
+        )
+    return {
+        "passed": not failures,
+        "failures": failures,
+        "thresholds": dict(LM_QUALITY),
+        "reference": "float32 export, teacher-forced",
+        "data": "texts given"
+        if texts is not None
+        else "onnxpipe's held-out English text (onnxpipe/data/heldout_en.txt)",
+        **figures,
+    }
