@@ -57,3 +57,23 @@ def exported(tmp_path_factory, checkpoint):
         return cache[key]
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu` tests unless a CUDA session really runs here.
+
+    onnxruntime-gpu lists CUDAExecutionProvider wherever it is installed, GPU or not, so the check
+    makes a session and reads back its providers (export.variants.cuda_unusable_reason). It runs only
+    when gpu tests were collected: a CPU run of the suite pays nothing for it.
+    """
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    from onnxpipe.export.variants import cuda_unusable_reason
+
+    reason = cuda_unusable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"no CUDA: {reason}")
+    for item in gpu_items:
+        item.add_marker(skip)
