@@ -2,9 +2,10 @@
 
 Rows go to the workers in chunks (a few batches of one shard each) and come back rendered, in the order
 they were sent, so one big file is spread over every worker and each shard is written in input order.
-Each worker opens the export once (`onnxpipe.load`) with its own session and --threads. With one worker
-the model runs in this process. Ctrl-C or SIGTERM stops the workers and removes this run's temporary
-files; the shards already renamed into place stay, and a rerun skips them.
+Each worker opens the export once (`onnxpipe.load`) with its own session and --threads; with `--device
+cuda`, worker i runs on cuda:(i mod visible GPUs). With one worker the model runs in this process.
+Ctrl-C or SIGTERM stops the workers and removes this run's temporary files; the shards already renamed
+into place stay, and a rerun skips them.
 """
 
 from __future__ import annotations
@@ -75,12 +76,24 @@ class ChunkResult:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(options: LocalOptions, quiet_signals: bool = True) -> None:
+def _init_worker(
+    options: LocalOptions, quiet_signals: bool = True, devices: list[str] | None = None, slot: Any = None
+) -> None:
     """Open the export once for this process. Workers leave Ctrl-C and SIGTERM to the parent.
+
+    With DEVICES (one --device per worker) and SLOT (a shared counter), each worker takes the next
+    slot's device: `--device cuda` puts worker i on cuda:(i mod visible GPUs).
 
     In a worker, a failure (a --device that cannot run, a broken export) is kept and every chunk
     answers with it, so the parent stops with its one line (a raising initializer would only break
     the pool)."""
+    if devices and slot is not None:
+        import dataclasses
+
+        with slot.get_lock():
+            index = slot.value
+            slot.value += 1
+        options = dataclasses.replace(options, device=devices[index % len(devices)])
     if not quiet_signals:
         _open_pipeline(options)
         return
@@ -218,11 +231,14 @@ def run_local(
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        from onnxpipe.runtime.gpus import worker_devices
+
+        context = multiprocessing.get_context("spawn")
         pool = ProcessPoolExecutor(
             options.workers,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=context,
             initializer=_init_worker,
-            initargs=(options, True),
+            initargs=(options, True, worker_devices(options.device, options.workers), context.Value("i", 0)),
         )
     else:
         _init_worker(options, quiet_signals=False)

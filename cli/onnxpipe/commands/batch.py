@@ -91,7 +91,8 @@ def _batch_params() -> list[click.Parameter]:
             show_default=True,
             metavar="N",
             help="Worker processes (--engine local), each with its own session and --threads "
-            "[default --threads with several workers: the usable CPUs shared out among them].",
+            "[default --threads with several workers: the usable CPUs shared out among them]. "
+            "With --device cuda, worker i runs on GPU i mod the visible GPUs (cuda:N pins them all to N).",
         ),
         click.Option(
             ["--engine"],

@@ -14,10 +14,11 @@ from onnxpipe.commands._options import complete_export_names, device_options
     "models",
     required=True,
     multiple=True,
-    metavar="MODEL[=NAME]",
+    metavar="MODEL[=NAME][@DEVICE]",
     shell_complete=complete_export_names,
     help="An export to serve (repeatable): a name in the export home or a path, served as its name "
-    "(the folder's name for a path), or as NAME after '='. Clients reach only these names.",
+    "(the folder's name for a path), or as NAME after '='. Clients reach only these names. "
+    "@DEVICE pins it to a device (cuda:1, cpu); the others run on --device.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="The address to bind.")
 @click.option(
@@ -99,20 +100,23 @@ def serve(
 
     Concurrent requests to one encoder export share model runs (--batch-wait-ms). It binds
     127.0.0.1; any other address needs --api-key or --no-auth. SIGTERM or Ctrl-C stops it after
-    the requests in flight.
+    the requests in flight. On a machine with several GPUs, -m NAME@cuda:N puts each export on
+    its own GPU.
 
     \b
       onnxpipe serve -m smollm2 -m minilm --port 8080
       onnxpipe serve -m minilm --host 0.0.0.0 --api-key "$KEY"
+      onnxpipe serve -m smollm2@cuda:0 -m minilm@cuda:1 --device cuda
     """
     from onnxpipe.errors import require_extra
 
     require_extra("serve", "onnxpipe serve", "starlette", "uvicorn")
-    from onnxpipe.serve.run import check_host, load_exports, run_server, served_names
+    from onnxpipe.serve.run import check_host, load_exports, pinned_devices, run_server, served_names
 
     check_host(host, api_key, no_auth)
+    models, pinned = pinned_devices(models)
     names = served_names(models)
-    pipelines = load_exports(names, device, threads)
+    pipelines = load_exports(names, device, threads, pinned)
     from onnxpipe.serve.app import Settings
 
     settings = Settings(

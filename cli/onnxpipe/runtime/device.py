@@ -54,6 +54,16 @@ def providers_for(device: Device, available: list[str]) -> list:
             f"--device cuda: this onnxruntime build has no CUDA provider (available: {', '.join(available)})",
             hint="install onnxruntime-gpu, or use --device cpu",
         )
+    if device.kind == "cuda":
+        from onnxpipe.runtime.gpus import cuda_device_count
+
+        visible = cuda_device_count()  # 0: no driver to ask; the session then says what is wrong
+        if visible and device.index >= visible:
+            raise DeviceError(
+                f"--device {device}: there is no such GPU here ({visible} visible: "
+                f"{', '.join(f'cuda:{i}' for i in range(visible))})",
+                hint="pick one of those, or check CUDA_VISIBLE_DEVICES",
+            )
     return [(CUDA, {"device_id": device.index}), CPU]
 
 

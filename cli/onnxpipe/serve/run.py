@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import signal
 import socket
 from pathlib import Path
@@ -50,11 +51,34 @@ def served_names(models: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def load_exports(names: dict[str, str], device: str, threads: int | None) -> dict[str, Pipeline]:
-    """Each export opened once, on_error="null" so that one bad input fails only its own record."""
+_PINNED = re.compile(r"(?P<value>.+)@(?P<device>(?:cuda|gpu)(?::\d+)?|cpu|auto)", re.IGNORECASE)
+
+
+def pinned_devices(models: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """`-m MODEL[=NAME]@DEVICE` -> the -m values without their @DEVICE, and served name -> DEVICE.
+
+    A value that names an existing path is taken whole, as served_names takes one with '='."""
+    plain: list[str] = []
+    devices: dict[str, str] = {}
+    for value in models:
+        match = None if Path(value).exists() else _PINNED.fullmatch(value)
+        if match is None:
+            plain.append(value)
+            continue
+        plain.append(match["value"])
+        (name,) = served_names((match["value"],))
+        devices[name] = match["device"].lower()
+    return tuple(plain), devices
+
+
+def load_exports(
+    names: dict[str, str], device: str, threads: int | None, devices: dict[str, str] | None = None
+) -> dict[str, Pipeline]:
+    """Each export opened once, on_error="null" so that one bad input fails only its own record.
+    DEVICES pins a served name to its own --device (`-m NAME@cuda:1`); the others get DEVICE."""
     pipelines = {}
     for name, source in names.items():
-        pipeline = load(source, device=device, threads=threads, on_error="null")
+        pipeline = load(source, device=(devices or {}).get(name, device), threads=threads, on_error="null")
         for note in pipeline.notes:
             console.warn(note)
         console.info(f"serving {name} ({pipeline.task}) on {pipeline.provider}")
