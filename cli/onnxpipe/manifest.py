@@ -28,7 +28,7 @@ torch or transformers. Keys (format 1):
     pooling           "mean" | "cls" | "max" | null   (feature-extraction default)
     normalize         bool (feature-extraction default)
     opset             int
-    precision         "fp32" | "fp16" | "int8"
+    precision         "fp32" | "fp16" | "bf16" | "int8"
     optimization      null | "O1" | "O2" | "O3"
     graph             {"inputs": [...], "outputs": [...], "num_layers", "num_kv_heads", "head_dim"}
     validation        {"passed": bool, "tolerance": float, "inputs": str,

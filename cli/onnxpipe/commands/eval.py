@@ -1,7 +1,8 @@
 """`onnxpipe eval`: score an export on labelled data, through ONNX Runtime.
 
 Classifiers get accuracy, P/R/F1 and the confusion matrix; encoder-decoders (translate, summarize)
-get sacrebleu's corpus BLEU and chrF against references; question answering gets SQuAD exact match and F1.
+get sacrebleu's corpus BLEU and chrF against references; question answering gets SQuAD exact match and F1;
+text generation gets teacher-forced perplexity and next-token agreement (measure.lm_quality).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ _QA_ONLY = (
     "max_seq_len",
     "doc_stride",
 )
+_LM_ONLY = ("max_tokens", "context")
 
 
 @click.command("eval")
@@ -128,6 +130,21 @@ _QA_ONLY = (
     help="Question answering: tokens that consecutive windows share. [default: half the window, at most 128]",
 )
 @click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=20000,
+    show_default=True,
+    metavar="N",
+    help="Text generation: score the first N tokens of the text (each predicted from the true ones before it).",
+)
+@click.option(
+    "--context",
+    type=click.IntRange(min=2),
+    metavar="N",
+    help="Text generation: the text is scored in windows of N tokens, each run from an empty cache. "
+    "[default: 512, or the model's positions where fewer]",
+)
+@click.option(
     "--format",
     "data_format",
     type=click.Choice(["csv", "tsv", "jsonl"]),
@@ -170,9 +187,10 @@ def eval_command(
     batch_size: int | None,
     **kw: Any,
 ) -> None:
-    """Score an export on a labelled file: a classifier, a translation/summarisation model or question answering.
+    """Score an export on a labelled file (a classifier, translation/summarisation, question answering), or a
+    text-generation export on plain text (perplexity).
 
-    DATA is .csv or .tsv with a header row, or .jsonl. The outputs come from the ONNX
+    DATA is .csv or .tsv with a header row, or .jsonl (plain text for text generation). The outputs come from the ONNX
     export, as `onnxpipe classify` or `onnxpipe translate` (with --summarize, `onnxpipe
     summarize`) makes them, with the same decoding options.
 
@@ -182,7 +200,13 @@ def eval_command(
     source per line), with sacrebleu's signatures. Question answering: SQuAD exact match and
     F1 (the official script's normalisation, the best over each example's gold answers) on a
     SQuAD JSONL file, also split into examples with and without an answer (SQuAD 2.0, with
-    --handle-impossible). --json writes the figures to stdout as
+    --handle-impossible). Text generation: perplexity and top-1 accuracy, teacher-forced (every
+    next token predicted from the true text before it), on DATA as plain text: each non-empty line a
+    document followed by a newline, scored in windows of --context tokens (each starting with BOS
+    where the tokenizer adds one), --max-tokens tokens in all; with --against (the float32 export of
+    the same model) also the share of positions where the two predict the same next token, the
+    perplexity ratio and the mean KL divergence: the measures that fit a quantised model, where
+    greedy outputs diverge after one flipped token. --json writes the figures to stdout as
     well. --against runs a second export and reports how often the two agree.
 
     \b
@@ -191,6 +215,7 @@ def eval_command(
       onnxpipe eval -m opus-mt-en-de newstest.en --references newstest.de
       onnxpipe eval -m opus-mt-en-de --reference-column de --text-column en --json pairs.tsv | jq .scores.bleu.score
       onnxpipe eval -m squad --handle-impossible squad-v2.jsonl
+      onnxpipe eval -m smollm2-int4 --against smollm2 heldout.txt
     """
     from onnxpipe import console
     from onnxpipe.errors import UsageError
@@ -203,11 +228,18 @@ def eval_command(
         evaluate_classification,
         evaluate_generation,
     )
+    from onnxpipe.registry import FAMILIES
 
+    TEXT_GENERATION = FAMILIES["generate"].export_tasks[0]
     folder = resolve_model(model)
     task = read_manifest(folder).get("task")
-    seq2seq, qa = task == SEQ2SEQ, task == QUESTION_ANSWERING
-    only = {"text-classification": _CLASSIFY_ONLY, SEQ2SEQ: _SEQ2SEQ_ONLY, QUESTION_ANSWERING: _QA_ONLY}
+    seq2seq, qa, lm = task == SEQ2SEQ, task == QUESTION_ANSWERING, task == TEXT_GENERATION
+    only = {
+        "text-classification": _CLASSIFY_ONLY,
+        SEQ2SEQ: _SEQ2SEQ_ONLY,
+        QUESTION_ANSWERING: _QA_ONLY,
+        TEXT_GENERATION: _LM_ONLY,
+    }
     scored_as = task if task in only else "text-classification"  # load_classifier says what it cannot score
     wrong = tuple(name for kind, names in only.items() if kind != scored_as for name in names)
     ctx = click.get_current_context()
@@ -216,7 +248,25 @@ def eval_command(
     if given:
         meant = next(k for k, names in only.items() if k != scored_as and {flags[n] for n in names} & set(given))
         raise UsageError(f"{', '.join(given)}: only for {meant} exports ({folder.name} is a {task} export)")
-    if qa:
+    if lm:
+        from onnxpipe.measure.lm_quality import evaluate_lm
+
+        for name in ("text_column", "data_format", "batch_size"):
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+                raise UsageError(
+                    f"{flags[name]}: not for text-generation exports",
+                    hint="DATA is plain text, one document a line, scored one window at a time",
+                )
+        report = evaluate_lm(
+            model,
+            data,
+            against=against,
+            max_tokens=kw["max_tokens"],
+            context=kw["context"],
+            device=device,
+            threads=threads,
+        )
+    elif qa:
         report = evaluate_answers(
             model,
             data,
@@ -276,7 +326,9 @@ def eval_command(
     if report["truncated"]:
         console.warn(f"{report['truncated']} text(s) longer than the model's maximum length were truncated")
     if console.VERBOSITY["level"] >= 0:
-        if qa:
+        if lm:
+            _print_lm(report)
+        elif qa:
             _print_answers(report)
         elif seq2seq:
             _print_generation(report)
@@ -312,6 +364,28 @@ def _print_generation(report: dict) -> None:
         out.print(
             f"agreement {report['model']} vs {report['against']['model']}: [bold]{_pct(a['agreement'])}[/bold] "
             f"({a['same']}/{a['examples']} identical outputs, {a['differ']} differ)"
+        )
+
+
+def _print_lm(report: dict) -> None:
+    from onnxpipe.console import stderr
+
+    out = stderr()
+    runs = [report] + ([report["against"]] if "against" in report else [])
+    for run in runs:
+        s = run["scores"]
+        out.print(
+            f"[bold]{run['model']}[/bold] ({run.get('precision') or '?'}, {run['provider']}) on {report['data']}: "
+            f"perplexity [bold]{s['perplexity']:.4f}[/bold], top-1 accuracy {_pct(s['top1_accuracy'])} "
+            f"({report['tokens']} tokens, teacher-forced, windows of {report['context']})"
+        )
+    if "against" in report:
+        a = report["against"]
+        out.print(
+            f"agreement {report['model']} vs {a['model']}: [bold]{_pct(a['agreement']['agreement'])}[/bold] "
+            f"of next tokens ({a['agreement']['same']}/{a['agreement']['tokens']} same top-1), "
+            f"perplexity ratio [bold]{a['perplexity_ratio']:.4f}[/bold], "
+            f"mean KL divergence {a['kl_divergence']:.4g} nats"
         )
 
 

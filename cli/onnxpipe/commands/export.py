@@ -30,7 +30,18 @@ TASK_CHOICES = export_tasks()  # the registry's, in its order
 )
 @click.option("--optimize", type=click.Choice(["O1", "O2", "O3"]), help="ONNX Runtime graph optimisation level.")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Dynamic int8 quantisation for the CPU.")
-@click.option("--fp16", is_flag=True, help="Half precision for CUDA (needs a working CUDA provider).")
+@click.option(
+    "--fp16",
+    is_flag=True,
+    help="Half precision (float16) for CUDA, float32 at the inputs and outputs; validated on a CUDA session "
+    "(needs a working CUDA provider) by label and token agreement with fp32.",
+)
+@click.option(
+    "--bf16",
+    is_flag=True,
+    help="bfloat16 for CUDA, as --fp16 (float32 at the inputs and outputs, validated on CUDA); ops without a "
+    "CUDA bfloat16 kernel stay float32. ONNX Runtime's CPU provider has no bfloat16 kernels.",
+)
 @click.option(
     "--validate-with",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -56,6 +67,7 @@ def export(
     optimize: str | None,
     quantize: str | None,
     fp16: bool,
+    bf16: bool,
     validate_with: Path | None,
     trust_remote_code: bool,
     revision: str | None,
@@ -102,6 +114,7 @@ def export(
         optimize=optimize,
         quantize=quantize,
         fp16=fp16,
+        bf16=bf16,
         validate_with=validate_with,
         trust_remote_code=trust_remote_code,
         revision=revision,

@@ -72,6 +72,7 @@ def export_model(
     optimize: str | None = None,
     quantize: str | None = None,
     fp16: bool = False,
+    bf16: bool = False,
     validate_with: str | Path | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
@@ -91,16 +92,20 @@ def export_model(
         raise UsageError(f"unknown optimisation level {optimize!r}", hint="one of: " + ", ".join(OPTIMIZATION_LEVELS))
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise UsageError(f"unknown quantisation {quantize!r}", hint="one of: " + ", ".join(QUANTIZATIONS))
+    if fp16 and bf16:
+        raise UsageError("--fp16 and --bf16 exclude each other", hint="choose one half precision")
+    if bf16 and quantize:
+        raise UsageError("--bf16 and --quantize exclude each other", hint="bf16 is for CUDA, --quantize for the CPU")
     if fp16 and quantize:
         raise UsageError("--fp16 and --quantize exclude each other", hint="fp16 is for CUDA, int8 for the CPU")
     if graph not in GRAPHS:
         raise UsageError(f"unknown graph {graph!r}", hint="one of: " + ", ".join(GRAPHS))
     _check_target(output, force, source)
     texts, inputs_note = _validation_texts(validate_with)
-    if fp16:
+    if fp16 or bf16:
         from onnxpipe.export.variants import require_cuda_for_fp16
 
-        require_cuda_for_fp16()  # before anything is written
+        require_cuda_for_fp16("--bf16" if bf16 else "--fp16")  # before anything is written
 
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +128,7 @@ def export_model(
                     optimize=optimize,
                     quantize=quantize,
                     fp16=fp16,
+                    bf16=bf16,
                     trust_remote_code=trust_remote_code,
                     revision=revision,
                     opset=opset,
@@ -202,7 +208,7 @@ def _build(
     fast = for_graph(Tokenizer.from_file(str(out / "tokenizer.json")), tokenizer_record.get("unk_remap"))
     special = _special_tokens(toks.special_tokens, out)
     all_texts = val.GENERATED_TEXTS + texts
-    precision = "fp16" if opts["fp16"] else (opts["quantize"] or "fp32")
+    precision = "fp16" if opts["fp16"] else "bf16" if opts.get("bf16") else (opts["quantize"] or "fp32")
 
     progress(
         "validate",
@@ -222,6 +228,7 @@ def _build(
     )
     val.raise_if_failed(report, "the exported ONNX graph" if not opts["optimize"] else f"the {opts['optimize']} graph")
     quantization = None
+    kept_fp32: list[str] | None = None  # bf16: op types without a CUDA bfloat16 kernel, left in float32
     if precision != "fp32":
         from onnxpipe.export import variants
 
@@ -229,9 +236,13 @@ def _build(
         with quiet_libraries():
             if precision == "int8":
                 quantization = variants.quantize_int8(out, list(files.values()), family)
+            elif precision == "bf16":
+                kept_fp32 = variants.convert_bf16(
+                    out, list(files.values()), lambda path: val.session(path, FP16_PROVIDER)
+                )
             else:
                 variants.convert_fp16(out, list(files.values()))
-        provider = FP16_PROVIDER if precision == "fp16" else "CPUExecutionProvider"
+        provider = FP16_PROVIDER if precision in ("fp16", "bf16") else "CPUExecutionProvider"
         progress("validate", f"validating the {precision} variant against fp32")
         baseline = report
         report = val.validate(
@@ -242,7 +253,7 @@ def _build(
             files,
             fast,
             all_texts,
-            val.budget_for(precision, opts["optimize"]),
+            val.budget_for("fp16" if precision == "bf16" else precision, opts["optimize"]),
             inputs_note,
             provider=provider,
             special_tokens=special,
@@ -258,6 +269,8 @@ def _build(
     manifest["graph"]["builder"] = "onnxpipe-fused" if builder == "fused" else "optimum"
     if weights is not None:
         manifest["graph"]["weights"] = weights
+    if kept_fp32 is not None:
+        manifest["graph"]["bf16_fp32_ops"] = kept_fp32
     if quantization:
         manifest["quantization"] = quantization
     manifest["checksums"] = checksums(out)  # `onnxpipe verify` and `info` compare the folder with these
@@ -291,7 +304,7 @@ def _choose_graph(opts: dict, family: str, config) -> str:
         return "optimum"
     reason = None if family == "decoder" else "text-generation only"
     reason = reason or fused.unsupported_reason(config)
-    for flag, why in (("optimize", "--optimize"), ("quantize", "--quantize"), ("fp16", "--fp16")):
+    for flag, why in (("optimize", "--optimize"), ("quantize", "--quantize"), ("fp16", "--fp16"), ("bf16", "--bf16")):
         if reason is None and opts.get(flag):
             reason = f"{why} (it is made for optimum's graph)"
     if reason is None and wanted == "auto":

@@ -1,4 +1,4 @@
-"""Export variants: int8 dynamic quantisation (CPU) and fp16 (CUDA).
+"""Export variants: int8 dynamic quantisation (CPU), fp16 and bf16 (CUDA).
 
 Graph optimisation (--optimize O1|O2|O3) happens inside the optimum export, before the decoders
 are merged, because optimum's optimiser cannot rewrite a merged decoder afterwards.
@@ -52,11 +52,12 @@ def cuda_unusable_reason() -> str | None:
     return None
 
 
-def require_cuda_for_fp16() -> None:
+def require_cuda_for_fp16(flag: str = "--fp16") -> None:
+    """--fp16 and --bf16 export a CUDA model: validating it needs a CUDA session (bf16 has no CPU kernels)."""
     reason = cuda_unusable_reason()
     if reason:
         raise DeviceError(
-            f"--fp16 builds a CUDA model and needs a working CUDA provider to validate it, but {reason}",
+            f"{flag} builds a CUDA model and needs a working CUDA provider to validate it, but {reason}",
             hint="export fp32 (or --quantize int8 for the CPU) here, or run the fp16 export on a GPU machine",
         )
 
@@ -162,3 +163,127 @@ def _replace_onnx(new: Path, old: Path) -> None:
     for stale in (old.with_name(old.name + "_data"), old.with_name(old.name + ".data")):
         stale.unlink(missing_ok=True)
     new.replace(old)
+
+
+# bf16: ONNX Runtime's CPU provider has no bfloat16 MatMul, Gemm or Add kernel (1.31, checked on this
+# project's avx512_bf16 machine), so bf16 is a CUDA variant, validated there as fp16 is.
+BF16_MAX_RETRIES = 12  # ops left in fp32 one by one where the CUDA provider has no bfloat16 kernel
+
+
+def convert_bf16(folder: Path, files: list[str], probe=None) -> list[str]:
+    """bfloat16 weights and compute, fp32 inputs and outputs; returns the op types kept in float32.
+
+    onnxruntime's converter writes float16 only, so the graph is converted to float16 (keep_io_types, its
+    op block list) and every float16 type, Cast and initializer is then made bfloat16, the initializers
+    rounded from their float32 values (float16 would have clamped them). PROBE(path) makes a session of
+    the converted graph (CUDA): where the provider has no bfloat16 kernel for an op, onnxruntime says
+    "Could not find an implementation for OP(..)", that op type is kept in float32 and the graph converted again.
+    """
+    import re
+
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    kept: list[str] = []
+    for name in files:
+        path = folder / name
+        original = onnx.load(str(path))
+        block = list(DEFAULT_OP_BLOCK_LIST)
+        for _ in range(BF16_MAX_RETRIES):
+            model = onnx.ModelProto()
+            model.CopyFrom(original)
+            try:
+                model = convert_float_to_float16(
+                    model, keep_io_types=True, disable_shape_infer=True, op_block_list=block
+                )
+                to_bfloat16(model, original)
+                onnx.save(model, str(path), save_as_external_data=model.ByteSize() > (1 << 31) - (1 << 24))
+            except Exception as exc:
+                raise ExportError(
+                    f"bf16 conversion of {name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                ) from None
+            if probe is None:
+                break
+            try:
+                probe(path)
+                break
+            except Exception as exc:
+                missing = re.search(r"Could not find an implementation for (\w+)\(", str(exc))
+                if not missing or missing.group(1) in block:
+                    raise ExportError(
+                        f"the bf16 graph of {name} does not load: {str(exc).splitlines()[0][:300]}"
+                    ) from None
+                block.append(missing.group(1))
+                kept.append(missing.group(1))
+        else:
+            raise ExportError(f"bf16: more than {BF16_MAX_RETRIES} op types of {name} lack bfloat16 kernels")
+    return sorted(set(kept))
+
+
+def to_bfloat16(model, original=None) -> None:
+    """Every float16 in MODEL (a graph converted by convert_float_to_float16) made bfloat16, in place:
+    value types, Cast targets, initializers (from ORIGINAL's float32 values where the name is there), tensor
+    attributes (Constant, ConstantOfShape), in subgraphs too."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    f16, bf16 = TensorProto.FLOAT16, TensorProto.BFLOAT16
+    source = {}
+    if original is not None:
+        for graph in _all_graphs(original.graph):
+            for init in graph.initializer:
+                if init.data_type == TensorProto.FLOAT and not init.external_data:
+                    source[init.name] = init
+
+    def retensor(tensor, fp32=None) -> None:
+        if tensor.data_type != f16:
+            return
+        values = numpy_helper.to_array(fp32 if fp32 is not None else tensor).astype(np.float32)
+        bits = bfloat16_bits(values)
+        name, dims = tensor.name, list(tensor.dims)
+        tensor.Clear()
+        tensor.name, tensor.data_type = name, bf16
+        tensor.dims.extend(dims)
+        tensor.raw_data = bits.astype("<u2").tobytes()
+
+    def retype(value_type) -> None:
+        if value_type.tensor_type.elem_type == f16:
+            value_type.tensor_type.elem_type = bf16
+        if value_type.HasField("sequence_type"):
+            retype(value_type.sequence_type.elem_type)
+
+    for graph in _all_graphs(model.graph):
+        for init in graph.initializer:
+            retensor(init, source.get(init.name))
+        for value in [*graph.input, *graph.output, *graph.value_info]:
+            retype(value.type)
+        for node in graph.node:
+            for attr in node.attribute:
+                if node.op_type == "Cast" and attr.name == "to" and attr.i == f16:
+                    attr.i = bf16
+                elif attr.name in ("dtype", "to") and attr.i == f16:
+                    attr.i = bf16
+                if attr.HasField("t"):
+                    retensor(attr.t)
+                for tensor in attr.tensors:
+                    retensor(tensor)
+
+
+def bfloat16_bits(values):
+    """float32 array -> uint16 bfloat16 bit patterns, rounded to nearest even (NaN kept NaN)."""
+    import numpy as np
+
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded)
+
+
+def _all_graphs(graph):
+    """GRAPH and every subgraph in it (If/Loop branches)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _all_graphs(attr.g)
+            for sub in attr.graphs:
+                yield from _all_graphs(sub)

@@ -35,6 +35,9 @@ from typing import Any
 import numpy as np
 
 from onnxpipe.errors import ExportFolderError, UsageError
+from onnxpipe.registry import FAMILIES
+
+TEXT_GENERATION = FAMILIES["generate"].export_tasks[0]
 
 DEFAULT_MAX_TOKENS = 20_000
 DEFAULT_CONTEXT = 512
@@ -114,7 +117,7 @@ def _describe(folder: Path) -> dict[str, Any]:
     if (folder / MANIFEST_NAME).exists():
         manifest = read_manifest(folder)
     else:
-        manifest = {"files": {"model": "model.onnx"}, "family": "decoder", "task": "text-generation"}
+        manifest = {"files": {"model": "model.onnx"}, "family": "decoder", "task": TEXT_GENERATION}
     if manifest.get("family") != "decoder" or "model" not in (manifest.get("files") or {}):
         raise UsageError(
             f"{folder.name} is a {manifest.get('task')} export: perplexity and next-token agreement need a "
@@ -137,7 +140,7 @@ def open_scorer(ref: str | Path, device: str = "cpu", threads: int | None = None
     manifest yet) opened for teacher forcing."""
     from onnxpipe.home import resolve_model
     from onnxpipe.manifest import MANIFEST_NAME, inside
-    from onnxpipe.runtime.device import CUDA, parse_device
+    from onnxpipe.runtime.device import CUDA, cuda_failure_reason, parse_device
     from onnxpipe.runtime.machine import cap_threads
     from onnxpipe.runtime.model import load_tokenizer
     from onnxpipe.runtime.sessions import make_session
@@ -169,7 +172,7 @@ def open_scorer(ref: str | Path, device: str = "cpu", threads: int | None = None
     provider = session.get_providers()[0]
     name = manifest.get("name") or folder.name
     if fell_back:
-        note = f"CUDA not usable; running {name} on CPU"
+        note = f"CUDA not usable ({cuda_failure_reason(fell_back[0])}); running {name} on CPU"
     else:
         note = f"running {name} on {'CUDA device ' + str(dev.index) if provider == CUDA else 'CPU'}"
     return Scorer(
@@ -334,14 +337,18 @@ def check_same_tokenizer(a: Scorer, b: Scorer) -> None:
 
 
 def score(
-    model: Scorer, documents: Sequence[str], max_tokens: int, context: int, reference: Scorer | None = None
+    model: Scorer, documents: Sequence[str], max_tokens: int, context: int | None, reference: Scorer | None = None
 ) -> dict[str, Any]:
-    """Teacher-forced figures of MODEL over DOCUMENTS, and with REFERENCE the agreement between the two."""
+    """Teacher-forced figures of MODEL over DOCUMENTS, and with REFERENCE the agreement between the two.
+    CONTEXT None: DEFAULT_CONTEXT, or the models' positions where fewer (a larger CONTEXT is cut to them,
+    with a warning)."""
     if max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
     warnings = []
     limits = [p for p in (model.max_positions, reference and reference.max_positions) if p]
-    if limits and context > min(limits):
+    if context is None:  # the default: DEFAULT_CONTEXT, or the model's positions where fewer
+        context = min([DEFAULT_CONTEXT, *limits])
+    elif limits and context > min(limits):
         warnings.append(
             f"--context {context} is more than the model's {min(limits)} positions: windows of {min(limits)}"
         )
@@ -427,7 +434,7 @@ def evaluate_lm(
     *,
     against: str | Path | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
-    context: int = DEFAULT_CONTEXT,
+    context: int | None = None,
     device: str = "auto",
     threads: int | None = None,
 ) -> dict[str, Any]:
@@ -445,7 +452,7 @@ def evaluate_lm(
         "precision": scorer.precision,
         "provider": scorer.provider,
         "data": str(data_path),
-        "task": "text-generation",
+        "task": TEXT_GENERATION,
         "tokens": figures["tokens"],
         "context": figures["context"],
         "windows": figures["windows"],

@@ -1,0 +1,345 @@
+"""The GPU path: what only a GPU can show (marked `gpu`, skipped without a CUDA session that really runs;
+benchmarks/gpu_check.sh runs them), and what can be checked on the CPU with the device list faked
+(workers spread over GPUs, serve's pinning, a GPU index that is not there, the bf16 graph's wiring)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxpipe.errors import DeviceError, UsageError
+from onnxpipe.runtime import gpus
+
+CUDA = "CUDAExecutionProvider"
+
+
+def _invoke(args: list[str], **kw):
+    from click.testing import CliRunner
+
+    from onnxpipe.main import cli
+
+    return CliRunner().invoke(cli, args, **kw)
+
+
+@pytest.fixture
+def classifier(exported) -> Path:
+    return exported("bert", "text-classification")
+
+
+def _feeds(session, batch: int = 3, length: int = 7) -> dict:
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for item in session.get_inputs():
+        if item.name == "input_ids":
+            feeds[item.name] = rng.integers(5, 100, size=(batch, length), dtype=np.int64)
+        elif item.name == "attention_mask":
+            feeds[item.name] = np.ones((batch, length), dtype=np.int64)
+        else:
+            feeds[item.name] = np.zeros((batch, length), dtype=np.int64)
+    return feeds
+
+
+# --- several GPUs, faked ------------------------------------------------------------------------
+
+
+def test_worker_devices_spread_a_bare_cuda_over_the_visible_gpus():
+    assert gpus.worker_devices("cuda", 5, visible=2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert gpus.worker_devices("GPU", 2, visible=4) == ["cuda:0", "cuda:1"]
+    assert gpus.worker_devices("cuda:1", 3, visible=2) == ["cuda:1"] * 3  # an index pins them all
+    assert gpus.worker_devices("auto", 2, visible=2) == ["auto", "auto"]
+    assert gpus.worker_devices("cpu", 2, visible=2) == ["cpu", "cpu"]
+    assert gpus.worker_devices("cuda", 2, visible=0) == ["cuda", "cuda"]  # no GPU: the session says why
+
+
+def test_each_worker_takes_the_next_slots_device(monkeypatch):
+    """The pool's initializer runs once per worker process; a shared counter gives each its own GPU."""
+    from onnxpipe.batch import local
+
+    opened = []
+    monkeypatch.setattr(local, "_open_pipeline", lambda options: opened.append(options.device))
+    options = local.LocalOptions(model="m", family="classify", options={}, device="cuda", workers=3)
+    slot = multiprocessing.get_context("spawn").Value("i", 0)
+    devices = gpus.worker_devices("cuda", 3, visible=2)
+    for _ in range(3):
+        local._init_worker(options, False, devices, slot)
+    assert opened == ["cuda:0", "cuda:1", "cuda:0"]
+
+
+def test_batch_workers_get_one_gpu_each(classifier, tmp_path, monkeypatch):
+    """batch --workers 3 --device cuda on a machine with 2 GPUs (faked): the pool's workers are given
+    cuda:0, cuda:1, cuda:0; --device cuda:1 gives them all cuda:1."""
+    import concurrent.futures
+
+    seen = []
+
+    class Pool:
+        def __init__(self, workers, mp_context=None, initializer=None, initargs=()):
+            seen.append(initargs[2])
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(gpus, "cuda_device_count", lambda: 2)
+    (tmp_path / "in.txt").write_text("a good film\na bad film\n")
+    for device in ("cuda", "cuda:1"):
+        out = tmp_path / f"out-{device.replace(':', '')}"
+        args = ["batch", "classify", "-m", str(classifier), "--device", device, "--workers", "3"]
+        _invoke([*args, str(tmp_path / "in.txt"), "--output-dir", str(out)])
+    assert seen == [["cuda:0", "cuda:1", "cuda:0"], ["cuda:1"] * 3]
+
+
+def test_a_gpu_index_past_the_visible_ones_fails_in_one_line(classifier, monkeypatch):
+    from onnxpipe.runtime.device import parse_device, providers_for
+
+    monkeypatch.setattr(gpus, "cuda_device_count", lambda: 1)
+    with pytest.raises(DeviceError, match=r"--device cuda:1: there is no such GPU here \(1 visible: cuda:0\)"):
+        providers_for(parse_device("cuda:1"), [CUDA, "CPUExecutionProvider"])
+    assert providers_for(parse_device("cuda:0"), [CUDA, "CPUExecutionProvider"])[0] == (CUDA, {"device_id": 0})
+    result = _invoke(["classify", "-m", str(classifier), "--device", "cuda:1"], input="a good film\n")
+    assert result.exit_code != 0 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert "no such GPU" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_serve_pins_an_export_to_a_device(classifier, monkeypatch):
+    from onnxpipe.serve import run
+
+    models, pinned = run.pinned_devices((f"{classifier}=a@cuda:1", "b@CPU", "c", str(classifier)))
+    assert models == (f"{classifier}=a", "b", "c", str(classifier))
+    assert pinned == {"a": "cuda:1", "b": "cpu"}
+    opened = {}
+
+    class Fake:
+        task, provider, notes = "text-classification", "CPUExecutionProvider", []
+
+    def fake_load(source, device, threads, on_error):
+        opened[source] = device
+        return Fake()
+
+    monkeypatch.setattr(run, "load", fake_load)
+    run.load_exports(run.served_names(models[:3]), "cuda", None, pinned)
+    assert opened == {str(classifier): "cuda:1", "b": "cpu", "c": "cuda"}
+
+
+def test_serve_help_names_the_device_suffix():
+    result = _invoke(["serve", "--help"])
+    assert "MODEL[=NAME][@DEVICE]" in result.stdout and "cuda:1" in result.stdout
+
+
+# --- bf16 ---------------------------------------------------------------------------------------
+
+
+def test_bfloat16_bits_round_to_nearest_even():
+    from onnxpipe.export.variants import bfloat16_bits
+
+    values = np.array([1.0, 1 + 2**-8, 1 + 3 * 2**-8, -2.5, 3.0e38, np.nan, 0.0], dtype=np.float32)
+    # 1 + 2^-8 is halfway between 1.0 (0x3F80) and 0x3F81: even wins; 1 + 3*2^-8 rounds up to 0x3F82
+    assert bfloat16_bits(values)[:5].tolist() == [0x3F80, 0x3F80, 0x3F82, 0xC020, 0x7F62]
+    assert bfloat16_bits(values)[5] == 0x7FC0 and bfloat16_bits(values)[6] == 0
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    finite = np.random.default_rng(1).standard_normal(1000).astype(np.float32)
+    assert np.array_equal(bfloat16_bits(finite), finite.astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
+def _bf16_as_float32(model):
+    """The bf16 graph with every bfloat16 made float32 again (values unchanged): runs on the CPU, so the
+    wiring of the conversion (casts, types, initializers) is checked where no bf16 kernel exists."""
+    from onnx import TensorProto, numpy_helper
+
+    from onnxpipe.export.variants import _all_graphs
+
+    def widen(tensor):
+        bits = np.frombuffer(tensor.raw_data, dtype="<u2").astype(np.uint32) << 16
+        tensor.CopyFrom(numpy_helper.from_array(bits.view(np.float32).reshape(list(tensor.dims)), tensor.name))
+
+    for graph in _all_graphs(model.graph):
+        for init in graph.initializer:
+            if init.data_type == TensorProto.BFLOAT16:
+                widen(init)
+        for value in [*graph.input, *graph.output, *graph.value_info]:
+            if value.type.tensor_type.elem_type == TensorProto.BFLOAT16:
+                value.type.tensor_type.elem_type = TensorProto.FLOAT
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.name in ("to", "dtype") and attr.i == TensorProto.BFLOAT16:
+                    attr.i = TensorProto.FLOAT
+                if attr.HasField("t") and attr.t.data_type == TensorProto.BFLOAT16:
+                    widen(attr.t)
+    return model
+
+
+def test_bf16_graph_keeps_float32_io_and_computes_the_fp32_models_labels(classifier, tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from onnxpipe.export.variants import bfloat16_bits, convert_bf16
+
+    folder = tmp_path / "bf16"
+    shutil.copytree(classifier, folder)
+    probed = []
+    assert convert_bf16(folder, ["model.onnx"], probe=probed.append) == []
+    assert probed == [folder / "model.onnx"]
+    model = onnx.load(str(folder / "model.onnx"))
+    reference = onnx.load(str(classifier / "model.onnx"))
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [TensorProto.FLOAT]
+    weights = {i.name: i for i in reference.graph.initializer if i.data_type == TensorProto.FLOAT}
+    converted = [i for i in model.graph.initializer if i.data_type == TensorProto.BFLOAT16]
+    assert converted and all(i.name in weights for i in converted)
+    for init in converted[:5]:  # rounded from the float32 values, not from a clamped float16
+        want = bfloat16_bits(onnx.numpy_helper.to_array(weights[init.name]))
+        assert np.array_equal(np.frombuffer(init.raw_data, dtype="<u2").reshape(want.shape), want)
+
+    fp32 = ort.InferenceSession(str(classifier / "model.onnx"), providers=["CPUExecutionProvider"])
+    bf16 = ort.InferenceSession(_bf16_as_float32(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = _feeds(fp32)
+    a, b = fp32.run(None, feeds)[0], bf16.run(None, feeds)[0]
+    assert np.abs(a - b).max() <= 0.02 * max(np.abs(a).max(), 1e-3) + 1e-3  # bf16 weights: ~3 digits
+
+
+def test_bf16_keeps_ops_without_a_cuda_kernel_in_float32(classifier, tmp_path):
+    """The probe's "no implementation for OP" leaves OP in float32 and converts again; the ops kept are
+    returned (the manifest records them)."""
+    import onnx
+    from onnx import TensorProto
+
+    from onnxpipe.export.variants import convert_bf16
+
+    folder = tmp_path / "bf16"
+    shutil.copytree(classifier, folder)
+    calls = []
+
+    def probe(path):
+        calls.append(path)
+        graph = onnx.load(str(path)).graph
+        erf_inputs = {n.input[0] for n in graph.node if n.op_type == "Erf"}
+        types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input]}
+        if any(types.get(name) == TensorProto.BFLOAT16 for name in erf_inputs) or (erf_inputs and len(calls) == 1):
+            raise RuntimeError(
+                "[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for Erf(13)"
+            )
+
+    kept = convert_bf16(folder, ["model.onnx"], probe=probe)
+    assert kept == ["Erf"] and len(calls) == 2
+
+
+def test_export_bf16_needs_cuda_and_excludes_fp16(checkpoint, tmp_path, monkeypatch):
+    from onnxpipe.export import variants
+
+    source = checkpoint("bert", "text-classification")
+    monkeypatch.setattr(variants, "cuda_unusable_reason", lambda: "no GPU here")
+    result = _invoke(["export", str(source), "--bf16", "-o", str(tmp_path / "out")])
+    assert result.exit_code != 0 and not (tmp_path / "out").exists()
+    assert "--bf16 builds a CUDA model" in result.stderr and "no GPU here" in result.stderr
+    result = _invoke(["export", str(source), "--bf16", "--fp16", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--fp16 and --bf16 exclude each other" in result.stderr
+    with pytest.raises(UsageError, match="--bf16 and --quantize"):
+        from onnxpipe.export import export_model
+
+        export_model(source, tmp_path / "out", bf16=True, quantize="int8")
+
+
+# --- on a GPU -----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_never_falls_back_to_the_cpu(classifier):
+    import onnxpipe
+
+    pipe = onnxpipe.load(classifier, device="cuda")
+    assert pipe.provider == CUDA
+    session = pipe.model.session() if hasattr(pipe, "model") else None
+    if session is not None:
+        assert session.get_providers()[0] == CUDA
+    results = pipe(["a good film", "a bad film"])
+    assert all(r.provider == CUDA for r in results)
+    result = _invoke(["classify", "-m", str(classifier), "--device", "cuda", "--format", "jsonl"], input="a\nb\n")
+    assert result.exit_code == 0
+    assert {json.loads(line)["provider"] for line in result.stdout.splitlines()} == {CUDA}
+
+
+@pytest.mark.gpu
+def test_cuda_classify_equals_the_cpu_run(classifier):
+    import onnxpipe
+
+    texts = ["a good film", "a bad film", "the plot was a mess", ""]
+    cpu = onnxpipe.load(classifier, device="cpu")(texts)
+    gpu = onnxpipe.load(classifier, device="cuda")(texts)
+    assert [r.label for r in gpu] == [r.label for r in cpu]
+    assert np.allclose([r.score for r in gpu if r.value], [r.score for r in cpu if r.value], atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_a_gpu_index_that_is_not_there_fails_clearly(classifier):
+    visible = gpus.cuda_device_count()
+    result = _invoke(["classify", "-m", str(classifier), "--device", f"cuda:{visible}"], input="a good film\n")
+    assert result.exit_code != 0 and result.stdout == ""
+    assert f"--device cuda:{visible}: there is no such GPU here" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _profile_memcpys(profile: Path) -> list[dict]:
+    events = json.loads(profile.read_text())
+    return [
+        e for e in events if e.get("cat") == "Node" and str(e.get("args", {}).get("op_name", "")).startswith("Memcpy")
+    ]
+
+
+@pytest.mark.gpu
+def test_io_binding_keeps_the_key_value_cache_on_the_gpu(exported, tmp_path):
+    """Generation with IO binding copies no key/value tensor through the host: ONNX Runtime's profile of
+    the decoder lists no Memcpy node as large as one layer's cache, and the number of Memcpy nodes does
+    not grow with the steps (a host round trip of the cache would add two per layer per step)."""
+    from onnxpipe.runtime import load_model
+    from onnxpipe.tasks.causal import CausalLM
+
+    folder = exported("llama", graph="optimum")
+    counts = {}
+    for steps in (4, 12):
+        model = load_model(folder, device="cuda")
+        options = model.session_options()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(tmp_path / f"steps{steps}")
+        lm = CausalLM.from_model(model)
+        config = lm.defaults.update(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, num_beams=1)
+        prompts = [lm.encode("a good film"), lm.encode("the plot was a mess and the jokes fell flat")]
+        lm.generate(prompts, config)
+        session = model.session()
+        assert session.get_providers()[0] == CUDA
+        memcpys = _profile_memcpys(Path(session.end_profiling()))
+        config_json = json.loads((folder / "config.json").read_text())
+        heads = config_json.get("num_key_value_heads") or config_json["num_attention_heads"]
+        head_dim = config_json["hidden_size"] // config_json["num_attention_heads"]
+        one_layer = 2 * heads * head_dim * 4 * 2  # two rows, one position, fp32: any cache copy is bigger
+        assert all(int(e["args"].get("output_size", 0)) < one_layer for e in memcpys), memcpys[:3]
+        counts[steps] = len(memcpys) / (steps + 1)
+    assert counts[12] <= counts[4] + 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_agrees_with_fp32(classifier, tmp_path, precision):
+    """fp16/bf16 (float32 at the boundary) on CUDA against the fp32 graph on the CPU: the logits' cosine
+    and scale-relative difference (a tiny random model's labels tie too often to count agreement)."""
+    from onnxpipe.export import variants
+    from onnxpipe.runtime.sessions import make_session
+
+    folder = tmp_path / precision
+    shutil.copytree(classifier, folder)
+    if precision == "fp16":
+        variants.convert_fp16(folder, ["model.onnx"])
+    else:
+        variants.convert_bf16(folder, ["model.onnx"], probe=lambda p: make_session(p, providers=[CUDA]))
+    fp32 = make_session(classifier / "model.onnx")
+    half = make_session(folder / "model.onnx", providers=[CUDA, "CPUExecutionProvider"])
+    assert half.get_providers()[0] == CUDA
+    feeds = _feeds(fp32, batch=8)
+    a, b = fp32.run(None, feeds)[0], half.run(None, feeds)[0]
+    assert b.dtype == np.float32  # keep_io_types
+    cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    assert cosine.min() > 0.99
+    assert np.abs(a - b).max() <= (0.01 if precision == "fp16" else 0.05) * np.abs(a).max() + 1e-3
