@@ -74,6 +74,13 @@ class Scorer:
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)
         self.past = {n: i for n, i in inputs.items() if n.startswith("past_key_values.")}
+        known = {"input_ids", "attention_mask", "position_ids", "use_cache_branch", *self.past}
+        if set(inputs) - known:  # e.g. a CUDA variant's shared cache buffer
+            raise UsageError(
+                f"{self.name}'s graph takes inputs that a teacher-forced run cannot feed: "
+                + ", ".join(sorted(set(inputs) - known)),
+                hint="score the export it was made from",
+            )
         self.vocab_size = self.session.get_outputs()[0].shape[-1]
         self.logits_name = next(o.name for o in self.session.get_outputs() if o.name == "logits")
 
