@@ -102,10 +102,14 @@ def export_model(
         raise UsageError(f"unknown graph {graph!r}", hint="one of: " + ", ".join(GRAPHS))
     _check_target(output, force, source)
     texts, inputs_note = _validation_texts(validate_with)
-    if fp16 or bf16:
+    if fp16:
         from onnxpipe.export.variants import require_cuda_for_fp16
 
-        require_cuda_for_fp16("--bf16" if bf16 else "--fp16")  # before anything is written
+        require_cuda_for_fp16()  # before anything is written
+    if bf16:
+        from onnxpipe.export.variants import require_cuda_for_bf16
+
+        require_cuda_for_bf16()
 
     try:
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,15 @@ def cuda_unusable_reason() -> str | None:
     return None
 
 
-def require_cuda_for_fp16(flag: str = "--fp16") -> None:
+def require_cuda_for_fp16() -> None:
+    _require_cuda("--fp16")
+
+
+def require_cuda_for_bf16() -> None:
+    _require_cuda("--bf16")
+
+
+def _require_cuda(flag: str) -> None:
     """--fp16 and --bf16 export a CUDA model: validating it needs a CUDA session (bf16 has no CPU kernels)."""
     reason = cuda_unusable_reason()
     if reason:
