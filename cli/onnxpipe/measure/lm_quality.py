@@ -81,8 +81,10 @@ class Scorer:
                 + ", ".join(sorted(set(inputs) - known)),
                 hint="score the export it was made from",
             )
-        self.vocab_size = self.session.get_outputs()[0].shape[-1]
-        self.logits_name = next(o.name for o in self.session.get_outputs() if o.name == "logits")
+        logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
+        if logits is None:
+            raise ExportFolderError(f"{self.name}'s graph has no logits output", hint="re-run onnxpipe export")
+        self.logits_name, self.vocab_size = logits.name, logits.shape[-1]
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         from onnxpipe.runtime.model import unk_remapped
