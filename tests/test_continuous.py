@@ -437,7 +437,7 @@ def qwen2(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("qwen2")
     ckpt = tiny_decoders.build("qwen2", root / "ckpt")
-    export_model(ckpt, root / "export", task="text-generation")
+    export_model(ckpt, root / "export", task="text-generation", graph="optimum")
     return ckpt, onnxpipe.load(root / "export", device="cpu", threads=1)
 
 

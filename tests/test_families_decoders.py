@@ -1,7 +1,8 @@
 """Decoder families beyond GPT-2 and Llama: Qwen2, Mistral, Phi-3, Gemma (tests/tiny_decoders.py).
 
-Each tiny random checkpoint is exported once (text-generation; optimum's graph, since the fused builder
-refuses them) and checked against transformers: the export validates, the greedy and beam (4) ids equal
+Each tiny random checkpoint is exported once (text-generation, --graph optimum: the graph they get where
+CUDA runs; test_fused_families.py has onnxpipe's fused graph, which --graph auto picks on a CPU) and
+checked against transformers: the export validates, the greedy and beam (4) ids equal
 `generate`'s at batch 1 and at batch 8 with left padding, `info` names the graph, and `generate --chat`
 renders the chat template as transformers does. The features that set each family apart are in the
 checkpoints: Qwen2's q/k/v biases and a vocabulary padded past the tokenizer's, Mistral's sliding window
@@ -67,7 +68,7 @@ def family(tmp_path_factory):
 
             root = tmp_path_factory.mktemp(arch)
             ckpt = tiny_decoders.build(arch, root / "ckpt")
-            manifest = export_model(ckpt, root / "export", task="text-generation")
+            manifest = export_model(ckpt, root / "export", task="text-generation", graph="optimum")
             _BUILT[arch] = (ckpt, root / "export", manifest)
         return _BUILT[arch]
 
@@ -327,7 +328,7 @@ def test_generate_chat_uses_the_template(family, arch, one_torch_thread):
     assert json.loads(plain.stdout)["prompt_tokens"] < len(ids)  # without --chat, no template
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "mistral", "phi3", "gemma"])
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3"])
 def test_fused_graph_refuses_with_the_difference(family, arch):
     """--graph fused fails in one line naming what the fused builder cannot express, before loading."""
     from onnxpipe.errors import UsageError
@@ -338,9 +339,7 @@ def test_fused_graph_refuses_with_the_difference(family, arch):
         export_model(ckpt, export.parent / "fused", task="text-generation", graph="fused")
     message = str(info.value)
     assert "\n" not in message
-    assert {"qwen2": "bias", "mistral": "sliding window", "phi3": "packed", "gemma": "scaled embeddings"}[
-        arch
-    ] in message
+    assert {"qwen3": "q/k RMSNorm", "gemma2": "soft-capping", "gemma3": "q/k RMSNorm"}[arch] in message
     assert not (export.parent / "fused").exists()
 
 

@@ -2,11 +2,13 @@
 Qwen2, Mistral, Phi-3 and Gemma, each with what makes its family differ from Llama, so that an export
 that ignored it would give other ids:
 
-- Qwen2: non-zero q/k/v biases (and variants with linear and yarn rope scaling); a config vocabulary padded past the tokenizer's (the logits have columns
+- Qwen2: non-zero q/k/v biases (and variants with linear and yarn rope scaling, and with a sliding window
+  on its second layer); a config vocabulary padded past the tokenizer's (the logits have columns
   no token uses, as Qwen2.5's 151,936 vs 151,665); a ChatML chat template and two eos ids (<|im_end|>,
   <|endoftext|>) in the generation config.
 - Mistral: a sliding window (4) shorter than every prompt, so attention outside the window matters.
-- Phi-3: packed qkv_proj and gate_up_proj, and a sliding window (8) as Phi-3-mini-4k has (2047).
+- Phi-3: packed qkv_proj and gate_up_proj, and a sliding window (8) as Phi-3-mini-4k has (2047); variants
+  with longrope scaling and with partial rotary embeddings.
 - Gemma: embeddings scaled by sqrt(hidden), gelu (tanh), head_dim independent of hidden / heads, and
   RMSNorm weights offset by one.
 - Qwen3, Gemma2, Gemma3 (text): q/k RMSNorm, soft-capping, sliding windows on some layers (_newer).
@@ -51,7 +53,7 @@ def _sharpen(model, projections=("q_proj", "k_proj")) -> None:
                 getattr(layer.self_attn, name).weight.mul_(12)
 
 
-def _qwen2(out: Path, rope: dict | None = None) -> Path:
+def _qwen2(out: Path, rope: dict | None = None, window: int | None = None) -> Path:
     import torch
     import transformers
 
@@ -85,7 +87,9 @@ def _qwen2(out: Path, rope: dict | None = None) -> Path:
         eos_token_id=im_end,
         pad_token_id=endoftext,
         rope_scaling=rope,
-        use_sliding_window=False,
+        use_sliding_window=window is not None,
+        # a window on the layers from max_window_layers on: layer 1 of 2
+        **({"sliding_window": window, "max_window_layers": 1} if window else {}),
     )
     model = transformers.Qwen2ForCausalLM(config)
     _sharpen(model)
@@ -126,7 +130,7 @@ def _mistral(out: Path) -> Path:
     return _save(model, tokenizer, out)
 
 
-def _phi3(out: Path, rope: dict | None = None, original_max: int = 256) -> Path:
+def _phi3(out: Path, rope: dict | None = None, original_max: int = 256, partial: float = 1.0) -> Path:
     import torch
     import transformers
 
@@ -153,6 +157,7 @@ def _phi3(out: Path, rope: dict | None = None, original_max: int = 256) -> Path:
         tie_word_embeddings=False,
         rope_scaling=rope,
         sliding_window=8,  # Phi-3-mini-4k has a window too (2047): shorter than the prompts here
+        partial_rotary_factor=partial,
     )
     model = transformers.Phi3ForCausalLM(config)
     with torch.no_grad():  # qkv_proj packs q | k | v rows: sharpen q and k
@@ -248,6 +253,9 @@ BUILDERS = {
     "mistral": _mistral,
     "phi3": _phi3,
     "phi3-longrope": lambda out: _phi3(out, rope=LONGROPE, original_max=16),
+    # Phi-4-mini's partial rotary (0.75 there): rotary on half of each head's 8 dimensions
+    "phi3-partial": lambda out: _phi3(out, partial=0.5),
+    "qwen2-window": lambda out: _qwen2(out, window=SLIDING_WINDOW),
     "gemma": _gemma,
     "qwen3": lambda out: _newer(out, "qwen3"),
     "gemma2": lambda out: _newer(out, "gemma2"),

@@ -101,7 +101,7 @@ def _render(folder, manifest: dict[str, Any], problems: list[str], recorded: dic
                 if v is not None
             ),
         ),
-        ("graph", _graph(manifest.get("graph") or {})),
+        ("graph", _graph(manifest.get("graph") or {}, manifest.get("model_type"))),
         ("weights", weights_text(manifest.get("graph") or {})),
     ]
     for key, value in rows:
@@ -160,12 +160,12 @@ def _tokenizer(t: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _graph(g: dict[str, Any]) -> str:
+def _graph(g: dict[str, Any], model_type: str | None = None) -> str:
     text = f"inputs {', '.join(i for i in g.get('inputs', []) if not i.startswith('past_key_values.'))}"
     if g.get("num_layers"):
         text += f"; KV cache {g['num_layers']} layers x {g.get('num_kv_heads')} heads x {g.get('head_dim')}"
     if g.get("builder") == "onnxpipe-fused":
-        text += "; onnxpipe's fused graph (last position's logits)"
+        text += f"; onnxpipe-fused ({model_type or '?'}): onnxpipe's fused graph (last position's logits)"
     elif g.get("builder") == "optimum":
         text += "; optimum's graph"
     return text

@@ -311,8 +311,9 @@ FAMILIES: tuple[Family, ...] = (
         ("text-generation",),
         _GEN,
         TOKENIZER_FAST,
-        ("test_families_decoders.py",),
-        "optimum's graph; q/k/v biases, padded vocabulary, linear rope scaling",
+        ("test_families_decoders.py", "test_fused_families.py"),
+        "onnxpipe's fused graph on CPU, optimum's elsewhere; q/k/v biases, padded vocabulary, linear and yarn rope "
+        "scaling, sliding window layers",
     ),
     Family(
         "mistral",
@@ -323,8 +324,8 @@ FAMILIES: tuple[Family, ...] = (
         ("text-generation",),
         _GEN,
         TOKENIZER_SPM_FAST,
-        ("test_families_decoders.py",),
-        "optimum's graph; sliding window (4) shorter than the prompts",
+        ("test_families_decoders.py", "test_fused_families.py"),
+        "onnxpipe's fused graph on CPU, optimum's elsewhere; sliding window (4) shorter than the prompts",
     ),
     Family(
         "phi3",
@@ -335,8 +336,9 @@ FAMILIES: tuple[Family, ...] = (
         ("text-generation",),
         _GEN,
         TOKENIZER_SPM_FAST,
-        ("test_families_decoders.py",),
-        "optimum's graph; packed qkv and gate_up, sliding window (8)",
+        ("test_families_decoders.py", "test_fused_families.py"),
+        "onnxpipe's fused graph on CPU, optimum's elsewhere; packed qkv and gate_up, sliding window (8), partial "
+        "rotary; longrope refused",
     ),
     Family(
         "gemma",
@@ -347,8 +349,8 @@ FAMILIES: tuple[Family, ...] = (
         ("text-generation",),
         _GEN,
         TOKENIZER_SPM_FAST,
-        ("test_families_decoders.py",),
-        "optimum's graph; scaled embeddings, gelu, head_dim 16",
+        ("test_families_decoders.py", "test_fused_families.py"),
+        "onnxpipe's fused graph on CPU, optimum's elsewhere; scaled embeddings, gelu, head_dim 16",
     ),
     Family(
         "qwen3",

@@ -1,4 +1,5 @@
-"""onnxpipe's own decoder graph for Llama-family models, built on ONNX Runtime's fused kernels.
+"""onnxpipe's own decoder graph for Llama-like models (Llama, Qwen2, Mistral, Phi-3, Gemma), on ONNX Runtime's
+fused kernels.
 
 optimum's export of a Llama decoder is the traced PyTorch code: about a hundred small shape, mask and
 rotary nodes per layer (3,150 nodes a step for SmolLM2-135M), which cost a third of a batch-1 step on
@@ -7,9 +8,9 @@ ONNX Runtime fuses for this architecture (the ones its onnxruntime-genai model b
 
     Gather (embedding; GatherBlockQuantized when the table is exactly Q8_0 or Q4_0 blocks)
     per layer: [Skip]SimplifiedLayerNormalization (RMSNorm, with the residual add)
-               MatMul q|k|v packed -> Split -> RotaryEmbedding(q), RotaryEmbedding(k)
+               MatMul q|k|v packed (+ bias) -> Split -> RotaryEmbedding(q), RotaryEmbedding(k)
                GroupQueryAttention (causal, attention_bias = the padding mask) -> MatMul o_proj
-               SkipSimplifiedLayerNormalization -> MatMul gate|up packed -> Split -> SiLU * up -> MatMul down
+               SkipSimplifiedLayerNormalization -> MatMul gate|up packed -> Split -> SiLU|gelu * up -> MatMul down
     last position only: Add -> SimplifiedLayerNormalization -> MatMul lm_head
 
 Every "MatMul" above is MatMulNBits instead where the weight matrix is exactly GGUF blocks
@@ -35,20 +36,29 @@ from typing import Any
 import numpy as np
 
 GRAPH_NAME = "onnxpipe-fused-llama"
-SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "phi3", "gemma")
 EXTERNAL_DATA_BYTES = 1_800_000_000  # above this the weights go to model.onnx_data (protobuf's 2 GB limit)
 
+# What each family adds to Llama, and how this graph builds it:
+#   qwen2    q/k/v biases (an Add after the packed projection); sliding windows on the layers
+#            config.layer_types names (GroupQueryAttention's local_window_size)
+#   mistral  a sliding window on every layer
+#   phi3     qkv_proj and gate_up_proj already packed; a sliding window on every layer; partial rotary
+#            (RotaryEmbedding's rotary_embedding_dim). longrope only where its switch is out of reach.
+#   gemma    embeddings times sqrt(hidden), gelu (tanh), RMSNorm with (1 + weight): the 1 is folded in
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 
 # What the Llama-like families add that this graph does not build: they go through optimum's graph.
 FAMILY_DIFFERENCES = {
-    "qwen2": "q/k/v projection biases",
     "qwen3": "q/k RMSNorm",
-    "mistral": "sliding window attention",
-    "phi3": "packed qkv and gate_up projections",
-    "gemma": "scaled embeddings, gelu and (1 + weight) RMSNorm",
     "gemma2": "scaled embeddings, gelu, soft-capping and sliding window attention",
     "gemma3_text": "scaled embeddings, gelu, q/k RMSNorm and sliding window attention",
 }
+
+
+def _rope_type(config: Any) -> str | None:
+    rope = getattr(config, "rope_scaling", None) or {}
+    return rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
 
 
 def unsupported_reason(config: Any) -> str | None:
@@ -57,21 +67,33 @@ def unsupported_reason(config: Any) -> str | None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         differs = f"{FAMILY_DIFFERENCES[model_type]}; " if model_type in FAMILY_DIFFERENCES else ""
         return f"model type {model_type} ({differs}fused graphs exist for {', '.join(SUPPORTED_MODEL_TYPES)})"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "sliding window attention"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"activation {config.hidden_act}"
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        return "biased projections"
+    act = getattr(config, "hidden_act", "silu")  # what transformers' MLPs run (Gemma's hidden_activation is unread)
+    if act not in ACTIVATIONS:
+        return f"activation {act}"
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         return "pretraining_tp > 1"
-    if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1, 1.0):
-        return "partial rotary embeddings"
-    rope = getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
-    if rope_type in ("dynamic", "longrope"):  # their frequencies change with the sequence length
+    rope_type = _rope_type(config)
+    if rope_type == "dynamic":  # its frequencies change with the sequence length
         return f"{rope_type} rope scaling"
+    original = getattr(config, "original_max_position_embeddings", None)
+    if rope_type in ("longrope", "su") and original and original < getattr(config, "max_position_embeddings", 0):
+        # Past original_max_position_embeddings its long factors apply, and Phi-3's generate drops the cache
+        # and reruns the sequence the step a row crosses it (transformers' prepare_inputs_for_generation):
+        # no fixed graph over a growing cache gives those ids.
+        return f"{rope_type} rope scaling (its factors switch at original_max_position_embeddings, {original})"
     return None
+
+
+def _windows(config: Any) -> list[int | None]:
+    """Each layer's sliding window (the keys a query sees, itself included), or None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    layers = int(config.num_hidden_layers)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return [None] * layers
+    types = getattr(config, "layer_types", None)
+    if types:  # Qwen2: the layers past max_window_layers
+        return [int(window) if t == "sliding_attention" else None for t in types]
+    return [int(window)] * layers
 
 
 BLOCK = 32  # GGUF's Q4_0/Q4_1/Q8_0 block: 32 weights of one row share a scale (and Q4_1 an offset)
@@ -166,8 +188,21 @@ def exact_blocks(w: np.ndarray) -> tuple[str, list[Nibbles]] | None:
     return None
 
 
+def _packed(state: dict, prefix: str, parts: tuple[str, ...], packed: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The weight and bias of PARTS' projections stacked by rows (Phi-3 stores them stacked already, as PACKED);
+    the bias is None when none has one, and zeros stand in for those that have none."""
+    if prefix + packed + ".weight" in state:
+        return state[prefix + packed + ".weight"], state.get(prefix + packed + ".bias")
+    weights = [state[f"{prefix}{part}.weight"] for part in parts]
+    biases = [state.get(f"{prefix}{part}.bias") for part in parts]
+    if all(b is None for b in biases):
+        return np.concatenate(weights, axis=0), None
+    filled = [np.zeros(w.shape[0], np.float32) if b is None else b for w, b in zip(weights, biases)]
+    return np.concatenate(weights, axis=0), np.concatenate(filled)
+
+
 def build(model: Any, out: Path, opset: int | None = None, block_weights: bool = True) -> tuple[str, dict]:
-    """Write OUT/model.onnx for the Llama-family PyTorch MODEL (a *ForCausalLM); return the file name."""
+    """Write OUT/model.onnx for the PyTorch MODEL (a *ForCausalLM of SUPPORTED_MODEL_TYPES); return the file name."""
     import onnx
     import torch
     from onnx import TensorProto, helper, numpy_helper
@@ -184,6 +219,13 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
     eps = float(config.rms_norm_eps)
     max_positions = int(config.max_position_embeddings)
     state = {k: v.detach().to(torch.float32).cpu().numpy() for k, v in model.state_dict().items()}
+    gemma = config.model_type == "gemma"
+    if gemma:  # Gemma's RMSNorm scales by (1 + weight), summed in float32 as here
+        for key in [k for k in state if k.endswith("layernorm.weight") or k == "model.norm.weight"]:
+            state[key] = state[key] + np.float32(1)
+    windows = _windows(config)
+    rotary_dim = int(head_dim * float(getattr(config, "partial_rotary_factor", None) or 1.0))
+    scale = float(getattr(model.model.layers[0].self_attn, "scaling", head_dim**-0.5))
 
     inits: list = []
     nodes: list = []
@@ -268,17 +310,32 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
             quantize_axis=1,
         )[0]
 
+    def biased(x: str, name: str, w: np.ndarray, b: np.ndarray | None) -> str:
+        y = linear(x, name, w)
+        return y if b is None else node("Add", [y, init(name + ".bias", b)], name=name + ".bias")[0]
+
+    act_name = getattr(config, "hidden_act", "silu")
+
+    def activation(g: str, name: str) -> str:
+        if act_name == "gelu_pytorch_tanh":
+            return node("FastGelu", [g], domain=ms, name=name)[0]
+        if act_name == "gelu":  # erf
+            return node("Gelu", [g], domain=ms, name=name)[0]
+        return node("Mul", [g, node("Sigmoid", [g], name=name + ".sigmoid")[0]], name=name)[0]
+
     # --- shared inputs: the padding bias, the cache lengths, the rotary tables -----------------
     # Rotary tables: cos/sin of every position's angles, formed as transformers forms them (its module's
     # inv_freq, rope scaling included, times the float32 position), then rounded from float64. Not
     # torch's cos of the whole table: on this VM its second thread's half (positions >= 4096 of 8192)
     # came out up to 1.5e-4 off in some runs, a different table each export.
+    # (longrope gets here only when its long factors are out of reach: its short ones, its initial inv_freq)
     rotary = model.model.rotary_emb
-    inv_freq = rotary.inv_freq.detach().to(torch.float32).cpu().numpy()
+    inv_freq = getattr(rotary, "original_inv_freq", rotary.inv_freq).detach().to(torch.float32).cpu().numpy()
     angles = (np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]).astype(np.float64)
     scaling = float(getattr(rotary, "attention_scaling", 1.0))
     cos_cache = init("rotary.cos", (np.cos(angles) * scaling).astype(np.float32))
     sin_cache = init("rotary.sin", (np.sin(angles) * scaling).astype(np.float32))
+    partial = {} if rotary_dim == head_dim else {"rotary_embedding_dim": rotary_dim}
 
     ids_shape = node("Shape", ["input_ids"])[0]
     batch = node("Slice", [ids_shape, const("c.0", [0]), const("c.1", [1])])[0]
@@ -298,6 +355,9 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
     table = state["model.embed_tokens.weight"]
     table_blocks = blocks_of(table)  # once: a tied output layer has the same (2.8 s for SmolLM2's table)
     residual = embedding(table, table_blocks)
+    if gemma:  # transformers multiplies by sqrt(hidden) rounded to float32
+        normalizer = init("embed.normalizer", np.array(hidden**0.5, np.float32))
+        residual = node("Mul", [residual, normalizer], name="embed.scale")[0]
     x = node(
         "SimplifiedLayerNormalization",
         [residual, init("l0.ln1", state["model.layers.0.input_layernorm.weight"])],
@@ -312,18 +372,18 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
     presents = []
     for i in range(layers):
         p = f"model.layers.{i}."
-        wqkv = np.concatenate(
-            [
-                state[p + "self_attn.q_proj.weight"],
-                state[p + "self_attn.k_proj.weight"],
-                state[p + "self_attn.v_proj.weight"],
-            ],
-            axis=0,
-        )
-        qkv = linear(x, f"l{i}.qkv", wqkv)
+        qkv = biased(x, f"l{i}.qkv", *_packed(state, p + "self_attn.", ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
         q, k, v = node("Split", [qkv, split_qkv], 3, axis=-1, name=f"l{i}.split_qkv")
-        q = node("RotaryEmbedding", [q, "position_ids", cos_cache, sin_cache], domain=ms, name=f"l{i}.rotary_q")[0]
-        k = node("RotaryEmbedding", [k, "position_ids", cos_cache, sin_cache], domain=ms, name=f"l{i}.rotary_k")[0]
+        q, k = (
+            node(
+                "RotaryEmbedding",
+                [t, "position_ids", cos_cache, sin_cache],
+                domain=ms,
+                name=f"l{i}.rotary_{n}",
+                **(partial and {**partial, "num_heads": h}),
+            )[0]
+            for t, n, h in ((q, "q", heads), (k, "k", kv_heads))
+        )
         pk, pv = f"present.{i}.key", f"present.{i}.value"
         attn = node(
             "GroupQueryAttention",
@@ -333,11 +393,14 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
             name=f"l{i}.attn",
             num_heads=heads,
             kv_num_heads=kv_heads,
-            scale=float(head_dim**-0.5),
+            scale=scale,
             do_rotary=0,
+            # The keys a query sees, itself included, as transformers' window: ONNX Runtime 1.31's CPU kernel
+            # (older sources read it as one more)
+            **({} if windows[i] is None else {"local_window_size": windows[i]}),
         )[0]
         presents += [pk, pv]
-        o = linear(attn, f"l{i}.o", state[p + "self_attn.o_proj.weight"])
+        o = biased(attn, f"l{i}.o", state[p + "self_attn.o_proj.weight"], state.get(p + "self_attn.o_proj.bias"))
         x, _, _, residual = node(
             "SkipSimplifiedLayerNormalization",
             [o, residual, init(f"l{i}.ln2", state[p + "post_attention_layernorm.weight"])],
@@ -346,11 +409,15 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
             epsilon=eps,
             name=f"l{i}.ln2",
         )
-        wgu = np.concatenate([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]], axis=0)
-        gu = linear(x, f"l{i}.gate_up", wgu)
+        gu = biased(x, f"l{i}.gate_up", *_packed(state, p + "mlp.", ("gate_proj", "up_proj"), "gate_up_proj"))
         g, u = node("Split", [gu, split_mlp], 2, axis=-1, name=f"l{i}.split_mlp")
-        act = node("Mul", [g, node("Sigmoid", [g], name=f"l{i}.sigmoid")[0]], name=f"l{i}.silu")[0]
-        down = linear(node("Mul", [act, u], name=f"l{i}.gated")[0], f"l{i}.down", state[p + "mlp.down_proj.weight"])
+        act = activation(g, f"l{i}.act")
+        down = biased(
+            node("Mul", [act, u], name=f"l{i}.gated")[0],
+            f"l{i}.down",
+            state[p + "mlp.down_proj.weight"],
+            state.get(p + "mlp.down_proj.bias"),
+        )
         if i + 1 < layers:
             x, _, _, residual = node(
                 "SkipSimplifiedLayerNormalization",
