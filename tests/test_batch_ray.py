@@ -178,6 +178,7 @@ def test_each_actor_call_is_one_whole_local_chunk(ray_session, tmp_path, monkeyp
     import pyarrow as pa
 
     import onnxpipe.batch.ray_engine as ray_engine
+    import onnxpipe.batch.worker as worker
     from onnxpipe.batch.shards import InputSpec
 
     def probe(options):
@@ -195,7 +196,7 @@ def test_each_actor_call_is_one_whole_local_chunk(ray_session, tmp_path, monkeyp
         return Probe
 
     monkeypatch.setattr(ray_engine, "_predictor_class", probe)
-    monkeypatch.setattr(ray_engine, "CHUNK_BATCHES", 4)  # small chunks: shards of several chunks stay small
+    monkeypatch.setattr(worker, "CHUNK_BATCHES", 4)  # small chunks: shards of several chunks stay small
     sizes = [0, 1, 7, 8, 9, 23, 24, 50]
     for n in sizes:
         (tmp_path / f"s{n:02d}.txt").write_text("".join(f"line {i}\n" for i in range(n)))

@@ -18,28 +18,18 @@ from typing import Any
 
 from onnxpipe.batch.job import JobRun
 from onnxpipe.batch.plan import Shard
-from onnxpipe.batch.shards import InputSpec, ShardWriter, output_record, read_rows, render_jsonl
+from onnxpipe.batch.shards import InputSpec, ShardWriter, read_rows
+from onnxpipe.batch.worker import Worker, WorkerOptions
 from onnxpipe.errors import ExitStatus, OnnxpipeError
 from onnxpipe.stream.records import Record
 
-CHUNK_BATCHES = 32  # batches of rows per chunk sent to a worker: 1,024 rows at batch 32, the streaming
-# engine's window, so a chunk's length-sorted batches pad as little as the streaming command's do
 _WAIT = 0.25  # seconds: the longest the parent blocks on a worker before it looks at signals
 
 
 @dataclass(frozen=True)
-class LocalOptions:
-    """What each worker needs to open the export and run the task. `model` is the export folder."""
+class LocalOptions(WorkerOptions):
+    """The worker options, and how many worker processes run them."""
 
-    model: str
-    family: str
-    options: dict[str, Any]
-    device: str = "auto"
-    threads: int | None = None
-    batch_size: int | None = None
-    max_batch_tokens: int | None = None
-    on_error: str = "fail"
-    output_format: str = "jsonl"
     workers: int = 1
 
 
@@ -112,52 +102,17 @@ def _init_worker(
 
 
 def _open_pipeline(options: LocalOptions) -> None:
-    import warnings
-
-    import onnxpipe
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the parent already said when threads were capped
-        pipeline = onnxpipe.load(
-            options.model,
-            device=options.device,
-            threads=options.threads,
-            task=options.family,
-            batch_size=options.batch_size,
-            max_batch_tokens=options.max_batch_tokens,
-            on_error=options.on_error,
-        )
-    _WORKER.update(pipeline=pipeline, task=pipeline.task_for(options.options), options=options)
+    _WORKER.update(worker=Worker(options))
 
 
 def _run_chunk(shard: Shard, records: list[Record]) -> ChunkResult:
     """Run RECORDS (one shard's, in order) through the worker's task; render each as its output record."""
-    from onnxpipe.api import _Collector
-    from onnxpipe.stream.engine import Engine, EngineOptions
-
     if "failure" in _WORKER:
         message, status = _WORKER["failure"]
         return ChunkResult([], failure=message, failure_status=status)
-    options: LocalOptions = _WORKER["options"]
-    pipeline = _WORKER["pipeline"]
     try:
-        collector = _Collector()
-        engine_options = EngineOptions(
-            batch_size=pipeline.batch_size,
-            max_batch_tokens=pipeline.max_batch_tokens,
-            on_error=options.on_error,
-            window=max(len(records), 1),
-        )
-        summary = Engine(_WORKER["task"], collector, engine_options).run_records(records)
-        outputs: list[Any] = []
-        for result in collector.take():
-            obj = output_record(result.to_dict(), shard, result.record)
-            if options.output_format == "jsonl":
-                outputs.append(render_jsonl(obj, result.record.raw_numbers))
-            else:
-                outputs.append(obj)
-        replaced = sum(1 for record in records if record.replaced)  # run_records counts no parser's replacements
-        return ChunkResult(outputs, summary.errors, summary.truncated, replaced)
+        outputs, counts = _WORKER["worker"].run(records, lambda record: shard)
+        return ChunkResult(outputs, counts.errors, counts.truncated, counts.replaced)
     except OnnxpipeError as exc:
         return ChunkResult([], failure=str(exc), failure_status=int(exc.exit_status))
     except Exception as exc:  # a bug: the parent says so in one line
@@ -224,8 +179,7 @@ def run_local(
     todo = run.todo()
     if not todo:  # every shard is done: no model to open
         return summary
-    batch = options.batch_size or 32
-    size = batch * CHUNK_BATCHES
+    size = options.chunk_rows
     pool = None
     if options.workers > 1:
         import multiprocessing
@@ -242,7 +196,7 @@ def run_local(
         )
     else:
         _init_worker(options, quiet_signals=False)
-        summary.notes = list(_WORKER["pipeline"].notes)
+        summary.notes = list(_WORKER["worker"].pipeline.notes)
     writers: dict[str, ShardWriter] = {}
     pending: deque[_Pending] = deque()
     ahead = 2 * options.workers  # chunks in flight: enough to keep every worker busy, memory bounded

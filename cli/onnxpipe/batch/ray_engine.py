@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from onnxpipe.batch.job import JobRun
-from onnxpipe.batch.local import CHUNK_BATCHES, BatchSummary
+from onnxpipe.batch.local import BatchSummary
 from onnxpipe.batch.plan import Plan, Shard
-from onnxpipe.batch.shards import InputSpec, ShardWriter, output_record, read_rows, render_jsonl
+from onnxpipe.batch.shards import InputSpec, ShardWriter, read_rows
+from onnxpipe.batch.worker import Worker, WorkerOptions, shard_named_by
 from onnxpipe.errors import ExitStatus, OnnxpipeError, UsageError
 from onnxpipe.stream.records import Record
 
@@ -45,18 +46,9 @@ RECORD, END, FAILURE, PAD = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
-class RayOptions:
-    """What each actor needs (the export folder, the task and its options) and how the pool is sized."""
+class RayOptions(WorkerOptions):
+    """The worker options (what each actor needs), and how the pool is sized and where it runs."""
 
-    model: str
-    family: str
-    options: dict[str, Any]
-    device: str = "auto"
-    threads: int | None = None
-    batch_size: int | None = None
-    max_batch_tokens: int | None = None
-    on_error: str = "fail"
-    output_format: str = "jsonl"
     actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
@@ -66,13 +58,6 @@ class RayOptions:
     def actor_device(self) -> str:
         """An actor with a GPU runs on it (Ray sets its CUDA_VISIBLE_DEVICES, so it is cuda:0 there)."""
         return "cuda" if self.gpus_per_actor > 0 else self.device
-
-    @property
-    def chunk_rows(self) -> int:
-        """Rows per block, and per engine run on an actor: the local engine's chunk, from each shard's start.
-        The same records meet in the same batches as with the local engine, so even a result that
-        depends on its batch-mates in the last bits (a beam score next to longer padded rows) is the same."""
-        return (self.batch_size or 32) * CHUNK_BATCHES
 
     @property
     def actor_threads(self) -> int:
@@ -364,34 +349,16 @@ class ShardPredictor:
     """One actor: opens the export once, then renders each record as its output record."""
 
     def __init__(self, options: RayOptions):
-        self.options = options
-        self.failure: tuple[str, int] | None = None
-        self.pipeline: Any = None
-        self.task: Any = None
-        try:
-            self._load()
-        except OnnxpipeError as exc:  # e.g. --gpus-per-actor on a node whose CUDA does not load
-            self.failure = (str(exc), int(exc.exit_status))
-
-    def _load(self) -> None:
-        import warnings
-
-        import onnxpipe
         from onnxpipe.console import VERBOSITY
 
         VERBOSITY["level"] = -1
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # threads capped: the driver's business
-            self.pipeline = onnxpipe.load(
-                self.options.model,
-                device=self.options.actor_device,
-                threads=self.options.actor_threads,
-                task=self.options.family,
-                batch_size=self.options.batch_size,
-                max_batch_tokens=self.options.max_batch_tokens,
-                on_error=self.options.on_error,
-            )
-        self.task = self.pipeline.task_for(self.options.options)
+        self.options = options
+        self.failure: tuple[str, int] | None = None
+        self.worker: Worker | None = None
+        try:
+            self.worker = Worker(options, device=options.actor_device, threads=options.actor_threads)
+        except OnnxpipeError as exc:  # e.g. --gpus-per-actor on a node whose CUDA does not load
+            self.failure = (str(exc), int(exc.exit_status))
 
     def __call__(self, batch: Any) -> Any:
         """An Arrow table of rows in, the same rows out with each RECORD's payload the rendered output
@@ -431,47 +398,16 @@ class ShardPredictor:
         return table
 
     def _run(self, records: list[Record]) -> tuple[list[bytes], list[int]]:
-        from onnxpipe.api import _Collector
-        from onnxpipe.stream.engine import Engine, EngineOptions
-
-        if not records:
-            return [], [0, 0, 0]
-        collector = _Collector()
-        engine_options = EngineOptions(
-            batch_size=self.pipeline.batch_size,
-            max_batch_tokens=self.pipeline.max_batch_tokens,
-            on_error=self.options.on_error,
-            window=len(records),
-        )
+        assert self.worker is not None
         try:
-            summary = Engine(self.task, collector, engine_options).run_records(records)
+            outputs, counts = self.worker.run(records, shard_named_by)
         except OnnxpipeError as exc:
             raise _Stop(str(exc), int(exc.exit_status)) from None
         except Exception as exc:  # a bug: the driver says so in one line
             raise _Stop(f"unexpected {type(exc).__name__} in a Ray actor: {_first_line(exc)}", 1) from None
-        outputs = []
-        for result in collector.take():
-            record = result.record
-            try:
-                obj = output_record(result.to_dict(), _shard_of(record), record)
-            except OnnxpipeError as exc:
-                raise _Stop(str(exc), int(exc.exit_status)) from None
-            if self.options.output_format == "jsonl":
-                outputs.append(render_jsonl(obj, record.raw_numbers))
-            else:
-                outputs.append(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-        replaced = sum(1 for r in records if r.replaced)
-        return outputs, [summary.errors, summary.truncated, replaced]
-
-
-def _shard_of(record: Record) -> Shard:
-    """What shards.output_record reads of a record's Shard (its source as given, and its kind)."""
-    from pathlib import Path
-
-    from onnxpipe.batch.plan import kind_of
-
-    source = Path(record.source)  # read_rows sets record.source to str(shard.source)
-    return Shard(source=source, kind=kind_of(source), output=source, key="")
+        if self.options.output_format != "jsonl":
+            outputs = [pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) for obj in outputs]
+        return outputs, [counts.errors, counts.truncated, counts.replaced]
 
 
 class _Stop(Exception):

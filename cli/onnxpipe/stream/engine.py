@@ -139,10 +139,12 @@ class Engine:
         return self.summary
 
     def run_records(self, records: Iterable[Record]) -> Summary:
-        """Run records that are already in memory (prompts given as arguments, tests)."""
+        """Run records that are already in memory (prompts given as arguments, a batch job's chunk, the
+        API). Records whose invalid UTF-8 their reader replaced are counted, as run() counts its parser's."""
         start = time.perf_counter()
         window: list[Record] = []
         for record in records:
+            self.summary.replaced += bool(record.replaced)
             window.append(record)
             if len(window) >= self.options.window:
                 self._process(window)
