@@ -346,12 +346,19 @@ def check_same_tokenizer(a: Scorer, b: Scorer) -> None:
 
 
 def score(
-    model: Scorer, documents: Sequence[str], max_tokens: int, context: int | None, reference: Scorer | None = None
+    model: Scorer,
+    documents: Sequence[str],
+    max_tokens: int | None,
+    context: int | None,
+    reference: Scorer | None = None,
 ) -> dict[str, Any]:
     """Teacher-forced figures of MODEL over DOCUMENTS, and with REFERENCE the agreement between the two.
     CONTEXT None: DEFAULT_CONTEXT, or the models' positions where fewer (a larger CONTEXT is cut to them,
-    with a warning)."""
-    if max_tokens < 1:
+    with a warning). MAX_TOKENS None: the whole text."""
+    asked = max_tokens
+    if max_tokens is None:
+        max_tokens = 1 << 62
+    elif max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
     warnings = []
     limits = [p for p in (model.max_positions, reference and reference.max_positions) if p]
@@ -378,8 +385,8 @@ def score(
             ref_logp, ref_ids = theirs.add(reference.logits(window)[first - 1 : -1], targets)
             same += int((ids == ref_ids).sum())
             kl += float((np.exp(ref_logp) * (ref_logp - logp)).sum(-1).astype(np.float64).sum())
-    if mine.tokens < max_tokens:
-        warnings.append(f"the text has {mine.tokens} token(s) to score, fewer than the {max_tokens} asked for")
+    if asked is not None and mine.tokens < asked:
+        warnings.append(f"the text has {mine.tokens} token(s) to score, fewer than the {asked} asked for")
     figures: dict[str, Any] = {
         "tokens": mine.tokens,
         "context": context,
@@ -406,13 +413,14 @@ def lm_agreement(
     export_dir: str | Path,
     reference_dir: str | Path,
     texts: Sequence[str] | None = None,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
     context: int = DEFAULT_CONTEXT,
     *,
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Teacher-forced top-1 agreement of EXPORT_DIR with REFERENCE_DIR (its float32 export) and both
-    perplexities, on the CPU, over TEXTS (None: onnxpipe's held-out English text, heldout_texts()).
+    perplexities, on the CPU, over the first MAX_TOKENS tokens (None: all) of TEXTS (None: onnxpipe's
+    held-out English text, heldout_texts(), about 2,800 tokens).
 
     Either folder may be an export's temporary folder without its manifest yet (model.onnx, tokenizer.json,
     config.json). Returns {"tokens", "context", "agreement", "perplexity", "reference_perplexity",
