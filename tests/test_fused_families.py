@@ -1,7 +1,7 @@
-"""onnxpipe's fused graph (export.fused) for Qwen2, Mistral, Phi-3 and Gemma, against transformers.
+"""onnxpipe's fused graph (export.fused) for Qwen2, Qwen3, Mistral, Phi-3 and Gemma, against transformers.
 
 The tiny random checkpoints of tests/tiny_decoders.py carry what sets each family apart from Llama
-(Qwen2's q/k/v biases, Mistral's window of 4 shorter than every prompt, Phi-3's packed projections and
+(Qwen2's q/k/v biases, Qwen3's q/k norms, Mistral's window of 4 shorter than every prompt, Phi-3's packed projections and
 window of 8, Gemma's scaled embeddings, gelu, (1 + weight) norms and head_dim 16), plus variants: Qwen2 with
 yarn rope scaling and with a window on one layer of two, Phi-3 with partial rotary embeddings. Each is
 exported once with the default --graph auto, which must pick the fused graph on this CPU machine; greedy
@@ -26,7 +26,7 @@ from test_families_decoders import CASES, GREEDY, PROMPTS, _eos_for, _ours, _ref
 
 from onnxpipe.main import cli  # noqa: E402
 
-FAMILIES = ["qwen2", "mistral", "phi3", "gemma"]
+FAMILIES = ["qwen2", "qwen3", "mistral", "phi3", "gemma"]
 VARIANTS = ["qwen2-yarn", "qwen2-window", "phi3-partial"]
 SHORT = ["Hello", "The cat sat on the mat", "Pipes and tools"]  # prompts of about the windows' length
 

@@ -361,8 +361,8 @@ FAMILIES: tuple[Family, ...] = (
         ("text-generation",),
         _GEN,
         TOKENIZER_FAST,
-        ("test_families_decoders.py",),
-        "optimum's graph; q/k RMSNorm",
+        ("test_families_decoders.py", "test_fused_families.py"),
+        "onnxpipe's fused graph on CPU, optimum's elsewhere; q/k RMSNorm",
     ),
     Family(
         "gemma2",

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 GRAPH_NAME = "onnxpipe-fused-llama"
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "phi3", "gemma")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma")
 EXTERNAL_DATA_BYTES = 1_800_000_000  # above this the weights go to model.onnx_data (protobuf's 2 GB limit)
 
 # What each family adds to Llama, and how this graph builds it:
@@ -45,12 +45,12 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # above this the weights go to model.onnx_d
 #   mistral  a sliding window on every layer
 #   phi3     qkv_proj and gate_up_proj already packed; a sliding window on every layer; partial rotary
 #            (RotaryEmbedding's rotary_embedding_dim). longrope only where its switch is out of reach.
+#   qwen3    RMSNorm of each head's q and k before the rotary (a SimplifiedLayerNormalization over head_dim)
 #   gemma    embeddings times sqrt(hidden), gelu (tanh), RMSNorm with (1 + weight): the 1 is folded in
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 
 # What the Llama-like families add that this graph does not build: they go through optimum's graph.
 FAMILY_DIFFERENCES = {
-    "qwen3": "q/k RMSNorm",
     "gemma2": "scaled embeddings, gelu, soft-capping and sliding window attention",
     "gemma3_text": "scaled embeddings, gelu, q/k RMSNorm and sliding window attention",
 }
@@ -314,6 +314,19 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
         y = linear(x, name, w)
         return y if b is None else node("Add", [y, init(name + ".bias", b)], name=name + ".bias")[0]
 
+    def head_norm(t: str, weight: np.ndarray, name: str) -> str:
+        """RMSNorm of each head of T (batch, seq, heads x head_dim) over its head_dim."""
+        heads_of = node("Reshape", [t, const(name + ".heads", [0, 0, -1, head_dim])], name=name + ".by_head")[0]
+        normed = node(
+            "SimplifiedLayerNormalization",
+            [heads_of, init(name, weight)],
+            axis=-1,
+            epsilon=eps,
+            stash_type=1,
+            name=name,
+        )[0]
+        return node("Reshape", [normed, const(name + ".flat_shape", [0, 0, -1])], name=name + ".flat")[0]
+
     act_name = getattr(config, "hidden_act", "silu")
 
     def activation(g: str, name: str) -> str:
@@ -374,6 +387,10 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
         p = f"model.layers.{i}."
         qkv = biased(x, f"l{i}.qkv", *_packed(state, p + "self_attn.", ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
         q, k, v = node("Split", [qkv, split_qkv], 3, axis=-1, name=f"l{i}.split_qkv")
+        if p + "self_attn.q_norm.weight" in state:  # Qwen3
+            q, k = (
+                head_norm(t, state[f"{p}self_attn.{n}_norm.weight"], f"l{i}.{n}_norm") for t, n in ((q, "q"), (k, "k"))
+            )
         q, k = (
             node(
                 "RotaryEmbedding",
