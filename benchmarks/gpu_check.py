@@ -18,6 +18,8 @@ reported, not gated.
 Benchmarks: each system runs in its own child process (its own CUDA context and memory), best of
 --repeat runs after a warm-up. PyTorch runs the same weights on CUDA in fp32 and fp16 (generation also with
 transformers' static cache); optimum runs ORTModelFor* with use_io_binding=True on the same ONNX files.
+Every fp32 row is float32: PyTorch leaves TF32 off for matmuls by default, and onnxpipe (and optimum here)
+turn off ONNX Runtime's TF32 default.
 """
 
 from __future__ import annotations
@@ -350,8 +352,10 @@ def part_commands(args: argparse.Namespace) -> int:
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(one, cases))
     write_part("commands", {"device": args.device, "quick": args.quick, "cases": rows})
-    # On the device every failure counts (a command that crashes on CUDA is a bug); on a CPU dry run, the gates.
-    return 1 if any(r["status"] == "failed" and (r["gated"] or is_cuda(args.device)) for r in rows) else 0
+    # On the device every failure counts (a command that crashes on CUDA is a bug), but for the int8 export,
+    # a CPU variant (dynamic quantisation) reported for information; on a CPU dry run, the gates.
+    return 1 if any(r["status"] == "failed" and (r["gated"] or (is_cuda(args.device) and "int8" not in r["case"]))
+                    for r in rows) else 0  # fmt: skip
 
 
 # --- several GPUs -------------------------------------------------------------------------------
@@ -433,6 +437,13 @@ def _timed(job, repeat: int) -> tuple[float, int]:
     return best, count
 
 
+def ort_cuda_options(device: str) -> dict | None:
+    """optimum's CUDA provider options: float32 as onnxpipe runs it (TF32 off), on the same GPU."""
+    if not is_cuda(device):
+        return None
+    return {"device_id": int(device.split(":")[1]) if ":" in device else 0, "use_tf32": 0}
+
+
 def _sync(device: str) -> None:
     if is_cuda(device):
         import torch
@@ -478,9 +489,7 @@ def child_classify(system: str, device: str, batches: list[int], n: int, repeat:
             folder,
             file_name="model.onnx",
             provider=CUDA if is_cuda(device) else "CPUExecutionProvider",
-            provider_options={"device_id": int(device.split(":")[1]) if ":" in device else 0}
-            if is_cuda(device)
-            else None,
+            provider_options=ort_cuda_options(device),
             use_io_binding=is_cuda(device),
         )
     for b in batches:
@@ -552,6 +561,7 @@ def child_generate(system: str, device: str, batches: list[int], new_tokens: int
             file_name="model.onnx",
             use_cache=True,
             provider=CUDA if is_cuda(device) else "CPUExecutionProvider",
+            provider_options=ort_cuda_options(device),
             use_io_binding=is_cuda(device),
         )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

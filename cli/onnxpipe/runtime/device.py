@@ -64,7 +64,10 @@ def providers_for(device: Device, available: list[str]) -> list:
                 f"{', '.join(f'cuda:{i}' for i in range(visible))})",
                 hint="pick one of those, or check CUDA_VISIBLE_DEVICES",
             )
-    return [(CUDA, {"device_id": device.index}), CPU]
+    # use_tf32 0: ONNX Runtime's CUDA provider computes float32 MatMul/Gemm in TF32 (10-bit mantissa) by
+    # default, so an fp32 export would neither match its CPU run (embeddings within 1e-3, the same greedy
+    # ids) nor be the fp32 its manifest says; speed on a GPU is what the --fp16/--bf16 exports are for.
+    return [(CUDA, {"device_id": device.index, "use_tf32": 0}), CPU]
 
 
 @contextmanager
