@@ -13,8 +13,8 @@
 # failed, so that one run on a lent GPU shows everything.
 #
 # Set-up is the README's: `make venv` (torch==2.13.0 first, then onnxpipe[export,test]) and `make models`.
-# On a GPU machine, `pip install torch==2.13.0` from PyPI is the CUDA build (about 0.9 GB, plus about
-# 3 GB of nvidia-* libraries it depends on); this script installs it before `make venv` with the local
+# On a GPU machine, `pip install torch==2.13.0` from PyPI is the CUDA 13.0 build (a 527 MB wheel, plus
+# roughly 3 GB of CUDA 13 libraries it depends on: cuda-toolkit 13.0.3, cuDNN 9.20, NCCL, ...); this script installs it before `make venv` with the local
 # find-links left out, so that a +cpu wheel lying on the machine is not picked. ONNX Runtime's own CUDA
 # libraries come from `onnxruntime-gpu[cuda,cudnn]` (CUDA 13, cuDNN 9), as README's "On a GPU" says.
 # Wheels found in build/wheels (--download-wheels) are used before the registries.
