@@ -113,15 +113,48 @@ BENCH_STAMP := $(VENV)/.bench-installed
 LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
     -DGGML_AVX512_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
+# The wheel is kept in build/wheels, so a new venv installs it without building it again.
+LLAMA_CPP_WHEELS := build/wheels
 $(BENCH_STAMP): pyproject.toml | $(STAMP)
 	$(PIP) install -q -e '.[bench]'
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PIP) install -q --no-deps 'llama-cpp-python==0.3.36' diskcache \
+	ls $(LLAMA_CPP_WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 \
+	    || CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" nice -n 10 $(PIP) wheel -q --no-deps 'llama-cpp-python==0.3.36' -w $(LLAMA_CPP_WHEELS) \
 	    || echo "llama-cpp-python did not build: benchmarks/generate.py will skip llama.cpp"
+	$(PIP) install -q --no-deps $(LLAMA_CPP_WHEELS)/llama_cpp_python-0.3.36-*.whl diskcache \
+	    || echo "llama-cpp-python is not installed: benchmarks/generate.py will skip llama.cpp"
 	# llama.cpp's OpenAI server (llama_cpp.server), the peer of benchmarks/serve.py: its [server] extra's packages.
 	$(PIP) install -q fastapi pydantic-settings sse-starlette starlette-context PyYAML
 	touch $@
 
-bench: models $(BENCH_STAMP)
+# SmolLM2 as a float32 Hugging Face folder (the GGUF's blocks dequantized, onnxpipe's fixed tokenizer):
+# transformers' model in benchmarks/generate.py, and what onnxruntime-genai's builder reads.
+SMOLLM2_HF := build/smollm2-hf
+$(SMOLLM2_HF)/config.json: | $(WEIGHTS)
+	$(PY) -c 'import sys; sys.path.insert(0, "benchmarks"); import generate as g; g.hf_folder(g.smollm2_gguf(), g.REPO / "$(SMOLLM2_HF)")'
+
+# onnxruntime-genai 0.18, the ONNX peer of benchmarks/generate.py, in a venv of its own: its model builder
+# needs transformers 5.x (onnxpipe's export pins 4.57) and it brings its own onnxruntime. Its int4 CPU model
+# is built by that builder from the same float32 folder; the builder's progress goes to a log file.
+GENAI_VENV := build/venv-genai
+GENAI_STAMP := $(GENAI_VENV)/.installed
+GENAI_MODEL := build/smollm2-genai-int4
+$(GENAI_STAMP):
+	test -x $(GENAI_VENV)/bin/python || $(PYTHON) -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GENAI_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(GENAI_VENV)/bin/python -m pip install -q 'onnxruntime-genai==0.18.*' 'transformers>=5,<6' onnx_ir onnx
+	touch $@
+
+$(GENAI_MODEL)/genai_config.json: $(SMOLLM2_HF)/config.json | $(GENAI_STAMP)
+	rm -rf $(GENAI_MODEL).tmp
+	$(GENAI_VENV)/bin/python -m onnxruntime_genai.models.builder -i $(SMOLLM2_HF) -o $(GENAI_MODEL).tmp \
+	    -p int4 -e cpu -c build/genai-cache > build/genai-builder.log 2>&1 || { tail -n 20 build/genai-builder.log; exit 1; }
+	rm -rf $(GENAI_MODEL) && mv $(GENAI_MODEL).tmp $(GENAI_MODEL)
+
+# The onnxpipe exports benchmarks/generate.py measures (names in exports/), e.g. GENERATE_EXPORTS="smollm2 smollm2-int4".
+GENERATE_EXPORTS ?= smollm2
+
+bench: models $(BENCH_STAMP) $(GENAI_MODEL)/genai_config.json
 	mkdir -p $(RESULTS)
 	set -o pipefail; $(PY) benchmarks/encoders.py --threads $(BENCH_THREADS) --json $(RESULTS)/encoders.json | tee $(RESULTS)/encoders.md
 	set -o pipefail; $(PY) benchmarks/startup.py --threads $(BENCH_THREADS) --json $(RESULTS)/startup.json | tee $(RESULTS)/startup.md
@@ -133,7 +166,8 @@ bench: models $(BENCH_STAMP)
 	set -o pipefail; for c in "classify sentiment" "embed minilm"; do set -- $$c; \
 	    $(PY) benchmarks/batch_sizes.py $$1 exports/$$2 $(SENTIMENT)/heldout.txt --threads $(BENCH_THREADS) \
 	    | tee $(RESULTS)/batch-sizes-$$2.md; done
-	set -o pipefail; $(PY) benchmarks/generate.py --threads $(BENCH_THREADS) --json $(RESULTS)/generate.json | tee $(RESULTS)/generate.md
+	set -o pipefail; $(PY) benchmarks/generate.py --threads $(BENCH_THREADS) $(foreach e,$(GENERATE_EXPORTS),--onnxpipe-export $(e)) \
+	    --json $(RESULTS)/generate.json | tee $(RESULTS)/generate.md
 	set -o pipefail; $(PY) benchmarks/serve.py --threads $(BENCH_THREADS) --hostile --json $(RESULTS)/serve.json | tee $(RESULTS)/serve.md
 	set -o pipefail; $(PY) benchmarks/seq2seq.py build/opus-mt-shaped --threads $(BENCH_THREADS) \
 	    --json $(RESULTS)/seq2seq.json | tee $(RESULTS)/seq2seq.md
