@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_check.sh --no-setup        # a second run: the venv and `make models` are there
 #   bash benchmarks/gpu_check.sh --quick --device cpu   # the same checks on the CPU: a dry run of the script
 #   bash benchmarks/gpu_check.sh --download-wheels # on a machine with the registries: fill build/wheels, then stop
+#   bash benchmarks/gpu_check.sh --setup-only      # the set-up alone (then --no-setup, e.g. in a second call)
+#   bash benchmarks/gpu_check.sh --copy-to DIR     # also copy the results and the step logs into DIR at the end
 #
 # It writes benchmarks/results/gpu_check.json and gpu_check.md (and a log per step under build/gpu_check/logs)
 # and exits non-zero when any step failed; every step after the set-up runs even when an earlier one
@@ -24,6 +26,8 @@ QUICK=0
 DEVICE=cuda
 DOWNLOAD=0
 SETUP=1
+SETUP_ONLY=0
+COPY_TO=
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -31,6 +35,8 @@ while [ $# -gt 0 ]; do
         --device=*) DEVICE="${1#--device=}" ;;
         --download-wheels) DOWNLOAD=1 ;;
         --no-setup) SETUP=0 ;;  # the venv and the models are there already (a second run)
+        --setup-only) SETUP_ONLY=1 ;;
+        --copy-to) COPY_TO="$2"; shift ;;
         -h|--help) sed -n '2,/^set -uo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -100,7 +106,6 @@ gpu_info() {
 setup_venv() {
     # The README's set-up (make venv), with the CUDA torch put in first on a GPU run.
     test -x $PY || python3 -m venv .venv
-    $PY -m pip install -q --upgrade pip
     local links="$REPO/$WHEELS"
     if [ "$DEVICE" != cpu ]; then
         local nocuda="gpu_check: no CUDA build of $TORCH from the registries; the PyTorch peers will say so"
@@ -129,6 +134,11 @@ if [ "$SETUP" = 1 ]; then
     # -j4: the fine-tuning (on the GPU) runs beside the MiniLM and SmolLM2 exports
     step setup-models make -j4 models || { echo "gpu_check: make models failed; see $LOGS/setup-models.log" >&2; exit 1; }
 fi
+if [ "$SETUP_ONLY" = 1 ]; then
+    [ -n "$COPY_TO" ] && mkdir -p "$COPY_TO" && cp -r "$LOGS" "$STEPS" "$COPY_TO"/
+    echo "gpu_check: set-up done in $(elapsed "$T0")s" >&2
+    exit 0
+fi
 step doctor .venv/bin/onnxpipe doctor --device "$DEVICE"
 # The correctness steps time nothing, so they share the machine: the gpu tests beside the exports, the
 # commands beside the multi-GPU checks. The benchmarks then run alone, one system at a time.
@@ -146,5 +156,8 @@ fi
 TOTAL=$(elapsed "$T0")
 $PY benchmarks/gpu_check.py report "${DEVARGS[@]}" --total-seconds "$TOTAL" || FAILED=1
 grep -q "	failed	" "$STEPS" && FAILED=1
+if [ -n "$COPY_TO" ]; then
+    mkdir -p "$COPY_TO" && cp -r benchmarks/results/gpu_check.json benchmarks/results/gpu_check.md "$LOGS" "$COPY_TO"/
+fi
 echo "gpu_check: $([ $FAILED = 0 ] && echo green || echo FAILED) in ${TOTAL%.*}s; benchmarks/results/gpu_check.md" >&2
 exit $FAILED
