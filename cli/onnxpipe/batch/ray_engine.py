@@ -45,6 +45,11 @@ from onnxpipe.stream.records import Record
 RECORD, END, FAILURE, PAD = 0, 1, 2, 3
 
 
+# A Ray started for one job: no idle workers started ahead of the actors (each is a Python process that
+# imports Ray, about 1.5 CPU seconds, with nothing to run), and no metrics collection, which nobody reads.
+LOCAL_RAY_CONFIG = {"prestart_worker_first_driver": False, "enable_metrics_collection": False}
+
+
 @dataclass(frozen=True)
 class RayOptions(WorkerOptions):
     """The worker options (what each actor needs), and how the pool is sized and where it runs."""
@@ -160,7 +165,12 @@ def _connect(ray: Any, options: RayOptions) -> bool:
     try:
         if address is None:
             need = options.actors * options.cpus_per_actor + 1  # the read tasks' share
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need)), **common)
+            ray.init(
+                address="local",
+                num_cpus=max(os.cpu_count() or 1, math.ceil(need)),
+                _system_config=LOCAL_RAY_CONFIG,
+                **common,
+            )
         else:
             ray.init(address=address, **common)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -206,8 +216,10 @@ def _dataset(ray: Any, shards: list[Shard], spec: InputSpec, options: RayOptions
 
     source = _shard_source(shards, spec, options.chunk_rows)
     # Read tasks hold no CPU: the actors hold them all, and a read task waiting for a CPU that an
-    # actor holds would wait forever (reading is light next to the model).
-    dataset = ray.data.read_datasource(source, num_cpus=0)
+    # actor holds would wait forever (reading is light next to the model). Without a CPU to hold, Ray
+    # would run every shard's read task at once, each in a Ray worker process of its own (a process
+    # start costs as much CPU as a few hundred records); one reader feeds 4 actors.
+    dataset = ray.data.read_datasource(source, num_cpus=0, concurrency=max(1, options.actors // 4))
     with warnings.catch_warnings():
         # max_restarts has no named parameter in Ray 2.60 (the pinned version): a plain remote argument,
         # which Ray warns about on stderr
