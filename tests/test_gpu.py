@@ -348,3 +348,37 @@ def test_half_precision_agrees_with_fp32(classifier, tmp_path, precision):
     cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
     assert cosine.min() > 0.99
     assert np.abs(a - b).max() <= (0.01 if precision == "fp16" else 0.05) * np.abs(a).max() + 1e-3
+
+
+@pytest.mark.parametrize("arch", ["bart", "marian"])
+def test_half_precision_keeps_a_merged_decoders_branches_valid(exported, tmp_path, arch):
+    """keep_io_types renames the producers of the graph outputs, inside the If branches too: a branch then
+    returned the outer `logits` and ONNX Runtime refused the merged decoder. Both variants load now (bf16
+    widened back to float32 to load on the CPU)."""
+    import onnx
+    import onnxruntime as ort
+
+    from onnxpipe.export.variants import convert_bf16, convert_fp16
+
+    folder = exported(arch)
+    files = json.loads((folder / "onnxpipe.json").read_text())["files"]
+    for precision, convert in (("fp16", convert_fp16), ("bf16", convert_bf16)):
+        out = tmp_path / precision
+        shutil.copytree(folder, out)
+        convert(out, list(files.values()))
+        for name in files.values():
+            model = onnx.load(str(out / name))
+            if precision == "bf16":
+                model = _bf16_as_float32(model)
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_fp16_seq2seq_export_validates_on_token_agreement(checkpoint, tmp_path, monkeypatch):
+    """The fp16 path of an encoder-decoder end to end, on the CPU provider (which runs fp16 graphs)."""
+    from onnxpipe.export import core, export_model, variants
+
+    monkeypatch.setattr(variants, "require_cuda_for_fp16", lambda: None)
+    monkeypatch.setattr(core, "FP16_PROVIDER", "CPUExecutionProvider")
+    manifest = export_model(checkpoint("bart"), tmp_path / "out", fp16=True)
+    assert manifest["precision"] == "fp16" and manifest["validation"]["passed"]
+    assert manifest["validation"]["fp32"]["passed"] and manifest["validation"]["tolerance"] is None

@@ -158,12 +158,43 @@ def convert_fp16(folder: Path, files: list[str]) -> None:
         path = folder / name
         try:
             model = onnx.load(str(path))
+            private_branch_outputs(model)
             model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
             onnx.save(model, str(path), save_as_external_data=model.ByteSize() > (1 << 31) - (1 << 24))
         except Exception as exc:
             raise ExportError(
                 f"fp16 conversion of {name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             ) from None
+
+
+def private_branch_outputs(model) -> None:
+    """Rename, inside every subgraph, the values named like a graph output (in place).
+
+    A merged decoder's If returns `logits` and its branches compute values of the same name. With
+    keep_io_types, convert_float_to_float16 renames the producer of each graph output to a cast's input,
+    and it renames the branches' producers too, so a branch would return the outer `logits` and ONNX
+    Runtime refuses the graph ("Subgraph output (logits) is an outer scope value")."""
+    outputs = {o.name for o in model.graph.output}
+
+    def rename(graph, suffix: str) -> None:
+        for node in graph.node:
+            node.input[:] = [f"{n}{suffix}" if n in outputs else n for n in node.input]
+            node.output[:] = [f"{n}{suffix}" if n in outputs else n for n in node.output]
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    rename(attr.g, suffix)
+                for sub in attr.graphs:
+                    rename(sub, suffix)
+        for value in [*graph.output, *graph.value_info]:
+            if value.name in outputs:
+                value.name += suffix
+
+    for i, node in enumerate(model.graph.node):
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                rename(attr.g, f"__{i}_{attr.name}")
+            for j, sub in enumerate(attr.graphs):
+                rename(sub, f"__{i}_{attr.name}{j}")
 
 
 def _replace_onnx(new: Path, old: Path) -> None:
@@ -200,6 +231,7 @@ def convert_bf16(folder: Path, files: list[str], probe=None) -> list[str]:
         for _ in range(BF16_MAX_RETRIES):
             model = onnx.ModelProto()
             model.CopyFrom(original)
+            private_branch_outputs(model)
             try:
                 model = convert_float_to_float16(
                     model, keep_io_types=True, disable_shape_infer=True, op_block_list=block
