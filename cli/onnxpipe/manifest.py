@@ -30,6 +30,9 @@ torch or transformers. Keys (format 1):
     opset             int
     precision         "fp32" | "fp16" | "bf16" | "int8"
     optimization      null | "O1" | "O2" | "O3"
+    device            "cpu" | "cuda" | "any": the device the graph is made for (onnxpipe's fused CPU graph,
+                      its CUDA graph, or one that runs on both). Absent (older exports): "cpu" for the fused
+                      graph, else "any" (graph_device)
     graph             {"inputs": [...], "outputs": [...], "num_layers", "num_kv_heads", "head_dim"}
     validation        {"passed": bool, "tolerance": float, "inputs": str,
                        "outputs": {name: {"max_abs_diff": float}}, ...task-specific figures}
@@ -67,6 +70,7 @@ FIXED_FILES = (
     "modules.json",
     "1_Pooling/config.json",
 )
+DEVICES = ("cpu", "cuda", "any")  # what `device` may say
 _NO_CHECKSUMS = "no checksums recorded (exported by an older onnxpipe)"
 
 
@@ -92,6 +96,14 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise ExportFolderError(f"{path} is not valid JSON: {_one_line(exc)}", hint="re-run onnxpipe export") from None
     return validate_manifest(data, folder)
+
+
+def graph_device(manifest: dict[str, Any]) -> str:
+    """The device a (schema-checked) manifest's graph is for: cpu, cuda or any (see `device` above)."""
+    device = manifest.get("device")
+    if device in DEVICES:
+        return str(device)
+    return "cpu" if (manifest.get("graph") or {}).get("builder") == "onnxpipe-fused" else "any"
 
 
 def read_json_object(folder: Path) -> dict[str, Any] | None:
@@ -196,10 +208,13 @@ def _schema_problem(data: Any) -> str | None:
         "checksums": (dict,),
         "dense": (list,),
         "max_seq_length": (int, type(None)),
+        "device": (str,),
     }
     for key, allowed in types.items():
         if key in data and not isinstance(data[key], allowed):
             return f"{key!r} is a JSON {_kind(data[key])}, expected {' or '.join(_JSON_NAMES[t] for t in allowed)}"
+    if "device" in data and data["device"] not in DEVICES:
+        return f"device {data['device']!r} is not one of {', '.join(DEVICES)}"
     files = data["files"]
     for key, value in files.items():
         if not isinstance(value, str):

@@ -84,8 +84,10 @@ def weights_text(g: dict[str, Any]) -> str | None:
     kinds = {k: n for k, n in (g.get("weights") or {}).items() if n}
     if not kinds:
         return None
-    blocks = [f"{n} as {k.upper()} blocks" for k, n in kinds.items() if k != "float32"]
+    plain = ("float32", "float16")  # unquantised: the CPU graph's, or the CUDA graph's (export.cuda_graph)
+    blocks = [f"{n} as {k.upper()} blocks" for k, n in kinds.items() if k not in plain]
     text = ", ".join(blocks) + (" (kept as blocks: the exact values)" if blocks else "")
-    if kinds.get("float32"):
-        text += (", " if blocks else "") + f"{kinds['float32']} float32"
+    for kind in plain:
+        if kinds.get(kind):
+            text += (", " if text else "") + f"{kinds[kind]} {kind}"
     return text

@@ -58,6 +58,16 @@ TASK_CHOICES = export_tasks()  # the registry's, in its order
     help="Who writes the graph. auto: onnxpipe's fused decoder (Llama, Qwen2, Qwen3, Mistral, Phi-3, Gemma; "
     "fp32; CPU) where it applies, else optimum's.",
 )
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    metavar="auto|cpu|cuda",
+    help="The device the export is for. cuda: the decoders the fused graph covers get its CUDA "
+    "form (fp16, a preallocated key/value buffer shared by past and present), validated through its float32 CPU twin, "
+    "so no GPU is needed to export; other models get optimum's graph. cpu: the fused CPU graph where it "
+    "applies. auto: cpu where CUDA does not run, else optimum's graph (it runs on both).",
+)
 def export(
     source: str,
     task: str | None,
@@ -73,6 +83,7 @@ def export(
     revision: str | None,
     opset: int | None,
     graph: str,
+    device: str,
 ) -> None:
     """Export a checkpoint to a validated ONNX folder.
 
@@ -90,6 +101,7 @@ def export(
       onnxpipe export ./opus-mt-en-de --validate-with en.txt
       onnxpipe export ./smollm2.gguf --name smollm2
       onnxpipe export ./smollm2.gguf --name smollm2-optimum --graph optimum
+      onnxpipe export ./smollm2.gguf --name smollm2-cuda --device cuda
     """
     from onnxpipe.export import export_model
     from onnxpipe.home import export_home
@@ -120,6 +132,7 @@ def export(
         revision=revision,
         opset=opset,
         graph=graph,
+        device=device,
         progress=_progress,
     )
     _summary(manifest, output, time.monotonic() - started)

@@ -87,6 +87,7 @@ def _render(folder, manifest: dict[str, Any], problems: list[str], recorded: dic
         ("size", human_size(size)),
         ("checksums", integrity),
         ("precision", manifest.get("precision")),
+        ("device", _device(manifest)),
         ("optimization", manifest.get("optimization") or "none"),
         ("opset", manifest.get("opset")),
         ("tokenizer", _tokenizer(manifest.get("tokenizer") or {})),
@@ -122,6 +123,15 @@ def _render(folder, manifest: dict[str, Any], problems: list[str], recorded: dic
     out.print()
     out.print("made with " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + f" on {manifest.get('created')}")
     return buffer.getvalue()
+
+
+def _device(manifest: dict[str, Any]) -> str:
+    """Which device the graph is for, as the runtime reads it (older exports do not say: inferred)."""
+    from onnxpipe.manifest import graph_device
+
+    made_for = graph_device(manifest)
+    text = {"cpu": "CPU", "cuda": "CUDA", "any": "CPU or CUDA"}[made_for]
+    return text if "device" in manifest else f"{text} (not recorded: an older export)"
 
 
 def _pooling(m: dict[str, Any]) -> str:
@@ -166,6 +176,8 @@ def _graph(g: dict[str, Any], model_type: str | None = None) -> str:
         text += f"; KV cache {g['num_layers']} layers x {g.get('num_kv_heads')} heads x {g.get('head_dim')}"
     if g.get("builder") == "onnxpipe-fused":
         text += f"; onnxpipe-fused ({model_type or '?'}): onnxpipe's fused graph (last position's logits)"
+    elif g.get("builder") == "onnxpipe-fused-cuda":
+        text += "; onnxpipe's fused CUDA graph (fp16, one key/value buffer shared by past and present)"
     elif g.get("builder") == "optimum":
         text += "; optimum's graph"
     return text

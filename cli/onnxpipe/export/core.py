@@ -78,9 +78,14 @@ def export_model(
     revision: str | None = None,
     opset: int | None = None,
     graph: str = "auto",
+    device: str = "auto",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Export SOURCE (folder, .gguf file or hub id) into the folder OUTPUT; return the manifest written there."""
+    """Export SOURCE (folder, .gguf file or hub id) into the folder OUTPUT; return the manifest written there.
+
+    DEVICE is the target: cuda makes the fused graph's decoders (Llama, Qwen2, Mistral, Phi-3, Gemma) onnxpipe's fused CUDA graph (export.cuda_graph,
+    validated through its CPU twin, so no GPU is needed here); cpu its fused CPU graph; auto as cpu where
+    CUDA does not run, else optimum's graph, which runs on both."""
     from onnxpipe.export.variants import OPTIMIZATION_LEVELS, QUANTIZATIONS
 
     progress = progress or _no_progress
@@ -100,6 +105,7 @@ def export_model(
         raise UsageError("--fp16 and --quantize exclude each other", hint="fp16 is for CUDA, int8 for the CPU")
     if graph not in GRAPHS:
         raise UsageError(f"unknown graph {graph!r}", hint="one of: " + ", ".join(GRAPHS))
+    device = _export_device(device, quantize)
     _check_target(output, force, source)
     texts, inputs_note = _validation_texts(validate_with)
     if fp16:
@@ -137,6 +143,7 @@ def export_model(
                     revision=revision,
                     opset=opset,
                     graph=graph,
+                    device=device,
                 ),
                 texts,
                 inputs_note,
@@ -186,7 +193,19 @@ def _build(
     progress("load", f"{type(model).__name__} ({model_type}), task {task}, {_count_parameters(model)} parameters")
 
     out = tmp / "export"
-    if builder == "fused":
+    validated = out  # what the fp32 validation runs: for CUDA, the graph's float32 CPU twin
+    if builder == "cuda":
+        from onnxpipe.export import cuda_graph
+
+        progress(
+            "export",
+            f"building onnxpipe's fused {model_type} graph for CUDA (fp16 GroupQueryAttention, one key/value "
+            "buffer shared by past and present) and its float32 CPU twin",
+        )
+        validated = tmp / "twin"
+        with quiet_libraries():
+            files, weights = cuda_graph.export(model, out, opts["opset"], twin=validated)
+    elif builder == "fused":
         from onnxpipe.export import fused
 
         progress(
@@ -213,6 +232,8 @@ def _build(
     special = _special_tokens(toks.special_tokens, out)
     all_texts = val.GENERATED_TEXTS + texts
     precision = "fp16" if opts["fp16"] else "bf16" if opts.get("bf16") else (opts["quantize"] or "fp32")
+    if builder == "cuda":
+        precision = "fp16"
 
     progress(
         "validate",
@@ -220,7 +241,7 @@ def _build(
     )
     report = val.validate(
         model,
-        out,
+        validated,
         task,
         family,
         files,
@@ -238,7 +259,9 @@ def _build(
 
         progress("export", f"building the {precision} variant")
         with quiet_libraries():
-            if precision == "int8":
+            if builder == "cuda":
+                pass  # cuda_graph.export wrote it in fp16
+            elif precision == "int8":
                 quantization = variants.quantize_int8(out, list(files.values()), family)
             elif precision == "bf16":
                 kept_fp32 = variants.convert_bf16(
@@ -247,6 +270,10 @@ def _build(
             else:
                 variants.convert_fp16(out, list(files.values()))
         provider = FP16_PROVIDER if precision in ("fp16", "bf16") else "CPUExecutionProvider"
+        if builder == "cuda":  # ONNX Runtime's CPU kernels run the fp16 graph too, shared buffer included
+            from onnxpipe.export.variants import cuda_unusable_reason
+
+            provider = FP16_PROVIDER if cuda_unusable_reason() is None else "CPUExecutionProvider"
         progress("validate", f"validating the {precision} variant against fp32")
         baseline = report
         report = val.validate(
@@ -271,6 +298,10 @@ def _build(
         name, task, family, config, out, files, tokenizer_record, special, src, precision, opts, report
     )
     manifest["graph"]["builder"] = "onnxpipe-fused" if builder == "fused" else "optimum"
+    if builder == "cuda":
+        manifest["graph"]["builder"] = "onnxpipe-fused-cuda"
+        manifest["graph"]["kv_cache"] = "shared-buffer"  # runtime.decoder.SharedBufferDecoder
+    manifest["device"] = {"cuda": "cuda", "fused": "cpu"}.get(builder, "any")
     if weights is not None:
         manifest["graph"]["weights"] = weights
     if kept_fp32 is not None:
@@ -311,16 +342,29 @@ def _choose_graph(opts: dict, family: str, config) -> str:
     for flag, why in (("optimize", "--optimize"), ("quantize", "--quantize"), ("fp16", "--fp16"), ("bf16", "--bf16")):
         if reason is None and opts.get(flag):
             reason = f"{why} (it is made for optimum's graph)"
-    if reason is None and wanted == "auto":
+    if reason is None and wanted == "auto" and opts.get("device", "auto") == "auto":
         from onnxpipe.export.variants import cuda_unusable_reason
 
         if cuda_unusable_reason() is None:  # this machine runs CUDA: the fused fp32 graph is for CPUs
             reason = "CUDA works here"
     if reason is None:
-        return "fused"
+        return "cuda" if opts.get("device") == "cuda" else "fused"
     if wanted == "fused":
         raise UsageError(f"--graph fused is not available here: {reason}", hint="drop --graph, or pass --graph optimum")
     return "optimum"
+
+
+def _export_device(device: str | None, quantize: str | None) -> str:
+    """--device of export (auto, cpu, cuda; cuda:N is cuda): the device the graph is for."""
+    from onnxpipe.runtime.device import parse_device
+
+    kind = parse_device(device).kind
+    if kind == "cuda" and quantize:
+        raise UsageError(
+            "--quantize and --device cuda exclude each other",
+            hint="--quantize is for the CPU; --device cuda writes an fp16 graph where it can",
+        )
+    return kind
 
 
 def _export_graphs(model, out: Path, task: str, family: str, opts: dict) -> dict[str, str]:

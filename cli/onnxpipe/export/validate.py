@@ -335,6 +335,10 @@ def _decoder(model, sess, tokenizer, texts, special_tokens) -> dict[str, Any]:
     import torch
     from transformers import DynamicCache
 
+    if "seqlens_k" in {i.name for i in sess.get_inputs()}:  # export.cuda_graph's shared cache buffer
+        from onnxpipe.export.cuda_graph import GrowingCacheView
+
+        sess = GrowingCacheView(sess)
     input_names = {i.name for i in sess.get_inputs()}
     output_names = [o.name for o in sess.get_outputs()]
     outputs: dict[str, dict] = {}

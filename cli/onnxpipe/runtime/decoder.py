@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.errors import ModelNotFoundError
+from onnxpipe.errors import ModelNotFoundError, UsageError
 from onnxpipe.runtime.device import Device
 from onnxpipe.runtime.kv_cache import KV_DTYPES, CacheReorder
 from onnxpipe.runtime.model import ExportedModel
@@ -96,6 +96,10 @@ class CausalDecoder:
         session = model.session()  # sets model.provider: what really runs
         device = model.runs_on
         assert device is not None  # known once a session exists
+        if is_shared_buffer(session):
+            config = model.config
+            positions = config.get("max_position_embeddings") or config.get("n_positions")
+            return SharedBufferDecoder(session, device, positions if isinstance(positions, int) else None)
         return cls(session, device)
 
     # --- the cache ----------------------------------------------------------------------
@@ -160,8 +164,9 @@ class CausalDecoder:
             logits = np.array(outputs[0].numpy()[:, -1, :], dtype=np.float32)  # a copy the search may change
         return logits, outputs[1:]
 
-    def prefill(self, prompts: Sequence[Sequence[int]], pad_id: int = 0):
-        """Run the left-padded prompts; return their next-token logits and the `Step` that continues them."""
+    def prefill(self, prompts: Sequence[Sequence[int]], pad_id: int = 0, max_new_tokens: int | None = None):
+        """Run the left-padded prompts; return their next-token logits and the `Step` that continues them.
+        (MAX_NEW_TOKENS sizes SharedBufferDecoder's buffers; this cache grows step by step.)"""
         logits, past, mask, next_positions = self.prefill_cache(prompts, pad_id)
         state: dict[str, Any] = {"past": past, "mask": mask, "next": next_positions}
 
@@ -218,3 +223,94 @@ class CausalDecoder:
             )
         assert logits is not None  # the last chunk's logits are fetched
         return logits, past, mask, positions[:, -1] + 1
+
+
+def is_shared_buffer(session) -> bool:
+    """Whether SESSION's graph is export.cuda_graph's (the cache as one buffer shared by past and present)."""
+    return "seqlens_k" in {i.name for i in session.get_inputs()}
+
+
+class SharedBufferDecoder(CausalDecoder):
+    """The driver of export.cuda_graph's graph: each layer's key and value live in one preallocated
+    buffer of the batch's maximum length, bound as both past and present, so GroupQueryAttention
+    writes each new position in place and nothing of the cache moves between steps.
+
+    A row's tokens sit at positions 0..length-1 of its buffer: prompts are right-padded, and each row's
+    length goes to the graph as seqlens_k (length - 1, int32), with total_sequence_length (the longest,
+    read on the host). Per step the host sends input_ids and seqlens_k and receives the logits (float32);
+    the rotary positions and each row's last real token are the graph's own.
+    """
+
+    def __init__(self, session, device: Device, max_positions: int | None = None):
+        super().__init__(session, device)
+        self.max_positions = max_positions
+        self.buffer_length = 0  # the positions the last prefill allocated
+
+    def buffers(self, rows: int, length: int) -> list:
+        """Zeroed cache buffers for ROWS rows of LENGTH positions, on the session's device."""
+        from onnxpipe.runtime.kv_cache import allocate_buffers, buffer_shape
+
+        shape = buffer_shape(rows, self.kv_heads, length, self.head_dim)
+        return allocate_buffers(len(self.past_names), shape, self.kv_dtype, self.device)
+
+    def _run_shared(self, ids: np.ndarray, lengths: np.ndarray, past: list) -> np.ndarray:
+        """One run: IDS (rows, S) after each row's LENGTHS - S cached positions (LENGTHS: after this run).
+        Returns each row's last real token's logits (rows, vocab) float32; PAST is written in place."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input("seqlens_k", (lengths - 1).astype(np.int32))
+        # total_sequence_length is a host input of the kernel (no copy on CUDA)
+        binding.bind_cpu_input("total_sequence_length", np.array(int(lengths.max()), dtype=np.int32))
+        self.stats.h2d += 2
+        binding.bind_output("logits", "cpu")  # the first output bound: get_outputs()[0]
+        for past_name, present_name, value in zip(self.past_names, self.present_names, past):
+            binding.bind_ortvalue_input(past_name, value)
+            binding.bind_ortvalue_output(present_name, value)  # the same buffer: written in place
+        self.session.run_with_iobinding(binding)
+        self.stats.steps += 1
+        self.stats.d2h += 1
+        return np.array(binding.get_outputs()[0].numpy()[:, -1, :], dtype=np.float32)
+
+    def prefill(self, prompts: Sequence[Sequence[int]], pad_id: int = 0, max_new_tokens: int | None = None):
+        """Run the right-padded prompts into fresh buffers sized for MAX_NEW_TOKENS more positions;
+        return their next-token logits and the `Step` that continues them."""
+        from onnxpipe.runtime.kv_cache import buffer_length
+
+        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        width = int(lengths.max())
+        ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = prompt
+        self.buffer_length = buffer_length(width, max_new_tokens, self.max_positions)
+        state: dict[str, Any] = {"past": self.buffers(len(prompts), self.buffer_length), "lengths": lengths}
+        logits = self._run_shared(ids, lengths, state["past"])
+
+        def step(tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
+            if parents is not None:
+                state["past"] = self.gather(state["past"], parents)
+                state["lengths"] = state["lengths"][parents]
+            state["lengths"] = state["lengths"] + 1
+            if int(state["lengths"].max()) > self.buffer_length:
+                raise RuntimeError(f"the key/value buffer holds {self.buffer_length} positions; this step needs more")
+            return self._run_shared(np.asarray(tokens, dtype=np.int64)[:, None], state["lengths"], state["past"])
+
+        return logits, step
+
+    def prefill_cache(
+        self, prompts: Sequence[Sequence[int]], pad_id: int = 0
+    ) -> tuple[np.ndarray, list, np.ndarray, np.ndarray]:
+        raise _no_continuous_batching()
+
+    def decode(
+        self, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list
+    ) -> tuple[np.ndarray, list]:
+        raise _no_continuous_batching()
+
+
+def _no_continuous_batching() -> UsageError:
+    """serve.continuous merges growing caches (prefill_cache, decode), which a shared buffer cannot do."""
+    return UsageError(
+        "onnxpipe serve's continuous batching cannot drive onnxpipe's CUDA graph yet (its cache is one "
+        "preallocated buffer per batch, which batches cannot merge into)",
+        hint="serve an export made with --graph optimum (it runs on CUDA too)",
+    )

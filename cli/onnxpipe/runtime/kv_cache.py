@@ -132,3 +132,37 @@ def gather_model(n: int, elem_type: int) -> bytes:
     outputs = b"".join(blob(12, value_info(f"y{i}", elem_type, 4)) for i in range(n))
     graph = nodes + blob(2, "gather_rows") + inputs + outputs
     return num(1, 8) + blob(8, blob(1, "") + num(2, 13)) + blob(7, graph)
+
+
+# --- the shared buffer of export.cuda_graph ------------------------------------------------
+
+UNSIZED_NEW_TOKENS = 1024  # new positions when neither max_new_tokens nor the model's positions are known
+
+
+def buffer_length(prompt_width: int, max_new_tokens: int | None, max_positions: int | None) -> int:
+    """Positions to preallocate for a batch whose longest prompt is PROMPT_WIDTH tokens: the prompt and
+    MAX_NEW_TOKENS (unknown: the model's positions), never past the model's MAX_POSITIONS."""
+    if max_new_tokens:
+        wanted = prompt_width + max_new_tokens
+    else:
+        wanted = max_positions or prompt_width + UNSIZED_NEW_TOKENS
+    if max_positions:
+        wanted = min(wanted, max_positions)
+    return max(wanted, prompt_width, 1)
+
+
+def buffer_shape(rows: int, kv_heads: int, length: int, head_dim: int) -> tuple[int, int, int, int]:
+    """One layer's key (or value) buffer: (batch, kv_heads, max_sequence_length, head_dim), as
+    GroupQueryAttention takes past_key and writes present_key when both are the same buffer."""
+    return (rows, kv_heads, length, head_dim)
+
+
+def allocate_buffers(count: int, shape: tuple[int, ...], dtype, device: Device) -> list:
+    """COUNT zeroed cache buffers of SHAPE on DEVICE (OrtValues), each bound as a past and its present."""
+    from onnxruntime import OrtValue
+
+    if device.kind == "cpu":
+        # A numpy-backed OrtValue: binding it as input and output gives the kernel one pointer.
+        return [OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype)) for _ in range(count)]
+    # Device memory is not zeroed: GroupQueryAttention reads a row's first seqlens_k + 1 positions only.
+    return [OrtValue.ortvalue_from_shape_and_type(shape, dtype, device.kind, device.index) for _ in range(count)]

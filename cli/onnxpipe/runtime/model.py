@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from onnxpipe.errors import ExportFolderError, ModelNotFoundError, OnnxpipeError, UsageError
+from onnxpipe.errors import DeviceError, ExportFolderError, ModelNotFoundError, OnnxpipeError, UsageError
 from onnxpipe.home import resolve_model
 from onnxpipe.manifest import inside, read_manifest
 from onnxpipe.runtime.device import CUDA, Device, cuda_failure_reason, parse_device
@@ -150,8 +150,30 @@ class ExportedModel:
                     f"export {self.name} has no {name!r} graph (it has: {', '.join(files) or 'none'})",
                     hint="is this the right model for this command?",
                 )
-            self._sessions[name] = self._make_session(inside(self.folder, files[name]))
+            if self.device.kind == "cpu":
+                self._check_graph_device("cpu")  # before the session: a CUDA graph is not tried on the CPU
+            session = self._make_session(inside(self.folder, files[name]))
+            self._check_graph_device("cuda" if self.provider == CUDA else "cpu")
+            self._sessions[name] = session
         return self._sessions[name]
+
+    def _check_graph_device(self, runs_on: str) -> None:
+        """Refuse a graph made for another device than RUNS_ON: onnxpipe's CUDA graph (fp16, one key/value
+        buffer) anywhere but on CUDA, and its fused CPU graph on CUDA when --device cuda asked for it
+        (its float32 GroupQueryAttention would run on the CPU, with copies at every layer)."""
+        from onnxpipe.manifest import graph_device
+
+        made_for = graph_device(self.manifest)
+        if made_for in ("any", runs_on) or (made_for == "cpu" and self.device.kind != "cuda"):
+            return  # --device auto that lands a CPU graph on CUDA: CausalLM notes it
+        source = self.manifest.get("source") or {}
+        origin = source.get("path") or source.get("id") or "SOURCE"
+        what = "onnxpipe's CUDA graph (fp16)" if made_for == "cuda" else "onnxpipe's fused CPU graph (float32)"
+        raise DeviceError(
+            f"{self.name} is {what}, made for {made_for.upper()}, not for the {runs_on.upper()} it would run on here",
+            hint=f"export it for this device: onnxpipe export {origin} --device {runs_on} --name {self.name}-{runs_on}"
+            + (", or run it with --device cuda on a GPU" if made_for == "cuda" else ", or run it with --device cpu"),
+        )
 
     def session_options(self):
         """One SessionOptions for every session of this model (threads, quiet logging)."""

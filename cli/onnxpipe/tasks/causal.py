@@ -140,7 +140,7 @@ class CausalLM:
             texts = _TextStreams(self.tokenizer, [keys[i] for i in run], stop, on_text) if (stop or on_text) else None
             beams = config.num_beams > 1
             pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or [0])[0]
-            logits, step = self.decoder.prefill(run_prompts, pad)
+            logits, step = self.decoder.prefill(run_prompts, pad, max_new_tokens=max(limits))
             hyps = generate(
                 step,
                 logits,

@@ -1,0 +1,394 @@
+"""onnxpipe's CUDA graph (export.cuda_graph) and the runtime that drives it (runtime.decoder.SharedBufferDecoder).
+
+No GPU runs these tests, except the ones marked `gpu`: the graph's CPU twin (the same rewrite in float32)
+and the fp16 graph itself run on ONNX Runtime's CPU provider, shared key/value buffer included, and where
+CUDA matters (buffers on the device, the provider a session got) the provider is faked.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from onnxpipe.errors import DeviceError, ExportFolderError, UsageError
+from onnxpipe.runtime.device import CUDA, Device
+
+PROMPTS = ["The cat sat on the mat and looked at the long row of houses", "Hello", "A river runs"]
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def llama(checkpoint):
+    import transformers
+
+    folder = checkpoint("llama")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return folder, model, [tokenizer(p).input_ids for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def graphs(llama, tmp_path_factory):
+    """{"float32": the CPU twin's file, "float16": the CUDA graph's file}, built from the tiny Llama."""
+    from onnxpipe.export import cuda_graph
+
+    built = {}
+    for dtype in ("float32", "float16"):
+        out = tmp_path_factory.mktemp(f"cuda-graph-{dtype}")
+        name, _ = cuda_graph.build(llama[1], out, dtype)
+        built[dtype] = out / name
+    return built
+
+
+def _reference(model, prompts, num_beams: int = 1) -> list[list[int]]:
+    import torch
+
+    ids = []
+    for prompt in prompts:
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=NEW,
+                min_new_tokens=NEW,
+                do_sample=False,
+                num_beams=num_beams,
+                pad_token_id=model.config.eos_token_id,
+            )
+        ids.append(out[0, len(prompt) :].tolist())
+    return ids
+
+
+def _decoder(path, max_positions=256):
+    from onnxpipe.runtime.decoder import SharedBufferDecoder
+    from onnxpipe.runtime.sessions import make_session
+
+    return SharedBufferDecoder(make_session(path, threads=1), Device("cpu"), max_positions)
+
+
+def _generate(decoder, prompts, num_beams: int = 1, eos: list[int] | None = None) -> list[list[int]]:
+    from onnxpipe.decoding import GenerationConfig, generate
+
+    eos = eos or [2]
+    config = GenerationConfig(
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,
+        do_sample=False,
+        num_beams=num_beams,
+        eos_token_id=eos,
+        pad_token_id=eos[0],
+    )
+    logits, step = decoder.prefill(prompts, eos[0], max_new_tokens=NEW)
+    return [nbest[0].token_ids for nbest in generate(step, logits, prompts, config)]
+
+
+# --- the graph -------------------------------------------------------------------------------
+
+
+def test_the_graph_takes_one_buffer_per_cache_tensor(graphs):
+    import onnx
+
+    for dtype, path in graphs.items():
+        graph = onnx.load(str(path)).graph
+        inputs = {i.name: i for i in graph.input}
+        assert list(inputs)[:3] == ["input_ids", "seqlens_k", "total_sequence_length"]
+        assert "attention_mask" not in inputs and "position_ids" not in inputs  # positions come from seqlens_k
+        elem = onnx.TensorProto.FLOAT16 if dtype == "float16" else onnx.TensorProto.FLOAT
+        outputs = {o.name: o for o in graph.output}
+        assert outputs["logits"].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 at the boundary
+        for i in range(2):
+            for kind in ("key", "value"):
+                past = inputs[f"past_key_values.{i}.{kind}"].type.tensor_type
+                present = outputs[f"present.{i}.{kind}"].type.tensor_type
+                assert past.elem_type == present.elem_type == elem
+                assert [d.dim_param or d.dim_value for d in past.shape.dim] == [
+                    "batch_size",
+                    2,
+                    "max_sequence_length",
+                    8,
+                ]
+                assert past.shape == present.shape  # the same buffer, bound twice
+        attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+        assert len(attention) == 2
+        for n in attention:  # no attention bias: the CUDA kernel refuses one
+            assert list(n.input[5:]) == ["seqlens_k", "total_sequence_length"]
+        if dtype == "float16":
+            assert {t.data_type for t in graph.initializer} <= {
+                onnx.TensorProto.FLOAT16,
+                onnx.TensorProto.INT64,
+            }
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_the_cpu_twin_generates_transformers_ids(llama, graphs, num_beams):
+    """Prompts of different lengths in one right-padded batch: every row's ids equal transformers' own
+    generate of that prompt alone, greedy and beam search (beams move rows of the buffer)."""
+    _, model, prompts = llama
+    decoder = _decoder(graphs["float32"])
+    assert _generate(decoder, prompts, num_beams) == _reference(model, prompts, num_beams)
+    if num_beams == 1:  # per step: input_ids and seqlens_k in, the logits out; the cache never moves
+        assert decoder.stats.as_dict() == {
+            "steps": NEW,
+            "h2d": 2 * NEW,
+            "d2h": NEW,
+            "cache_gathers": 0,
+            "copies_per_step": 3.0,
+        }
+
+
+@pytest.mark.parametrize("arch", ["qwen2-window", "phi3-partial", "gemma"])
+def test_the_cpu_twin_of_the_other_fused_families(arch, tmp_path):
+    """The rewrite takes whatever fused.build writes: biases, sliding windows (GroupQueryAttention's
+    local_window_size), partial rotary, Gemma's scaled embedding and gelu. Greedy ids equal transformers'."""
+    import tiny_decoders
+    import transformers
+
+    from onnxpipe.export import cuda_graph
+
+    folder = tiny_decoders.build(arch, tmp_path / "ckpt")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    name, _ = cuda_graph.build(model, tmp_path / "graph", "float32")
+    eos = model.config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    decoder = _decoder(tmp_path / "graph" / name, model.config.max_position_embeddings)
+    assert _generate(decoder, prompts, eos=eos) == _reference(model, prompts)
+
+
+def test_the_fp16_graph_runs_on_the_cpu_provider_too(llama, graphs):
+    """ORT's CPU kernels run the CUDA graph itself: greedy agreement with transformers (fp16: reported by
+    export validation; on this tiny model every step agrees)."""
+    _, model, prompts = llama
+    got, ref = _generate(_decoder(graphs["float16"]), prompts), _reference(model, prompts)
+    agree = [next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), NEW) / NEW for g, r in zip(got, ref)]
+    assert np.mean(agree) >= 0.9, (got, ref)
+
+
+# --- the key/value buffer --------------------------------------------------------------------
+
+
+def test_buffer_length():
+    from onnxpipe.runtime.kv_cache import UNSIZED_NEW_TOKENS, buffer_length
+
+    assert buffer_length(10, 20, 256) == 30
+    assert buffer_length(10, 500, 256) == 256  # never past the model's positions
+    assert buffer_length(10, None, 256) == 256  # no max_new_tokens: every position the model has
+    assert buffer_length(10, None, None) == 10 + UNSIZED_NEW_TOKENS
+    assert buffer_length(300, 20, 256) == 300  # a prompt is never cut here (generate truncates it before)
+
+
+def test_buffers_are_sized_typed_and_placed_for_the_device(graphs, monkeypatch):
+    from onnxruntime import OrtValue
+
+    decoder = _decoder(graphs["float16"])
+    assert decoder.kv_dtype is np.float16 and (decoder.kv_heads, decoder.head_dim) == (2, 8)
+    on_cpu = decoder.buffers(3, 40)
+    assert len(on_cpu) == 4  # 2 layers x key, value
+    assert all(v.shape() == [3, 2, 40, 8] and v.data_type() == "tensor(float16)" for v in on_cpu)
+    assert not any(v.numpy().any() for v in on_cpu)
+
+    asked = []
+    monkeypatch.setattr(
+        OrtValue, "ortvalue_from_shape_and_type", staticmethod(lambda *args: asked.append(args) or args)
+    )
+    decoder.device = Device("cuda", 1)  # the provider faked: where the buffers would go
+    decoder.buffers(2, 64)
+    assert asked == [((2, 2, 64, 8), np.float16, "cuda", 1)] * 4
+
+
+def test_prefill_writes_the_prompts_in_place_at_the_start_of_each_row(llama, graphs, monkeypatch):
+    """The buffers are bound as past and present: the prefill writes each row's (right-padded) prompt into
+    positions 0..width-1 of the very buffers the decoder allocated, and each step writes one position per
+    row, at that row's own length (over its padding), in place."""
+    _, _, prompts = llama
+    decoder = _decoder(graphs["float32"])
+    allocated: list = []
+    make = decoder.buffers
+    monkeypatch.setattr(decoder, "buffers", lambda rows, length: allocated.extend(make(rows, length)) or allocated)
+    _, step = decoder.prefill(prompts, 2, max_new_tokens=5)
+    width = max(map(len, prompts))
+    assert decoder.buffer_length == width + 5
+    key = allocated[0].numpy()
+    assert key.shape == (3, 2, width + 5, 8)
+    assert np.abs(key[:, :, :width]).sum(axis=-1).all() and not key[:, :, width:].any()
+    before = key.copy()
+    step(np.array([5, 6, 7]), None)
+    for row, prompt in enumerate(prompts):
+        changed = np.flatnonzero((key[row] != before[row]).any(axis=(0, 2)))
+        assert changed.tolist() == [len(prompt)]
+    for _ in range(4):
+        step(np.array([5, 6, 7]), None)
+    with pytest.raises(RuntimeError, match="holds"):  # past max_new_tokens: refused, never written past the end
+        step(np.array([5, 6, 7]), None)
+
+
+def test_continuous_batching_refuses_the_shared_buffer(graphs):
+    with pytest.raises(UsageError, match="continuous batching"):
+        _decoder(graphs["float32"]).prefill_cache([[1, 2]], 0)
+
+
+# --- export, manifest, refusals ----------------------------------------------------------------
+
+
+def _choose(graph, device, family="decoder", model_type="llama", cuda_here=False, monkeypatch=None, **flags):
+    from onnxpipe.export import core, variants
+
+    monkeypatch.setattr(variants, "cuda_unusable_reason", lambda: None if cuda_here else "no GPU")
+    config = SimpleNamespace(model_type=model_type, hidden_act="silu", max_position_embeddings=256)
+    return core._choose_graph({"graph": graph, "device": device, **flags}, family, config)
+
+
+@pytest.mark.parametrize(
+    "graph, device, cuda_here, builder",
+    [
+        ("auto", "auto", False, "fused"),
+        ("auto", "auto", True, "optimum"),  # auto on a GPU machine: optimum's graph runs on both
+        ("auto", "cpu", True, "fused"),
+        ("auto", "cuda", False, "cuda"),  # no GPU needed to export for one
+        ("auto", "cuda", True, "cuda"),
+        ("fused", "cuda", False, "cuda"),
+        ("fused", "cpu", False, "fused"),
+        ("optimum", "cuda", False, "optimum"),
+        ("optimum", "cpu", False, "optimum"),
+    ],
+)
+def test_graph_selection(graph, device, cuda_here, builder, monkeypatch):
+    assert _choose(graph, device, cuda_here=cuda_here, monkeypatch=monkeypatch) == builder
+
+
+def test_graph_selection_outside_the_llama_family(monkeypatch):
+    assert _choose("auto", "cuda", family="encoder", model_type="bert", monkeypatch=monkeypatch) == "optimum"
+    assert _choose("auto", "cuda", model_type="gpt2", monkeypatch=monkeypatch) == "optimum"
+    assert _choose("auto", "cuda", fp16=True, monkeypatch=monkeypatch) == "optimum"
+    with pytest.raises(UsageError, match="--graph fused is not available here: model type gpt2"):
+        _choose("fused", "cuda", model_type="gpt2", monkeypatch=monkeypatch)
+
+
+def test_export_device_is_checked_before_anything_is_written(checkpoint, tmp_path):
+    from onnxpipe.export import export_model
+
+    with pytest.raises(UsageError, match="unknown device 'tpu'"):
+        export_model(checkpoint("llama"), tmp_path / "a", device="tpu")
+    with pytest.raises(UsageError, match="--quantize and --device cuda exclude each other"):
+        export_model(checkpoint("llama"), tmp_path / "b", device="cuda", quantize="int8")
+    assert not any(tmp_path.iterdir())
+
+
+def test_export_for_cuda_without_a_gpu(exported):
+    folder = exported("llama", device="cuda")
+    manifest = json.loads((folder / "onnxpipe.json").read_text())
+    assert manifest["device"] == "cuda" and manifest["precision"] == "fp16"
+    graph = manifest["graph"]
+    assert graph["builder"] == "onnxpipe-fused-cuda" and graph["kv_cache"] == "shared-buffer"
+    assert graph["past_dtype"] == "float16" and graph["inputs"][:3] == [
+        "input_ids",
+        "seqlens_k",
+        "total_sequence_length",
+    ]
+    assert graph["weights"].get("float16") and not graph["weights"].get("float32")
+    validation = manifest["validation"]
+    assert validation["passed"] and validation["fp32"]["passed"]  # the CPU twin, against PyTorch
+    assert validation["fp32"]["greedy"]["agreement"] == 1.0
+    assert validation["fp32"]["tolerance"] is not None  # the twin is held to the fp32 tolerance
+    assert not list(folder.glob("*twin*"))  # the twin is not shipped
+
+
+def test_cpu_exports_say_cpu_and_older_exports_still_load(exported, tmp_path):
+    import shutil
+
+    from onnxpipe.manifest import graph_device, read_manifest
+
+    fused = exported("llama")
+    assert json.loads((fused / "onnxpipe.json").read_text())["device"] == "cpu"
+    old = tmp_path / "old"
+    shutil.copytree(fused, old)
+    manifest = json.loads((old / "onnxpipe.json").read_text())
+    del manifest["device"]
+    (old / "onnxpipe.json").write_text(json.dumps(manifest))
+    assert graph_device(read_manifest(old)) == "cpu"  # the fused graph, from before the field
+    manifest["graph"]["builder"] = "optimum"
+    assert graph_device(manifest) == "any"
+    manifest["device"] = "tpu"
+    (old / "onnxpipe.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportFolderError, match="device 'tpu' is not one of cpu, cuda, any"):
+        read_manifest(old)
+
+
+def test_a_cuda_export_is_refused_on_the_cpu(exported):
+    from click.testing import CliRunner
+
+    from onnxpipe.main import cli
+
+    folder = exported("llama", device="cuda")
+    result = CliRunner().invoke(cli, ["generate", "-m", str(folder), "--device", "cpu"], input="Hello\n")
+    assert result.exit_code != 0 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "is onnxpipe's CUDA graph (fp16), made for CUDA, not for the CPU" in lines[0]
+    assert "--device cpu" in lines[0]  # how to export for this device
+
+
+@pytest.mark.parametrize("export_kw, refused", [({}, True), ({"graph": "optimum"}, False), ({"device": "cuda"}, False)])
+def test_device_cuda_refuses_the_fused_cpu_graph(exported, monkeypatch, export_kw, refused):
+    """--device cuda with the fused CPU graph (its float32 attention would run on the CPU) fails in one
+    line saying how to export for CUDA; optimum's graph and the CUDA graph are taken (CUDA faked)."""
+    from onnxpipe.runtime.decoder import CausalDecoder, SharedBufferDecoder
+    from onnxpipe.runtime.model import ExportedModel
+    from onnxpipe.runtime.sessions import make_session
+
+    folder = exported("llama", **export_kw)
+
+    def on_cuda(self, path):
+        self.provider = CUDA
+        return make_session(path, threads=1)
+
+    monkeypatch.setattr(ExportedModel, "_make_session", on_cuda)
+    model = ExportedModel(folder, device="cuda")
+    if refused:
+        with pytest.raises(DeviceError, match="fused CPU graph .* made for CPU") as caught:
+            model.session()
+        assert "--device cuda" in caught.value.hint
+        return
+    decoder = CausalDecoder.from_model(model)
+    assert decoder.device == Device("cuda", 0)
+    assert isinstance(decoder, SharedBufferDecoder) == (export_kw.get("device") == "cuda")
+    if isinstance(decoder, SharedBufferDecoder):
+        assert decoder.max_positions == 256 and decoder.graph_gather  # beams move rows on the device
+
+
+def test_info_shows_the_device(exported):
+    from click.testing import CliRunner
+
+    from onnxpipe.main import cli
+
+    result = CliRunner().invoke(cli, ["info", str(exported("llama", device="cuda"))])
+    assert result.exit_code == 0
+    assert "device          CUDA" in result.stdout.replace("\u2502", " ") or any(
+        line.split()[:2] == ["device", "CUDA"] for line in result.stdout.splitlines()
+    )
+    assert "onnxpipe's fused CUDA graph" in result.stdout
+
+
+# --- on a GPU ------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_the_cuda_graph_on_cuda_generates_the_cpu_twins_ids(exported, llama, graphs):
+    """On CUDA, through the runtime: the session is CUDA's, the cache stays in its buffers (3 copies a
+    step: ids and seqlens_k in, logits out; no cache gathers in greedy search), and the ids agree with the
+    fp16 graph on the CPU provider and with transformers (fp16: most steps)."""
+    from onnxpipe.runtime import load_model
+    from onnxpipe.tasks.causal import CausalLM
+
+    _, model, prompts = llama
+    lm = CausalLM.from_model(load_model(exported("llama", device="cuda"), device="cuda"))
+    assert lm.decoder.session.get_providers()[0] == CUDA
+    config = lm.defaults.update(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, num_beams=1)
+    got = [c[0].token_ids for c in lm.generate(prompts, config)]
+    assert lm.decoder.stats.per_step == 3.0 and lm.decoder.stats.cache_gathers == 0
+    ref = _reference(model, prompts)
+    agree = [next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), NEW) / NEW for g, r in zip(got, ref)]
+    assert np.mean(agree) >= 0.9, (got, ref)
