@@ -382,3 +382,21 @@ def test_fp16_seq2seq_export_validates_on_token_agreement(checkpoint, tmp_path, 
     manifest = export_model(checkpoint("bart"), tmp_path / "out", fp16=True)
     assert manifest["precision"] == "fp16" and manifest["validation"]["passed"]
     assert manifest["validation"]["fp32"]["passed"] and manifest["validation"]["tolerance"] is None
+
+
+def test_a_bf16_export_on_the_cpu_says_it_needs_cuda(classifier, tmp_path):
+    """ONNX Runtime's CPU provider has no bfloat16 kernels: the one line says so, not "cannot load"."""
+    from onnxpipe.export.variants import convert_bf16
+
+    folder = tmp_path / "bf16"
+    shutil.copytree(classifier, folder)
+    convert_bf16(folder, ["model.onnx"])
+    manifest = json.loads((folder / "onnxpipe.json").read_text())
+    manifest["precision"] = "bf16"
+    manifest.pop("checksums", None)  # the graph changed after the export: no stale checksums
+    (folder / "onnxpipe.json").write_text(json.dumps(manifest))
+    for device in ("cpu", "auto"):
+        result = _invoke(["classify", "-m", str(folder), "--device", device], input="a good film\n")
+        assert result.exit_code == 1 and result.stdout == ""
+        assert "is a bf16 export, which runs on CUDA only" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1

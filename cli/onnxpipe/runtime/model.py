@@ -200,6 +200,11 @@ class ExportedModel:
         except OnnxpipeError:  # --device cuda where CUDA cannot run
             raise
         except Exception as exc:  # onnxruntime's own exception types: truncated protobuf, data outside the folder...
+            if self.manifest.get("precision") == "bf16" and "NOT_IMPLEMENTED" in str(exc):
+                raise DeviceError(  # ONNX Runtime's CPU provider has no bfloat16 kernels
+                    f"{self.name} is a bf16 export, which runs on CUDA only (this session is on the CPU)",
+                    hint="run it with --device cuda on a GPU, or export the checkpoint again without --bf16",
+                ) from None
             raise ExportFolderError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}", hint=_REEXPORT) from None
         got = session.get_providers()[0]
         if fell_back:
