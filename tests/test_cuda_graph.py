@@ -114,6 +114,9 @@ def test_the_graph_takes_one_buffer_per_cache_tensor(graphs):
         assert len(attention) == 2
         for n in attention:  # no attention bias: the CUDA kernel refuses one
             assert list(n.input[5:]) == ["seqlens_k", "total_sequence_length"]
+        for n in graph.node:  # the norms' mean and inv_std_var, which the CUDA kernels do not produce, unnamed
+            if n.op_type == "SkipSimplifiedLayerNormalization":
+                assert list(n.output[1:3]) == ["", ""]
         if dtype == "float16":
             assert {t.data_type for t in graph.initializer} <= {
                 onnx.TensorProto.FLOAT16,

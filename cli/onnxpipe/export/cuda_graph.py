@@ -35,6 +35,7 @@ DTYPES = ("float16", "float32")  # float32: the CPU twin
 SHARED_INPUTS = ("seqlens_k", "total_sequence_length")
 MAX_LENGTH_DIM = "max_sequence_length"
 _GQA_SEQLENS, _GQA_TOTAL, _GQA_BIAS = 5, 6, 10  # GroupQueryAttention's input slots (contrib op spec)
+_NORMS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization")
 
 
 def build(
@@ -204,6 +205,10 @@ def _prune(graph: Any) -> None:
             stack += [i for i in n.input if i]
             stack += [o for o in n.output if o]
     nodes = [n for n in graph.node if any(o in needed for o in n.output)]
+    consumed = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+    for n in nodes:  # the norms' optional mean and inv_std_var: unnamed, as the CUDA kernels produce neither
+        if n.op_type in _NORMS:
+            n.output[:] = [o if i not in (1, 2) or o in consumed else "" for i, o in enumerate(n.output)]
     del graph.node[:]
     graph.node.extend(nodes)
     inits = [t for t in graph.initializer if t.name in needed]
