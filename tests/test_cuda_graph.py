@@ -8,6 +8,7 @@ CUDA matters (buffers on the device, the provider a session got) the provider is
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -395,3 +396,29 @@ def test_the_cuda_graph_on_cuda_generates_the_cpu_twins_ids(exported, llama, gra
     ref = _reference(model, prompts)
     agree = [next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), NEW) / NEW for g, r in zip(got, ref)]
     assert np.mean(agree) >= 0.9, (got, ref)
+
+
+@pytest.mark.gpu
+def test_every_heavy_op_of_the_cuda_graph_runs_on_cuda(exported, llama, tmp_path):
+    """ONNX Runtime's profile of a prefill and decoding steps: attention, rotary, norms and matrix products
+    all ran on the CUDA provider (no silent CPU fallback of a kernel that lacks an fp16 form)."""
+    import onnxruntime as ort
+
+    from onnxpipe.runtime.decoder import SharedBufferDecoder
+    from onnxpipe.runtime.sessions import make_session
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = make_session(exported("llama", device="cuda") / "model.onnx", Device("cuda"), options=options)
+    assert session.get_providers()[0] == CUDA
+    _generate(SharedBufferDecoder(session, Device("cuda"), 256), llama[2])
+    events = json.loads(Path(session.end_profiling()).read_text())
+    ran: dict[str, set[str]] = {}
+    for e in events:
+        args = e.get("args") or {}
+        if e.get("cat") == "Node" and "op_name" in args:
+            ran.setdefault(args["op_name"], set()).add(args.get("provider", "?"))
+    heavy = ("GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization", "MatMul", "GatherND")
+    assert "GroupQueryAttention" in ran
+    assert {op: providers for op, providers in ran.items() if op in heavy and providers != {CUDA}} == {}

@@ -141,8 +141,8 @@ def test_graph_flag_refuses_what_the_fused_graph_cannot_do(checkpoint, tmp_path)
         export_model(checkpoint("bert"), tmp_path / "a", graph="fused")
     with pytest.raises(UsageError, match="model type gpt2"):
         export_model(checkpoint("gpt2"), tmp_path / "b", graph="fused")
-    with pytest.raises(UsageError, match="--quantize"):
-        export_model(checkpoint("llama"), tmp_path / "c", graph="fused", quantize="int8")
+    with pytest.raises(UsageError, match="--optimize"):
+        export_model(checkpoint("llama"), tmp_path / "c", graph="fused", optimize="O2")
     with pytest.raises(UsageError, match="unknown graph"):
         export_model(checkpoint("llama"), tmp_path / "d", graph="mine")
     assert not any(tmp_path.iterdir())  # nothing left behind

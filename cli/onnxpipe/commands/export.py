@@ -29,7 +29,13 @@ TASK_CHOICES = export_tasks()  # the registry's, in its order
     "any other folder, or a symbolic link, is refused.",
 )
 @click.option("--optimize", type=click.Choice(["O1", "O2", "O3"]), help="ONNX Runtime graph optimisation level.")
-@click.option("--quantize", type=click.Choice(["int8"]), help="Dynamic int8 quantisation for the CPU.")
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8", "int4"]),
+    help="Quantise for the CPU. int8: dynamic int8 quantisation; on the fused text-generation graph, 8-bit "
+    "MatMulNBits weights with int8 compute. int4 (fused graph only): 4-bit weights (a GGUF's blocks kept, "
+    "others rounded to nearest), an 8-bit output layer, int8 compute.",
+)
 @click.option(
     "--fp16",
     is_flag=True,

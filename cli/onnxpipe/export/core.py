@@ -16,9 +16,10 @@ around it, and the current folder (unless it is an export) are refused before an
 
 Manifest keys beyond manifest.py's list: `source.weights` (file names hashed), `tokenizer.check`
 (the fast/slow comparison), `graph.encoder_inputs`/`encoder_outputs` (seq2seq), and
-`validation.fp32` (the fp32 report a variant was built from), `quantization` (int8 only: method,
-weights, how many MatMuls were kept in fp32), and for feature-extraction from sentence-transformers
-files: `dense` (a list of {"weight", "bias": .npy paths in the export, "activation", "shape"}) and
+`validation.fp32` (the fp32 report a variant was built from), `validation.quality` (fused-graph int4/int8:
+teacher-forced agreement and perplexity against the fp32 graph, with their thresholds), `quantization` (int8
+and int4: method, weights, how many MatMuls were kept in fp32 or, on the fused graph, the MatMulNBits bits and
+accuracy level), and for feature-extraction from sentence-transformers files: `dense` (a list of {"weight", "bias": .npy paths in the export, "activation", "shape"}) and
 `max_seq_length`; `pooling` may join several modes with "+" ("cls+mean"), as sentence-transformers concatenates them.
 """
 
@@ -102,7 +103,7 @@ def export_model(
     if bf16 and quantize:
         raise UsageError("--bf16 and --quantize exclude each other", hint="bf16 is for CUDA, --quantize for the CPU")
     if fp16 and quantize:
-        raise UsageError("--fp16 and --quantize exclude each other", hint="fp16 is for CUDA, int8 for the CPU")
+        raise UsageError("--fp16 and --quantize exclude each other", hint="fp16 is for CUDA, int8 and int4 for the CPU")
     if graph not in GRAPHS:
         raise UsageError(f"unknown graph {graph!r}", hint="one of: " + ", ".join(GRAPHS))
     device = _export_device(device, quantize)
@@ -180,6 +181,11 @@ def _build(
     from types import SimpleNamespace
 
     builder = _choose_graph(opts, family, SimpleNamespace(**config))  # before the model loads: fail fast
+    if opts["quantize"] == "int4" and builder != "fused":
+        raise UsageError(
+            "--quantize int4 needs onnxpipe's fused decoder graph (text generation, Llama family, CPU)",
+            hint="use --quantize int8 (dynamic quantisation) for this model",
+        )
     if builder == "optimum":
         _check_traceable(SimpleNamespace(**config))
     with quiet_libraries():
@@ -261,6 +267,17 @@ def _build(
         with quiet_libraries():
             if builder == "cuda":
                 pass  # cuda_graph.export wrote it in fp16
+            elif builder == "fused":
+                from onnxpipe.export import fused, nbits
+
+                reference = tmp / "fp32"  # the float32 graph, for the teacher-forced quality figures
+                reference.mkdir()
+                for f in out.iterdir():
+                    if f.name.startswith("model.onnx") or f.name in ("tokenizer.json", "config.json"):
+                        shutil.copy2(f, reference / f.name)
+                _, weights = fused.build(model, out, opts["opset"], quantize=precision)
+                quantization = nbits.describe(precision)
+                progress("export", "weight matrices: " + ", ".join(f"{n} {k}" for k, n in weights.items() if n))
             elif precision == "int8":
                 quantization = variants.quantize_int8(out, list(files.values()), family)
             elif precision == "bf16":
@@ -284,7 +301,7 @@ def _build(
             files,
             fast,
             all_texts,
-            val.budget_for("fp16" if precision == "bf16" else precision, opts["optimize"]),
+            val.budget_for({"int4": "int8", "bf16": "fp16"}.get(precision, precision), opts["optimize"]),
             inputs_note,
             provider=provider,
             special_tokens=special,
@@ -293,6 +310,16 @@ def _build(
             k: baseline[k] for k in ("passed", "tolerance", "outputs", "label_agreement", "greedy") if k in baseline
         }
         val.raise_if_failed(report, f"the {precision} variant")
+        if builder == "fused" and precision in ("int4", "int8"):
+            progress("validate", f"teacher-forced quality of the {precision} variant against fp32")
+            quality = val.lm_quality_report(out, tmp / "fp32")
+            report["quality"] = quality
+            progress(
+                "validate",
+                f"next-token agreement {quality['agreement']:.4f}, perplexity {quality['perplexity_ratio']:.4f} x fp32's"
+                f" ({quality['tokens']} tokens)"
+                + ("" if quality["passed"] else ": below " + str(quality["thresholds"])),
+            )
 
     manifest = _manifest(
         name, task, family, config, out, files, tokenizer_record, special, src, precision, opts, report
@@ -339,10 +366,11 @@ def _choose_graph(opts: dict, family: str, config) -> str:
         return "optimum"
     reason = None if family == "decoder" else "text-generation only"
     reason = reason or fused.unsupported_reason(config)
-    for flag, why in (("optimize", "--optimize"), ("quantize", "--quantize"), ("fp16", "--fp16"), ("bf16", "--bf16")):
+    # --quantize int4|int8 is the fused graph's own (MatMulNBits, export.nbits): not a reason to leave it.
+    for flag, why in (("optimize", "--optimize"), ("fp16", "--fp16"), ("bf16", "--bf16")):
         if reason is None and opts.get(flag):
             reason = f"{why} (it is made for optimum's graph)"
-    if reason is None and wanted == "auto" and opts.get("device", "auto") == "auto":
+    if reason is None and wanted == "auto" and opts.get("device", "auto") == "auto" and not opts.get("quantize"):
         from onnxpipe.export.variants import cuda_unusable_reason
 
         if cuda_unusable_reason() is None:  # this machine runs CUDA: the fused fp32 graph is for CPUs

@@ -201,11 +201,15 @@ def _packed(state: dict, prefix: str, parts: tuple[str, ...], packed: str) -> tu
     return np.concatenate(weights, axis=0), np.concatenate(filled)
 
 
-def build(model: Any, out: Path, opset: int | None = None, block_weights: bool = True) -> tuple[str, dict]:
+def build(
+    model: Any, out: Path, opset: int | None = None, block_weights: bool = True, quantize: str | None = None
+) -> tuple[str, dict]:
     """Write OUT/model.onnx for the PyTorch MODEL (a *ForCausalLM of SUPPORTED_MODEL_TYPES); return the file name."""
     import onnx
     import torch
     from onnx import TensorProto, helper, numpy_helper
+
+    from onnxpipe.export import nbits
 
     config = model.config
     reason = unsupported_reason(config)
@@ -252,27 +256,38 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
     def blocks_of(w: np.ndarray):
         return exact_blocks(w) if block_weights else None
 
-    def linear(x: str, name: str, w: np.ndarray, found=None) -> str:
+    def linear(x: str, name: str, w: np.ndarray, found=None, output_layer: bool = False) -> str:
         """x @ w.T for an (out, in) weight: MatMulNBits where W is exactly 4-bit blocks (FOUND, when the
-        caller has them), else MatMul."""
+        caller has them) or --quantize asks (export.nbits), else MatMul."""
         found = found or blocks_of(w)
-        if found is None:
+        quantized = nbits.quantize(w, quantize, found, output_layer)
+        if quantized is None:
             weights["float32"] += 1
             return node("MatMul", [x, init(name, w.T)], name=name)[0]
-        kind, parts = found
-        weights[kind] += 1
+        kind, parts = quantized
+        weights[kind] = weights.get(kind, 0) + 1
         rows, cols = w.shape
+        # Exact blocks alone compute in float32 (level 1): the very values transformers computes with.
+        level = nbits.accuracy_level(name) if quantize else 1
+        parts = nbits.for_level(parts, level)
         terms = []
         for j, part in enumerate(parts):
             tag = f"{name}.{kind}" + (f".{j}" if len(parts) > 1 else "")
             ins = [x, init(tag + ".q", part.packed()), init(tag + ".scales", part.scales)]
-            if part.zero != 8:  # MatMulNBits' default; other zero points go in packed, two a byte
-                ins.append(
-                    init(tag + ".zero", np.full((rows, (cols // BLOCK + 1) // 2), part.zero | part.zero << 4, np.uint8))
-                )
+            zero_points = part.zero_points()
+            if zero_points is not None:
+                ins.append(init(tag + ".zero", zero_points))
             terms.append(
                 node(
-                    "MatMulNBits", ins, domain=ms, name=tag, K=cols, N=rows, bits=4, block_size=BLOCK, accuracy_level=1
+                    "MatMulNBits",
+                    ins,
+                    domain=ms,
+                    name=tag,
+                    K=cols,
+                    N=rows,
+                    bits=part.bits,
+                    block_size=BLOCK,
+                    accuracy_level=level,
                 )[0]
             )
             if part.offsets is not None:  # sum_k x_k * m_block(k) = (x's block sums) @ offsets.T
@@ -287,21 +302,18 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
         return y
 
     def embedding(table: np.ndarray, found) -> str:
-        """The input embedding of input_ids: GatherBlockQuantized on Q8_0 or Q4_0 blocks (FOUND), else Gather."""
-        if found is None or found[0] not in ("q8_0", "q4_0"):  # Q4_1's offsets have no place in it
+        """The input embedding of input_ids: GatherBlockQuantized on Q8_0 or Q4_0 blocks (FOUND) or, with
+        --quantize, on 8-bit blocks (export.nbits), else Gather."""
+        quantized = nbits.embedding_table(table, quantize, found)
+        if quantized is None:  # Q4_1's offsets have no place in GatherBlockQuantized
             weights["float32"] += 1
             return node("Gather", [init("embed", table), "input_ids"], name="embed")[0]
-        kind, parts = found
-        weights[kind] += 1
-        if kind == "q8_0":  # q = 16 hi + lo, stored as q + 128 (the op's default zero point for 8 bits)
-            q = (parts[0].q.astype(np.int16) - 8) * 16 + parts[1].q
-            data, scales, bits = (q + 128).astype(np.uint8), parts[1].scales, 8
-        else:  # two weights a byte, the first in the low nibble; default zero point 8
-            data, scales, bits = parts[0].packed(), parts[0].scales, 4
-        rows = table.shape[0]
+        data, scales, bits = quantized
+        kind = found[0] if found is not None and found[0] in ("q8_0", "q4_0") else "int8"
+        weights[kind] = weights.get(kind, 0) + 1
         return node(
             "GatherBlockQuantized",
-            [init("embed.q", data.reshape(rows, -1)), "input_ids", init("embed.scales", scales)],
+            [init("embed.q", data), "input_ids", init("embed.scales", scales)],
             domain=ms,
             name="embed",
             bits=bits,
@@ -458,7 +470,7 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
     )[0]
     head = state.get("lm_head.weight", table)
     tied = head is table or np.array_equal(head, table)
-    if tied and table_blocks is None:
+    if tied and table_blocks is None and not quantize:
         # A float32 output layer tied to the float32 embedding: Gemm reads the Gather's table transposed
         # (transB), as fast as a MatMul on a transposed copy, which would store the table twice.
         weights["float32"] += 1
@@ -466,7 +478,7 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
         logits = node("Gemm", [flat, "embed"], transB=1, name="lm_head")[0]
         node("Unsqueeze", [logits, "c.1"], ["logits"], name="logits")
     else:
-        logits = linear(h, "lm_head", head, table_blocks if tied else None)
+        logits = linear(h, "lm_head", head, table_blocks if tied else None, output_layer=True)
         node("Identity", [logits], ["logits"], name="logits")
 
     def value(name: str, elem: int, dims: list) -> Any:
@@ -512,10 +524,13 @@ def build(model: Any, out: Path, opset: int | None = None, block_weights: bool =
     return path.name, weights
 
 
-def export(model: Any, out: Path, opset: int | None = None) -> tuple[dict[str, str], dict[str, int]]:
-    """The export folder's graph and configs, as optimum writes them: ({"model": file}, weight kinds)."""
+def export(
+    model: Any, out: Path, opset: int | None = None, quantize: str | None = None
+) -> tuple[dict[str, str], dict[str, int]]:
+    """The export folder's graph and configs, as optimum writes them: ({"model": file}, weight kinds).
+    QUANTIZE (int4, int8) stores the weights as integer-compute MatMulNBits (export.nbits)."""
     out = Path(out)
-    name, weights = build(model, out, opset)
+    name, weights = build(model, out, opset, quantize=quantize)
     generation = getattr(model, "generation_config", None)
     if generation is not None:  # as optimum does: generation settings left in config.json move over
         for key, value in model.config._get_non_default_generation_parameters().items():

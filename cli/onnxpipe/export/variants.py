@@ -1,5 +1,8 @@
 """Export variants: int8 dynamic quantisation (CPU), fp16 and bf16 (CUDA).
 
+On onnxpipe's fused decoder graph, --quantize int8|int4 is weight quantisation into integer-compute
+MatMulNBits instead (export/nbits.py); int4 exists only there.
+
 Graph optimisation (--optimize O1|O2|O3) happens inside the optimum export, before the decoders
 are merged, because optimum's optimiser cannot rewrite a merged decoder afterwards.
 """
@@ -12,7 +15,7 @@ from pathlib import Path
 from onnxpipe.errors import DeviceError, ExportError
 
 OPTIMIZATION_LEVELS = ("O1", "O2", "O3")
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")
 
 
 def cuda_unusable_reason() -> str | None:
