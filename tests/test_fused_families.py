@@ -1,12 +1,16 @@
-"""onnxpipe's fused graph (export.fused) for Qwen2, Qwen3, Mistral, Phi-3 and Gemma, against transformers.
+"""onnxpipe's fused graph (export.fused) for Qwen2, Qwen3, Mistral, Phi-3, Gemma and Gemma 3, against
+transformers.
 
 The tiny random checkpoints of tests/tiny_decoders.py carry what sets each family apart from Llama
-(Qwen2's q/k/v biases, Qwen3's q/k norms, Mistral's window of 4 shorter than every prompt, Phi-3's packed projections and
-window of 8, Gemma's scaled embeddings, gelu, (1 + weight) norms and head_dim 16), plus variants: Qwen2 with
-yarn rope scaling and with a window on one layer of two, Phi-3 with partial rotary embeddings. Each is
-exported once with the default --graph auto, which must pick the fused graph on this CPU machine; greedy
-and beam ids equal transformers' `generate` at batch 1 and at batch 8 with left padding. The same
-families through optimum's graph are test_families_decoders.py's. Phi-3's longrope stays refused.
+(Qwen2's q/k/v biases, Qwen3's q/k norms, Mistral's window of 4 shorter than every prompt, Phi-3's
+packed projections and window of 8, Gemma's scaled embeddings, gelu, (1 + weight) norms and head_dim
+16, Gemma 3's norms after attention and MLP, q/k norms and windowed layers with their own rotary
+base), plus variants: Qwen2 with yarn rope scaling and with a window on one layer of two, Phi-3 with
+partial rotary embeddings, Gemma 2 without its attention soft-capping (output logits still capped).
+Each is exported once with the default --graph auto, which must pick the fused graph on this CPU
+machine; greedy and beam ids equal transformers' `generate` at batch 1 and at batch 8 with left
+padding. The same families through optimum's graph are test_families_decoders.py's. Phi-3's longrope
+and Gemma 2's attention soft-capping stay refused.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from test_families_decoders import CASES, GREEDY, PROMPTS, _eos_for, _ours, _ref
 
 from onnxpipe.main import cli  # noqa: E402
 
-FAMILIES = ["qwen2", "qwen3", "mistral", "phi3", "gemma"]
-VARIANTS = ["qwen2-yarn", "qwen2-window", "phi3-partial"]
+FAMILIES = ["qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma3"]
+VARIANTS = ["qwen2-yarn", "qwen2-window", "phi3-partial", "gemma2-nocap"]
 SHORT = ["Hello", "The cat sat on the mat", "Pipes and tools"]  # prompts of about the windows' length
 
 _BUILT: dict[str, tuple[Path, Path, dict]] = {}
@@ -129,7 +133,7 @@ def test_variants_ids_identical_to_transformers(family, one_torch_thread, arch):
 
 def test_the_variants_features_are_there(family):
     """What the variant tests above stand on: a window on Qwen2's second layer only, Mistral's on both,
-    half of Phi-3's head rotated."""
+    half of Phi-3's head rotated, Gemma 3's windowed layer on its own rotary table."""
     import onnx
 
     def attrs(arch, op):
@@ -144,6 +148,14 @@ def test_the_variants_features_are_there(family):
     assert windows == [None, tiny_decoders.SLIDING_WINDOW]
     assert [a.get("local_window_size") for a in attrs("mistral", "GroupQueryAttention")] == [4, 4]
     assert {a.get("rotary_embedding_dim") for a in attrs("phi3-partial", "RotaryEmbedding")} == {4}  # of 8
+    # Gemma 3: the windowed layer (0 of 2) rotates with its local table, the global one with the other
+    proto = onnx.load(str(family("gemma3")[1] / "model.onnx"))
+    tables = {n.name: n.input[2] for n in proto.graph.node if n.op_type == "RotaryEmbedding"}
+    assert tables == {"l0.rotary_q": "rotary_local.cos", "l0.rotary_k": "rotary_local.cos"} | {
+        "l1.rotary_q": "rotary.cos",
+        "l1.rotary_k": "rotary.cos",
+    }
+    assert [a.get("local_window_size") for a in attrs("gemma3", "GroupQueryAttention")] == [4, None]
 
 
 @pytest.mark.parametrize("arch", ["qwen2-window", "phi3-partial"])

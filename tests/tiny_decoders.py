@@ -192,7 +192,7 @@ def _gemma(out: Path) -> Path:
     return _save(model, tokenizer, out)
 
 
-def _newer(out: Path, kind: str) -> Path:
+def _newer(out: Path, kind: str, **extra) -> Path:
     """Qwen3 (q/k RMSNorm), Gemma2 (soft-capped logits, sliding window on every other layer) and Gemma3
     (q/k RMSNorm, local/global layers with their own rope bases), Gemma's with a window of 4."""
     import transformers
@@ -230,7 +230,7 @@ def _newer(out: Path, kind: str) -> Path:
     if kind == "qwen3":
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common))
     else:
-        gemma = dict(sliding_window=SLIDING_WINDOW, query_pre_attn_scalar=8, **common)
+        gemma = dict(sliding_window=SLIDING_WINDOW, query_pre_attn_scalar=8, **common, **extra)
         model = (
             transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**gemma))
             if kind == "gemma2"
@@ -259,7 +259,10 @@ BUILDERS = {
     "gemma": _gemma,
     "qwen3": lambda out: _newer(out, "qwen3"),
     "gemma2": lambda out: _newer(out, "gemma2"),
-    "gemma3": lambda out: _newer(out, "gemma3"),
+    # one local layer and one global (Gemma 3's default pattern, five local in six, leaves two layers local)
+    "gemma3": lambda out: _newer(out, "gemma3", layer_types=["sliding_attention", "full_attention"]),
+    # Gemma 2 without attention soft-capping (the fused graph refuses it), its output logits still capped
+    "gemma2-nocap": lambda out: _newer(out, "gemma2", attn_logit_softcapping=None),
 }
 
 

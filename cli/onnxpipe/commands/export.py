@@ -61,8 +61,8 @@ TASK_CHOICES = export_tasks()  # the registry's, in its order
     type=click.Choice(["auto", "fused", "optimum"]),
     default="auto",
     show_default=True,
-    help="Who writes the graph. auto: onnxpipe's fused decoder (Llama, Qwen2, Qwen3, Mistral, Phi-3, Gemma; "
-    "fp32; CPU) where it applies, else optimum's.",
+    help="Who writes the graph. auto: onnxpipe's fused decoder (Llama, Qwen2, Qwen3, Mistral, Phi-3, Gemma, "
+    "Gemma 3; fp32; CPU) where it applies, else optimum's.",
 )
 @click.option(
     "--device",

@@ -374,7 +374,8 @@ FAMILIES: tuple[Family, ...] = (
         _GEN,
         TOKENIZER_SPM_FAST,
         ("test_families_decoders.py",),
-        "optimum's graph; soft-capping, sliding window (4) on alternate layers",
+        "optimum's graph (the fused one refuses attention soft-capping); soft-capping, sliding window (4) on "
+        "alternate layers",
     ),
     Family(
         "gemma3",
@@ -385,8 +386,8 @@ FAMILIES: tuple[Family, ...] = (
         ("text-generation",),
         _GEN,
         TOKENIZER_SPM_FAST,
-        ("test_families_decoders.py",),
-        "optimum's graph; q/k RMSNorm, local/global layers",
+        ("test_families_decoders.py", "test_fused_families.py"),
+        "onnxpipe's fused graph on CPU, optimum's elsewhere; q/k RMSNorm, local/global layers",
     ),
 )
 
