@@ -78,7 +78,8 @@ class CausalLM:
         if decoder.device.kind == "cuda" and (manifest.get("graph") or {}).get("builder") == "onnxpipe-fused":
             note = (
                 f"{manifest.get('name', folder.name)} is onnxpipe's fused graph, built for the CPU: on "
-                "CUDA its float32 attention runs on the CPU. Re-export with --graph optimum for the GPU"
+                "CUDA its float32 attention runs on the CPU. Re-export with --graph optimum for the GPU, or with "
+                "--device cuda for onnxpipe's fp16 CUDA graph"
             )
         return cls(folder, decoder, tokenizer, manifest, defaults, max_positions, template, names, note)
 
