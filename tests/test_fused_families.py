@@ -31,7 +31,7 @@ from test_families_decoders import CASES, GREEDY, PROMPTS, _eos_for, _ours, _ref
 from onnxpipe.main import cli  # noqa: E402
 
 FAMILIES = ["qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma3"]
-VARIANTS = ["qwen2-yarn", "qwen2-window", "phi3-partial", "gemma2-nocap"]
+VARIANTS = ["qwen2-linear", "qwen2-yarn", "qwen2-window", "phi3-partial", "gemma2-nocap"]
 SHORT = ["Hello", "The cat sat on the mat", "Pipes and tools"]  # prompts of about the windows' length
 
 _BUILT: dict[str, tuple[Path, Path, dict]] = {}
@@ -245,3 +245,33 @@ def test_longrope_is_refused_where_its_factors_can_switch(tmp_path):
     config = json.loads((ckpt / "config.json").read_text())
     config["original_max_position_embeddings"] = config["max_position_embeddings"]
     assert fused.unsupported_reason(SimpleNamespace(**config)) is None
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma"])
+def test_gguf_blocks_stay_exact_4_bit(family, tmp_path, one_torch_thread, arch):
+    """A checkpoint whose matrices hold GGUF blocks' values (layer 0 Q4_1, layer 1 Q4_0, the output layer
+    and the embedding Q8_0: tiny_models.gguf_blocks) keeps them as MatMulNBits and GatherBlockQuantized
+    beside Qwen2's biases and Gemma's embedding scale, and generates transformers' ids."""
+    pytest.importorskip("gguf")
+    import tiny_models
+
+    from onnxpipe.export import export_model
+    from onnxpipe.runtime import load_model
+    from onnxpipe.tasks.causal import CausalLM
+
+    ckpt, _, _ = family(arch)
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    tiny_models.gguf_blocks(model)
+    blocks = tmp_path / "ckpt"
+    model.save_pretrained(blocks)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt)
+    tokenizer.save_pretrained(blocks)
+    manifest = export_model(blocks, tmp_path / "export", task="text-generation")
+    assert manifest["graph"]["builder"] == "onnxpipe-fused"
+    weights = manifest["graph"]["weights"]
+    assert (weights["float32"], weights["q4_1"], weights["q4_0"], weights["q8_0"]) == (0, 4, 4, 2)
+    lm = CausalLM.from_model(load_model(tmp_path / "export", device="cpu", threads=1))
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    eos = manifest["special_tokens"]["eos_token_id"]
+    assert _ours(lm, tokenizer, PROMPTS, eos, **GREEDY) == _reference(model, tokenizer, PROMPTS, eos, **GREEDY)
