@@ -50,6 +50,8 @@ VARIANTS = {  # name: (block_weights, quantize, output bits for int4, matrices k
     "exact-acc4-head1": (True, "int4", 8, ("lm_head",)),
     "exact-zp-acc4": (True, "int4", 8, ()),  # exact-acc4 after Q4_1 was centred (nbits.from_gguf)
     "exact-zp-acc4-down1": (True, "int4", 8, (".down",)),
+    "exact-zp-acc4-head1": (True, "int4", 8, ("lm_head",)),
+    "int8-acc4-head1": (True, "int8", None, ("lm_head",)),
 }
 
 
