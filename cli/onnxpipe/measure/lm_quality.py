@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.errors import ExportFolderError, UsageError
+from onnxpipe.errors import ExportFolderError, UsageError, require_extra
 from onnxpipe.registry import FAMILIES
 
 TEXT_GENERATION = FAMILIES["generate"].export_tasks[0]
@@ -198,6 +198,7 @@ def open_scorer(ref: str | Path, device: str = "cpu", threads: int | None = None
 
 
 def _int_constant(initializers: dict[str, Any], name: str) -> list[int] | None:
+    require_extra("export", "reading a graph's constants", "onnx")
     from onnx import numpy_helper
 
     tensor = initializers.get(name)
@@ -215,14 +216,10 @@ def all_position_logits(graph_path: Path) -> bytes:
     before the final norm: those are bypassed, and the logits reshaped to (batch, sequence, vocab) (its
     float32 Gemm output layer flattens the rows).
     """
-    try:
-        import onnx
-        from onnx import TensorProto, helper
-    except ImportError:
-        raise UsageError(
-            f"scoring {graph_path.parent.name}'s fused graph at every position needs the onnx package",
-            hint="pip install 'onnxpipe[export]'",
-        ) from None
+    require_extra("export", f"scoring {graph_path.parent.name}'s fused graph at every position", "onnx")
+    import onnx
+    from onnx import TensorProto, helper
+
     proto = onnx.load(str(graph_path), load_external_data=False)
     graph = proto.graph
     logits = next((o for o in graph.output if o.name == "logits"), None)

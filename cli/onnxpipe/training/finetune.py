@@ -188,6 +188,7 @@ def check_output(output: Path, force: bool, *inputs: str | Path | None) -> None:
 
 
 def _progress_callback(report: Report):
+    _require_stack()
     from transformers import TrainerCallback
 
     class StderrProgress(TrainerCallback):
@@ -235,8 +236,7 @@ def finetune(
     )
     if len(sorted_labels(train.labels)) < 2:
         raise InputError("after the validation split the training part has one class only; lower --validation-split")
-    _require_stack()
-
+    _require_stack()  # before torch and transformers: one line naming the extra, not an ImportError
     import torch
     import transformers
     from transformers import (
