@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from onnxpipe.errors import UsageError
+from onnxpipe.errors import InputError, UsageError
 from onnxpipe.main import cli
 from onnxpipe.measure import lm_quality
 
@@ -259,6 +259,25 @@ def test_eval_refuses_flags_of_other_tasks(exported, text_file):
     result = CliRunner().invoke(cli, ["eval", "-m", llama, "--against", str(exported("gpt2")), str(text_file)])
     assert result.exit_code == 2 and "different tokenizers" in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 2
+
+
+def test_eval_text_with_nothing_to_score_is_a_one_line_error(exported, tmp_path):
+    """An empty or blank file (or stdin) has no token to score: one line and exit 1, as an empty file of
+    sources is for translations, not NaN figures (no JSON) and exit 0."""
+    llama = str(exported("llama"))
+    path = tmp_path / "blank.txt"
+    for content in ("", "\n  \n\t\n"):
+        path.write_text(content, encoding="utf-8")
+        for data, stdin in ((str(path), None), ("-", content)):
+            result = CliRunner().invoke(cli, ["eval", "-m", llama, "--json", data], input=stdin)
+            assert result.exit_code == 1, result.stderr
+            assert result.stdout == "" and "Traceback" not in result.stderr
+            assert result.stderr.strip().splitlines() == [
+                f"onnxpipe: error: {'<stdin>' if data == '-' else data} has no text to score: no non-empty line"
+            ]
+    scorer = lm_quality.open_scorer(llama, "cpu", threads=1)
+    with pytest.raises(InputError, match=r"the text has no token to score \(0 token\(s\)\)"):
+        lm_quality.score(scorer, [], None, CONTEXT)
 
 
 SMOLLM2 = Path(__file__).resolve().parent.parent / "exports" / "smollm2"

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.errors import ExportFolderError, UsageError, require_extra
+from onnxpipe.errors import ExportFolderError, InputError, UsageError, require_extra
 from onnxpipe.registry import FAMILIES
 
 TEXT_GENERATION = FAMILIES["generate"].export_tasks[0]
@@ -373,6 +373,11 @@ def score(
         if reference.bos_prefix() != prefix or token_stream(reference, documents, max_tokens + 1) != stream:
             raise UsageError(f"{model.name} and {reference.name} tokenize the text differently")
     cut = windows(stream, prefix, context, max_tokens)
+    if not cut:  # no figure to give: NaN would pass for one (and is no JSON)
+        raise InputError(
+            f"the text has no token to score ({len(stream)} token(s)"
+            + (")" if prefix else "; with no BOS from this tokenizer, the first one is only context)")
+        )
     mine, theirs = _Tally(), _Tally()
     same, kl = 0, 0.0
     for window, first in cut:
@@ -456,7 +461,9 @@ def evaluate_lm(
     document a line), and with AGAINST (the float32 export) next-token agreement and the perplexity ratio."""
     from onnxpipe.stream.readers import read_text_lines
 
-    documents = read_text_lines(data_path, strict=True, skip_empty=True)
+    documents = [line for line in read_text_lines(data_path, strict=True, skip_empty=True) if line.strip()]
+    if not documents:
+        raise InputError(f"{'<stdin>' if str(data_path) == '-' else data_path} has no text to score: no non-empty line")
     scorer = open_scorer(model, device, threads)
     other = open_scorer(against, device, threads) if against is not None else None
     figures = score(scorer, documents, max_tokens, context, other)
