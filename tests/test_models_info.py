@@ -116,3 +116,46 @@ def test_a_name_beats_a_folder_that_is_not_an_export(exported, tmp_path, monkeyp
     assert resolve_model("sentiment") == export_home() / "sentiment"
     with pytest.raises(Exception, match="not an onnxpipe export"):
         resolve_model("./sentiment")
+
+
+def test_info_of_an_int4_variant_says_what_was_rounded_and_its_next_token_quality(exported):
+    """A --quantize int4 export of float32 weights is rounded to nearest, not 'kept as blocks: the exact
+    values' (what GGUF blocks are), and its teacher-forced figures against float32 (the validation's
+    quality report, held to a target it may miss) are shown, not only 'passed'."""
+    folder = _install(exported, "tiny-int4", "llama", quantize="int4")
+    manifest = json.loads((folder / "onnxpipe.json").read_text())
+    kinds = {k: n for k, n in manifest["graph"]["weights"].items() if n}
+    assert kinds == {"int4": 8, "int8": 2}  # 2 layers x 4 matrices; the output layer and the embedding 8-bit
+    quality = manifest["validation"]["quality"]
+    out = " ".join(run("info", "tiny-int4").stdout.split())  # rich wraps the rows
+    assert "2 as INT8 blocks, 8 as INT4 blocks (rounded to nearest: --quantize)" in out
+    assert "exact values" not in out
+    assert (
+        f"next tokens {quality['agreement']:.2%} agree with float32, perplexity x {quality['perplexity_ratio']:.4f} "
+        f"({quality['tokens']} tokens, teacher-forced)" in out
+    )
+    assert ("short of the target" in out) is (not quality["passed"])
+
+
+def test_weights_and_quality_text_from_hand_made_records():
+    from onnxpipe.commands._format import validation_rows, weights_text
+
+    gguf = {"weights": {"float32": 1, "q4_1": 120, "q8_0": 1}}
+    assert weights_text(gguf) == "120 as Q4_1 blocks, 1 as Q8_0 blocks (kept as blocks: the exact values), 1 float32"
+    mixed = {"weights": {"float32": 0, "q4_0": 4, "int4": 3, "int8": 1}}
+    assert weights_text(mixed) == (
+        "4 as Q4_0 blocks (kept as blocks: the exact values), 3 as INT4 blocks, 1 as INT8 blocks "
+        "(rounded to nearest: --quantize)"
+    )
+    quality = {
+        "passed": False,
+        "agreement": 0.964,
+        "perplexity_ratio": 1.0031,
+        "tokens": 2797,
+        "thresholds": {"min_agreement": 0.98, "max_perplexity_ratio": 1.02},
+    }
+    rows = dict(validation_rows({"passed": True, "inputs": "6 generated texts", "quality": quality}))
+    assert rows["next tokens"] == (
+        "96.40% agree with float32, perplexity x 1.0031 (2797 tokens, teacher-forced); short of the target "
+        "(agreement >= 0.98, perplexity ratio <= 1.02)"
+    )

@@ -74,6 +74,22 @@ def validation_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
         f = v["fp32"]
         fp32_worst = max((o["max_abs_diff"] for o in (f.get("outputs") or {}).values()), default=0.0)
         rows.append(("fp32 baseline", ("passed" if f.get("passed") else "failed") + f", max abs diff {fp32_worst:.2g}"))
+    if v.get("quality"):  # a lossy text-generation variant, teacher-forced against float32 (validate.lm_quality_report)
+        q = v["quality"]
+        limits = q.get("thresholds") or {}
+        rows.append(
+            (
+                "next tokens",
+                f"{q['agreement']:.2%} agree with float32, perplexity x {q['perplexity_ratio']:.4f}"
+                f" ({q['tokens']} tokens, teacher-forced)"
+                + (
+                    ""
+                    if q.get("passed")
+                    else f"; short of the target (agreement >= {limits.get('min_agreement')}, perplexity ratio "
+                    f"<= {limits.get('max_perplexity_ratio')})"
+                ),
+            )
+        )
     for failure in v.get("failures") or []:
         rows.append(("failure", failure))
     return rows
@@ -85,8 +101,13 @@ def weights_text(g: dict[str, Any]) -> str | None:
     if not kinds:
         return None
     plain = ("float32", "float16")  # unquantised: the CPU graph's, or the CUDA graph's (export.cuda_graph)
-    blocks = [f"{n} as {k.upper()} blocks" for k, n in kinds.items() if k not in plain]
+    exact = ("q4_0", "q4_1", "q8_0")  # a GGUF checkpoint's blocks, kept (fused.exact_blocks)
+    blocks = [f"{n} as {k.upper()} blocks" for k, n in kinds.items() if k in exact]
     text = ", ".join(blocks) + (" (kept as blocks: the exact values)" if blocks else "")
+    # --quantize int4|int8 (export.nbits): rounded to nearest, not the checkpoint's values
+    rounded = [f"{n} as {k.upper()} blocks" for k, n in kinds.items() if k not in exact and k not in plain]
+    if rounded:
+        text += (", " if text else "") + ", ".join(rounded) + " (rounded to nearest: --quantize)"
     for kind in plain:
         if kinds.get(kind):
             text += (", " if text else "") + f"{kinds[kind]} {kind}"
