@@ -275,3 +275,30 @@ def test_gguf_blocks_stay_exact_4_bit(family, tmp_path, one_torch_thread, arch):
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     eos = manifest["special_tokens"]["eos_token_id"]
     assert _ours(lm, tokenizer, PROMPTS, eos, **GREEDY) == _reference(model, tokenizer, PROMPTS, eos, **GREEDY)
+
+
+def test_a_window_in_a_llama_config_is_not_applied(tmp_path, one_torch_thread):
+    """transformers' Llama (and Gemma) attention ignores a sliding_window that a config.json carries (a
+    converted checkpoint's leftover); the fused graph must too. With the window applied, the export failed
+    validation on this tiny window, and a window longer than the validation prompts would pass it and be
+    wrong past it."""
+    import shutil
+
+    import tiny_models
+
+    from onnxpipe.export import export_model
+    from onnxpipe.measure import lm_quality
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_models.build("llama", tmp_path / "source"), ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "sliding_window": 4}))
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    assert model.config.sliding_window == 4
+    manifest = export_model(ckpt, tmp_path / "export", task="text-generation")
+    assert manifest["graph"]["builder"] == "onnxpipe-fused" and manifest["validation"]["passed"]
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, model.config.vocab_size, 24)]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    got = lm_quality.open_scorer(tmp_path / "export", "cpu", threads=1).logits(ids)
+    assert np.abs(got - ref).max() < 1e-4  # every position sees all the keys before it, as in transformers

@@ -99,11 +99,16 @@ def unsupported_reason(config: Any) -> str | None:
     return None
 
 
+# The families whose transformers attention reads config.sliding_window. Llama and Gemma ignore one that a
+# config.json carries (a converted checkpoint's leftover): a window there would be a wrong graph past it.
+WINDOWED = ("qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text")
+
+
 def _windows(config: Any) -> list[int | None]:
     """Each layer's sliding window (the keys a query sees, itself included), or None for full attention."""
     window = getattr(config, "sliding_window", None)
     layers = int(config.num_hidden_layers)
-    if not window or getattr(config, "use_sliding_window", True) is False:
+    if not window or config.model_type not in WINDOWED or getattr(config, "use_sliding_window", True) is False:
         return [None] * layers
     types = getattr(config, "layer_types", None)
     if types:  # Qwen2: the layers past max_window_layers
