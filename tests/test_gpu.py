@@ -128,6 +128,34 @@ def test_serve_pins_an_export_to_a_device(classifier, monkeypatch):
     assert opened == {str(classifier): "cuda:1", "b": "cpu", "c": "cuda"}
 
 
+def test_a_pinned_or_given_device_that_does_not_parse_is_a_usage_error(classifier, monkeypatch):
+    """-m NAME@DEVICE: a device that does not parse is refused in one line (exit 2), not served as part of
+    the export's name ('s@cuda:') on the default device, nor looked up as an export ('no export named
+    ...@cuda:-1'); an export whose own name holds an '@' is still served whole."""
+    import os
+
+    from onnxpipe.runtime.device import parse_device
+    from onnxpipe.serve import run
+
+    for bad in ("cuda:-1", "cuda:x", "cuda:", "gpu:1:2", "CUDA: 1", "cuda:\u0661", "cpu0"):
+        with pytest.raises(UsageError, match="unknown device"):
+            run.pinned_devices((f"{classifier}=a@{bad}",))
+    with pytest.raises(UsageError, match="unknown device"):
+        parse_device("cuda:\u0661")  # an Arabic-Indic 1: int() reads it, a --device should not
+    assert parse_device("cuda:01").index == 1
+    result = _invoke(["serve", "-m", f"{classifier}=s@cuda:"])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"onnxpipe: error: -m '{classifier}=s@cuda:': unknown device 'cuda:' (use auto, cpu, cuda or cuda:N)"
+    ]
+    home = Path(os.environ["ONNXPIPE_HOME"])
+    for name in ("x@cpu", "model@v2"):
+        shutil.copytree(classifier, home / name)
+    models, pinned = run.pinned_devices(("x@cpu", "model@v2", "model@v2@cpu", "@", "@cpu"))
+    assert models == ("x@cpu", "model@v2", "model@v2", "@", "@cpu")
+    assert pinned == {"model@v2": "cpu"}
+
+
 def test_serve_help_names_the_device_suffix():
     result = _invoke(["serve", "--help"])
     assert "MODEL[=NAME][@DEVICE]" in result.stdout and "cuda:1" in result.stdout

@@ -39,7 +39,7 @@ def parse_device(value: str | None) -> Device:
     text = (value or "auto").strip().lower()
     if text in ("auto", "cpu"):
         return Device(text)
-    match = re.fullmatch(r"(?:cuda|gpu)(?::(\d+))?", text)
+    match = re.fullmatch(r"(?:cuda|gpu)(?::([0-9]+))?", text)  # ASCII digits: int() also reads '١' as 1
     if not match:
         raise UsageError(f"unknown device {value!r}", hint="use auto, cpu, cuda or cuda:N")
     return Device("cuda", int(match.group(1) or 0))

@@ -51,23 +51,39 @@ def served_names(models: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-_PINNED = re.compile(r"(?P<value>.+)@(?P<device>(?:cuda|gpu)(?::\d+)?|cpu|auto)", re.IGNORECASE)
+# What after a -m value's last '@' is meant as a device (an export's own '@', as in model@v2, is not)
+_DEVICE_LIKE = re.compile(r"\s*(?:cuda|gpu|cpu|auto)", re.IGNORECASE)
 
 
 def pinned_devices(models: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str]]:
     """`-m MODEL[=NAME]@DEVICE` -> the -m values without their @DEVICE, and served name -> DEVICE.
 
-    A value that names an existing path is taken whole, as served_names takes one with '='."""
+    A value that names an existing path or export is taken whole, as served_names takes one with '='.
+    A device that does not parse (cuda:-1, cuda:x, cuda:) is a usage error, not part of the name."""
+    from onnxpipe.errors import ModelNotFoundError
+    from onnxpipe.home import resolve_model
+    from onnxpipe.runtime.device import parse_device
+
     plain: list[str] = []
     devices: dict[str, str] = {}
     for value in models:
-        match = None if Path(value).exists() else _PINNED.fullmatch(value)
-        if match is None:
+        source, at, device = value.rpartition("@")
+        if not at or not source or not _DEVICE_LIKE.match(device) or Path(value).exists():
             plain.append(value)
             continue
-        plain.append(match["value"])
-        (name,) = served_names((match["value"],))
-        devices[name] = match["device"].lower()
+        try:
+            resolve_model(value)
+            plain.append(value)  # an export whose name ends so
+            continue
+        except ModelNotFoundError:
+            pass
+        try:
+            parse_device(device)
+        except UsageError as exc:
+            raise UsageError(f"-m {value!r}: {exc.message}", hint=exc.hint) from None
+        plain.append(source)
+        (name,) = served_names((source,))
+        devices[name] = device.strip().lower()
     return tuple(plain), devices
 
 
