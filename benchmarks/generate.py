@@ -163,31 +163,13 @@ def run_onnxpipe(export: Path, mode: str, job: dict, threads: int) -> dict:
 
 
 def _torch_generate(model, pad: int, mode: str, job: dict) -> dict:
-    import torch
-
     if mode == "prefill":
         prompts, batch, new_tokens = [job["prompt"]], 1, 1
     else:
         prompts, batch, new_tokens = job["prompts"], job["batch"], job["new_tokens"]
 
     def run() -> int:
-        made = 0
-        for lo in range(0, len(prompts), batch):
-            rows = prompts[lo : lo + batch]
-            width = max(map(len, rows))
-            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-            with torch.inference_mode():
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    pad_token_id=pad,
-                )
-            made += (out.shape[1] - width) * len(rows)
+        made = harness.generate_left_padded(model, prompts, batch, new_tokens, pad)
         return made if mode == "decode" else len(prompts[0])
 
     return _timed(run, job["repeat"])

@@ -572,24 +572,7 @@ def child_generate(system: str, device: str, batches: list[int], new_tokens: int
         ]
 
         def job(b: int = b, prompts: list = prompts) -> int:
-            made = 0
-            for lo in range(0, len(prompts), b):
-                rows = prompts[lo : lo + b]
-                width = max(map(len, rows))
-                ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=torch_device)
-                mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=torch_device)
-                with torch.inference_mode():
-                    res = model.generate(
-                        input_ids=ids,
-                        attention_mask=mask,
-                        max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens,
-                        do_sample=False,
-                        num_beams=1,
-                        pad_token_id=pad,
-                        **extra,
-                    )
-                made += (res.shape[1] - width) * len(rows)
+            made = harness.generate_left_padded(model, prompts, b, new_tokens, pad, torch_device, **extra)
             _sync(device)
             return made
 

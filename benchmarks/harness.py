@@ -134,6 +134,35 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def generate_left_padded(
+    model, prompts: list[list[int]], batch: int, new_tokens: int, pad: int, device=None, **extra
+) -> int:
+    """A transformers-style MODEL's generate (PyTorch, or optimum's ORTModel) over PROMPTS (token ids) in
+    batches of BATCH rows, left-padded with PAD: greedy, exactly NEW_TOKENS new tokens a row (EXTRA goes to
+    generate). Returns the new tokens made. generate.py and gpu_check.py time the same loop."""
+    import torch
+
+    made = 0
+    for lo in range(0, len(prompts), batch):
+        rows = prompts[lo : lo + batch]
+        width = max(map(len, rows))
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad,
+                **extra,
+            )
+        made += (out.shape[1] - width) * len(rows)
+    return made
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
