@@ -150,8 +150,8 @@ def test_export_validated_on_optimums_graph(tiny):
     assert manifest["model_type"] == model.config.model_type
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_ids_identical_to_transformers_at_batch_1(tiny, case):
+def assert_ids_at_batch_1(tiny, case: str) -> None:
+    """Each prompt alone: ids equal transformers' generate (this file's tests and test_fused_families')."""
     arch, model, tokenizer, lm, manifest = tiny
     kw, eos = CASES[case], _eos_for(tiny, case)
     total = 0
@@ -162,8 +162,7 @@ def test_ids_identical_to_transformers_at_batch_1(tiny, case):
     assert total >= 4 * len(PROMPTS)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_ids_identical_to_transformers_at_batch_8(tiny, case):
+def assert_ids_at_batch_8(tiny, case: str) -> None:
     """Eight prompts of different lengths, left-padded, rows ending at different steps."""
     arch, model, tokenizer, lm, manifest = tiny
     kw, eos = CASES[case], _eos_for(tiny, case)
@@ -173,6 +172,16 @@ def test_ids_identical_to_transformers_at_batch_8(tiny, case):
     ended = [bool(ids) and ids[-1] in eos for ids in flat]
     assert any(ended) and not all(ended)
     assert len({len(tokenizer(p).input_ids) for p in PROMPTS}) >= 5  # the padding differs row to row
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ids_identical_to_transformers_at_batch_1(tiny, case):
+    assert_ids_at_batch_1(tiny, case)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ids_identical_to_transformers_at_batch_8(tiny, case):
+    assert_ids_at_batch_8(tiny, case)
 
 
 def test_prompts_exceed_mistrals_window(family):

@@ -26,7 +26,15 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import tiny_decoders  # noqa: E402
-from test_families_decoders import CASES, GREEDY, PROMPTS, _eos_for, _ours, _reference  # noqa: E402
+from test_families_decoders import (  # noqa: E402
+    CASES,
+    GREEDY,
+    PROMPTS,
+    _ours,
+    _reference,
+    assert_ids_at_batch_1,
+    assert_ids_at_batch_8,
+)
 
 from onnxpipe.main import cli  # noqa: E402
 
@@ -93,27 +101,12 @@ def test_auto_picks_the_fused_graph(tiny):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_ids_identical_to_transformers_at_batch_1(tiny, case):
-    arch, model, tokenizer, lm, manifest = tiny
-    kw, eos = CASES[case], _eos_for(tiny, case)
-    total = 0
-    for prompt in PROMPTS:
-        ours = _ours(lm, tokenizer, [prompt], eos, **kw)
-        assert ours == _reference(model, tokenizer, [prompt], eos, **kw), (arch, case, prompt)
-        total += sum(len(ids) for ids in ours[0])
-    assert total >= 4 * len(PROMPTS)
+    assert_ids_at_batch_1(tiny, case)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_ids_identical_to_transformers_at_batch_8(tiny, case):
-    """Eight prompts of different lengths, left-padded, rows ending at different steps."""
-    arch, model, tokenizer, lm, manifest = tiny
-    kw, eos = CASES[case], _eos_for(tiny, case)
-    ours = _ours(lm, tokenizer, PROMPTS, eos, **kw)
-    assert ours == _reference(model, tokenizer, PROMPTS, eos, **kw), (arch, case)
-    flat = [ids for nbest in ours for ids in nbest]
-    ended = [bool(ids) and ids[-1] in eos for ids in flat]
-    assert any(ended) and not all(ended)
-    assert len({len(tokenizer(p).input_ids) for p in PROMPTS}) >= 5  # the padding differs row to row
+    assert_ids_at_batch_8(tiny, case)
 
 
 @pytest.mark.parametrize("arch", VARIANTS)
