@@ -280,6 +280,36 @@ def test_eval_text_with_nothing_to_score_is_a_one_line_error(exported, tmp_path)
         lm_quality.score(scorer, [], None, CONTEXT)
 
 
+def test_eval_reads_only_the_text_it_scores(exported):
+    """--max-tokens N of a corpus reads it only as far as N tokens need: stdin that never ends (a pipe from
+    `yes`) gives its figures and exit 0, as the same lines in a file do; it read the whole input first."""
+    import subprocess
+    import sys
+
+    llama = str(exported("llama"))
+    args = [sys.executable, "-m", "onnxpipe", "eval", "-m", llama, "--max-tokens", "60", "--context", str(CONTEXT)]
+    line = b"The cat sat on the mat and looked at the dog.\n"
+    proc = subprocess.Popen(
+        [*args, "--json", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdin is not None
+    written, ended_early = 0, False
+    try:
+        while written < 64 << 20:  # far more than 60 tokens; the old reader read it all before scoring
+            proc.stdin.write(line * 1024)
+            proc.stdin.flush()
+            written += len(line) * 1024
+    except BrokenPipeError:  # eval read what it needed and ended
+        ended_early = True
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert ended_early, f"eval read all {written} bytes of its input"
+    report = json.loads(out)
+    assert report["tokens"] == 60 and report["warnings"] == []
+    whole = lm_quality.lm_agreement(llama, llama, [line.decode().strip()] * 60, 60, CONTEXT, threads=1)
+    assert report["scores"]["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
+
+
 SMOLLM2 = Path(__file__).resolve().parent.parent / "exports" / "smollm2"
 
 

@@ -287,6 +287,20 @@ def token_stream(scorer: Scorer, documents: Iterable[str], enough: int) -> list[
     return stream
 
 
+def enough_documents(scorer: Scorer, documents: Iterable[str], max_tokens: int | None) -> list[str]:
+    """The first DOCUMENTS whose ids reach what score() reads of them (MAX_TOKENS + 1 ids, as token_stream
+    counts them; None: all of them), read no further."""
+    kept: list[str] = []
+    count = 0
+    for doc in documents:
+        kept.append(doc)
+        if max_tokens is not None and doc.strip():
+            count += len(scorer.encode(doc.strip("\r\n") + "\n"))
+            if count >= max_tokens + 1:
+                break
+    return kept
+
+
 def windows(stream: Sequence[int], prefix: Sequence[int], context: int, max_tokens: int) -> list[tuple[list[int], int]]:
     """(window ids, index of its first scored token) covering STREAM; at most MAX_TOKENS tokens scored."""
     if context <= len(prefix) + (0 if prefix else 1):
@@ -459,14 +473,23 @@ def evaluate_lm(
 ) -> dict[str, Any]:
     """onnxpipe eval's report for a text-generation export: perplexity over the plain text DATA_PATH (one
     document a line), and with AGAINST (the float32 export) next-token agreement and the perplexity ratio."""
-    from onnxpipe.stream.readers import read_text_lines
+    import contextlib
+    import itertools
 
-    documents = [line for line in read_text_lines(data_path, strict=True, skip_empty=True) if line.strip()]
-    if not documents:
-        raise InputError(f"{'<stdin>' if str(data_path) == '-' else data_path} has no text to score: no non-empty line")
-    scorer = open_scorer(model, device, threads)
-    other = open_scorer(against, device, threads) if against is not None else None
-    figures = score(scorer, documents, max_tokens, context, other)
+    from onnxpipe.stream.readers import iter_text_lines
+
+    # Read lazily: a corpus (or a stdin that does not end) is read only as far as --max-tokens needs.
+    with contextlib.closing(iter_text_lines(data_path, strict=True, skip_empty=True)) as lines:
+        documents = (line for line in lines if line.strip())
+        first = next(documents, None)
+        if first is None:
+            raise InputError(
+                f"{'<stdin>' if str(data_path) == '-' else data_path} has no text to score: no non-empty line"
+            )
+        scorer = open_scorer(model, device, threads)
+        other = open_scorer(against, device, threads) if against is not None else None
+        needed = enough_documents(scorer, itertools.chain([first], documents), max_tokens)
+    figures = score(scorer, needed, max_tokens, context, other)
     report: dict[str, Any] = {
         "model": scorer.name,
         "path": str(scorer.folder),

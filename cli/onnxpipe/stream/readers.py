@@ -13,6 +13,7 @@ str.splitlines() treats as breaks stay inside their record.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -391,12 +392,23 @@ def read_text_lines(
     JSONL), split as the streaming reader splits: on "\\n" only, a CR before it dropped, a BOM at the
     start dropped, a last line without a newline kept. '-' is stdin. Invalid UTF-8 is replaced, or with
     STRICT an InputError that names the line. SKIP_EMPTY drops empty lines; LIMIT stops after that many."""
+    lines: list[str] = []
+    with contextlib.closing(iter_text_lines(path, strict=strict, skip_empty=skip_empty)) as each:
+        for text in each:
+            lines.append(text)
+            if limit is not None and len(lines) >= limit:
+                break
+    return lines
+
+
+def iter_text_lines(path: str | os.PathLike, *, strict: bool = False, skip_empty: bool = False) -> Iterator[str]:
+    """read_text_lines' lines one at a time, for a reader that may stop early (eval's --max-tokens of a
+    corpus): what is not asked for is never read. Close it (contextlib.closing) to close the file early."""
     source = "<stdin>" if str(path) == STDIN else str(path)
     try:
         stream = _binary_stdin() if str(path) == STDIN else open(path, "rb")
     except OSError as exc:
         raise InputError(f"cannot read {source}: {exc.strerror or exc}") from None
-    lines: list[str] = []
     try:
         for number, raw in enumerate(stream, 1):  # binary iteration splits on b"\n" only
             raw = raw[:-1] if raw.endswith(b"\n") else raw
@@ -415,15 +427,12 @@ def read_text_lines(
             if number == 1 and text.startswith("\ufeff"):
                 text = text[1:]
             if text or not skip_empty:
-                lines.append(text)
-                if limit is not None and len(lines) >= limit:
-                    break
+                yield text
     except OSError as exc:
         raise InputError(f"cannot read {source}: {exc.strerror or exc}") from None
     finally:
         if str(path) != STDIN:
             stream.close()
-    return lines
 
 
 def records_from_texts(texts: Sequence[str], source: str = "<args>") -> list[Record]:
