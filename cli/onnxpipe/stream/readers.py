@@ -22,7 +22,7 @@ import re
 import stat
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
@@ -401,7 +401,9 @@ def read_text_lines(
     return lines
 
 
-def iter_text_lines(path: str | os.PathLike, *, strict: bool = False, skip_empty: bool = False) -> Iterator[str]:
+def iter_text_lines(
+    path: str | os.PathLike, *, strict: bool = False, skip_empty: bool = False
+) -> Generator[str, None, None]:
     """read_text_lines' lines one at a time, for a reader that may stop early (eval's --max-tokens of a
     corpus): what is not asked for is never read. Close it (contextlib.closing) to close the file early."""
     source = "<stdin>" if str(path) == STDIN else str(path)
