@@ -7,6 +7,11 @@ tokens, and run batch by batch. After each batch, the records whose results are 
 the first missing one are written and flushed, so output starts before the window is done and
 the order is always the input order. Empty records and records that could not be read never
 reach the task; they get an empty result (and an error in JSONL).
+
+The first result of a stream does not wait for the first window's sorted pass: as soon as more
+than two batches' worth of records have arrived, the first `first_batch` of them (at most
+`batch_size`) are encoded and run on their own, in input order, and written. The rest of the
+window is then encoded, sorted and run as usual, so only those few records miss the sorting.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class EngineOptions:
     max_wait: float = 1.0  # a record waits at most this long for its window to fill
     on_error: str = "fail"
     streaming: bool = False  # call task.run_streaming(item, emit) one record at a time
+    first_batch: int = 4  # records run alone, unsorted, at a stream's start; 0: none (see the docstring)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -113,6 +119,7 @@ class Engine:
         opts = self.options
         window: list[Record] = []
         opened = 0.0
+        head = 0 if opts.streaming else min(opts.first_batch, opts.batch_size)
         try:
             for chunk in source.chunks(opts.idle):
                 if not isinstance(chunk, RawChunk):  # IDLE: a quiet spell
@@ -123,6 +130,11 @@ class Engine:
                 if not window:
                     opened = time.perf_counter()
                 window.extend(parser.parse(chunk))
+                if head and self.summary.records == 0 and len(window) > 2 * opts.batch_size:
+                    # Nothing written yet and the window will take a few batches: the first
+                    # records go ahead, so the first result is not held up by a whole sorted pass.
+                    self._process(window[:head], sort=False)
+                    window = window[head:]
                 while len(window) >= opts.window:
                     self._process(window[: opts.window])
                     window = window[opts.window :]
@@ -155,7 +167,7 @@ class Engine:
         return self.summary
 
     # --- one window ---------------------------------------------------------------------------
-    def _process(self, records: list[Record]) -> None:
+    def _process(self, records: list[Record], sort: bool = True) -> None:
         done: dict[int, tuple[Any, str | None]] = {}
         runnable: list[Item] = []
         for item in self._encode([r for r in records if r.error is None and r.text != ""]):
@@ -173,7 +185,7 @@ class Engine:
             elif record.text == "":
                 done[record.seq] = (None, None)
         cursor = self._emit(records, 0, done)
-        if not self.options.streaming:  # streamed pieces must come out in input order
+        if sort and not self.options.streaming:  # streamed pieces must come out in input order
             runnable.sort(key=lambda item: item.cost)
         for batch in self._batches(runnable):
             for item, result in zip(batch, self._run_batch(batch)):
