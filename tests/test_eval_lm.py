@@ -310,6 +310,20 @@ def test_eval_reads_only_the_text_it_scores(exported):
     assert report["scores"]["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
 
 
+def test_eval_of_a_cuda_export_says_why_it_cannot_score_it(exported, text_file):
+    """export --device cuda's graph (one cache buffer shared by past and present) cannot be teacher-forced:
+    one line that says so and what to score instead, not 'its last-position Slice was not found (re-export
+    the model with this onnxpipe)', which no re-export would change."""
+    folder = exported("llama", device="cuda")
+    for args in (["eval", "-m", str(folder)], ["eval", "-m", str(exported("llama")), "--against", str(folder)]):
+        result = CliRunner().invoke(cli, [*args, "--max-tokens", "20", str(text_file)])
+        assert result.exit_code == 2 and result.stdout == ""
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "is onnxpipe's CUDA graph, whose cache buffer a teacher-forced run cannot feed" in lines[0]
+        assert "--device cpu" in lines[0]
+
+
 SMOLLM2 = Path(__file__).resolve().parent.parent / "exports" / "smollm2"
 
 

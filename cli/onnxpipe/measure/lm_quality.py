@@ -148,7 +148,7 @@ def open_scorer(ref: str | Path, device: str = "cpu", threads: int | None = None
     """REF (an export name or folder; with UNFINISHED, also an export's temporary folder without its
     manifest yet) opened for teacher forcing."""
     from onnxpipe.home import resolve_model
-    from onnxpipe.manifest import MANIFEST_NAME, inside
+    from onnxpipe.manifest import MANIFEST_NAME, graph_device, inside
     from onnxpipe.runtime.device import CUDA, cuda_failure_reason, parse_device
     from onnxpipe.runtime.machine import cap_threads
     from onnxpipe.runtime.model import load_tokenizer
@@ -161,6 +161,11 @@ def open_scorer(ref: str | Path, device: str = "cpu", threads: int | None = None
     graph_path = inside(folder, info["graph"])
     if not graph_path.is_file():
         raise ExportFolderError(f"{graph_path} is missing", hint="re-run onnxpipe export")
+    if graph_device(manifest) == "cuda":  # export.cuda_graph's: its cache is one buffer shared by past and present
+        raise UsageError(
+            f"{folder.name} is onnxpipe's CUDA graph, whose cache buffer a teacher-forced run cannot feed",
+            hint="score the export it was made from (onnxpipe export SOURCE --device cpu, or --graph optimum)",
+        )
     tokenizer = load_tokenizer(folder, info["tokenizer"])
     dev = parse_device(device)
     threads = cap_threads(threads)
