@@ -62,19 +62,28 @@ def _topk_wide(x: np.ndarray, k: int) -> np.ndarray:
     )
     maxima = body.max(axis=2)
     floor = np.partition(maxima, _CHUNKS - k, axis=1)[:, _CHUNKS - k]
-    chunk_r, chunk_c = np.nonzero(maxima >= floor[:, None])
+    kept = maxima >= floor[:, None]
+    # A floor that many chunks reach (a row of mostly -inf: a forced token) thins nothing: such rows take
+    # the partition path before their chunks are gathered (all of them, 10x the logits' bytes at once).
+    wide = kept.sum(axis=1) > 4 * k
+    kept[wide] = False
+    chunk_r, chunk_c = np.nonzero(kept)
     in_chunk = body[chunk_r, chunk_c] >= floor[chunk_r, None]  # (chunks kept, width)
     hit_k, hit_j = np.nonzero(in_chunk)
     r = chunk_r[hit_k]
     c = chunk_c[hit_k] * width + hit_j
     tail_r, tail_c = np.nonzero(x[:, width * _CHUNKS :] >= floor[:, None])
+    tail_kept = ~wide[tail_r]
+    tail_r, tail_c = tail_r[tail_kept], tail_c[tail_kept]
     if len(tail_r):
         r = np.concatenate([r, tail_r])
         c = np.concatenate([c, tail_c + width * _CHUNKS])
-    thin = np.bincount(r, minlength=rows) <= 16 * _CHUNKS
+    thin = (np.bincount(r, minlength=rows) <= 16 * _CHUNKS) & ~wide
     out = np.empty((rows, k), dtype=np.int64)
     if not thin.all():
-        out[~thin] = _topk_partition(x[~thin], k)
+        slow = np.flatnonzero(~thin)
+        for lo in range(0, len(slow), 4):  # a few rows at a time: argpartition copies them twice over
+            out[slow[lo : lo + 4]] = _topk_partition(x[slow[lo : lo + 4]], k)
         keep = thin[r]
         r, c = r[keep], c[keep]
     if thin.any():
