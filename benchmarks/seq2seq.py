@@ -3,6 +3,7 @@
     python benchmarks/seq2seq.py build/opus-mt-shaped           # build (once), export, then time
     python benchmarks/seq2seq.py build/opus-mt-shaped --peers onnxpipe,transformers --batch-size 8
     python benchmarks/seq2seq.py build/opus-mt-shaped --peers onnxpipe,onnxpipe-int8,ctranslate2-int8
+    python benchmarks/seq2seq.py build/opus-mt-shaped --peers onnxpipe,ctranslate2 --graph optimum
 
 The model is a random-weight MarianMTModel with Helsinki-NLP/opus-mt-en-de's dimensions (d_model 512,
 6+6 layers, 8 heads, FFN 2048, vocabulary 58,101, tied embeddings), with a sentencepiece pair trained
@@ -10,7 +11,9 @@ on a few sentences and a vocab.json padded with synthetic pieces to the full siz
 and the beam search work on 58k logits as the real model does. Outputs are forced to --new-tokens
 tokens (min = max), so every engine does the same number of steps: figures are target tokens per
 second (rows x new tokens / seconds), encoder and the first step included, model load excluded, the
-best of --repeat timed runs.
+best of --repeat timed runs. onnxpipe's float32 export is made with --graph (auto: onnxpipe's own
+encoder-decoder graph, export.seq2seq_graph; optimum: optimum's merged decoder, which the optimum peer
+always runs).
 Every engine gets the same --threads on the CPU; each runs in its own process, one after another, so
 its peak RSS (VmHWM) is its own.
 """
@@ -105,12 +108,13 @@ def build(folder: Path) -> Path:
     return ckpt
 
 
-def export(folder: Path, ckpt: Path, quantize: str | None = None) -> Path:
-    out = folder / ("export-" + quantize if quantize else "export")
+def export(folder: Path, ckpt: Path, quantize: str | None = None, graph: str = "auto") -> Path:
+    suffix = "-" + quantize if quantize else "" if graph == "auto" else "-" + graph
+    out = folder / ("export" + suffix)
     if not (out / "onnxpipe.json").is_file():
         from onnxpipe.export import export_model
 
-        export_model(ckpt, out, quantize=quantize)
+        export_model(ckpt, out, quantize=quantize, graph=graph)
     return out
 
 
@@ -210,22 +214,33 @@ def main() -> None:
     parser.add_argument("--peers", default="onnxpipe,onnxpipe-int8,transformers,optimum,ctranslate2,ctranslate2-int8")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per system; the best counts")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--graph", choices=("auto", "fused", "optimum"), default="auto", help="onnxpipe's float32 export: who writes it"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ckpt = build(args.folder)
-    out = export(args.folder, ckpt)
+    peers = args.peers.split(",")
+    if "onnxpipe" in peers:  # exported here, before the timed processes start
+        export(args.folder, ckpt, graph=args.graph)
+    if "optimum" in peers:
+        export(args.folder, ckpt, graph="optimum")
     if "onnxpipe-int8" in args.peers.split(","):
         export(args.folder, ckpt, "int8")
     lines = texts(args.batch_size)
     rows = args.batch_size
     runs = {
-        "onnxpipe": lambda: time_onnxpipe(out, lines, args.num_beams, args.new_tokens, args.threads),
+        "onnxpipe": lambda: time_onnxpipe(
+            export(args.folder, ckpt, graph=args.graph), lines, args.num_beams, args.new_tokens, args.threads
+        ),
         "onnxpipe-int8": lambda: time_onnxpipe(
             export(args.folder, ckpt, "int8"), lines, args.num_beams, args.new_tokens, args.threads
         ),
         "transformers": lambda: time_transformers(ckpt, lines, args.num_beams, args.new_tokens, args.threads),
-        "optimum": lambda: time_optimum(out, ckpt, lines, args.num_beams, args.new_tokens, args.threads),
+        "optimum": lambda: time_optimum(
+            export(args.folder, ckpt, graph="optimum"), ckpt, lines, args.num_beams, args.new_tokens, args.threads
+        ),
         "ctranslate2": lambda: time_ctranslate2(
             args.folder, ckpt, lines, args.num_beams, args.new_tokens, args.threads, "float32"
         ),
@@ -261,6 +276,8 @@ def main() -> None:
             name,
             "--repeat",
             str(args.repeat),
+            "--graph",
+            args.graph,
         ]
         proc = subprocess.run(
             cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads))

@@ -62,7 +62,8 @@ TASK_CHOICES = export_tasks()  # the registry's, in its order
     default="auto",
     show_default=True,
     help="Who writes the graph. auto: onnxpipe's fused decoder (Llama, Qwen2, Qwen3, Mistral, Phi-3, Gemma, "
-    "Gemma 3; fp32; CPU) where it applies, else optimum's.",
+    "Gemma 3; fp32; CPU) or fused encoder-decoder (Marian, BART, mBART, M2M100/NLLB, Pegasus; fp32; CPU) "
+    "where it applies, else optimum's.",
 )
 @click.option(
     "--device",

@@ -171,13 +171,19 @@ def _tokenizer(t: dict[str, Any]) -> str:
 
 
 def _graph(g: dict[str, Any], model_type: str | None = None) -> str:
-    text = f"inputs {', '.join(i for i in g.get('inputs', []) if not i.startswith('past_key_values.'))}"
+    caches = ("past_key_values.", "past_key.", "past_value.", "cross_key.", "cross_value.")
+    text = f"inputs {', '.join(i for i in g.get('inputs', []) if not i.startswith(caches))}"
     if g.get("num_layers"):
         text += f"; KV cache {g['num_layers']} layers x {g.get('num_kv_heads')} heads x {g.get('head_dim')}"
     if g.get("builder") == "onnxpipe-fused":
         text += f"; onnxpipe-fused ({model_type or '?'}): onnxpipe's fused graph (last position's logits)"
     elif g.get("builder") == "onnxpipe-fused-cuda":
         text += "; onnxpipe's fused CUDA graph (fp16, one key/value buffer shared by past and present)"
+    elif g.get("builder") == "onnxpipe-fused-seq2seq":
+        text += (
+            f"; onnxpipe-fused-seq2seq ({model_type or '?'}): onnxpipe's encoder-decoder graphs (cross-attention "
+            "keys once per input, one self-attention buffer per layer shared by past and present)"
+        )
     elif g.get("builder") == "optimum":
         text += "; optimum's graph"
     return text

@@ -113,7 +113,9 @@ def beam_search(
     processors: ProcessorList,
     limits: np.ndarray,
     keys: np.ndarray,
+    log_probs: bool = False,
 ) -> list[list[Hypothesis]]:
+    """LOG_PROBS: the step's logits are log-probabilities already (no log_softmax here)."""
     batch, width = prompt_ids.shape
     beams = config.num_beams
     vocab = logits.shape[1]
@@ -144,7 +146,8 @@ def beam_search(
         live = len(items)
         history = History(run_ids[:, :, : width + t].reshape(live * beams, width + t), np.repeat(start, beams), width)
         # The step's logits are the search's own (a fresh array per step), so they are worked in place.
-        scores = processors(history, log_softmax(np.asarray(logits, dtype=np.float32), inplace=True))
+        scores = np.asarray(logits, dtype=np.float32)
+        scores = processors(history, scores if log_probs else log_softmax(scores, inplace=True))
         flat: np.ndarray = scores.reshape(live, beams, vocab)  # (live, beams, vocab), then (live, beams * vocab)
         flat += run_scores[:, :, None]
         flat = flat.reshape(live, beams * vocab)

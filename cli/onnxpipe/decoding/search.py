@@ -68,13 +68,19 @@ def generate(
     keys: Sequence[int] | None = None,
     stop: StopCheck | None = None,
     on_token: TokenCallback | None = None,
+    log_probs: bool = False,
 ) -> list[list[Hypothesis]]:
     """Decode every prompt row; return its hypotheses (num_return_sequences of them, best first).
 
     `logits[i]` are the next-token logits after `prompts[i]`. `max_new_tokens` may be given per row (a
     model's position limit minus the prompt), else `config.max_new_tokens`. `keys` name each row's
     random stream (default: its position here). `stop` and `on_token` apply to greedy and sampling.
+    `log_probs`: the step returns log-probabilities already (a graph's LogSoftmax), so beam search skips
+    its own log_softmax. Beam search only: greedy and sampling apply their processors to raw logits
+    (a repetition penalty is not shift-invariant).
     """
+    if log_probs and config.num_beams <= 1:
+        raise ValueError("log_probs is for beam search; greedy and sampling need raw logits")
     rows = len(prompts)
     if max_new_tokens is None:
         max_new_tokens = config.max_new_tokens
@@ -89,7 +95,7 @@ def generate(
     if config.num_beams > 1:
         from onnxpipe.decoding.beam import beam_search
 
-        return beam_search(step, logits, ids, start, config, processors, limits, keys_arr)
+        return beam_search(step, logits, ids, start, config, processors, limits, keys_arr, log_probs)
     return [
         [h] for h in _greedy_or_sample(step, logits, ids, start, config, processors, limits, keys_arr, stop, on_token)
     ]

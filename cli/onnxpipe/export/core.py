@@ -211,6 +211,16 @@ def _build(
         validated = tmp / "twin"
         with quiet_libraries():
             files, weights = cuda_graph.export(model, out, opts["opset"], twin=validated)
+    elif builder == "fused-seq2seq":
+        from onnxpipe.export import seq2seq_graph
+
+        progress(
+            "export",
+            f"building onnxpipe's fused {model_type} encoder-decoder graphs (cross-attention keys once per input, "
+            "one self-attention buffer per layer shared by past and present)",
+        )
+        with quiet_libraries():
+            files, weights = seq2seq_graph.export(model, out, opts["opset"]), None
     elif builder == "fused":
         from onnxpipe.export import fused
 
@@ -325,10 +335,15 @@ def _build(
         name, task, family, config, out, files, tokenizer_record, special, src, precision, opts, report
     )
     manifest["graph"]["builder"] = "onnxpipe-fused" if builder == "fused" else "optimum"
+    if builder == "fused-seq2seq":
+        from onnxpipe.export.seq2seq_graph import BUILDER
+
+        manifest["graph"]["builder"] = BUILDER  # runtime.seq2seq.FusedSeq2SeqRunner
+        manifest["graph"]["kv_cache"] = "shared-buffer"
     if builder == "cuda":
         manifest["graph"]["builder"] = "onnxpipe-fused-cuda"
         manifest["graph"]["kv_cache"] = "shared-buffer"  # runtime.decoder.SharedBufferDecoder
-    manifest["device"] = {"cuda": "cuda", "fused": "cpu"}.get(builder, "any")
+    manifest["device"] = {"cuda": "cuda", "fused": "cpu", "fused-seq2seq": "cpu"}.get(builder, "any")
     if weights is not None:
         manifest["graph"]["weights"] = weights
     if kept_fp32 is not None:
@@ -358,13 +373,16 @@ def _check_traceable(config) -> None:
 
 
 def _choose_graph(opts: dict, family: str, config) -> str:
-    """ "fused" (onnxpipe's own graph, export.fused) or "optimum", from --graph and what applies."""
+    """ "fused" (onnxpipe's own graph, export.fused), "fused-seq2seq" (export.seq2seq_graph), "cuda" or
+    "optimum", from --graph and what applies."""
     from onnxpipe.export import fused
 
     wanted = opts.get("graph") or "auto"
     if wanted == "optimum":
         return "optimum"
-    reason = None if family == "decoder" else "text-generation only"
+    if family == "seq2seq":
+        return _choose_seq2seq_graph(opts, wanted, config)
+    reason = None if family == "decoder" else "text-generation only (and text2text-generation)"
     reason = reason or fused.unsupported_reason(config)
     # --quantize int4|int8 is the fused graph's own (MatMulNBits, export.nbits): not a reason to leave it.
     for flag, why in (("optimize", "--optimize"), ("fp16", "--fp16"), ("bf16", "--bf16")):
@@ -377,6 +395,28 @@ def _choose_graph(opts: dict, family: str, config) -> str:
             reason = "CUDA works here"
     if reason is None:
         return "cuda" if opts.get("device") == "cuda" else "fused"
+    if wanted == "fused":
+        raise UsageError(f"--graph fused is not available here: {reason}", hint="drop --graph, or pass --graph optimum")
+    return "optimum"
+
+
+def _choose_seq2seq_graph(opts: dict, wanted: str, config) -> str:
+    """onnxpipe's encoder-decoder graphs (CPU, float32) where the family is one of theirs, else optimum's."""
+    from onnxpipe.export import seq2seq_graph
+
+    reason = seq2seq_graph.unsupported_reason(config)
+    for flag, why in (("optimize", "--optimize"), ("fp16", "--fp16"), ("bf16", "--bf16"), ("quantize", "--quantize")):
+        if reason is None and opts.get(flag):
+            reason = f"{why} (it is made for optimum's graph)"
+    if reason is None and opts.get("device") == "cuda":
+        reason = "--device cuda (the fused encoder-decoder graph is for CPUs)"
+    if reason is None and wanted == "auto" and opts.get("device", "auto") == "auto":
+        from onnxpipe.export.variants import cuda_unusable_reason
+
+        if cuda_unusable_reason() is None:  # this machine runs CUDA: the fused fp32 graph is for CPUs
+            reason = "CUDA works here"
+    if reason is None:
+        return "fused-seq2seq"
     if wanted == "fused":
         raise UsageError(f"--graph fused is not available here: {reason}", hint="drop --graph, or pass --graph optimum")
     return "optimum"

@@ -543,6 +543,20 @@ def _seq2seq(model, enc_sess, dec_sess, tokenizer, texts, special_tokens) -> dic
             ref_ids.append(int(logits.argmax()))
             dec = torch.tensor([[ref_ids[-1]]])
 
+        if "seqlens_k" in dec_inputs:  # onnxpipe's own graphs (export.seq2seq_graph): teacher-forced by their helper
+            from onnxpipe.export.seq2seq_graph import teacher_forced_logits
+
+            got_logits = teacher_forced_logits(enc_sess, dec_sess, ids, mask, [start, *ref_ids[:-1]])
+            got_ids = [int(g.argmax()) for g in got_logits]
+            for step, got in enumerate(got_ids):
+                if got != ref_ids[step]:
+                    mismatches.append(_mismatch("decoder", {}, len(agreement), step, ref_logits[step], got, False))
+            _merge(outputs, "logits", _diff(np.concatenate(ref_logits), np.concatenate(got_logits)))
+            identical += int(ref_ids == got_ids)
+            agreement.append(_prefix_agreement(ref_ids, got_ids))
+            ref_all.append(np.concatenate(ref_logits))
+            got_all.append(np.concatenate(got_logits))
+            continue
         got_ids, got_logits = [], []
         past = {}
         for name, info in dec_inputs.items():

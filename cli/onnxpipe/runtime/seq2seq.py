@@ -34,6 +34,8 @@ from onnxpipe.runtime.device import Device
 from onnxpipe.runtime.kv_cache import KV_DTYPES, CacheReorder
 from onnxpipe.runtime.model import ExportedModel
 
+FUSED_BUILDER = "onnxpipe-fused-seq2seq"  # the manifest's graph.builder of export.seq2seq_graph's graphs
+
 
 class Seq2SeqRunner:
     """The encoder and merged-decoder sessions, driven step by step through a `decoding.Step`."""
@@ -76,8 +78,11 @@ class Seq2SeqRunner:
         self.reorder = CacheReorder(decoder, self.kv_dtype, device)
 
     @classmethod
-    def from_model(cls, model: ExportedModel) -> Seq2SeqRunner:
-        """The driver of MODEL's encoder and merged decoder, on the device their sessions really got."""
+    def from_model(cls, model: ExportedModel) -> Seq2SeqRunner | FusedSeq2SeqRunner:
+        """The driver of MODEL's encoder and merged decoder, on the device their sessions really got
+        (onnxpipe's own graphs, export.seq2seq_graph, get FusedSeq2SeqRunner)."""
+        if (model.manifest.get("graph") or {}).get("builder") == FUSED_BUILDER:
+            return FusedSeq2SeqRunner.from_model(model)
         encoder, decoder = model.session("encoder"), model.session("decoder")  # sets model.provider
         device = model.runs_on
         assert device is not None  # known once a session exists
@@ -211,3 +216,202 @@ class Seq2SeqRunner:
             )
         logits, step = self.start(ids, mask, int(start))
         return generate(step, logits, [[start]] * len(sources), config.update(max_new_tokens=max_new_tokens), keys=keys)
+
+
+def is_fused(decoder) -> bool:
+    """Whether DECODER is export.seq2seq_graph's step graph (shared self-attention buffers, cross keys as inputs)."""
+    return "seqlens_k" in {i.name for i in decoder.get_inputs()}
+
+
+class FusedSeq2SeqRunner:
+    """The driver of onnxpipe's own encoder-decoder graphs (export.seq2seq_graph), CPU only.
+
+    The encoder returns every decoder layer's cross-attention keys and values, once per input; the
+    decoder step takes them per *input*, its rows being inputs x group (the beams of an input are
+    consecutive rows), so a beam search neither copies nor reorders them. The self-attention cache is one
+    buffer per layer and kind, (rows, heads, max_length, head_dim), allocated once (grown when a batch
+    needs more) and bound as both past and present: GroupQueryAttention writes each step's position in
+    place. Following beams copies only the rows whose parent is another row, and only the positions
+    written so far; a smaller batch (finished inputs left) is compacted to the buffer's first rows.
+    Beam search reads the graph's log_probs output (its LogSoftmax), greedy and sampling its logits.
+    """
+
+    def __init__(self, encoder, decoder, device: Device):
+        if device.kind != "cpu":
+            raise ModelNotFoundError(
+                "onnxpipe's fused seq2seq graph runs on the CPU only", hint="run it with --device cpu"
+            )
+        self.encoder = encoder
+        self.decoder = decoder
+        self.device = device
+        inputs = {i.name: i for i in decoder.get_inputs()}
+        self.layers = sum(1 for n in inputs if n.startswith("past_key."))
+        self.self_names = [(f"past_{k}.{i}", f"present_{k}.{i}") for i in range(self.layers) for k in ("key", "value")]
+        self.cross_names = [o.name for o in encoder.get_outputs() if o.name.startswith("cross_")]
+        first = inputs["past_key.0"]
+        self.heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        vocab = {o.name: o for o in decoder.get_outputs()}["logits"].shape[-1]
+        self.vocab_size = int(vocab)
+        self.steps = 0
+        self.gathers = 0
+        self.last_cross_rows = 0
+        self._flat: list[np.ndarray] = []  # one flat float32 array per self-attention buffer, grown on demand
+        self._logits_buffers: list[np.ndarray] = []
+
+    @classmethod
+    def from_model(cls, model: ExportedModel) -> FusedSeq2SeqRunner:
+        encoder, decoder = model.session("encoder"), model.session("decoder")
+        device = model.runs_on
+        assert device is not None
+        return cls(encoder, decoder, device)
+
+    def _buffers(self, rows: int, length: int) -> list[np.ndarray]:
+        """Self-attention buffers of ROWS x LENGTH positions: views of the first rows of the flat arrays."""
+        size = rows * self.heads * length * self.head_dim
+        if not self._flat or self._flat[0].size < size:
+            self._flat = []  # freed before the larger ones are made
+            self._flat = [np.zeros(size, np.float32) for _ in self.self_names]
+        return [f[:size].reshape(rows, self.heads, length, self.head_dim) for f in self._flat]
+
+    def _logits_buffer(self, rows: int) -> np.ndarray:
+        """(rows, vocab) float32 for a step's output: two flat arrays used in turn (see Seq2SeqRunner)."""
+        size = rows * self.vocab_size
+        if not self._logits_buffers or self._logits_buffers[0].size < size:
+            self._logits_buffers = [np.empty(size, np.float32) for _ in range(2)]
+        self._logits_buffers.reverse()
+        return self._logits_buffers[0][:size].reshape(rows, self.vocab_size)
+
+    def encode(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        """The cross-attention keys and values of right-padded ids, per input (cross_names' order)."""
+        return self.encoder.run(self.cross_names, {"input_ids": ids, "attention_mask": mask})
+
+    def start(
+        self, ids: np.ndarray, mask: np.ndarray, decoder_start: int, max_rows: int, max_steps: int, log_probs: bool
+    ):
+        """Encode the batch and run the first decoder step; return its logits and the `Step` that continues.
+        MAX_ROWS and MAX_STEPS (decoder positions) size the self-attention buffers."""
+        from onnxruntime import OrtValue
+
+        batch = ids.shape[0]
+        cross_full = self.encode(ids, mask)
+        length = max_steps
+        state: dict[str, Any] = {
+            "t": 0,  # decoder positions written
+            "rows": np.arange(batch),  # each row's input (index into the batch)
+            "inputs": np.arange(batch),  # the inputs of the bound cross-attention values, in row-group order
+            "cross": [OrtValue.ortvalue_from_numpy(c) for c in cross_full],
+            "mask": mask,
+        }
+        flat_views = self._buffers(max(max_rows, batch), length)
+        bound: dict[int, list] = {}
+
+        def buffers(rows: int) -> tuple[list[np.ndarray], list]:
+            """The first ROWS rows of every buffer, as arrays and as OrtValues (made once per row count)."""
+            views = [v[:rows] for v in flat_views]
+            if rows not in bound:
+                bound[rows] = [OrtValue.ortvalue_from_numpy(v) for v in views]
+            return views, bound[rows]
+
+        output = "log_probs" if log_probs else "logits"
+
+        def run(tokens: np.ndarray) -> np.ndarray:
+            rows, t = len(tokens), state["t"]
+            if t >= length:
+                raise RuntimeError(f"the self-attention buffer holds {length} positions; this step needs more")
+            binding = self.decoder.io_binding()
+            binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1, 1))
+            binding.bind_cpu_input("seqlens_k", np.full(rows, t, dtype=np.int32))
+            binding.bind_cpu_input("total_sequence_length", np.array(t + 1, dtype=np.int32))
+            binding.bind_cpu_input("encoder_attention_mask", state["mask"])
+            for (past, present), value in zip(self.self_names, buffers(rows)[1]):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)  # the same buffer: written in place
+            for name, value in zip(self.cross_names, state["cross"]):
+                binding.bind_ortvalue_input(name, value)
+            self.last_cross_rows = len(state["mask"])  # inputs, not rows: beams share theirs
+            buffer = self._logits_buffer(rows)
+            binding.bind_output(output, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+            self.decoder.run_with_iobinding(binding)
+            self.steps += 1
+            state["t"] = t + 1
+            return buffer
+
+        logits = run(np.full(batch, decoder_start, dtype=np.int64))
+
+        def step(tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
+            n = len(tokens)
+            if parents is not None:
+                self._follow(state, parents, buffers)
+            elif n != len(state["rows"]):
+                raise ValueError("fewer rows without parents")
+            return run(tokens)
+
+        return logits, step
+
+    def _follow(self, state: dict, parents: np.ndarray, buffers) -> None:
+        """Row i continues row parents[i]: move the self-attention rows, and the inputs' cross values when
+        the set of inputs changed."""
+        parents = np.asarray(parents, dtype=np.int64)
+        old, new, t = len(state["rows"]), len(parents), state["t"]
+        if new == old:
+            moved = np.flatnonzero(parents != np.arange(new))
+            if len(moved):
+                self.gathers += 1
+                sources = parents[moved]
+                for view in buffers(new)[0]:
+                    view[moved, :, :t] = view[sources, :, :t]  # the right side is gathered first
+        else:
+            self.gathers += 1
+            views = buffers(old)[0]
+            for view, target in zip(views, buffers(new)[0]):
+                target[:, :, :t] = view[parents, :, :t]  # a copy, then into the first rows of the same memory
+        rows = state["rows"][parents]
+        state["rows"] = rows
+        # Inputs in row order, each over a run of equal length (the beams of one input), else one per row.
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        inputs = rows[starts]
+        sizes = np.diff(np.r_[starts, len(rows)])
+        if not ((sizes == sizes[0]).all() and len(np.unique(inputs)) == len(inputs)):
+            inputs = rows
+        if not np.array_equal(inputs, state["inputs"]):
+            from onnxruntime import OrtValue
+
+            position = {int(i): j for j, i in reversed(list(enumerate(state["inputs"])))}
+            where = np.array([position[int(i)] for i in inputs], dtype=np.int64)
+            state["cross"] = [
+                OrtValue.ortvalue_from_numpy(np.ascontiguousarray(c.numpy()[where])) for c in state["cross"]
+            ]
+            state["mask"] = np.ascontiguousarray(state["mask"][where])
+            state["inputs"] = inputs
+
+    def generate(
+        self,
+        sources: Sequence[Sequence[int]],
+        config: GenerationConfig,
+        pad_id: int,
+        max_new_tokens: int,
+        keys: Sequence[int] | None = None,
+    ) -> list[list[Hypothesis]]:
+        """Decode each source (token ids); n-best lists (num_return_sequences), best first."""
+        width = max(len(s) for s in sources)
+        ids = np.full((len(sources), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(sources), width), dtype=np.int64)
+        for r, source in enumerate(sources):
+            ids[r, : len(source)] = source
+            mask[r, : len(source)] = 1
+        start = config.decoder_start_token_id
+        if start is None:
+            raise ModelNotFoundError(
+                "no decoder_start_token_id to start decoding from", hint="re-export it with onnxpipe export"
+            )
+        beams = config.num_beams
+        log_probs = beams > 1  # beam search works on log-probabilities (transformers' too)
+        logits, step = self.start(ids, mask, int(start), len(sources) * beams, max_new_tokens + 1, log_probs)
+        return generate(
+            step,
+            logits,
+            [[start]] * len(sources),
+            config.update(max_new_tokens=max_new_tokens),
+            keys=keys,
+            log_probs=log_probs,
+        )
