@@ -324,6 +324,20 @@ def test_eval_of_a_cuda_export_says_why_it_cannot_score_it(exported, text_file):
         assert "--device cpu" in lines[0]
 
 
+def test_eval_refuses_a_table_as_the_text_of_a_text_generation_export(exported, tmp_path):
+    """DATA is plain text for text generation: a .jsonl, .csv or .tsv file (what eval reads as a table for
+    the other tasks) would have its JSON or columns scored as prose, giving a perplexity of the syntax."""
+    llama = str(exported("llama"))
+    for name in ("data.jsonl", "data.CSV", "data.tsv"):
+        path = tmp_path / name
+        path.write_text('{"text": "The cat sat on the mat."}\n', encoding="utf-8")
+        result = CliRunner().invoke(cli, ["eval", "-m", llama, str(path)])
+        assert result.exit_code == 2 and result.stdout == ""
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is scored on plain text, one document a line" in lines[0], result.stderr
+        assert "jq -r .text" in lines[0]
+
+
 SMOLLM2 = Path(__file__).resolve().parent.parent / "exports" / "smollm2"
 
 

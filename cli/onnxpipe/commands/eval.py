@@ -257,6 +257,12 @@ def eval_command(
                     f"{flags[name]}: not for text-generation exports",
                     hint="DATA is plain text, one document a line, scored one window at a time",
                 )
+        table = next((kind for kind in ("jsonl", "csv", "tsv") if data.lower().endswith("." + kind)), None)
+        if table:  # its JSON or its columns would be scored as prose
+            raise UsageError(
+                f"{data}: a text-generation export is scored on plain text, one document a line, not {table}",
+                hint="extract the text first, e.g. jq -r .text FILE.jsonl | onnxpipe eval -m MODEL -",
+            )
         report = evaluate_lm(
             model,
             data,
