@@ -159,3 +159,16 @@ def test_weights_and_quality_text_from_hand_made_records():
         "96.40% agree with float32, perplexity x 1.0031 (2797 tokens, teacher-forced); short of the target "
         "(agreement >= 0.98, perplexity ratio <= 1.02)"
     )
+
+
+def test_an_empty_model_is_a_usage_error_not_this_folder(exported):
+    """-m '' (an unset shell variable) resolved to '.', 'is not an onnxpipe export (create one with:
+    onnxpipe export .)': advice to export the current folder. It is a bad command line instead."""
+    _install(exported, "sentiment", "bert", task="text-classification")
+    for args, stdin in ((["classify", "-m", ""], "a\n"), (["info", " "], None), (["eval", "-m", "", "-"], "a\n")):
+        result = CliRunner().invoke(cli, args, input=stdin)
+        assert result.exit_code == 2 and result.stdout == "", (args, result.output)
+        assert result.stderr.strip().splitlines() == [
+            "onnxpipe: error: the model is empty: give an export name or folder (onnxpipe models lists the exports)"
+        ]
+    assert run("info", "sentiment").exit_code == 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from onnxpipe.errors import ModelNotFoundError
+from onnxpipe.errors import ModelNotFoundError, UsageError
 
 MANIFEST_NAME = "onnxpipe.json"
 
@@ -41,6 +41,8 @@ def list_exports(home: Path | None = None) -> list[Path]:
 def resolve_model(ref: str | os.PathLike) -> Path:
     """Turn `-m REF` into an export folder, or fail with the names that exist."""
     text = str(ref)
+    if not text.strip():  # not '.': an empty -m (an unset shell variable) is a mistake, not this folder
+        raise UsageError("the model is empty: give an export name or folder", hint="onnxpipe models lists the exports")
     if len(text) > 1 and text.endswith(("/", os.sep)):  # `-m sentiment/` (shell completion adds the slash)
         text = text.rstrip("/" + os.sep) or text
     try:
