@@ -290,11 +290,25 @@ def test_a_pool_the_cluster_cannot_hold_is_refused_before_it_waits_forever(ray_s
     (tmp_path / "in.txt").write_text("good\n")
     for more, need in (
         (["--actors", "3"], "need 3 CPU(s); the Ray cluster has 2"),
-        (["--gpus-per-actor", "0.5"], "GPU"),
+        (["--gpus-per-actor", "0.5", "--device", "auto"], "GPU"),  # the last --device wins: not _batch's cpu
     ):
         result = _batch("classify", model, [], [tmp_path / "in.txt"], tmp_path / "out", "--engine", "ray", *more)
         assert result.exit_code == 2, result.output
         assert result.stderr.count("\n") == 1 and need in result.stderr and "--actors" in result.stderr
+
+
+def test_device_cpu_with_gpus_per_actor_is_refused():
+    """--device cpu means CPU only (the device contract); an actor given a GPU ran on CUDA whatever --device
+    said. The refusal comes before any Ray starts."""
+    from onnxpipe.batch.ray_engine import RayOptions
+    from onnxpipe.errors import UsageError
+
+    base = {"model": "m", "family": "classify", "options": {}}
+    with pytest.raises(UsageError, match="--device cpu runs on the CPU only, and --gpus-per-actor"):
+        RayOptions(**base, device="cpu", gpus_per_actor=1)
+    for device in ("auto", "cuda", "cuda:1"):
+        assert RayOptions(**base, device=device, gpus_per_actor=0.5).actor_device == "cuda"
+    assert RayOptions(**base, device="cpu").actor_device == "cpu"
 
 
 # --- a real process: a signal mid-job; the Ray it started goes with it ------------------------------

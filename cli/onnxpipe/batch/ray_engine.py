@@ -59,6 +59,15 @@ class RayOptions(WorkerOptions):
     gpus_per_actor: float = 0.0
     address: str | None = None  # None: RAY_ADDRESS, else a local Ray started for the job
 
+    def __post_init__(self) -> None:
+        from onnxpipe.runtime.device import parse_device
+
+        if self.gpus_per_actor > 0 and parse_device(self.device).kind == "cpu":  # actor_device would be cuda
+            raise UsageError(
+                "--device cpu runs on the CPU only, and --gpus-per-actor gives each actor a GPU",
+                hint="drop one of them",
+            )
+
     @property
     def actor_device(self) -> str:
         """An actor with a GPU runs on it (Ray sets its CUDA_VISIBLE_DEVICES, so it is cuda:0 there)."""
