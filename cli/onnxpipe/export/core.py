@@ -336,10 +336,11 @@ def _build(
     )
     manifest["graph"]["builder"] = "onnxpipe-fused" if builder == "fused" else "optimum"
     if builder == "fused-seq2seq":
-        from onnxpipe.export.seq2seq_graph import BUILDER
+        from onnxpipe.export.seq2seq_graph import BUILDER, geometry
 
         manifest["graph"]["builder"] = BUILDER  # runtime.seq2seq.FusedSeq2SeqRunner
         manifest["graph"]["kv_cache"] = "shared-buffer"
+        manifest["graph"].update(geometry(out / files["decoder"]))
     if builder == "cuda":
         manifest["graph"]["builder"] = "onnxpipe-fused-cuda"
         manifest["graph"]["kv_cache"] = "shared-buffer"  # runtime.decoder.SharedBufferDecoder

@@ -434,3 +434,14 @@ def teacher_forced_logits(
         past = dict(zip(past, presents))
         out.append(logits.astype(np.float32))
     return out
+
+
+def geometry(decoder_path: Path) -> dict[str, Any]:
+    """The manifest's cache geometry of a decoder step graph (num_layers, num_kv_heads, head_dim, past_dtype),
+    read from its declared inputs (its past_key.N are (rows, heads, max_length, head_dim))."""
+    import onnx
+
+    graph = onnx.load(str(decoder_path), load_external_data=False).graph
+    keys = [i for i in graph.input if i.name.startswith("past_key.")]
+    dims = [d.dim_value or None for d in keys[0].type.tensor_type.shape.dim]
+    return {"num_layers": len(keys), "num_kv_heads": dims[1], "head_dim": dims[3], "past_dtype": "float32"}

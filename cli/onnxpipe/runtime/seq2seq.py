@@ -239,7 +239,8 @@ class FusedSeq2SeqRunner:
     def __init__(self, encoder, decoder, device: Device):
         if device.kind != "cpu":
             raise ModelNotFoundError(
-                "onnxpipe's fused seq2seq graph runs on the CPU only", hint="run it with --device cpu"
+                "onnxpipe's fused encoder-decoder graph runs on the CPU only",
+                hint="run it with --device cpu, or export the checkpoint again with --graph optimum for the GPU",
             )
         self.encoder = encoder
         self.decoder = decoder
