@@ -74,7 +74,20 @@ def validation_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
         f = v["fp32"]
         fp32_worst = max((o["max_abs_diff"] for o in (f.get("outputs") or {}).values()), default=0.0)
         rows.append(("fp32 baseline", ("passed" if f.get("passed") else "failed") + f", max abs diff {fp32_worst:.2g}"))
-    if v.get("quality"):  # a lossy text-generation variant, teacher-forced against float32 (validate.lm_quality_report)
+    if v.get("quality") and "perplexity_ratio" not in v["quality"]:  # int8 encoder or seq2seq (export.agreement)
+        q = v["quality"]
+        floor = (q.get("thresholds") or {}).get("min_agreement")
+        rows.append(
+            (
+                "int8 agreement",
+                f"{q['agreement']:.2%} with float32 ({q.get('compared')} compared: {q.get('measure')})"
+                + ("" if q.get("passed") else f"; below the threshold {floor}"),
+            )
+        )
+        if "batch_independent" in q:
+            rows.append(("batch-independent", "yes, bit for bit" if q["batch_independent"] else "no"))
+    elif v.get("quality"):
+        # a lossy text-generation variant, teacher-forced against float32 (validate.lm_quality_report)
         q = v["quality"]
         limits = q.get("thresholds") or {}
         rows.append(

@@ -289,6 +289,11 @@ def _build(
                 quantization = nbits.describe(precision)
                 progress("export", "weight matrices: " + ", ".join(f"{n} {k}" for k, n in weights.items() if n))
             elif precision == "int8":
+                if family in ("encoder", "seq2seq"):  # the float32 graphs, for the agreement figures
+                    (tmp / "fp32").mkdir()
+                    for f in out.iterdir():
+                        if f.name.startswith(tuple(files.values())):
+                            shutil.copy2(f, tmp / "fp32" / f.name)
                 quantization = variants.quantize_int8(out, list(files.values()), family)
             elif precision == "bf16":
                 kept_fp32 = variants.convert_bf16(
@@ -320,6 +325,10 @@ def _build(
             k: baseline[k] for k in ("passed", "tolerance", "outputs", "label_agreement", "greedy") if k in baseline
         }
         val.raise_if_failed(report, f"the {precision} variant")
+        if builder != "fused" and precision == "int8" and family in ("encoder", "seq2seq"):
+            report["quality"] = _int8_agreement(
+                out, tmp / "fp32", family, files, fast, all_texts, config, special, progress
+            )
         if builder == "fused" and precision in ("int4", "int8"):
             progress("validate", f"teacher-forced quality of the {precision} variant against fp32")
             quality = val.lm_quality_report(out, tmp / "fp32")
@@ -354,6 +363,28 @@ def _build(
     manifest["checksums"] = checksums(out)  # `onnxpipe verify` and `info` compare the folder with these
     write_manifest(out, manifest)
     return manifest
+
+
+def _int8_agreement(
+    out: Path, reference: Path, family: str, files, tokenizer, texts, config, special, progress
+) -> dict:
+    """export.agreement's gate of an int8 encoder or encoder-decoder against its float32 graphs (raises below it)."""
+    from onnxpipe.export import agreement
+
+    if family == "encoder":
+        progress("validate", "labels of the int8 variant against fp32, and alone against in a batch")
+        quality = agreement.encoder_agreement(
+            out / files["model"], reference / files["model"], tokenizer, texts, special.get("pad_token_id")
+        )
+    else:
+        from onnxpipe.tasks.seq2seq import base_generation_config
+
+        progress("validate", "teacher-forced next-token agreement of the int8 variant with fp32")
+        generation = base_generation_config(out, config, special)
+        quality = agreement.seq2seq_agreement(out, reference, files, tokenizer, generation)
+    progress("validate", f"agreement {quality['agreement']:.4f} ({quality['compared']} compared)")
+    agreement.raise_if_failed(quality)
+    return quality
 
 
 def _check_traceable(config) -> None:

@@ -1,4 +1,7 @@
-"""Export variants: int8 dynamic quantisation (CPU), fp16 and bf16 (CUDA).
+"""Export variants: int8 (CPU), fp16 and bf16 (CUDA).
+
+int8 on encoders and encoder-decoders is export.int8's per-row quantisation (batch-independent); on
+decoder-only graphs from optimum, dynamic quantisation.
 
 On onnxpipe's fused decoder graph, --quantize int8|int4 is weight quantisation into integer-compute
 MatMulNBits instead (export/nbits.py); int4 exists only there.
@@ -80,7 +83,39 @@ _KEEP_FP32 = ("down_proj", "lm_head", "mlp/c_proj", "/fc2/", "/wo/")
 
 
 def quantize_int8(folder: Path, files: list[str], family: str) -> dict:
-    """Dynamic int8 quantisation (int8 weights, activations quantised at run time) in place."""
+    """int8 in place: encoders and encoder-decoders get per-row activation scales (export.int8), so a
+    record's result never depends on its batch; decoder-only graphs from optimum keep dynamic quantisation."""
+    if family in ("encoder", "seq2seq"):
+        return quantize_int8_rows(folder, files)
+    return _quantize_int8_dynamic(folder, files, family)
+
+
+def quantize_int8_rows(folder: Path, files: list[str], method: str = "rows") -> dict:
+    """export.int8's pass over each graph of FILES in FOLDER, in place; returns the manifest's record."""
+    import onnx
+
+    from onnxpipe.export import int8
+
+    totals = {"converted": 0, "kept": 0}
+    for name in files:
+        path = folder / name
+        try:
+            model = onnx.load(str(path))
+            counts = int8.quantize_graph(model, method)
+            new = folder / f"{path.stem}_int8.onnx"
+            large = model.ByteSize() > (1 << 31) - (1 << 24)
+            onnx.save(model, str(new), save_as_external_data=large, location=f"{new.name}_data" if large else None)
+        except Exception as exc:
+            raise ExportError(
+                f"int8 quantisation of {name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from None
+        _replace_onnx(new, path)
+        totals = {k: totals[k] + counts[k] for k in totals}
+    return int8.describe(totals, method)
+
+
+def _quantize_int8_dynamic(folder: Path, files: list[str], family: str) -> dict:
+    """Dynamic int8 quantisation (int8 weights, activations quantised at run time, one scale per batch) in place."""
     import onnx
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
