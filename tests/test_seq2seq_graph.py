@@ -89,7 +89,10 @@ def test_auto_picks_the_fused_graph(fused, arch):
     assert manifest["files"] == {"encoder": "encoder_model.onnx", "decoder": "decoder_model.onnx"}
     assert manifest["validation"]["passed"] and manifest["validation"]["greedy"]["agreement"] == 1.0
     assert sorted(p.name for p in export.glob("*.onnx")) == ["decoder_model.onnx", "encoder_model.onnx"]
-    assert isinstance(_task(export, arch).runner, FusedSeq2SeqRunner)
+    # the tied token table is one file that both sessions read from one array
+    assert manifest["graph"]["shared_initializer"]["file"] == "embed_tokens.bin"
+    runner = _task(export, arch).runner
+    assert isinstance(runner, FusedSeq2SeqRunner) and runner.shared is not None
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

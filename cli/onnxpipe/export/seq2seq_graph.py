@@ -42,6 +42,8 @@ GRAPH_NAME = "onnxpipe-fused-seq2seq"
 BUILDER = "onnxpipe-fused-seq2seq"  # the manifest's graph.builder
 ENCODER_FILE = "encoder_model.onnx"
 DECODER_FILE = "decoder_model.onnx"
+SHARED_FILE = "embed_tokens.bin"  # the token embedding both graphs read, when they read the same one
+SHARED_NAME = "embed"
 SUPPORTED_MODEL_TYPES = ("marian", "bart", "mbart", "m2m_100", "pegasus")
 PRE_LN = ("mbart", "m2m_100", "pegasus")
 ACTIVATIONS = ("swish", "silu", "gelu", "relu", "gelu_new", "gelu_pytorch_tanh")
@@ -64,6 +66,9 @@ def unsupported_reason(config: Any) -> str | None:
         getattr(config, "add_final_layer_norm", False) or getattr(config, "normalize_before", False)
     ):
         return "a BART config with normalize_before or add_final_layer_norm (transformers' BART ignores them)"
+    head_dim = int(config.d_model) // int(config.decoder_attention_heads)
+    if head_dim % 8:  # ONNX Runtime's CPU GroupQueryAttention refuses other head sizes at run time
+        return f"decoder head size {head_dim} (GroupQueryAttention needs a multiple of 8)"
     return None
 
 
@@ -287,12 +292,16 @@ def build(model: Any, out: Path, opset: int | None = None) -> dict[str, str]:
         [value("last_hidden_state", f32, ["batch_size", "encoder_sequence_length", d]), *cross_outputs],
         opset,
     )
+    dec_table = decoder.embed_tokens.weight.detach().float().cpu().numpy()
+    shared = np.array_equal(enc_table, dec_table)
+    if shared:  # one file for both graphs: the runtime loads it once (runtime.seq2seq.FusedSeq2SeqRunner)
+        (out / SHARED_FILE).write_bytes(np.ascontiguousarray(enc_table, dtype="<f4").tobytes())
+        _external(enc_proto, SHARED_NAME, SHARED_FILE)
     onnx.save_model(enc_proto, str(out / ENCODER_FILE))
 
     # --- decoder step ----------------------------------------------------------------------
     g = _Graph()
-    dec_table = decoder.embed_tokens.weight.detach().float().cpu().numpy()
-    table = g.init("embed", dec_table)
+    table = g.init(SHARED_NAME, dec_table)
     positions = _positions(decoder, model_type)
     t = g.node("Cast", [g.node("Sub", ["total_sequence_length", g.const("one32", 1, np.int32)])[0]], to=i64)[
         0
@@ -363,7 +372,9 @@ def build(model: Any, out: Path, opset: int | None = None) -> dict[str, str]:
     flat = g.node("Reshape", [x, g.const("flat", [-1, d])], name="lm_head.rows")[0]
     head = model.get_output_embeddings().weight.detach().float().cpu().numpy()
     bias = getattr(model, "final_logits_bias", None)
-    gemm_in = [flat, table if np.array_equal(head, dec_table) else g.init("lm_head.weight", head)]
+    # The output layer has its own copy even when tied: ONNX Runtime prepacks it for the Gemm (and frees the
+    # original), which it does not do for the table the runtime shares between the two sessions.
+    gemm_in = [flat, g.init("lm_head.weight", head)]
     if bias is not None:
         gemm_in.append(g.init("final_logits_bias", bias.detach().float().cpu().numpy().reshape(-1)))
     # Gemm reads the (vocab, d) table transposed (transB): a tied output layer is the embedding table, stored once.
@@ -384,8 +395,22 @@ def build(model: Any, out: Path, opset: int | None = None) -> dict[str, str]:
     for i in range(len(dec_layers)):
         for n in ("key", "value"):
             inputs.append(value(f"cross_{n}.{i}", f32, ["num_inputs", dec_heads, "encoder_sequence_length", head_dim]))
-    onnx.save_model(g.model(GRAPH_NAME + "-decoder", inputs, outputs, opset), str(out / DECODER_FILE))
+    dec_proto = g.model(GRAPH_NAME + "-decoder", inputs, outputs, opset)
+    if shared:
+        _external(dec_proto, SHARED_NAME, SHARED_FILE)
+    onnx.save_model(dec_proto, str(out / DECODER_FILE))
     return {"encoder": ENCODER_FILE, "decoder": DECODER_FILE}
+
+
+def _external(proto: Any, name: str, location: str) -> None:
+    """Make PROTO's initializer NAME read its data from LOCATION (raw little-endian, written by the caller)."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import set_external_data
+
+    tensor = next(t for t in proto.graph.initializer if t.name == name)
+    set_external_data(tensor, location=location, offset=0, length=len(tensor.raw_data))
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
 
 
 def export(model: Any, out: Path, opset: int | None = None) -> dict[str, str]:
@@ -444,4 +469,14 @@ def geometry(decoder_path: Path) -> dict[str, Any]:
     graph = onnx.load(str(decoder_path), load_external_data=False).graph
     keys = [i for i in graph.input if i.name.startswith("past_key.")]
     dims = [d.dim_value or None for d in keys[0].type.tensor_type.shape.dim]
-    return {"num_layers": len(keys), "num_kv_heads": dims[1], "head_dim": dims[3], "past_dtype": "float32"}
+    record: dict[str, Any] = {
+        "num_layers": len(keys),
+        "num_kv_heads": dims[1],
+        "head_dim": dims[3],
+        "past_dtype": "float32",
+    }
+    for tensor in graph.initializer:  # the table both graphs read from one file (runtime.seq2seq loads it once)
+        if tensor.name == SHARED_NAME and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            where = {e.key: e.value for e in tensor.external_data}
+            record["shared_initializer"] = {"name": tensor.name, "file": where["location"], "shape": list(tensor.dims)}
+    return record

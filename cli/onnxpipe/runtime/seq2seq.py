@@ -256,15 +256,23 @@ class FusedSeq2SeqRunner:
         self.steps = 0
         self.gathers = 0
         self.last_cross_rows = 0
+        self.shared: Any = None  # the embedding table both sessions read (_shared_initializer)
         self._flat: list[np.ndarray] = []  # one flat float32 array per self-attention buffer, grown on demand
         self._logits_buffers: list[np.ndarray] = []
 
     @classmethod
     def from_model(cls, model: ExportedModel) -> FusedSeq2SeqRunner:
+        """The driver of MODEL's graphs. They are made for the CPU (float32 GroupQueryAttention has no CUDA
+        kernel): --device auto runs them there, --device cuda is refused by the model (graph_device)."""
+        if model.device.kind == "auto" and model.provider is None:  # no session made yet
+            model.device = Device("cpu")
+        shared = _shared_initializer(model) if model.provider is None else None
         encoder, decoder = model.session("encoder"), model.session("decoder")
         device = model.runs_on
         assert device is not None
-        return cls(encoder, decoder, device)
+        runner = cls(encoder, decoder, device)
+        runner.shared = shared  # ONNX Runtime reads it in place: it lives as long as the sessions' user
+        return runner
 
     def _buffers(self, rows: int, length: int) -> list[np.ndarray]:
         """Self-attention buffers of ROWS x LENGTH positions: views of the first rows of the flat arrays."""
@@ -416,3 +424,26 @@ class FusedSeq2SeqRunner:
             keys=keys,
             log_probs=log_probs,
         )
+
+
+def _shared_initializer(model: ExportedModel) -> Any:
+    """The token embedding table that the encoder and decoder graphs both read (export.seq2seq_graph writes it
+    to one file), loaded once and handed to both sessions (SessionOptions.add_initializer): each session would
+    otherwise hold its own copy (119 MB for opus-mt). None when the export has none."""
+    from onnxruntime import OrtValue
+
+    from onnxpipe.manifest import inside
+
+    record = (model.manifest.get("graph") or {}).get("shared_initializer")
+    if not isinstance(record, dict):
+        return None
+    shape = tuple(int(d) for d in record.get("shape") or ())
+    path = inside(model.folder, str(record.get("file")))
+    table = np.fromfile(path, dtype="<f4")
+    if not shape or table.size != int(np.prod(shape)):
+        raise ModelNotFoundError(
+            f"{path} does not hold the {shape} table the manifest names", hint="re-run onnxpipe export"
+        )
+    value = OrtValue.ortvalue_from_numpy(table.reshape(shape))
+    model.session_options().add_initializer(str(record.get("name")), value)
+    return (table, value)
