@@ -214,3 +214,14 @@ def test_int8_seq2seq_agreement_and_batch_independent_ids(exported):
     assert m["quantization"]["kept_fp32_matmuls"] == 0
     beams = _ids(folder, TEXTS[:4], 4)  # Marian's generation config: beam search, 4 beams
     assert beams == _ids(folder, TEXTS[:4], 1)
+
+
+def test_int8_on_onnxpipes_own_seq2seq_graph(exported):
+    """The pass is graph-agnostic: --graph auto gives Marian onnxpipe's encoder-decoder graph, and int8 keeps it."""
+    folder = exported("marian", quantize="int8")
+    m = manifest(folder)
+    assert m["graph"]["builder"] == "onnxpipe-fused-seq2seq" and m["precision"] == "int8"
+    assert m["validation"]["quality"]["passed"] and m["quantization"]["kept_fp32_matmuls"] == 0
+    for graph in m["files"].values():
+        assert "MatMulIntegerToFloat" in ops(folder / graph)
+    assert _ids(folder, TEXTS[:4], 4) == _ids(folder, TEXTS[:4], 1)

@@ -289,11 +289,8 @@ def _build(
                 quantization = nbits.describe(precision)
                 progress("export", "weight matrices: " + ", ".join(f"{n} {k}" for k, n in weights.items() if n))
             elif precision == "int8":
-                if family in ("encoder", "seq2seq"):  # the float32 graphs, for the agreement figures
-                    (tmp / "fp32").mkdir()
-                    for f in out.iterdir():
-                        if f.name.startswith(tuple(files.values())):
-                            shutil.copy2(f, tmp / "fp32" / f.name)
+                if family in ("encoder", "seq2seq"):  # the float32 graphs (and their weight files), for the agreement
+                    shutil.copytree(out, tmp / "fp32")
                 quantization = variants.quantize_int8(out, list(files.values()), family)
             elif precision == "bf16":
                 kept_fp32 = variants.convert_bf16(
@@ -437,7 +434,8 @@ def _choose_seq2seq_graph(opts: dict, wanted: str, config) -> str:
     from onnxpipe.export import seq2seq_graph
 
     reason = seq2seq_graph.unsupported_reason(config)
-    for flag, why in (("optimize", "--optimize"), ("fp16", "--fp16"), ("bf16", "--bf16"), ("quantize", "--quantize")):
+    # --quantize int8 (export.int8's per-row pass) rewrites this graph's MatMuls as it does optimum's
+    for flag, why in (("optimize", "--optimize"), ("fp16", "--fp16"), ("bf16", "--bf16")):
         if reason is None and opts.get(flag):
             reason = f"{why} (it is made for optimum's graph)"
     if reason is None and opts.get("device") == "cuda":

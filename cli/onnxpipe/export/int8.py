@@ -80,6 +80,7 @@ class _Pass:
     opset: int
     keep: tuple[str, ...]
     shapes: dict[str, Any]
+    base_dir: str = ""
     initializers: list[Any] = field(default_factory=list)
     value_info: list[Any] = field(default_factory=list)
     shared: dict[str, str] = field(default_factory=dict)
@@ -108,8 +109,10 @@ class _Pass:
         return self.shared[key]
 
 
-def quantize_graph(model, method: str = "rows", keep: tuple[str, ...] = ()) -> dict[str, int]:
+def quantize_graph(model, method: str = "rows", keep: tuple[str, ...] = (), base_dir: str = "") -> dict[str, int]:
     """Rewrite MODEL (an onnx ModelProto) in place; KEEP: substrings of node names that stay float32.
+    Weights held as external data are read from BASE_DIR; the tensors left alone (an embedding table) keep
+    their external references.
 
     Returns {"converted": products made int8, "kept": products with a constant weight left float32}."""
     if method not in METHODS:
@@ -117,7 +120,7 @@ def quantize_graph(model, method: str = "rows", keep: tuple[str, ...] = ()) -> d
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13:  # QuantizeLinear and ReduceMax as used here
         raise ValueError(f"opset {opset} is older than 13")
-    p = _Pass(method, opset, keep, _inferred_shapes(model))
+    p = _Pass(method, opset, keep, _inferred_shapes(model), base_dir)
     main = model.graph
     initializers = {i.name: i for i in main.initializer}
     transposed = {  # a tied output projection: Transpose(embedding table), in the main graph or a branch
@@ -172,13 +175,13 @@ def _inferred_shapes(model) -> dict[str, Any]:
     return {v.name: v.type for g in _graphs(inferred.graph) for v in [*g.value_info, *g.output]}
 
 
-def _array(init) -> np.ndarray:
+def _array(init, base_dir: str = "") -> np.ndarray:
     from onnx import numpy_helper
 
-    return numpy_helper.to_array(init).astype(np.float32)
+    return numpy_helper.to_array(init, base_dir).astype(np.float32)
 
 
-def _weight(node, initializers, transposed) -> tuple[str, np.ndarray, np.ndarray | None] | None:
+def _weight(node, initializers, transposed, base_dir: str) -> tuple[str, np.ndarray, np.ndarray | None] | None:
     """(key, W as (K, N) float32, bias or None) of a MatMul/Gemm with a constant 2-D float weight."""
     from onnx import TensorProto
 
@@ -187,7 +190,7 @@ def _weight(node, initializers, transposed) -> tuple[str, np.ndarray, np.ndarray
         init = initializers.get(source)
         if init is None or len(init.dims) != 2 or init.data_type != TensorProto.FLOAT:
             return None
-        return _array(init), flip
+        return _array(init, base_dir), flip
 
     found = matrix(node.input[1])
     if found is None:
@@ -205,7 +208,7 @@ def _weight(node, initializers, transposed) -> tuple[str, np.ndarray, np.ndarray
         init = initializers.get(node.input[2])
         if init is None or (attrs["beta"].f if "beta" in attrs else 1.0) != 1.0:
             return None
-        bias = _array(init)
+        bias = _array(init, base_dir)
         if bias.shape != (w.shape[1],):
             return None
     return node.input[1], np.ascontiguousarray(w), bias
@@ -214,7 +217,7 @@ def _weight(node, initializers, transposed) -> tuple[str, np.ndarray, np.ndarray
 def _rewrite(graph, initializers, transposed, p: _Pass) -> None:
     nodes = []
     for node in graph.node:
-        found = _weight(node, initializers, transposed) if node.op_type in ("MatMul", "Gemm") else None
+        found = _weight(node, initializers, transposed, p.base_dir) if node.op_type in ("MatMul", "Gemm") else None
         if found is None:
             nodes.append(node)
             continue

@@ -91,26 +91,46 @@ def quantize_int8(folder: Path, files: list[str], family: str) -> dict:
 
 
 def quantize_int8_rows(folder: Path, files: list[str], method: str = "rows") -> dict:
-    """export.int8's pass over each graph of FILES in FOLDER, in place; returns the manifest's record."""
+    """export.int8's pass over each graph of FILES in FOLDER, in place; returns the manifest's record.
+
+    The graphs are read without their external data: the pass reads the weights it quantises from the
+    folder, and what it leaves alone (an embedding table, onnxpipe's shared embed_tokens.bin) stays where it
+    was. Weight files that no graph reads any more are removed at the end."""
     import onnx
 
     from onnxpipe.export import int8
 
+    def locations(model) -> set[str]:
+        return {
+            entry.value
+            for graph in int8._graphs(model.graph)
+            for init in graph.initializer
+            for entry in init.external_data
+            if entry.key == "location"
+        }
+
     totals = {"converted": 0, "kept": 0}
+    before: set[str] = set()
+    after: set[str] = set()
     for name in files:
         path = folder / name
         try:
-            model = onnx.load(str(path))
-            counts = int8.quantize_graph(model, method)
+            model = onnx.load(str(path), load_external_data=False)
+            before |= locations(model)
+            counts = int8.quantize_graph(model, method, base_dir=str(folder))
+            after |= locations(model)
+            if model.ByteSize() > (1 << 31) - (1 << 24):
+                raise ValueError("the int8 graph is over the 2 GB protobuf limit")
             new = folder / f"{path.stem}_int8.onnx"
-            large = model.ByteSize() > (1 << 31) - (1 << 24)
-            onnx.save(model, str(new), save_as_external_data=large, location=f"{new.name}_data" if large else None)
+            onnx.save(model, str(new))
         except Exception as exc:
             raise ExportError(
                 f"int8 quantisation of {name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             ) from None
-        _replace_onnx(new, path)
+        new.replace(path)
         totals = {k: totals[k] + counts[k] for k in totals}
+    for location in before - after:  # only float32 weights, now int8 inside the graphs
+        (folder / location).unlink(missing_ok=True)
     return int8.describe(totals, method)
 
 
