@@ -20,7 +20,8 @@ written node by node from the PyTorch modules instead:
 
 Every decoder row is at the same position (all start from decoder_start_token_id together), so the
 decoder positions come from total_sequence_length. The projections are MatMul (+ Add), the output layer a
-Gemm reading the embedding table transposed when it is tied (the table is stored once).
+Gemm on its own (vocab, d) copy (transB; ONNX Runtime prepacks it), and a tied token table is written once,
+to embed_tokens.bin, which the runtime loads once for both sessions.
 
 What each family is, as transformers builds it (read from the modules, not assumed):
     marian    post-LN, sinusoidal positions, embeddings x sqrt(d) (scale_embedding), swish
@@ -377,7 +378,7 @@ def build(model: Any, out: Path, opset: int | None = None) -> dict[str, str]:
     gemm_in = [flat, g.init("lm_head.weight", head)]
     if bias is not None:
         gemm_in.append(g.init("final_logits_bias", bias.detach().float().cpu().numpy().reshape(-1)))
-    # Gemm reads the (vocab, d) table transposed (transB): a tied output layer is the embedding table, stored once.
+    # Gemm reads the (vocab, d) matrix transposed (transB), as it is stored.
     g.node("Gemm", gemm_in, ["logits"], transB=1, name="lm_head")
     g.node("LogSoftmax", ["logits"], ["log_probs"], axis=-1, name="log_softmax")
     vocab = head.shape[0]
