@@ -315,6 +315,8 @@ def markdown(workload: str, rows: dict) -> str:
             quality = f"{r['accuracy']:.1%}"
             if "agreement_with_transformers" in r and not name.startswith("transformers"):
                 quality += f" (same label as transformers: {r['agreement_with_transformers']:.1%})"
+            if "labels_differ_at_batch_1" in r:
+                quality += f"; {r['labels_differ_at_batch_1']} of {r['records']:,} labels differ at --batch-size 1"
         else:
             c = r.get("cosine_vs_transformers")
             quality = f"{c['min']:.6f} / {c['mean']:.6f}" if c else ""
@@ -411,6 +413,12 @@ def main() -> None:
                     flush=True,
                 )
         rows = summarise(workload, runs, {name: size for name, _, size in plan})
+        if workload == "classify":  # issue 19: a record's label must not depend on its batch-mates
+            for name, system, batch_size in plan:
+                if system.startswith("onnxpipe") and batch_size != 1:
+                    alone = measure(workload, f"{name} b1", system, 1, args, 0)["labels"]
+                    batched = runs[name][-1]["labels"]
+                    rows[name]["labels_differ_at_batch_1"] = sum(a != b for a, b in zip(alone, batched))
         report["workloads"][workload] = rows
         print(f"\n### {workload}\n\n{markdown(workload, rows)}", flush=True)
     report["load_average_after"] = harness.load_average()
