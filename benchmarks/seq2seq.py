@@ -293,6 +293,15 @@ def main() -> None:
             "seconds": seconds,
             "peak_rss_mb": child["peak_rss_mb"],
         }
+        if name == "onnxpipe-int8":  # the export's own gate: teacher-forced agreement with the float32 export
+            quality = json.loads((export(args.folder, ckpt, "int8") / "onnxpipe.json").read_text())["validation"]
+            quality = quality.get("quality") or {}
+            results[name]["agreement_with_fp32"] = quality.get("agreement")
+            print(
+                f"{'':>18}  teacher-forced agreement with float32: {quality.get('agreement')} over "
+                f"{quality.get('compared')} positions (threshold {quality.get('thresholds')})",
+                flush=True,
+            )
         rate = results[name]["tokens_per_s"]
         ratio = (
             f"  (onnxpipe: {results['onnxpipe']['tokens_per_s'] / rate:.2f}x)"
