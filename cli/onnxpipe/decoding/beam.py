@@ -144,7 +144,12 @@ def beam_search(
     t = 0
     while True:
         live = len(items)
-        history = History(run_ids[:, :, : width + t].reshape(live * beams, width + t), np.repeat(start, beams), width)
+        history = History(
+            run_ids[:, :, : width + t].reshape(live * beams, width + t),
+            np.repeat(start, beams),
+            width,
+            np.repeat(items, beams),
+        )
         # The step's logits are the search's own (a fresh array per step), so they are worked in place.
         scores = np.asarray(logits, dtype=np.float32)
         scores = processors(history, scores if log_probs else log_softmax(scores, inplace=True))

@@ -23,6 +23,30 @@ MAX_NUM_BEAMS = 64
 # When neither the command nor the model sets a length (transformers would stop at 20 tokens).
 DEFAULT_MAX_NEW_TOKENS = 256
 
+# transformers' GenerationConfig settings (4.57) that change the ids and that onnxpipe does not apply,
+# with the value that leaves them off: a JSON that sets another value is refused by `validate`, not
+# silently decoded differently. (`diversity_penalty` only acts with num_beam_groups > 1, `penalty_alpha`
+# only with top_k > 1; `low_memory` and `remove_invalid_values` leave the ids as they are; torch's
+# generate ignores `forced_decoder_ids`.)
+UNSUPPORTED: dict[str, Any] = {
+    "num_beam_groups": 1,
+    "exponential_decay_length_penalty": None,
+    "sequence_bias": None,
+    "guidance_scale": 1.0,
+    "constraints": None,
+    "force_words_ids": None,
+    "encoder_repetition_penalty": 1.0,
+    "penalty_alpha": 0.0,
+    "dola_layers": None,
+    "token_healing": False,
+    "watermarking_config": None,
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+}
+SAMPLING_ONLY = {"min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
+
 
 @dataclass
 class GenerationConfig:
@@ -43,18 +67,31 @@ class GenerationConfig:
     no_repeat_ngram_size: int = 0
     bad_words_ids: list[list[int]] | None = None
     suppress_tokens: list[int] | None = None
+    begin_suppress_tokens: list[int] | None = None
+    encoder_no_repeat_ngram_size: int = 0  # encoder-decoders only: n-grams of the source are not copied
+    renormalize_logits: bool = False
     forced_bos_token_id: int | None = None
     forced_eos_token_id: list[int] | None = None
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     decoder_start_token_id: int | None = None
+    # Settings of the JSON that onnxpipe does not apply, with values that would change the ids:
+    # `validate` refuses them rather than decode differently from transformers.
+    unsupported: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
-        """Keep the known keys of a `generation_config.json` (unknown ones are ignored, None means default)."""
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in data.items() if k in names and v is not None}
+        """Keep the known keys of a `generation_config.json` (unknown ones are ignored, None means default).
+
+        Keys that transformers applies and onnxpipe does not are kept aside in `unsupported` when their
+        value changes the ids (see `UNSUPPORTED`), for `validate` to refuse.
+        """
+        names = {f.name for f in fields(cls)} - {"unsupported"}
+        kw: dict[str, Any] = {k: v for k, v in data.items() if k in names and v is not None}
+        kw["unsupported"] = {
+            k: v for k, v in data.items() if k in UNSUPPORTED and v not in (None, [], {}, UNSUPPORTED[k])
+        }
         for key in ("eos_token_id", "forced_eos_token_id"):
             if isinstance(kw.get(key), int):
                 kw[key] = [kw[key]]
@@ -95,3 +132,18 @@ class GenerationConfig:
             raise ValueError("no_repeat_ngram_size, min_new_tokens and min_length must be >= 0")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError("early_stopping must be true, false or 'never'")
+        if self.encoder_no_repeat_ngram_size < 0:
+            raise ValueError("encoder_no_repeat_ngram_size must be >= 0")
+        for key, value in self.unsupported.items():
+            if key in SAMPLING_ONLY and not self.do_sample:
+                continue  # a warper: greedy and beam search never run it
+            if key == "num_beam_groups" and int(value) <= 1:
+                continue
+            if key in ("epsilon_cutoff", "eta_cutoff") and not 0.0 < float(value) < 1.0:
+                continue
+            if key == "typical_p" and float(value) >= 1.0:
+                continue
+            raise ValueError(
+                f"{key}={json.dumps(value)[:40]} (generation setting) is not supported by onnxpipe; "
+                "remove it from generation_config.json or use transformers"
+            )

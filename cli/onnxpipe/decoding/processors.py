@@ -35,6 +35,7 @@ class History:
     ids: np.ndarray  # (rows, prompt_width + generated) int64
     start: np.ndarray  # (rows,) index of each row's first real token
     prompt_width: int
+    inputs: np.ndarray | None = None  # (rows,) the input (prompt) each row decodes; None: row r is input r
 
     @property
     def generated(self) -> int:
@@ -110,6 +111,45 @@ class NoRepeatNGram:
             return scores
         for r in range(scores.shape[0]):
             banned = self.banned(history.row(r))
+            if banned.size:
+                scores[r, banned] = NEG_INF
+        return scores
+
+
+def _banned_after(source: np.ndarray, row: np.ndarray, n: int) -> np.ndarray:
+    """The ids that follow, in SOURCE, an occurrence of ROW's last n - 1 ids: those that would copy an
+    n-gram of SOURCE."""
+    if n == 1:
+        return source
+    if len(row) < n - 1 or len(source) < n:
+        return source[:0]
+    windows = np.lib.stride_tricks.sliding_window_view(source[:-1], n - 1)
+    hits = np.flatnonzero((windows == row[len(row) - n + 1 :]).all(axis=1))
+    return source[hits + n - 1]
+
+
+class EncoderNoRepeatNGram:
+    """Ban every id that would repeat an n-gram of the encoder's input (transformers'
+    EncoderNoRepeatNGramLogitsProcessor; blenderbot ships it as 3).
+
+    `encoder_ids[i]` are input i's encoder ids without padding (transformers counts the pads of a padded
+    batch as n-grams too; they only ban pad after pad or after the last source id). Without them, each
+    row's own prompt is the encoder input, as transformers does for a decoder-only model.
+    """
+
+    def __init__(self, ngram_size: int, encoder_ids: Sequence[Sequence[int]] | None = None):
+        self.n = int(ngram_size)
+        self.sources = None if encoder_ids is None else [np.asarray(s, dtype=np.int64) for s in encoder_ids]
+
+    def __call__(self, history: History, scores: np.ndarray) -> np.ndarray:
+        inputs = history.inputs if history.inputs is not None else np.arange(scores.shape[0])
+        for r in range(scores.shape[0]):
+            row = history.row(r)
+            if self.sources is None:
+                source = history.ids[r, history.start[r] : history.prompt_width]
+            else:
+                source = self.sources[int(inputs[r])]
+            banned = _banned_after(source, row, self.n)
             if banned.size:
                 scores[r, banned] = NEG_INF
         return scores
@@ -203,6 +243,28 @@ class SuppressTokens:
         return scores
 
 
+class SuppressTokensAtBegin:
+    """Ban `token_ids` at one step only: the first generated one, or the second after a forced BOS
+    (transformers' begin_index: the decoder input's length, plus one when a forced BOS follows a lone
+    decoder start)."""
+
+    def __init__(self, token_ids: Sequence[int], begin: int):
+        self.ids = np.array(list(token_ids), dtype=np.int64)
+        self.begin = int(begin)
+
+    def __call__(self, history: History, scores: np.ndarray) -> np.ndarray:
+        if history.generated == self.begin:
+            scores[:, self.ids] = NEG_INF
+        return scores
+
+
+class LogitNormalization:
+    """log_softmax after all the others (`renormalize_logits`): beam search adds up the processed scores."""
+
+    def __call__(self, history: History, scores: np.ndarray) -> np.ndarray:
+        return log_softmax(scores, inplace=True)
+
+
 class Temperature:
     def __init__(self, temperature: float):
         self.temperature = np.float32(temperature)
@@ -270,14 +332,25 @@ class ProcessorList(list):
         return scores
 
 
-def build_processors(config: GenerationConfig, max_new_tokens: int | None = None) -> ProcessorList:
-    """The processors `config` asks for, in transformers' order (warpers last, only when sampling)."""
+def build_processors(
+    config: GenerationConfig,
+    max_new_tokens: int | None = None,
+    encoder_ids: Sequence[Sequence[int]] | None = None,
+    prompt_width: int | None = None,
+) -> ProcessorList:
+    """The processors `config` asks for, in transformers' order (warpers last, only when sampling).
+
+    `encoder_ids`: an encoder-decoder's source ids per input (`History.inputs` indexes them).
+    `prompt_width`: the decoder prompt's length when known (1 for an encoder-decoder's lone start).
+    """
     eos = list(config.eos_token_id or [])
     procs = ProcessorList()
     if config.repetition_penalty != 1.0:
         procs.append(RepetitionPenalty(config.repetition_penalty))
     if config.no_repeat_ngram_size > 0:
         procs.append(NoRepeatNGram(config.no_repeat_ngram_size))
+    if config.encoder_no_repeat_ngram_size > 0:
+        procs.append(EncoderNoRepeatNGram(config.encoder_no_repeat_ngram_size, encoder_ids))
     if config.bad_words_ids:
         procs.append(NoBadWords(config.bad_words_ids, eos))
     if config.min_length > 0 and eos:
@@ -291,6 +364,9 @@ def build_processors(config: GenerationConfig, max_new_tokens: int | None = None
         procs.append(ForcedEOS(max_new, config.forced_eos_token_id))
     if config.suppress_tokens:
         procs.append(SuppressTokens(config.suppress_tokens))
+    if config.begin_suppress_tokens:
+        after_bos = prompt_width == 1 and config.forced_bos_token_id is not None
+        procs.append(SuppressTokensAtBegin(config.begin_suppress_tokens, 1 if after_bos else 0))
     if config.do_sample:
         # Beam sampling keeps one non-eos candidate alive, as transformers does.
         keep = len(eos) + 1 if config.num_beams > 1 else 1
@@ -300,4 +376,6 @@ def build_processors(config: GenerationConfig, max_new_tokens: int | None = None
             procs.append(TopK(config.top_k, keep))
         if config.top_p < 1.0:
             procs.append(TopP(config.top_p, keep))
+    if config.renormalize_logits:
+        procs.append(LogitNormalization())
     return procs

@@ -69,6 +69,7 @@ def generate(
     stop: StopCheck | None = None,
     on_token: TokenCallback | None = None,
     log_probs: bool = False,
+    encoder_ids: Sequence[Sequence[int]] | None = None,
 ) -> list[list[Hypothesis]]:
     """Decode every prompt row; return its hypotheses (num_return_sequences of them, best first).
 
@@ -77,7 +78,8 @@ def generate(
     random stream (default: its position here). `stop` and `on_token` apply to greedy and sampling.
     `log_probs`: the step returns log-probabilities already (a graph's LogSoftmax), so beam search skips
     its own log_softmax. Beam search only: greedy and sampling apply their processors to raw logits
-    (a repetition penalty is not shift-invariant).
+    (a repetition penalty is not shift-invariant). `encoder_ids`: an encoder-decoder's source ids per
+    row, for `encoder_no_repeat_ngram_size`.
     """
     if log_probs and config.num_beams <= 1:
         raise ValueError("log_probs is for beam search; greedy and sampling need raw logits")
@@ -91,7 +93,7 @@ def generate(
         raise ValueError("every row needs room for at least one new token")
     keys_arr = np.arange(rows, dtype=np.int64) if keys is None else np.asarray(keys, dtype=np.int64)
     ids, start = left_pad(prompts, config.pad_token_id or 0)
-    processors = build_processors(config, int(limits.max()))
+    processors = build_processors(config, int(limits.max()), encoder_ids, ids.shape[1])
     if config.num_beams > 1:
         from onnxpipe.decoding.beam import beam_search
 
@@ -135,7 +137,7 @@ def _greedy_or_sample(
     results: list[Hypothesis | None] = [None] * rows
     t = 0
     while True:
-        history = History(ids[:, : width + t], start, width)
+        history = History(ids[:, : width + t], start, width, live)
         scores = processors(history, logits)
         if config.do_sample:
             tokens = sample_rows(softmax(scores), rngs)

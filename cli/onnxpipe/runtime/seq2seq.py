@@ -215,7 +215,14 @@ class Seq2SeqRunner:
                 "no decoder_start_token_id to start decoding from", hint="re-export it with onnxpipe export"
             )
         logits, step = self.start(ids, mask, int(start))
-        return generate(step, logits, [[start]] * len(sources), config.update(max_new_tokens=max_new_tokens), keys=keys)
+        return generate(
+            step,
+            logits,
+            [[start]] * len(sources),
+            config.update(max_new_tokens=max_new_tokens),
+            keys=keys,
+            encoder_ids=sources,
+        )
 
 
 def is_fused(decoder) -> bool:
@@ -423,6 +430,7 @@ class FusedSeq2SeqRunner:
             config.update(max_new_tokens=max_new_tokens),
             keys=keys,
             log_probs=log_probs,
+            encoder_ids=sources,
         )
 
 
