@@ -155,3 +155,38 @@ def test_defaults_that_leave_ids_alone_are_accepted():
     GenerationConfig.from_dict({"typical_p": 0.9, "min_p": 0.1}).validate()  # warpers, and greedy runs none
     with pytest.raises(ValueError, match="typical_p"):
         GenerationConfig.from_dict({"typical_p": 0.9, "do_sample": True}).validate()
+
+
+@pytest.mark.parametrize("ngram", [1, 2, 3])
+def test_encoder_no_repeat_processor_matches_transformers(ngram):
+    """Processor level, on ids with many repeats: explicit encoder ids per input (rows = inputs x beams, some
+    inputs finished), and a decoder-only model's prompt standing in for them, as transformers does."""
+    import numpy as np
+    import torch
+    from transformers.generation.logits_process import EncoderNoRepeatNGramLogitsProcessor
+
+    from onnxpipe.decoding.processors import EncoderNoRepeatNGram, History
+
+    rng = np.random.default_rng(ngram)
+    vocab, beams = 7, 2
+    sources = [rng.integers(0, vocab, 12).tolist() for _ in range(3)]
+    decoded = rng.integers(0, vocab, (3 * beams, 5))
+    scores = rng.standard_normal((3 * beams, vocab)).astype(np.float32)
+    theirs = EncoderNoRepeatNGramLogitsProcessor(ngram, torch.tensor(sources))(
+        torch.tensor(decoded), torch.tensor(scores)
+    ).numpy()
+    ours = EncoderNoRepeatNGram(ngram, sources)
+    live = np.array([0, 2])  # input 1 finished: its rows are gone, the others keep their input's source
+    rows = np.repeat(live, beams) * beams + np.tile(np.arange(beams), len(live))
+    history = History(decoded[rows], np.zeros(len(rows), np.int64), 1, np.repeat(live, beams))
+    got = ours(history, scores[rows].copy())
+    np.testing.assert_array_equal(got, theirs[rows])
+    assert np.isinf(theirs).any()
+
+    prompt = np.array(sources[0])  # decoder-only: the prompt is the encoder input, and the row's start
+    row = np.concatenate([prompt, decoded[0]])[None, :]
+    expected = EncoderNoRepeatNGramLogitsProcessor(ngram, torch.tensor(prompt[None, :]))(
+        torch.tensor(row), torch.tensor(scores[:1])
+    ).numpy()
+    got = EncoderNoRepeatNGram(ngram)(History(row, np.zeros(1, np.int64), len(prompt)), scores[:1].copy())
+    np.testing.assert_array_equal(got, expected)
