@@ -351,6 +351,33 @@ def test_a_rerun_skips_done_shards_and_redoes_the_rest(classifier, tmp_path, mon
     assert not list(out.glob(".tmp-*")) and (out / "_SUCCESS").is_file()
 
 
+def test_a_signal_just_after_a_shard_file_opens_leaves_no_temporary(classifier, tmp_path, monkeypatch):
+    """The race the SIGTERM test met once under load: the signal's exception lands after ShardWriter opened
+    its temporary and before the engine held the writer, so no abort() knew the file."""
+    from onnxpipe.batch import local
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        _touch(tmp_path / f"in/{name}.txt", "good\nbad\n")
+    opened = []
+
+    class SignalledWriter(ShardWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self.temp)
+            if len(opened) == 2:  # the second shard's file exists; the engine never gets its writer
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(local, "ShardWriter", SignalledWriter)
+    out = tmp_path / "out"
+    result = _batch("classify", classifier, [], ["in"], out)
+    assert result.exit_code == 130, result.output
+    assert len(opened) == 2 and not opened[1].exists()
+    assert not list(out.glob(".tmp-*")) and sorted(p.name for p in out.glob("*.jsonl")) == ["a.txt.jsonl"]
+    (out / ".tmp-0123456789abcdef-1").write_text("another process's")  # only its own are swept
+    assert remove_temporaries(out, os.getpid()) == 0 and remove_temporaries(out, 1) == 1
+
+
 def test_other_options_or_model_refuse_and_force_redoes(classifier, exported, tmp_path):
     _touch(tmp_path / "in.txt", "good\nbad\n")
     out = tmp_path / "out"

@@ -10,6 +10,7 @@ into place stay, and a rerun skips them.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from typing import Any
 
 from onnxpipe.batch.job import JobRun
 from onnxpipe.batch.plan import Shard
-from onnxpipe.batch.shards import InputSpec, ShardWriter, read_rows
+from onnxpipe.batch.shards import InputSpec, ShardWriter, read_rows, remove_temporaries
 from onnxpipe.batch.worker import Worker, WorkerOptions
 from onnxpipe.errors import ExitStatus, OnnxpipeError
 from onnxpipe.stream.records import Record
@@ -218,6 +219,7 @@ def run_local(
             pool = None
         for writer in writers.values():
             writer.abort()
+        remove_temporaries(run.plan.output_dir, os.getpid())  # one opened as the signal came
         raise
     finally:
         if pool is not None:

@@ -34,7 +34,7 @@ from typing import Any
 from onnxpipe.batch.job import JobRun
 from onnxpipe.batch.local import BatchSummary
 from onnxpipe.batch.plan import Plan, Shard
-from onnxpipe.batch.shards import InputSpec, ShardWriter, read_rows
+from onnxpipe.batch.shards import InputSpec, ShardWriter, read_rows, remove_temporaries
 from onnxpipe.batch.worker import Worker, WorkerOptions, shard_named_by
 from onnxpipe.errors import ExitStatus, OnnxpipeError, UsageError
 from onnxpipe.stream.records import Record
@@ -527,6 +527,7 @@ class ShardAssembler:
         for writer in self.writers.values():
             writer.abort()
         self.writers.clear()
+        remove_temporaries(self.plan.output_dir, os.getpid())  # one opened as the signal came
 
 
 def _write(

@@ -316,12 +316,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def remove_temporaries(output_dir: Path) -> int:
-    """Remove the temporaries an interrupted run left in OUTPUT_DIR (the caller holds the job's lock)."""
+def remove_temporaries(output_dir: Path, pid: int | None = None) -> int:
+    """Remove the temporaries an interrupted run left in OUTPUT_DIR (the caller holds the job's lock).
+
+    With PID, only that process's own (`.tmp-...-PID`): an engine stopping on a signal sweeps its own,
+    since the signal may land after a ShardWriter opened its file and before the engine held the writer.
+    """
     removed = 0
     if not output_dir.is_dir():
         return 0
     for entry in output_dir.iterdir():
+        if pid is not None and not entry.name.endswith(f"-{pid}"):
+            continue
         if entry.name.startswith(".tmp-") and entry.is_file():
             try:
                 entry.unlink()
