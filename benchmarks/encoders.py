@@ -150,8 +150,11 @@ def optimum_export(workload: str) -> Path:
         from optimum.exporters.onnx import main_export
 
         folder = SENTIMENT / "model" if workload == "classify" else minilm_folder()
-        main_export(
-            str(folder), output=out, task="text-classification" if workload == "classify" else "feature-extraction"
+        main_export(  # library transformers: a sentence-transformers folder would get its own outputs instead
+            str(folder),
+            output=out,
+            task="text-classification" if workload == "classify" else "feature-extraction",
+            library_name="transformers",
         )
     return out
 
