@@ -215,7 +215,7 @@ FAMILIES: tuple[Family, ...] = (
         _GEN,
         TOKENIZER_FAST,
         ("test_seq2seq.py",),
-        "forced BOS/EOS, no-repeat-ngram",
+        "onnxpipe's encoder-decoder graph on CPU, optimum's elsewhere; forced BOS/EOS, no-repeat-ngram",
     ),
     Family(
         "mbart",
@@ -227,7 +227,7 @@ FAMILIES: tuple[Family, ...] = (
         _GEN,
         TOKENIZER_SPM_FAST,
         ("test_seq2seq.py", "test_families_seq2seq.py"),
-        "cc25 and mBART-50 code placement; --source-lang/--target-lang (forced BOS)",
+        "onnxpipe's encoder-decoder graph on CPU, optimum's elsewhere; cc25 and mBART-50 code placement; --source-lang/--target-lang (forced BOS)",
     ),
     Family(
         "marian",
@@ -239,7 +239,7 @@ FAMILIES: tuple[Family, ...] = (
         _GEN,
         TOKENIZER_OURS,
         ("test_seq2seq.py",),
-        "source.spm + target.spm + vocab.json",
+        "onnxpipe's encoder-decoder graph on CPU, optimum's elsewhere; source.spm + target.spm + vocab.json",
     ),
     Family(
         "m2m_100",
@@ -251,7 +251,7 @@ FAMILIES: tuple[Family, ...] = (
         _GEN,
         TOKENIZER_OURS,
         ("test_tokenizers.py",),
-        "M2M100Tokenizer has no fast form in transformers: onnxpipe converts it "
+        "onnxpipe's encoder-decoder graph on CPU, optimum's elsewhere; M2M100Tokenizer has no fast form in transformers: onnxpipe converts it "
         "(language codes, pieces vocab.json lacks -> <unk>); --source-lang/--target-lang",
     ),
     Family(
@@ -264,7 +264,7 @@ FAMILIES: tuple[Family, ...] = (
         _GEN,
         TOKENIZER_SPM_FAST,
         ("test_seq2seq.py", "test_families_seq2seq.py"),
-        "NllbTokenizerFast; forced BOS = target language",
+        "onnxpipe's encoder-decoder graph on CPU, optimum's elsewhere; NllbTokenizerFast; forced BOS = target language",
     ),
     Family(
         "pegasus",
@@ -276,7 +276,7 @@ FAMILIES: tuple[Family, ...] = (
         _GEN,
         TOKENIZER_SPM_FAST,
         ("test_families_seq2seq.py",),
-        "sinusoidal positions; generation config's no-repeat-ngram and banned words",
+        "onnxpipe's encoder-decoder graph on CPU, optimum's elsewhere; sinusoidal positions; generation config's no-repeat-ngram and banned words",
     ),
     # --- decoders ---------------------------------------------------------------------------
     Family(
