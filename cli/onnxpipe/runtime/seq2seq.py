@@ -37,6 +37,24 @@ from onnxpipe.runtime.model import ExportedModel
 FUSED_BUILDER = "onnxpipe-fused-seq2seq"  # the manifest's graph.builder of export.seq2seq_graph's graphs
 
 
+def right_padded(
+    sources: Sequence[Sequence[int]], pad_id: int, config: GenerationConfig
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(ids, attention mask, decoder start id) of SOURCES right-padded with PAD_ID, as both runners feed them."""
+    width = max(len(s) for s in sources)
+    ids = np.full((len(sources), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sources), width), dtype=np.int64)
+    for r, source in enumerate(sources):
+        ids[r, : len(source)] = source
+        mask[r, : len(source)] = 1
+    start = config.decoder_start_token_id
+    if start is None:  # int(None) would fail with a TypeError
+        raise ModelNotFoundError(
+            "no decoder_start_token_id to start decoding from", hint="re-export it with onnxpipe export"
+        )
+    return ids, mask, int(start)
+
+
 class Seq2SeqRunner:
     """The encoder and merged-decoder sessions, driven step by step through a `decoding.Step`."""
 
@@ -203,18 +221,8 @@ class Seq2SeqRunner:
         keys: Sequence[int] | None = None,
     ) -> list[list[Hypothesis]]:
         """Decode each source (token ids); n-best lists (num_return_sequences), best first."""
-        width = max(len(s) for s in sources)
-        ids = np.full((len(sources), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(sources), width), dtype=np.int64)
-        for r, source in enumerate(sources):
-            ids[r, : len(source)] = source
-            mask[r, : len(source)] = 1
-        start = config.decoder_start_token_id
-        if start is None:  # int(None) would fail with a TypeError
-            raise ModelNotFoundError(
-                "no decoder_start_token_id to start decoding from", hint="re-export it with onnxpipe export"
-            )
-        logits, step = self.start(ids, mask, int(start))
+        ids, mask, start = right_padded(sources, pad_id, config)
+        logits, step = self.start(ids, mask, start)
         return generate(
             step,
             logits,
@@ -409,20 +417,10 @@ class FusedSeq2SeqRunner:
         keys: Sequence[int] | None = None,
     ) -> list[list[Hypothesis]]:
         """Decode each source (token ids); n-best lists (num_return_sequences), best first."""
-        width = max(len(s) for s in sources)
-        ids = np.full((len(sources), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(sources), width), dtype=np.int64)
-        for r, source in enumerate(sources):
-            ids[r, : len(source)] = source
-            mask[r, : len(source)] = 1
-        start = config.decoder_start_token_id
-        if start is None:
-            raise ModelNotFoundError(
-                "no decoder_start_token_id to start decoding from", hint="re-export it with onnxpipe export"
-            )
+        ids, mask, start = right_padded(sources, pad_id, config)
         beams = config.num_beams
         log_probs = beams > 1  # beam search works on log-probabilities (transformers' too)
-        logits, step = self.start(ids, mask, int(start), len(sources) * beams, max_new_tokens + 1, log_probs)
+        logits, step = self.start(ids, mask, start, len(sources) * beams, max_new_tokens + 1, log_probs)
         return generate(
             step,
             logits,
