@@ -572,6 +572,12 @@ def export(
     QUANTIZE (int4, int8) stores the weights as integer-compute MatMulNBits (export.nbits)."""
     out = Path(out)
     name, weights = build(model, out, opset, quantize=quantize)
+    save_configs(model, out)
+    return {"model": name}, weights
+
+
+def save_configs(model: Any, out: Path) -> None:
+    """MODEL's config.json and generation_config.json in OUT, as optimum writes them beside its graphs."""
     generation = getattr(model, "generation_config", None)
     if generation is not None:  # as optimum does: generation settings left in config.json move over
         for key, value in model.config._get_non_default_generation_parameters().items():
@@ -583,4 +589,3 @@ def export(
             generation.save_pretrained(out)
         except Exception:  # transformers refuses to save an invalid one; optimum then skips it too
             pass
-    return {"model": name}, weights

@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from onnxpipe.export.fused import save_configs
+
 GRAPH_NAME = "onnxpipe-fused-seq2seq"
 BUILDER = "onnxpipe-fused-seq2seq"  # the manifest's graph.builder
 ENCODER_FILE = "encoder_model.onnx"
@@ -418,17 +420,7 @@ def export(model: Any, out: Path, opset: int | None = None) -> dict[str, str]:
     """The export folder's graphs and configs, as optimum writes them: {"encoder": file, "decoder": file}."""
     out = Path(out)
     files = build(model, out, opset)
-    generation = getattr(model, "generation_config", None)
-    if generation is not None:  # as optimum does: generation settings left in config.json move over
-        for key, value in model.config._get_non_default_generation_parameters().items():
-            setattr(generation, key, value)
-            setattr(model.config, key, None)
-    model.config.save_pretrained(out)
-    if generation is not None:
-        try:
-            generation.save_pretrained(out)
-        except Exception:  # transformers refuses to save an invalid one; optimum then skips it too
-            pass
+    save_configs(model, out)
     return files
 
 
