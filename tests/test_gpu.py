@@ -181,13 +181,13 @@ def _bf16_as_float32(model):
     wiring of the conversion (casts, types, initializers) is checked where no bf16 kernel exists."""
     from onnx import TensorProto, numpy_helper
 
-    from onnxpipe.export.variants import _all_graphs
+    from onnxpipe.export.int8 import all_graphs
 
     def widen(tensor):
         bits = np.frombuffer(tensor.raw_data, dtype="<u2").astype(np.uint32) << 16
         tensor.CopyFrom(numpy_helper.from_array(bits.view(np.float32).reshape(list(tensor.dims)), tensor.name))
 
-    for graph in _all_graphs(model.graph):
+    for graph in all_graphs(model.graph):
         for init in graph.initializer:
             if init.data_type == TensorProto.BFLOAT16:
                 widen(init)

@@ -29,9 +29,9 @@ def manifest(folder) -> dict:
 def ops(path) -> set[str]:
     import onnx
 
-    from onnxpipe.export.int8 import _graphs
+    from onnxpipe.export.int8 import all_graphs
 
-    return {n.op_type for g in _graphs(onnx.load(str(path)).graph) for n in g.node}
+    return {n.op_type for g in all_graphs(onnx.load(str(path)).graph) for n in g.node}
 
 
 # --- the pass, against numpy ------------------------------------------------------------

@@ -125,7 +125,7 @@ def quantize_graph(model, method: str = "rows", keep: tuple[str, ...] = (), base
     initializers = {i.name: i for i in main.initializer}
     transposed = {  # a tied output projection: Transpose(embedding table), in the main graph or a branch
         n.output[0]: n.input[0]
-        for g in _graphs(main)
+        for g in all_graphs(main)
         for n in g.node
         if n.op_type == "Transpose"
         and n.input[0] in initializers
@@ -133,7 +133,7 @@ def quantize_graph(model, method: str = "rows", keep: tuple[str, ...] = (), base
     }
     # subgraphs first: rewriting a graph copies its nodes, so an If rewritten before its branches would
     # keep the old branches
-    for graph in reversed(list(_graphs(main))):
+    for graph in reversed(list(all_graphs(main))):
         p.rows = {}
         _rewrite(graph, initializers, transposed, p)
     model.graph.initializer.extend(p.initializers)
@@ -146,15 +146,15 @@ def quantize_graph(model, method: str = "rows", keep: tuple[str, ...] = (), base
     return {"converted": p.converted, "kept": p.kept}
 
 
-def _graphs(graph) -> Iterator[Any]:
+def all_graphs(graph) -> Iterator[Any]:
     """GRAPH and every subgraph in it (a merged decoder keeps its layers inside If branches)."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.HasField("g"):
-                yield from _graphs(attr.g)
+                yield from all_graphs(attr.g)
             for sub in attr.graphs:
-                yield from _graphs(sub)
+                yield from all_graphs(sub)
 
 
 def _inferred_shapes(model) -> dict[str, Any]:
@@ -172,7 +172,7 @@ def _inferred_shapes(model) -> dict[str, Any]:
         inferred = onnx.shape_inference.infer_shapes(light)
     except Exception:  # noqa: BLE001 - without shapes the graph is as right, only less fused by ONNX Runtime
         return {}
-    return {v.name: v.type for g in _graphs(inferred.graph) for v in [*g.value_info, *g.output]}
+    return {v.name: v.type for g in all_graphs(inferred.graph) for v in [*g.value_info, *g.output]}
 
 
 def _array(init, base_dir: str = "") -> np.ndarray:
@@ -331,7 +331,7 @@ def _nbits(node, key: str, w: np.ndarray, bias, p: _Pass) -> list[Any]:
 
 def _drop_unused(model) -> None:
     """Remove the float32 weights (and the Transposes of tied ones) that no node reads any more."""
-    graphs = list(_graphs(model.graph))
+    graphs = list(all_graphs(model.graph))
     while True:
         used = {o.name for o in model.graph.output}
         for graph in graphs:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from onnxpipe.errors import DeviceError, ExportError
+from onnxpipe.export.int8 import all_graphs
 
 OPTIMIZATION_LEVELS = ("O1", "O2", "O3")
 QUANTIZATIONS = ("int8", "int4")
@@ -103,7 +104,7 @@ def quantize_int8_rows(folder: Path, files: list[str], method: str = "rows") -> 
     def locations(model) -> set[str]:
         return {
             entry.value
-            for graph in int8._graphs(model.graph)
+            for graph in int8.all_graphs(model.graph)
             for init in graph.initializer
             for entry in init.external_data
             if entry.key == "location"
@@ -148,7 +149,8 @@ def _quantize_int8_dynamic(folder: Path, files: list[str], family: str) -> dict:
             graph = onnx.load(str(path), load_external_data=False).graph
             keep = [
                 n.name
-                for n in _all_nodes(graph)
+                for g in all_graphs(graph)
+                for n in g.node
                 if n.op_type in ("MatMul", "Gemm") and any(k in n.name for k in _KEEP_FP32)
             ]
             excluded += len(keep)
@@ -194,17 +196,6 @@ def _default_tensor_type_float():
         yield
     finally:
         optimum_quantization.ONNXQuantizer = base
-
-
-def _all_nodes(graph):
-    """Nodes of GRAPH and of its subgraphs (a merged decoder keeps its layers inside If branches)."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.g is not None and attr.g.node:
-                yield from _all_nodes(attr.g)
-            for sub in attr.graphs:
-                yield from _all_nodes(sub)
 
 
 def convert_fp16(folder: Path, files: list[str]) -> None:
@@ -328,7 +319,7 @@ def to_bfloat16(model, original=None) -> None:
     f16, bf16 = TensorProto.FLOAT16, TensorProto.BFLOAT16
     source = {}
     if original is not None:
-        for graph in _all_graphs(original.graph):
+        for graph in all_graphs(original.graph):
             for init in graph.initializer:
                 if init.data_type == TensorProto.FLOAT and not init.external_data:
                     source[init.name] = init
@@ -350,7 +341,7 @@ def to_bfloat16(model, original=None) -> None:
         if value_type.HasField("sequence_type"):
             retype(value_type.sequence_type.elem_type)
 
-    for graph in _all_graphs(model.graph):
+    for graph in all_graphs(model.graph):
         for init in graph.initializer:
             retensor(init, source.get(init.name))
         for value in [*graph.input, *graph.output, *graph.value_info]:
@@ -374,14 +365,3 @@ def bfloat16_bits(values):
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
     return np.where(np.isnan(values), np.uint16(0x7FC0), rounded)
-
-
-def _all_graphs(graph):
-    """GRAPH and every subgraph in it (If/Loop branches)."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _all_graphs(attr.g)
-            for sub in attr.graphs:
-                yield from _all_graphs(sub)
