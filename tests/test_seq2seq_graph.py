@@ -1,7 +1,7 @@
 """onnxpipe's own encoder-decoder graphs (export.seq2seq_graph, runtime.seq2seq.FusedSeq2SeqRunner).
 
-`--graph auto` picks them for Marian, BART, mBART, M2M100/NLLB and Pegasus on the CPU; T5 keeps optimum's
-merged decoder. The oracle is transformers' `generate` on the sharpened tiny checkpoints of
+`--graph auto` picks them for Marian, BART, mBART, M2M100/NLLB, Pegasus and T5 on the CPU; what they
+cannot express (UMT5, LongT5, a head size GroupQueryAttention refuses) keeps optimum's merged decoder. The oracle is transformers' `generate` on the sharpened tiny checkpoints of
 tests/tiny_seq2seq.py: ids identical for greedy and beam 4, a padded batch of 8 (rows that end early and
 rows that run to the limit) and batch 1, with each family's forced BOS/EOS (mBART/NLLB: the target
 language), banned words, no_repeat_ngram_size and min/max length. test_seq2seq.py and
@@ -21,7 +21,7 @@ import tiny_seq2seq
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-FAMILIES = ("marian", "bart", "mbart", "nllb", "pegasus")
+FAMILIES = ("marian", "bart", "mbart", "nllb", "pegasus", "t5")
 TARGET = {"mbart": "de_DE", "nllb": "deu_Latn"}
 BATCH = [tiny_models.CORPUS[i] for i in (0, 3, 5, 9, 10, 12, 14, 15)]  # 8 lines of 2 to 20 words
 
@@ -93,6 +93,27 @@ def test_auto_picks_the_fused_graph(fused, arch):
     assert manifest["graph"]["shared_initializer"]["file"] == "embed_tokens.bin"
     runner = _task(export, arch).runner
     assert isinstance(runner, FusedSeq2SeqRunner) and runner.shared is not None
+
+
+@pytest.mark.parametrize("arch", ["marian", "t5"])
+def test_a_second_task_on_one_model_reads_the_shared_table(fused, arch):
+    """The token table both sessions read in place belongs to the model: a runner made after the first one
+    is gone (a server's next request, the API's next task) once read freed memory and generated garbage."""
+    import gc
+
+    from onnxpipe.runtime import load_model
+    from onnxpipe.tasks.seq2seq import Seq2SeqTask
+
+    _, export = fused(arch)
+    model = load_model(export, device="cpu")
+    first = Seq2SeqTask(model, max_new_tokens=12, num_beams=1)
+    expected = _ours(first, BATCH)
+    size = int(np.prod(model.manifest["graph"]["shared_initializer"]["shape"]))
+    del first
+    gc.collect()
+    junk = [np.full(size, np.nan, np.float32) for _ in range(32)]  # what freed memory would be reused for
+    assert _ours(Seq2SeqTask(model, max_new_tokens=12, num_beams=1), BATCH) == expected
+    del junk
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -172,21 +193,35 @@ def test_step_logits_follow_their_parents(fused):
     np.testing.assert_allclose(fresh, expected, atol=1e-4)
 
 
-def test_t5_keeps_optimums_graph(checkpoint):
+def test_families_it_cannot_express_keep_optimums_graph(checkpoint):
     from types import SimpleNamespace
 
     from onnxpipe.export import seq2seq_graph
 
     config = json.loads((Path(checkpoint("t5")) / "config.json").read_text())
-    assert "relative position bias" in seq2seq_graph.unsupported_reason(SimpleNamespace(**config))
+    assert seq2seq_graph.unsupported_reason(SimpleNamespace(**config)) is None
+    for model_type, why in (("umt5", "a relative position bias in every layer"), ("longt5", "local and transient")):
+        assert why in seq2seq_graph.unsupported_reason(SimpleNamespace(**{**config, "model_type": model_type}))
+    reason = seq2seq_graph.unsupported_reason(SimpleNamespace(**{**config, "d_kv": 12}))
+    assert reason == "decoder head size 12 (GroupQueryAttention needs a multiple of 8)"
 
 
 def test_graph_flag(fused, checkpoint, tmp_path):
+    import shutil
+
     from onnxpipe.errors import UsageError
     from onnxpipe.export import export_model
 
-    with pytest.raises(UsageError, match="--graph fused is not available here: model type t5"):
-        export_model(checkpoint("t5"), tmp_path / "t5", graph="fused")
+    # a T5 with 4 heads of 4: GroupQueryAttention would refuse it at run time, so the export refuses it
+    small_heads = tmp_path / "t5-heads-of-4"
+    shutil.copytree(checkpoint("t5"), small_heads)
+    config = transformers.AutoConfig.from_pretrained(small_heads)
+    config.d_kv = 4
+    transformers.AutoModelForSeq2SeqLM.from_config(config).save_pretrained(small_heads, safe_serialization=True)
+    with pytest.raises(UsageError, match="--graph fused is not available here: decoder head size 4"):
+        export_model(small_heads, tmp_path / "t5", graph="fused")
+    manifest = export_model(small_heads, tmp_path / "t5-auto")
+    assert manifest["graph"]["builder"] == "optimum"
     ckpt, _ = fused("marian")
     manifest = export_model(ckpt, tmp_path / "optimum", graph="optimum")
     assert manifest["graph"]["builder"] == "optimum"

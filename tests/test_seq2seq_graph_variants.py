@@ -58,6 +58,27 @@ VARIANTS = {
     "mbart": ("mbart", dict(SHAPE, scale_embedding=True, decoder_layerdrop=0.3, encoder_layerdrop=0.2), {}, -3.0),
     "nllb": ("nllb", dict(SHAPE, scale_embedding=False, max_position_embeddings=MAX_POSITIONS), {}, 16.0),
     "pegasus": ("pegasus", dict(SHAPE, scale_embedding=False, max_position_embeddings=MAX_POSITIONS), {}, 5.0),
+    # relu, tied (the output reads the state x d**-0.5); 4 buckets within max_distance 6, so the longer
+    # sources and outputs reach the clipped far bucket of both directions
+    # (encoder and decoder depths stay equal: transformers 4.57 sizes T5's generate cache by num_layers)
+    "t5": ("t5", dict(relative_attention_num_buckets=8, relative_attention_max_distance=6), {}, 2.0),
+    # flan-t5 / mt5: gated gelu_new, untied output layer, head size 16 (d_kv) x 2 heads != d_model 32
+    "flan-t5": (
+        "t5",
+        dict(
+            dense_act_fn="gelu_new",
+            is_gated_act=True,
+            tie_word_embeddings=False,
+            d_kv=16,
+            num_heads=2,
+            num_layers=3,
+            num_decoder_layers=3,
+            relative_attention_num_buckets=16,
+            relative_attention_max_distance=10,
+        ),
+        dict(no_repeat_ngram_size=2, num_beams=4),
+        2.0,
+    ),
 }
 TARGET = {"mbart": "de_DE", "nllb": "deu_Latn"}
 # A 1-token source (eos only), a short one, and one longer than MAX_POSITIONS (truncated to it).

@@ -1,4 +1,4 @@
-"""onnxpipe's own encoder-decoder graphs for the BART-like families (Marian, BART, mBART, M2M100/NLLB, Pegasus).
+"""onnxpipe's own encoder-decoder graphs: the BART-like families (Marian, BART, mBART, M2M100/NLLB, Pegasus) and T5.
 
 optimum's merged decoder grows its self-attention cache by Concat every step, recomputes nothing but
 copies everything, and carries the cross-attention keys/values of every beam. These two graphs are
@@ -30,10 +30,16 @@ What each family is, as transformers builds it (read from the modules, not assum
     m2m_100   pre-LN + final layer_norm, sinusoidal positions counted from padding_idx + 1 (pads get
               padding_idx), embeddings x sqrt(d)
     pegasus   pre-LN + final layer_norm, sinusoidal positions, embeddings x sqrt(d)
+    t5, mt5   pre-RMSNorm + final norm, no biases, no position embeddings: a relative position bias of the
+              first layer's buckets, added to every layer's self-attention scores (the encoder's from
+              k - q in both directions, the decoder's from how far back each key is, passed to
+              GroupQueryAttention as attention_bias); unscaled attention; relu or gated gelu FFN; a tied
+              output layer reads the decoder state x d**-0.5
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +53,13 @@ ENCODER_FILE = "encoder_model.onnx"
 DECODER_FILE = "decoder_model.onnx"
 SHARED_FILE = "embed_tokens.bin"  # the token embedding both graphs read, when they read the same one
 SHARED_NAME = "embed"
-SUPPORTED_MODEL_TYPES = ("marian", "bart", "mbart", "m2m_100", "pegasus")
-PRE_LN = ("mbart", "m2m_100", "pegasus")
+SUPPORTED_MODEL_TYPES = ("marian", "bart", "mbart", "m2m_100", "pegasus", "t5", "mt5")
+PRE_LN = ("mbart", "m2m_100", "pegasus", "t5", "mt5")
+T5_TYPES = ("t5", "mt5")
 ACTIVATIONS = ("swish", "silu", "gelu", "relu", "gelu_new", "gelu_pytorch_tanh")
 FAMILY_DIFFERENCES = {
-    "t5": "relative position bias and unscaled attention",
-    "mt5": "relative position bias and unscaled attention",
+    "umt5": "a relative position bias in every layer",
+    "longt5": "local and transient-global attention",
 }
 
 
@@ -62,17 +69,24 @@ def unsupported_reason(config: Any) -> str | None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         differs = f"{FAMILY_DIFFERENCES[model_type]}; " if model_type in FAMILY_DIFFERENCES else ""
         return f"model type {model_type} ({differs}fused seq2seq graphs exist for {', '.join(SUPPORTED_MODEL_TYPES)})"
-    act = getattr(config, "activation_function", None)
+    act = _activation(config)
     if act not in ACTIVATIONS:
         return f"activation {act}"
     if model_type == "bart" and (
         getattr(config, "add_final_layer_norm", False) or getattr(config, "normalize_before", False)
     ):
         return "a BART config with normalize_before or add_final_layer_norm (transformers' BART ignores them)"
-    head_dim = int(config.d_model) // int(config.decoder_attention_heads)
+    if model_type in T5_TYPES:
+        head_dim = int(config.d_kv)
+    else:
+        head_dim = int(config.d_model) // int(config.decoder_attention_heads)
     if head_dim % 8:  # ONNX Runtime's CPU GroupQueryAttention refuses other head sizes at run time
         return f"decoder head size {head_dim} (GroupQueryAttention needs a multiple of 8)"
     return None
+
+
+def _activation(config: Any) -> str | None:
+    return getattr(config, "dense_act_fn" if config.model_type in T5_TYPES else "activation_function", None)
 
 
 def _positions(module: Any, model_type: str) -> tuple[np.ndarray, str, int]:
@@ -139,6 +153,16 @@ class _Graph:
         return y
 
     def layer_norm(self, x: str, ln: Any, name: str) -> str:
+        """LayerNorm, or T5's RMSNorm (a weight, no bias, no mean subtracted)."""
+        if getattr(ln, "bias", None) is None:
+            return self.node(
+                "SimplifiedLayerNormalization",
+                [x, self.init(name + ".weight", ln.weight.detach().float().cpu().numpy())],
+                axis=-1,
+                epsilon=float(ln.variance_epsilon),
+                stash_type=1,
+                name=name,
+            )[0]
         return self.node(
             "LayerNormalization",
             [
@@ -174,9 +198,95 @@ class _Graph:
         return proto
 
 
-def _ffn(g: _Graph, x: str, layer: Any, act: str, name: str) -> str:
-    h = g.activation(g.linear(x, name + ".fc1", layer.fc1), act, name + ".act")
-    return g.linear(h, name + ".fc2", layer.fc2)
+@dataclass
+class _Attention:
+    q: Any  # the torch Linears
+    k: Any
+    v: Any
+    o: Any
+    heads: int
+    scale: float
+
+
+@dataclass
+class _Layer:
+    """One encoder or decoder layer, as the graph builder reads it from either kind of module."""
+
+    self_norm: Any
+    self_attn: _Attention
+    ffn_norm: Any
+    ffn: Any  # (g, x, act, name) -> output
+    cross_norm: Any = None
+    cross_attn: _Attention | None = None
+
+
+def _bart_layer(layer: Any) -> _Layer:
+    def attention(a: Any) -> _Attention:
+        return _Attention(a.q_proj, a.k_proj, a.v_proj, a.out_proj, a.num_heads, float(a.scaling))
+
+    def ffn(g: _Graph, x: str, act: str, name: str) -> str:
+        h = g.activation(g.linear(x, name + ".fc1", layer.fc1), act, name + ".act")
+        return g.linear(h, name + ".fc2", layer.fc2)
+
+    cross = getattr(layer, "encoder_attn", None)
+    return _Layer(
+        layer.self_attn_layer_norm,
+        attention(layer.self_attn),
+        layer.final_layer_norm,
+        ffn,
+        getattr(layer, "encoder_attn_layer_norm", None),
+        attention(cross) if cross is not None else None,
+    )
+
+
+def _t5_layer(block: Any) -> _Layer:
+    def attention(a: Any) -> _Attention:
+        return _Attention(a.q, a.k, a.v, a.o, a.n_heads, 1.0)  # T5 does not scale its scores
+
+    dense = block.layer[-1].DenseReluDense
+
+    def ffn(g: _Graph, x: str, act: str, name: str) -> str:
+        if hasattr(dense, "wi_0"):  # gated: act(wi_0 x) * wi_1 x
+            gate = g.activation(g.linear(x, name + ".wi_0", dense.wi_0), act, name + ".act")
+            h = g.node("Mul", [gate, g.linear(x, name + ".wi_1", dense.wi_1)], name=name + ".gated")[0]
+        else:
+            h = g.activation(g.linear(x, name + ".wi", dense.wi), act, name + ".act")
+        return g.linear(h, name + ".wo", dense.wo)
+
+    cross = block.layer[1] if len(block.layer) == 3 else None
+    return _Layer(
+        block.layer[0].layer_norm,
+        attention(block.layer[0].SelfAttention),
+        block.layer[-1].layer_norm,
+        ffn,
+        cross.layer_norm if cross is not None else None,
+        attention(cross.EncDecAttention) if cross is not None else None,
+    )
+
+
+def _layers(stack: Any, model_type: str) -> list[_Layer]:
+    if model_type in T5_TYPES:
+        return [_t5_layer(block) for block in stack.block]
+    return [_bart_layer(layer) for layer in stack.layers]
+
+
+def _relative_bias_table(attn: Any, bidirectional: bool) -> tuple[np.ndarray, int]:
+    """(table, span) of T5's relative position bias: table[r + span] (bidirectional, r = k - q clipped to
+    [-span, span]) or table[d] (the decoder: d = q - k clipped to [0, span]) is the (heads,) bias of that
+    relative position. Past max_distance every position falls in the last bucket, so the clip changes nothing."""
+    import torch
+
+    span = int(attn.relative_attention_max_distance) + 1
+    relative = torch.arange(-span, span + 1) if bidirectional else -torch.arange(0, span + 1)
+    buckets = attn._relative_position_bucket(
+        relative,
+        bidirectional=bidirectional,
+        num_buckets=attn.relative_attention_num_buckets,
+        max_distance=attn.relative_attention_max_distance,
+    )
+    with torch.no_grad():
+        table = attn.relative_attention_bias(buckets).float().cpu().numpy()
+    return np.ascontiguousarray(table), span
 
 
 def _sublayer(g: _Graph, x: str, pre_ln: bool, ln: Any, name: str, body) -> str:
@@ -209,78 +319,80 @@ def build(model: Any, out: Path, opset: int | None = None) -> dict[str, str]:
     if reason:
         raise ValueError(f"no fused seq2seq graph for {reason}")
     model_type = config.model_type
+    t5 = model_type in T5_TYPES
     pre_ln = model_type in PRE_LN
-    act = config.activation_function
-    base = model.get_encoder(), model.get_decoder()
-    encoder, decoder = base
+    act = _activation(config)
+    encoder, decoder = model.get_encoder(), model.get_decoder()
     ms = "com.microsoft"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dec_layers = list(decoder.layers)
-    dec_heads = dec_layers[0].self_attn.num_heads
+    enc_layers, dec_layers = _layers(encoder, model_type), _layers(decoder, model_type)
+    dec_heads = dec_layers[0].self_attn.heads
     d = int(config.d_model)
-    head_dim = d // dec_heads
+    inner = int(dec_layers[0].self_attn.q.weight.shape[0])  # heads x head_dim: d, or T5's num_heads x d_kv
+    head_dim = inner // dec_heads
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
 
     def value(name: str, elem: int, dims: list) -> Any:
         return helper.make_tensor_value_info(name, elem, dims)
 
+    def final_norm(g: _Graph, x: str, stack: Any, name: str) -> str:
+        norm = getattr(stack, "final_layer_norm" if t5 else "layer_norm", None)
+        return g.layer_norm(x, norm, name) if norm is not None else x
+
     # --- encoder ---------------------------------------------------------------------------
     g = _Graph()
     enc_table = encoder.embed_tokens.weight.detach().float().cpu().numpy()
-    positions = _positions(encoder, model_type)
-    if positions[1] == "padded":  # cumsum(ids != pad) * (ids != pad) + padding_idx
-        real = g.node(
-            "Cast", [g.node("Not", [g.node("Equal", ["input_ids", g.const("pad", positions[2])])[0]])[0]], to=i64
-        )[0]
-        counted = g.node("CumSum", [real, g.const("axis1", 1)])[0]
-        pos = g.node("Add", [g.node("Mul", [counted, real])[0], "pad"])[0]
-        pos_rows = None
-    else:  # rows offset .. offset + source length (a Slice: ONNX Runtime's Gather-of-Range rewrite fails here)
-        length = g.node("Slice", [g.node("Shape", ["input_ids"])[0], g.const("c1", [1]), g.const("c2", [2])])[0]
-        start = g.const("offset", [positions[2]])
-        pos = None
-        pos_rows = g.node(
-            "Slice",
-            [g.init("enc.embed.positions", positions[0]), start, g.node("Add", [length, start])[0], g.const("c0", [0])],
-        )[0]
-    x = _embed(g, "input_ids", g.init("embed", enc_table), _embed_scale(encoder), positions, pos, "enc.embed", pos_rows)
-    if getattr(encoder, "layernorm_embedding", None) is not None:
-        x = g.layer_norm(x, encoder.layernorm_embedding, "enc.ln_embed")
-    mask32 = g.node("Cast", ["attention_mask"], to=i32, name="enc.mask")[0]
-    for i, layer in enumerate(encoder.layers):
-        attn = layer.self_attn
-        heads = attn.num_heads
-
-        def self_attention(h: str, attn=attn, heads=heads, i=i) -> str:
-            q, k, v = (g.linear(h, f"enc{i}.{n}", getattr(attn, f"{n}_proj")) for n in ("q", "k", "v"))
-            o = g.node(
-                "MultiHeadAttention",
-                [q, k, v, "", mask32],
-                domain=ms,
-                name=f"enc{i}.attn",
-                num_heads=heads,
-                scale=float(attn.scaling),
+    if t5:  # no scale, no positions: T5's are the relative bias of its attention
+        x = g.node("Gather", [g.init("embed", enc_table), "input_ids"], name="enc.embed.tokens")[0]
+    else:
+        positions = _positions(encoder, model_type)
+        if positions[1] == "padded":  # cumsum(ids != pad) * (ids != pad) + padding_idx
+            real = g.node(
+                "Cast", [g.node("Not", [g.node("Equal", ["input_ids", g.const("pad", positions[2])])[0]])[0]], to=i64
             )[0]
-            return g.linear(o, f"enc{i}.o", attn.out_proj)
-
-        x = _sublayer(g, x, pre_ln, layer.self_attn_layer_norm, f"enc{i}.sa", self_attention)
-        x = _sublayer(
-            g,
-            x,
-            pre_ln,
-            layer.final_layer_norm,
-            f"enc{i}.ff",
-            lambda h, layer=layer, i=i: _ffn(g, h, layer, act, f"enc{i}.ffn"),
+            counted = g.node("CumSum", [real, g.const("axis1", 1)])[0]
+            pos = g.node("Add", [g.node("Mul", [counted, real])[0], "pad"])[0]
+            pos_rows = None
+        else:  # rows offset .. offset + source length (a Slice: ONNX Runtime's Gather-of-Range rewrite fails here)
+            length = g.node("Slice", [g.node("Shape", ["input_ids"])[0], g.const("c1", [1]), g.const("c2", [2])])[0]
+            start = g.const("offset", [positions[2]])
+            pos = None
+            pos_rows = g.node(
+                "Slice",
+                [
+                    g.init("enc.embed.positions", positions[0]),
+                    start,
+                    g.node("Add", [length, start])[0],
+                    g.const("c0", [0]),
+                ],
+            )[0]
+        x = _embed(
+            g, "input_ids", g.init("embed", enc_table), _embed_scale(encoder), positions, pos, "enc.embed", pos_rows
         )
-    if getattr(encoder, "layer_norm", None) is not None:
-        x = g.layer_norm(x, encoder.layer_norm, "enc.ln_final")
+        if getattr(encoder, "layernorm_embedding", None) is not None:
+            x = g.layer_norm(x, encoder.layernorm_embedding, "enc.ln_embed")
+    mask32 = g.node("Cast", ["attention_mask"], to=i32, name="enc.mask")[0]
+    enc_bias = _encoder_bias(g, encoder.block[0].layer[0].SelfAttention) if t5 else ""
+    for i, layer in enumerate(enc_layers):
+
+        def self_attention(h: str, a=layer.self_attn, i=i) -> str:
+            q, k, v = (g.linear(h, f"enc{i}.{n}", getattr(a, n)) for n in ("q", "k", "v"))
+            inputs = [q, k, v, "", mask32] + ([enc_bias] if enc_bias else [])
+            o = g.node("MultiHeadAttention", inputs, domain=ms, name=f"enc{i}.attn", num_heads=a.heads, scale=a.scale)
+            return g.linear(o[0], f"enc{i}.o", a.o)
+
+        x = _sublayer(g, x, pre_ln, layer.self_norm, f"enc{i}.sa", self_attention)
+        x = _sublayer(
+            g, x, pre_ln, layer.ffn_norm, f"enc{i}.ff", lambda h, layer=layer, i=i: layer.ffn(g, h, act, f"enc{i}.ffn")
+        )
+    x = final_norm(g, x, encoder, "enc.ln_final")
     g.node("Identity", [x], ["last_hidden_state"], name="last_hidden_state")
     heads_shape = g.const("heads_shape", [0, 0, dec_heads, head_dim])
     cross_outputs = []
     for i, layer in enumerate(dec_layers):
         for n in ("key", "value"):
-            t = g.linear(x, f"cross{i}.{n[0]}", getattr(layer.encoder_attn, f"{n[0]}_proj"))
+            t = g.linear(x, f"cross{i}.{n[0]}", getattr(layer.cross_attn, n[0]))
             t = g.node("Reshape", [t, heads_shape], name=f"cross{i}.{n}.heads")[0]
             g.node("Transpose", [t], [f"cross_{n}.{i}"], perm=[0, 2, 1, 3], name=f"cross{i}.{n}.bnsh")
             cross_outputs.append(
@@ -305,74 +417,78 @@ def build(model: Any, out: Path, opset: int | None = None) -> dict[str, str]:
     # --- decoder step ----------------------------------------------------------------------
     g = _Graph()
     table = g.init(SHARED_NAME, dec_table)
-    positions = _positions(decoder, model_type)
     t = g.node("Cast", [g.node("Sub", ["total_sequence_length", g.const("one32", 1, np.int32)])[0]], to=i64)[
         0
     ]  # this step's position
-    if positions[1] == "padded":
-        pad = g.const("pad", positions[2])
-        pos = g.node(
-            "Where",
-            [g.node("Equal", ["input_ids", pad])[0], pad, g.node("Add", [t, g.const("pad1", positions[2] + 1)])[0]],
-        )[0]
+    if t5:
+        x = g.node("Gather", [table, "input_ids"], name="dec.embed.tokens")[0]
     else:
-        pos = g.node("Add", [t, g.const("offset", positions[2])])[0]  # a scalar: one row of the table for all rows
-    x = _embed(g, "input_ids", table, _embed_scale(decoder), positions, pos, "dec.embed")
-    if getattr(decoder, "layernorm_embedding", None) is not None:
-        x = g.layer_norm(x, decoder.layernorm_embedding, "dec.ln_embed")
+        positions = _positions(decoder, model_type)
+        if positions[1] == "padded":
+            pad = g.const("pad", positions[2])
+            pos = g.node(
+                "Where",
+                [g.node("Equal", ["input_ids", pad])[0], pad, g.node("Add", [t, g.const("pad1", positions[2] + 1)])[0]],
+            )[0]
+        else:
+            pos = g.node("Add", [t, g.const("offset", positions[2])])[0]  # a scalar: one row of the table for all rows
+        x = _embed(g, "input_ids", table, _embed_scale(decoder), positions, pos, "dec.embed")
+        if getattr(decoder, "layernorm_embedding", None) is not None:
+            x = g.layer_norm(x, decoder.layernorm_embedding, "dec.ln_embed")
+    dec_bias = _decoder_bias(g, decoder.block[0].layer[0].SelfAttention, t) if t5 else ""
     enc_mask = g.node("Cast", ["encoder_attention_mask"], to=i32, name="dec.enc_mask")[0]
-    # The rows are inputs x group: the cross-attention's query is (inputs, group, d).
+    # The rows are inputs x group: the cross-attention's query is (inputs, group, inner).
     inputs_n = g.node(
         "Slice", [g.node("Shape", ["encoder_attention_mask"])[0], g.const("c0", [0]), g.const("c1", [1])]
     )[0]
-    by_input = g.node("Concat", [inputs_n, g.const("m1", [-1]), g.const("d", [d])], axis=0)[0]
-    by_row = g.const("rows_shape", [-1, 1, d])
+    by_input = g.node("Concat", [inputs_n, g.const("m1", [-1]), g.const("inner", [inner])], axis=0)[0]
+    by_row = g.const("rows_shape", [-1, 1, inner])
     presents = []
     for i, layer in enumerate(dec_layers):
-        sa, ca = layer.self_attn, layer.encoder_attn
 
-        def decoder_self_attention(h: str, sa=sa, i=i) -> str:
-            q, k, v = (g.linear(h, f"dec{i}.{n}", getattr(sa, f"{n}_proj")) for n in ("q", "k", "v"))
+        def decoder_self_attention(h: str, a=layer.self_attn, i=i) -> str:
+            q, k, v = (g.linear(h, f"dec{i}.{n}", getattr(a, n)) for n in ("q", "k", "v"))
+            inputs = [q, k, v, f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length"]
+            if dec_bias:  # cos_cache, sin_cache and position_ids unused, then attention_bias
+                inputs += ["", "", "", dec_bias]
             o = g.node(
                 "GroupQueryAttention",
-                [q, k, v, f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length"],
+                inputs,
                 [f"dec{i}.attn", f"present_key.{i}", f"present_value.{i}"],
                 domain=ms,
                 name=f"dec{i}.attn",
                 num_heads=dec_heads,
                 kv_num_heads=dec_heads,
-                scale=float(sa.scaling),
+                scale=a.scale,
                 do_rotary=0,
             )[0]
-            return g.linear(o, f"dec{i}.o", sa.out_proj)
+            return g.linear(o, f"dec{i}.o", a.o)
 
-        def cross_attention(h: str, ca=ca, i=i) -> str:
-            q = g.node("Reshape", [g.linear(h, f"dec{i}.cq", ca.q_proj), by_input], name=f"dec{i}.cq.by_input")[0]
+        def cross_attention(h: str, a=layer.cross_attn, i=i) -> str:
+            q = g.node("Reshape", [g.linear(h, f"dec{i}.cq", a.q), by_input], name=f"dec{i}.cq.by_input")[0]
             o = g.node(
                 "MultiHeadAttention",
                 [q, f"cross_key.{i}", f"cross_value.{i}", "", enc_mask],
                 domain=ms,
                 name=f"dec{i}.cross",
                 num_heads=dec_heads,
-                scale=float(ca.scaling),
+                scale=a.scale,
             )[0]
             o = g.node("Reshape", [o, by_row], name=f"dec{i}.cross.by_row")[0]
-            return g.linear(o, f"dec{i}.co", ca.out_proj)
+            return g.linear(o, f"dec{i}.co", a.o)
 
-        x = _sublayer(g, x, pre_ln, layer.self_attn_layer_norm, f"dec{i}.sa", decoder_self_attention)
-        x = _sublayer(g, x, pre_ln, layer.encoder_attn_layer_norm, f"dec{i}.ca", cross_attention)
+        x = _sublayer(g, x, pre_ln, layer.self_norm, f"dec{i}.sa", decoder_self_attention)
+        x = _sublayer(g, x, pre_ln, layer.cross_norm, f"dec{i}.ca", cross_attention)
         x = _sublayer(
-            g,
-            x,
-            pre_ln,
-            layer.final_layer_norm,
-            f"dec{i}.ff",
-            lambda h, layer=layer, i=i: _ffn(g, h, layer, act, f"dec{i}.ffn"),
+            g, x, pre_ln, layer.ffn_norm, f"dec{i}.ff", lambda h, layer=layer, i=i: layer.ffn(g, h, act, f"dec{i}.ffn")
         )
         presents += [f"present_key.{i}", f"present_value.{i}"]
-    if getattr(decoder, "layer_norm", None) is not None:
-        x = g.layer_norm(x, decoder.layer_norm, "dec.ln_final")
+    x = final_norm(g, x, decoder, "dec.ln_final")
     flat = g.node("Reshape", [x, g.const("flat", [-1, d])], name="lm_head.rows")[0]
+    if t5 and getattr(config, "tie_word_embeddings", True):  # as T5ForConditionalGeneration: the state x d**-0.5
+        flat = g.node("Mul", [flat, g.init("lm_head.rescale", np.array(d**-0.5, np.float32))], name="lm_head.rescale")[
+            0
+        ]
     head = model.get_output_embeddings().weight.detach().float().cpu().numpy()
     bias = getattr(model, "final_logits_bias", None)
     # The output layer has its own copy even when tied: ONNX Runtime prepacks it for the Gemm (and frees the
@@ -403,6 +519,36 @@ def build(model: Any, out: Path, opset: int | None = None) -> dict[str, str]:
         _external(dec_proto, SHARED_NAME, SHARED_FILE)
     onnx.save_model(dec_proto, str(out / DECODER_FILE))
     return {"encoder": ENCODER_FILE, "decoder": DECODER_FILE}
+
+
+def _encoder_bias(g: _Graph, attn: Any) -> str:
+    """T5's encoder position bias (1, heads, source, source): table[clip(k - q) + span] for every q, k."""
+    table, span = _relative_bias_table(attn, bidirectional=True)
+    length = g.node("Gather", [g.node("Shape", ["input_ids"])[0], g.const("enc.bias.axis1", 1)])[0]
+    r = g.node("Range", [g.const("enc.bias.zero", 0), length, g.const("enc.bias.step", 1)], name="enc.bias.range")[0]
+    rows = g.node("Unsqueeze", [r, g.const("enc.bias.ax1", [1])])[0]  # q
+    cols = g.node("Unsqueeze", [r, g.const("enc.bias.ax0", [0])])[0]  # k
+    rel = g.node("Sub", [cols, rows], name="enc.bias.relative")[0]
+    low, high = g.const("enc.bias.low", -span), g.const("enc.bias.high", span)
+    index = g.node("Add", [g.node("Min", [g.node("Max", [rel, low])[0], high])[0], high], name="enc.bias.index")[0]
+    bias = g.node("Gather", [g.init("enc.relative_bias", table), index], name="enc.bias.gather")[0]  # (q, k, heads)
+    return g.node("Unsqueeze", [g.node("Transpose", [bias], perm=[2, 0, 1])[0], g.const("enc.bias.ax0", [0])])[0]
+
+
+def _decoder_bias(g: _Graph, attn: Any, position: str) -> str:
+    """T5's decoder position bias of this step's query at POSITION (int64 scalar) against keys 0..POSITION,
+    (1, heads, 1, POSITION + 1), as GroupQueryAttention's attention_bias takes it: table[min(q - k, span)]."""
+    table, span = _relative_bias_table(attn, bidirectional=False)
+    total = g.node("Add", [position, g.const("dec.bias.one", 1)])[0]
+    keys = g.node("Range", [g.const("dec.bias.zero", 0), total, g.const("dec.bias.one", 1)], name="dec.bias.range")[0]
+    back = g.node("Min", [g.node("Sub", [position, keys])[0], g.const("dec.bias.span", span)], name="dec.bias.index")[0]
+    bias = g.node("Gather", [g.init("dec.relative_bias", table), back], name="dec.bias.gather")[0]  # (keys, heads)
+    heads = int(table.shape[1])
+    return g.node(
+        "Reshape",
+        [g.node("Transpose", [bias], perm=[1, 0])[0], g.const("dec.bias.shape", [1, heads, 1, -1])],
+        name="dec.bias",
+    )[0]
 
 
 def _external(proto: Any, name: str, location: str) -> None:

@@ -77,6 +77,8 @@ class ExportedModel:
         self.device_note: str | None = None  # one line for stderr saying what runs where, and why
         self._sessions: dict[str, Any] = {}
         self._options = None
+        # arrays that the sessions read in place (SessionOptions.add_initializer): they live as long as the model
+        self.session_arrays: list[Any] = []
 
     # --- what the export declares -----------------------------------------------------------
     @property

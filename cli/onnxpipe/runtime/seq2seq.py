@@ -281,12 +281,15 @@ class FusedSeq2SeqRunner:
         kernel): --device auto runs them there, --device cuda is refused by the model (graph_device)."""
         if model.device.kind == "auto" and model.provider is None:  # no session made yet
             model.device = Device("cpu")
-        shared = _shared_initializer(model) if model.provider is None else None
+        if model.provider is None:  # before the sessions: ONNX Runtime reads the table in place, so the model
+            shared = _shared_initializer(model)  # that owns the sessions keeps it (a later runner of the same
+            if shared is not None:  # model reads freed memory otherwise)
+                model.session_arrays.append(shared)
         encoder, decoder = model.session("encoder"), model.session("decoder")
         device = model.runs_on
         assert device is not None
         runner = cls(encoder, decoder, device)
-        runner.shared = shared  # ONNX Runtime reads it in place: it lives as long as the sessions' user
+        runner.shared = model.session_arrays[0] if model.session_arrays else None
         return runner
 
     def _buffers(self, rows: int, length: int) -> list[np.ndarray]:
