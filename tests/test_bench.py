@@ -106,8 +106,9 @@ def test_generator_table(exported):
     assert "tokens/s" in result.stdout and "pp" in result.stdout and "tg" in result.stdout
 
 
-def test_seq2seq_pp_and_tg(exported):
-    report = bench_json("-m", str(exported("t5")), "-b", "2", "-p", "5", "-n", "4")
+@pytest.mark.parametrize("graph", ["auto", "optimum"])  # onnxpipe's encoder-decoder graph, and optimum's
+def test_seq2seq_pp_and_tg(exported, graph):
+    report = bench_json("-m", str(exported("t5", graph=graph)), "-b", "2", "-p", "5", "-n", "4")
     assert report["task"] == "text2text-generation"
     pp, tg = report["results"]
     assert pp["test"] == "pp" and pp["tokens"] == 2 * 5 * 2

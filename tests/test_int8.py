@@ -89,7 +89,7 @@ def test_pass_matches_per_row_quantisation_in_branches_and_tied_weights():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     counts = quantize_graph(model)
-    assert counts == {"converted": 4, "kept": 0}  # the tied MatMul once per branch
+    assert counts == {"converted": 4, "kept": 0, "per_row": 0}  # the tied MatMul once per branch
     assert {i.name for i in model.graph.initializer}.isdisjoint({"w1", "w2", "table"})  # float32 copies gone
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = (rng.standard_normal((5, k)) * rng.uniform(0.1, 4, (5, 1))).astype(np.float32)
@@ -118,7 +118,74 @@ def test_small_heads_stay_float32():
         [numpy_helper.from_array(w, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    assert quantize_graph(model) == {"converted": 0, "kept": 1}
+    assert quantize_graph(model) == {"converted": 0, "kept": 1, "per_row": 0}
+
+
+def test_static_pass_matches_calibrated_quantisation():
+    """Method "static": constant (calibrated) activation scales, the MatMul's bias Add taken into
+    MatMulIntegerToFloat, values past the calibrated range saturated, and an activation that calibration
+    never saw falls back to per-row."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxpipe.export.int8 import activation_scale, quantize_graph, quantize_weight
+
+    rng = np.random.default_rng(1)
+    k, n = 32, 24
+    w1, w3 = (rng.standard_normal((k, n)).astype(np.float32) for _ in range(2))
+    w2 = rng.standard_normal((n, n)).astype(np.float32)  # Gemm transB: (outputs, inputs)
+    b1, b2 = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["m1"]),
+            helper.make_node("Add", ["b1", "m1"], ["a"]),  # bias first: Add is commutative
+            helper.make_node("Gemm", ["a", "w2", "b2"], ["h"], transB=1),
+            helper.make_node("MatMul", ["x", "w3"], ["r"]),  # x is calibrated: static too
+            helper.make_node("MatMul", ["h", "w3t"], ["z"]),  # h is not: per-row
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", k])],
+        [
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, ["rows", width])
+            for name, width in (("a", n), ("h", n), ("r", n), ("z", k))
+        ],
+        [
+            numpy_helper.from_array(v, name)
+            for name, v in (
+                ("w1", w1),
+                ("w2", w2),
+                ("w3", w3),
+                ("w3t", np.ascontiguousarray(w3.T)),
+                ("b1", b1),
+                ("b2", b2),
+            )
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    ranges = {"x": (-1.5, 2.5), "a": (-20.0, 30.0)}
+    counts = quantize_graph(model, "static", ranges=ranges)
+    assert counts == {"converted": 4, "kept": 0, "per_row": 1}
+    op_types = [node.op_type for node in model.graph.node]
+    assert "Add" not in op_types and op_types.count("QuantizeLinear") == 3  # x once for two products
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.uniform(-1.5, 2.5, (6, k)).astype(np.float32)
+    x[2, :4] = [9.0, -9.0, 2.5, -1.5]  # past the calibrated range: saturates
+
+    def static(x, w, bias, low, high):
+        scale, zero = activation_scale(low, high)
+        q = np.clip(np.rint(x / np.float32(scale)) + zero, 0, 255).astype(np.int64) - zero
+        wq, ws = quantize_weight(w)
+        return (q @ wq.astype(np.int64)).astype(np.float32) * (np.float32(scale) * ws) + bias
+
+    a, h, r, z = sess.run(None, {"x": x})
+    want_a = static(x, w1, b1, *ranges["x"])
+    np.testing.assert_allclose(a, want_a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(r, static(x, w3, 0, *ranges["x"]), rtol=1e-5, atol=1e-5)
+    want_h = static(want_a, np.ascontiguousarray(w2.T), b2, *ranges["a"])
+    np.testing.assert_allclose(h, want_h, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(z, _per_row(want_h, np.ascontiguousarray(w3.T)), rtol=1e-4, atol=1e-4)
+    assert activation_scale(0.0, 0.0) == (1.0, 0) and activation_scale(1.0, 2.0) == (2 / 255, 0)  # 0 is covered
 
 
 # --- encoders ---------------------------------------------------------------------------
@@ -181,6 +248,64 @@ def test_int8_below_its_threshold_fails_in_one_line(checkpoint, tmp_path, monkey
     message = str(err.value)
     assert "\n" not in message and "agreement with float32" in message and "1.01" in message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def calibration_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calibration") / "lines.txt"
+    path.write_text("\n".join(t.upper() + " " + t for t in TEXTS) + "\n\n", encoding="utf-8")
+    return path
+
+
+def test_calibrated_int8_encoder(exported, calibration_file):
+    """--calibration: constant scales from the text's ranges (no per-row work at run time), the same
+    bits for a text alone and in a padded batch, and the manifest says what it was calibrated on."""
+    from tokenizers import Tokenizer
+
+    from onnxpipe.export.validate import session
+
+    folder = exported("bert", quantize="int8", calibration=str(calibration_file))
+    m = manifest(folder)
+    q = m["quantization"]
+    assert "calibrated" in q["method"] and q["calibration"] == {"texts": len(TEXTS), "file": "lines.txt"}
+    assert q["per_row_fallbacks"] == 0 and q["batch_independent"] is True and q["matmuls"] > 0
+    assert m["validation"]["quality"]["passed"] and m["validation"]["quality"]["batch_independent"] is True
+    graph_ops = ops(folder / "model.onnx")
+    assert {"QuantizeLinear", "MatMulIntegerToFloat"} <= graph_ops and not {"ReduceMax", "Abs"} & graph_ops
+    sess = session(folder / "model.onnx")
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    together = _run(sess, tokenizer, TEXTS)
+    for row, text in enumerate(TEXTS):
+        assert np.array_equal(_run(sess, tokenizer, [text])[0], together[row]), text
+    fp32 = _run(session(exported("bert") / "model.onnx"), tokenizer, TEXTS)
+    assert np.mean(fp32.argmax(-1) == together.argmax(-1)) >= 0.75
+    assert np.abs(fp32 - together).max() < 0.5 * np.abs(fp32).max()  # int8 of the same model, not noise
+
+
+def test_calibration_refusals(checkpoint, tmp_path, calibration_file):
+    from click.testing import CliRunner
+
+    from onnxpipe.errors import UsageError
+    from onnxpipe.export import export_model
+    from onnxpipe.main import cli
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    cases = [
+        (dict(calibration=calibration_file), "--calibration sets the scales of --quantize int8"),
+        (dict(quantize="int8", calibration=empty), "--calibration .*empty.txt has no non-empty lines"),
+        (dict(quantize="int8", calibration=tmp_path), "--calibration .*: not a regular file"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(UsageError, match=message):
+            export_model(checkpoint("bert"), tmp_path / "out", **kw)
+    with pytest.raises(UsageError, match="--calibration is for encoders .*not text2text-generation"):
+        export_model(checkpoint("marian"), tmp_path / "out", quantize="int8", calibration=calibration_file)
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(
+        cli, ["export", str(checkpoint("bert")), "-o", str(tmp_path / "o"), "--calibration", str(calibration_file)]
+    )
+    assert result.exit_code == 2 and "--calibration sets the scales of --quantize int8" in result.output
 
 
 # --- seq2seq ----------------------------------------------------------------------------

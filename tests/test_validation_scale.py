@@ -26,18 +26,21 @@ VARIANTS = tuple(tiny_spm.T5_VARIANTS)
 
 @pytest.fixture(scope="session")
 def t5(tmp_path_factory):
-    """t5(variant) -> (checkpoint, export), built and exported once per session."""
+    """t5(variant, graph="auto") -> (checkpoint, export), built and exported once per session (auto: onnxpipe's
+    own encoder-decoder graph; the drift test edits optimum's merged decoder)."""
     cache: dict = {}
     root = tmp_path_factory.mktemp("t5-scale")
 
-    def make(variant: str) -> tuple[Path, Path]:
-        if variant not in cache:
+    def make(variant: str, graph: str = "auto") -> tuple[Path, Path]:
+        if (variant, graph) not in cache:
             from onnxpipe.export import export_model
 
-            ckpt = tiny_spm.t5_variant(variant, root / variant / "ckpt")
-            export_model(ckpt, root / variant / "export")
-            cache[variant] = (ckpt, root / variant / "export")
-        return cache[variant]
+            ckpt = root / variant / "ckpt"
+            if not ckpt.exists():
+                tiny_spm.t5_variant(variant, ckpt)
+            export_model(ckpt, root / variant / f"export-{graph}", graph=graph)
+            cache[variant, graph] = (ckpt, root / variant / f"export-{graph}")
+        return cache[variant, graph]
 
     return make
 
@@ -191,7 +194,7 @@ def test_ids_failure_names_the_drifting_op(t5, tmp_path):
     from onnxpipe.errors import ValidationError
     from onnxpipe.export import validate as val
 
-    ckpt, export = t5("t5-v1_1")
+    ckpt, export = t5("t5-v1_1", graph="optimum")
     sub = _lossy_mutant(export, tmp_path / "mutant")
     # A generous tolerance: only the ids can fail, so the message is about them alone.
     report = _validate(ckpt, tmp_path / "mutant", val.Budget(atol=1e-3, rtol=1.0))

@@ -55,6 +55,13 @@ TASK_CHOICES = export_tasks()  # the registry's, in its order
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also validate on the lines of this text file.",
 )
+@click.option(
+    "--calibration",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --quantize int8, for encoders: text lines (up to 256, like the inputs the model will see) "
+    "whose activation ranges become fixed int8 scales. Faster than the default, which scales each "
+    "row at run time; both keep a record's result independent of its batch.",
+)
 @click.option("--trust-remote-code", is_flag=True, help="Run model code shipped with the checkpoint (off by default).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) for a hub id.")
 @click.option("--opset", type=int, help="ONNX opset. Default: optimum's choice for the architecture.")
@@ -64,7 +71,7 @@ TASK_CHOICES = export_tasks()  # the registry's, in its order
     default="auto",
     show_default=True,
     help="Who writes the graph. auto: onnxpipe's fused decoder (Llama, Qwen2, Qwen3, Mistral, Phi-3, Gemma, "
-    "Gemma 3; fp32; CPU) or fused encoder-decoder (Marian, BART, mBART, M2M100/NLLB, Pegasus; fp32; CPU) "
+    "Gemma 3; fp32; CPU) or fused encoder-decoder (Marian, BART, mBART, M2M100/NLLB, Pegasus, T5; CPU) "
     "where it applies, else optimum's.",
 )
 @click.option(
@@ -88,6 +95,7 @@ def export(
     fp16: bool,
     bf16: bool,
     validate_with: Path | None,
+    calibration: Path | None,
     trust_remote_code: bool,
     revision: str | None,
     opset: int | None,
@@ -108,6 +116,7 @@ def export(
     \b
       onnxpipe export ./my-finetuned-bert --name sentiment
       onnxpipe export ./opus-mt-en-de --validate-with en.txt
+      onnxpipe export ./my-finetuned-bert --name sentiment-int8 --quantize int8 --calibration train.txt
       onnxpipe export ./smollm2.gguf --name smollm2
       onnxpipe export ./smollm2.gguf --name smollm2-optimum --graph optimum
       onnxpipe export ./smollm2.gguf --name smollm2-cuda --device cuda
@@ -137,6 +146,7 @@ def export(
         fp16=fp16,
         bf16=bf16,
         validate_with=validate_with,
+        calibration=calibration,
         trust_remote_code=trust_remote_code,
         revision=revision,
         opset=opset,

@@ -75,6 +75,7 @@ def export_model(
     fp16: bool = False,
     bf16: bool = False,
     validate_with: str | Path | None = None,
+    calibration: str | Path | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
     opset: int | None = None,
@@ -106,9 +107,14 @@ def export_model(
         raise UsageError("--fp16 and --quantize exclude each other", hint="fp16 is for CUDA, int8 and int4 for the CPU")
     if graph not in GRAPHS:
         raise UsageError(f"unknown graph {graph!r}", hint="one of: " + ", ".join(GRAPHS))
+    if calibration is not None and quantize != "int8":
+        raise UsageError(
+            "--calibration sets the scales of --quantize int8", hint="add --quantize int8, or leave --calibration out"
+        )
     device = _export_device(device, quantize)
     _check_target(output, force, source)
     texts, inputs_note = _validation_texts(validate_with)
+    calibration_texts = _validation_texts(calibration, "--calibration")[0] if calibration is not None else None
     if fp16:
         from onnxpipe.export.variants import require_cuda_for_fp16
 
@@ -145,6 +151,9 @@ def export_model(
                     opset=opset,
                     graph=graph,
                     device=device,
+                    calibration=(Path(calibration).name, calibration_texts)
+                    if calibration is not None and calibration_texts
+                    else None,
                 ),
                 texts,
                 inputs_note,
@@ -185,6 +194,11 @@ def _build(
         raise UsageError(
             "--quantize int4 needs onnxpipe's fused decoder graph (text generation, Llama family, CPU)",
             hint="use --quantize int8 (dynamic quantisation) for this model",
+        )
+    if opts.get("calibration") and family != "encoder":
+        raise UsageError(
+            f"--calibration is for encoders (classification, embeddings, tagging, fill-mask), not {task}",
+            hint="leave it out: int8 here scales each row's activations at run time, which needs no calibration text",
         )
     if builder == "optimum":
         _check_traceable(SimpleNamespace(**config))
@@ -291,7 +305,16 @@ def _build(
             elif precision == "int8":
                 if family in ("encoder", "seq2seq"):  # the float32 graphs (and their weight files), for the agreement
                     shutil.copytree(out, tmp / "fp32")
-                quantization = variants.quantize_int8(out, list(files.values()), family)
+                calibrated = None
+                if opts.get("calibration"):
+                    source_name, calibration_texts = opts["calibration"]
+                    progress(
+                        "export", f"calibrating the int8 scales on {len(calibration_texts)} lines of {source_name}"
+                    )
+                    calibrated = variants.calibrate_int8(
+                        out / files["model"], fast, calibration_texts, special.get("pad_token_id"), source_name
+                    )
+                quantization = variants.quantize_int8(out, list(files.values()), family, calibrated)
             elif precision == "bf16":
                 kept_fp32 = variants.convert_bf16(
                     out, list(files.values()), lambda path: val.session(path, FP16_PROVIDER)
@@ -701,9 +724,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _validation_texts(validate_with: str | Path | None) -> tuple[list[str], str]:
+def _validation_texts(validate_with: str | Path | None, flag: str = "--validate-with") -> tuple[list[str], str]:
     """The first VALIDATION_LINES non-empty lines of the file, each cut to VALIDATION_LINE_CHARS: read
-    line by line with a bounded buffer, so neither a huge file nor a 20 MB line is read whole."""
+    line by line with a bounded buffer, so neither a huge file nor a 20 MB line is read whole. FLAG names
+    the option in errors (--calibration reads its file the same way)."""
     from onnxpipe.export.validate import GENERATED_TEXTS
 
     note = f"{len(GENERATED_TEXTS)} generated texts"
@@ -715,7 +739,7 @@ def _validation_texts(validate_with: str | Path | None) -> tuple[list[str], str]
     cut = 0
     try:
         if not path.is_file():  # /dev/zero or a FIFO would be read for ever
-            raise UsageError(f"--validate-with {path}: not a regular file", hint="give a text file, one input a line")
+            raise UsageError(f"{flag} {path}: not a regular file", hint="give a text file, one input a line")
         with open(path, "rb") as f:
             while len(lines) < VALIDATION_LINES and f.tell() < VALIDATION_BYTES:
                 raw = f.readline(limit)
@@ -732,9 +756,9 @@ def _validation_texts(validate_with: str | Path | None) -> tuple[list[str], str]
                 if text:
                     lines.append(text)
     except OSError as exc:
-        raise UsageError(f"--validate-with {path}: {exc.strerror or exc}") from None
+        raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
     if not lines:
-        raise UsageError(f"--validate-with {path} has no non-empty lines")
+        raise UsageError(f"{flag} {path} has no non-empty lines")
     extra = f", {cut} cut to {VALIDATION_LINE_CHARS:,} characters" if cut else ""
     return lines, f"{note} + {len(lines)} lines of {path.name}{extra}"
 

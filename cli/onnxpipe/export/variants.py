@@ -83,15 +83,60 @@ def _require_cuda(flag: str) -> None:
 _KEEP_FP32 = ("down_proj", "lm_head", "mlp/c_proj", "/fc2/", "/wo/")
 
 
-def quantize_int8(folder: Path, files: list[str], family: str) -> dict:
+def quantize_int8(folder: Path, files: list[str], family: str, calibration: dict | None = None) -> dict:
     """int8 in place: encoders and encoder-decoders get per-row activation scales (export.int8), so a
-    record's result never depends on its batch; decoder-only graphs from optimum keep dynamic quantisation."""
+    record's result never depends on its batch, or with CALIBRATION (calibrate_int8's record, encoders)
+    constant ones; decoder-only graphs from optimum keep dynamic quantisation."""
+    if calibration is not None:
+        return quantize_int8_rows(folder, files, "static", calibration)
     if family in ("encoder", "seq2seq"):
         return quantize_int8_rows(folder, files)
     return _quantize_int8_dynamic(folder, files, family)
 
 
-def quantize_int8_rows(folder: Path, files: list[str], method: str = "rows") -> dict:
+CALIBRATION_BATCH = 16
+
+
+def calibrate_int8(model_file: Path, tokenizer, texts: list[str], pad_id: int | None, source: str) -> dict:
+    """The (min, max) over TEXTS' real tokens of every activation that int8 quantises in the float32
+    encoder MODEL_FILE: {"ranges": {name: (min, max)}, "texts": n, "file": SOURCE}."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    from onnxpipe.export import int8
+    from onnxpipe.export.validate import _encode, _pad, session
+
+    model = onnx.load(str(model_file))
+    names = int8.calibration_inputs(model)
+    known = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in known:
+            model.graph.output.append(helper.make_value_info(name, onnx.TypeProto()))
+    probe = model_file.with_name(".calibration.onnx")
+    onnx.save(model, str(probe))
+    try:
+        sess = session(probe)
+    finally:
+        probe.unlink(missing_ok=True)
+    inputs = [i.name for i in sess.get_inputs()]
+    ranges: dict[str, tuple[float, float]] = {}
+    for start in range(0, len(texts), CALIBRATION_BATCH):
+        batch = _pad(_encode(tokenizer, texts[start : start + CALIBRATION_BATCH]), pad_id or 0)
+        mask = batch["attention_mask"].astype(bool)
+        for name, value in zip(names, sess.run(names, {n: batch[n] for n in inputs})):
+            if value.ndim == 3 and value.shape[:2] == mask.shape:  # per token: real positions only
+                value = value[mask]
+            if value.size:
+                low, high = float(value.min()), float(value.max())
+                old = ranges.get(name, (low, high))
+                ranges[name] = (min(old[0], low), max(old[1], high))
+    if not np.isfinite([v for r in ranges.values() for v in r]).all():
+        raise ExportError("calibration: an activation of the float32 graph is not finite on the calibration text")
+    return {"ranges": ranges, "texts": len(texts), "file": source}
+
+
+def quantize_int8_rows(folder: Path, files: list[str], method: str = "rows", calibration: dict | None = None) -> dict:
     """export.int8's pass over each graph of FILES in FOLDER, in place; returns the manifest's record.
 
     The graphs are read without their external data: the pass reads the weights it quantises from the
@@ -110,7 +155,7 @@ def quantize_int8_rows(folder: Path, files: list[str], method: str = "rows") -> 
             if entry.key == "location"
         }
 
-    totals = {"converted": 0, "kept": 0}
+    totals = {"converted": 0, "kept": 0, "per_row": 0}
     before: set[str] = set()
     after: set[str] = set()
     for name in files:
@@ -118,7 +163,7 @@ def quantize_int8_rows(folder: Path, files: list[str], method: str = "rows") -> 
         try:
             model = onnx.load(str(path), load_external_data=False)
             before |= locations(model)
-            counts = int8.quantize_graph(model, method, base_dir=str(folder))
+            counts = int8.quantize_graph(model, method, base_dir=str(folder), ranges=(calibration or {}).get("ranges"))
             after |= locations(model)
             if model.ByteSize() > (1 << 31) - (1 << 24):
                 raise ValueError("the int8 graph is over the 2 GB protobuf limit")
@@ -132,7 +177,8 @@ def quantize_int8_rows(folder: Path, files: list[str], method: str = "rows") -> 
         totals = {k: totals[k] + counts[k] for k in totals}
     for location in before - after:  # only float32 weights, now int8 inside the graphs
         (folder / location).unlink(missing_ok=True)
-    return int8.describe(totals, method)
+    record = {k: v for k, v in (calibration or {}).items() if k != "ranges"}
+    return int8.describe(totals, method, record if calibration else None)
 
 
 def _quantize_int8_dynamic(folder: Path, files: list[str], family: str) -> dict:

@@ -278,7 +278,7 @@ class _GeneratorBench(_Bench):
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def start(self, prompts: list[list[int]]) -> tuple[Any, Any]:
+    def start(self, prompts: list[list[int]], new: int) -> tuple[Any, Any]:
         """Process the prompts; return (first logits, step function)."""
         raise NotImplementedError
 
@@ -313,7 +313,7 @@ class _GeneratorBench(_Bench):
                     def run(record: bool) -> None:
                         nonlocal passes
                         t0 = time.perf_counter()
-                        logits, step = self.start(prompts)
+                        logits, step = self.start(prompts, new)
                         t1 = time.perf_counter()
                         passes, hyps = self.loop(logits, step, prompts, new)
                         t2 = time.perf_counter()
@@ -348,7 +348,7 @@ class _CausalBench(_GeneratorBench):
     def encode(self, text: str) -> list[int]:
         return self.lm.encode(text)
 
-    def start(self, prompts):
+    def start(self, prompts, new: int):
         return self.lm.decoder.prefill(prompts, self.pad)
 
     def loop(self, logits, step, prompts, new):
@@ -378,7 +378,7 @@ class _Seq2SeqBench(_GeneratorBench):
     def encode(self, text: str) -> list[int]:
         return self.model.graph_ids(self.tokenizer.encode(text).ids)
 
-    def start(self, prompts):
+    def start(self, prompts, new: int):
         ids = np.asarray(prompts, dtype=np.int64) if len({len(p) for p in prompts}) == 1 else None
         if ids is None:  # --input lines of different lengths: right-pad as the runner does
             width = max(map(len, prompts))
@@ -386,7 +386,9 @@ class _Seq2SeqBench(_GeneratorBench):
             for r, p in enumerate(prompts):
                 ids[r, : len(p)] = p
         mask = (np.arange(ids.shape[1])[None, :] < np.array([len(p) for p in prompts])[:, None]).astype(np.int64)
-        return self.runner.start(ids, mask, int(self.task.generation_config.decoder_start_token_id))
+        start = self.task.generation_config.decoder_start_token_id
+        assert start is not None  # Seq2SeqTask refuses a model without one
+        return self.runner.start(ids, mask, int(start), max_rows=len(prompts), max_steps=new + 1, log_probs=False)
 
     def check_new_tokens(self, new: int) -> None:
         if new > self.new_limit:

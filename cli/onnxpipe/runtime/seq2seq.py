@@ -180,8 +180,18 @@ class Seq2SeqRunner:
         self._logits_buffers.reverse()
         return self._logits_buffers[0][:size].reshape(rows, 1, self.vocab_size)
 
-    def start(self, ids: np.ndarray, mask: np.ndarray, decoder_start: int):
-        """Encode the batch and run the first decoder step; return its logits and the `Step` that continues."""
+    def start(
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        decoder_start: int,
+        max_rows: int = 0,
+        max_steps: int = 0,
+        log_probs: bool = False,
+    ):
+        """Encode the batch and run the first decoder step; return its logits and the `Step` that continues.
+        (MAX_ROWS, MAX_STEPS and LOG_PROBS are FusedSeq2SeqRunner's: this graph's cache grows, its output is
+        logits.)"""
         rows = ids.shape[0]
         hidden = self.encode(ids, mask)
         empty = (rows, self.heads, 0, self.head_dim)
