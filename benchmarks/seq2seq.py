@@ -4,11 +4,14 @@
     python benchmarks/seq2seq.py build/opus-mt-shaped --peers onnxpipe,transformers --batch-size 8
     python benchmarks/seq2seq.py build/opus-mt-shaped --peers onnxpipe,onnxpipe-int8,ctranslate2-int8
     python benchmarks/seq2seq.py build/opus-mt-shaped --peers onnxpipe,ctranslate2 --graph optimum
+    python benchmarks/seq2seq.py build/t5-small-shaped --family t5 --peers onnxpipe,optimum,ctranslate2
 
 The model is a random-weight MarianMTModel with Helsinki-NLP/opus-mt-en-de's dimensions (d_model 512,
 6+6 layers, 8 heads, FFN 2048, vocabulary 58,101, tied embeddings), with a sentencepiece pair trained
 on a few sentences and a vocab.json padded with synthetic pieces to the full size, so the output layer
-and the beam search work on 58k logits as the real model does. Outputs are forced to --new-tokens
+and the beam search work on 58k logits as the real model does. --family t5 builds a random T5ForConditionalGeneration
+with google-t5/t5-small's dimensions instead (d_model 512, 6+6 layers, 8 heads of 64, FFN 2048 relu,
+vocabulary 32,128, tied, 32 relative-position buckets): its own encoder-decoder graph against optimum's. Outputs are forced to --new-tokens
 tokens (min = max), so every engine does the same number of steps: figures are target tokens per
 second (rows x new tokens / seconds), encoder and the first step included, model load excluded, the
 best of --repeat timed runs. onnxpipe's float32 export is made with --graph (auto: onnxpipe's own
@@ -47,11 +50,13 @@ SENTENCES = [
 ]
 
 
-def build(folder: Path) -> Path:
-    """The opus-mt-en-de-shaped checkpoint in FOLDER/checkpoint (built once)."""
+def build(folder: Path, family: str = "marian") -> Path:
+    """The opus-mt-en-de-shaped (or t5-small-shaped) checkpoint in FOLDER/checkpoint (built once)."""
     ckpt = folder / "checkpoint"
     if (ckpt / "config.json").is_file():
         return ckpt
+    if family == "t5":
+        return _build_t5(ckpt)
     import sentencepiece as spm
     import torch
     import transformers
@@ -108,6 +113,36 @@ def build(folder: Path) -> Path:
     return ckpt
 
 
+def _build_t5(ckpt: Path) -> Path:
+    import torch
+    import transformers
+    from tiny_models import train_sentencepiece
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    spm_file = train_sentencepiece(ckpt, "spiece", vocab_size=300, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    (ckpt / "spiece.vocab").unlink()
+    tokenizer = transformers.T5TokenizerFast(vocab_file=str(spm_file), extra_ids=100, from_slow=True)
+    tokenizer.model_max_length = 512
+    config = transformers.T5Config(
+        vocab_size=32128,
+        d_model=512,
+        d_kv=64,
+        d_ff=2048,
+        num_layers=6,
+        num_decoder_layers=6,
+        num_heads=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    model.generation_config = transformers.GenerationConfig.from_model_config(config)
+    model.save_pretrained(ckpt, safe_serialization=True)
+    tokenizer.save_pretrained(ckpt)
+    return ckpt
+
+
 def export(folder: Path, ckpt: Path, quantize: str | None = None, graph: str = "auto") -> Path:
     suffix = "-" + quantize if quantize else "" if graph == "auto" else "-" + graph
     out = folder / ("export" + suffix)
@@ -144,8 +179,8 @@ def time_transformers(ckpt: Path, lines: list[str], beams: int, new: int, thread
     import transformers
 
     torch.set_num_threads(threads)
-    tokenizer = transformers.MarianTokenizer.from_pretrained(ckpt)
-    model = transformers.MarianMTModel.from_pretrained(ckpt).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt)
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(ckpt).eval()
     batch = tokenizer(lines, return_tensors="pt", padding=True)
     with torch.no_grad():
         model.generate(**tokenizer(lines[:2], return_tensors="pt", padding=True), max_new_tokens=4)
@@ -159,7 +194,7 @@ def time_optimum(out: Path, ckpt: Path, lines: list[str], beams: int, new: int, 
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    tokenizer = transformers.MarianTokenizer.from_pretrained(ckpt)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt)
     model = ORTModelForSeq2SeqLM.from_pretrained(out, session_options=options, provider="CPUExecutionProvider")
     batch = tokenizer(lines, return_tensors="pt", padding=True)
     model.generate(**tokenizer(lines[:2], return_tensors="pt", padding=True), max_new_tokens=4)
@@ -177,7 +212,7 @@ def time_ctranslate2(
         from ctranslate2.converters import TransformersConverter
 
         TransformersConverter(str(ckpt)).convert(str(target), quantization=quantization, force=True)
-    tokenizer = transformers.MarianTokenizer.from_pretrained(ckpt)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt)
     translator = ctranslate2.Translator(str(target), device="cpu", inter_threads=1, intra_threads=threads)
     tokens = [tokenizer.convert_ids_to_tokens(tokenizer(t)["input_ids"]) for t in lines]
     translator.translate_batch(tokens[:2], max_decoding_length=4)
@@ -217,10 +252,11 @@ def main() -> None:
     parser.add_argument(
         "--graph", choices=("auto", "fused", "optimum"), default="auto", help="onnxpipe's float32 export: who writes it"
     )
+    parser.add_argument("--family", choices=("marian", "t5"), default="marian", help="the model built in FOLDER (once)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ckpt = build(args.folder)
+    ckpt = build(args.folder, args.family)
     peers = args.peers.split(",")
     if "onnxpipe" in peers:  # exported here, before the timed processes start
         export(args.folder, ckpt, graph=args.graph)
@@ -278,6 +314,8 @@ def main() -> None:
             str(args.repeat),
             "--graph",
             args.graph,
+            "--family",
+            args.family,
         ]
         proc = subprocess.run(
             cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -321,6 +359,7 @@ def main() -> None:
                     "num_beams": args.num_beams,
                     "new_tokens": args.new_tokens,
                     "threads": args.threads,
+                    "family": args.family,
                     "date": time.strftime("%Y-%m-%d"),
                     "results": results,
                 },

@@ -204,6 +204,9 @@ def test_families_it_cannot_express_keep_optimums_graph(checkpoint):
         assert why in seq2seq_graph.unsupported_reason(SimpleNamespace(**{**config, "model_type": model_type}))
     reason = seq2seq_graph.unsupported_reason(SimpleNamespace(**{**config, "d_kv": 12}))
     assert reason == "decoder head size 12 (GroupQueryAttention needs a multiple of 8)"
+    # buckets past the exact ones that keep moving with the distance: no finite table holds them
+    odd = {**config, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 9}
+    assert "max_distance 9 below the 16 exact buckets" in seq2seq_graph.unsupported_reason(SimpleNamespace(**odd))
 
 
 def test_graph_flag(fused, checkpoint, tmp_path):

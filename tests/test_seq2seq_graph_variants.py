@@ -62,7 +62,21 @@ VARIANTS = {
     # sources and outputs reach the clipped far bucket of both directions
     # (encoder and decoder depths stay equal: transformers 4.57 sizes T5's generate cache by num_layers)
     "t5": ("t5", dict(relative_attention_num_buckets=8, relative_attention_max_distance=6), {}, 2.0),
-    # flan-t5 / mt5: gated gelu_new, untied output layer, head size 16 (d_kv) x 2 heads != d_model 32
+    # t5 v1.1-small's shape: heads x d_kv (2 x 8 = 16) narrower than d_model (32); gated silu
+    "t5-narrow": (
+        "t5",
+        dict(
+            d_kv=8,
+            num_heads=2,
+            dense_act_fn="silu",
+            is_gated_act=True,
+            relative_attention_num_buckets=16,
+            relative_attention_max_distance=9,
+        ),
+        {},
+        2.0,
+    ),
+    # flan-t5 / mt5: gated gelu_new, untied output layer, head size 16 (d_kv) x 2 heads
     "flan-t5": (
         "t5",
         dict(

@@ -77,6 +77,9 @@ def unsupported_reason(config: Any) -> str | None:
     ):
         return "a BART config with normalize_before or add_final_layer_norm (transformers' BART ignores them)"
     if model_type in T5_TYPES:
+        buckets, distance = int(config.relative_attention_num_buckets), int(config.relative_attention_max_distance)
+        if distance < buckets // 2:  # the buckets past the exact ones never settle (see _relative_bias_table)
+            return f"relative_attention_max_distance {distance} below the {buckets // 2} exact buckets"
         head_dim = int(config.d_kv)
     else:
         head_dim = int(config.d_model) // int(config.decoder_attention_heads)
@@ -272,8 +275,9 @@ def _layers(stack: Any, model_type: str) -> list[_Layer]:
 
 def _relative_bias_table(attn: Any, bidirectional: bool) -> tuple[np.ndarray, int]:
     """(table, span) of T5's relative position bias: table[r + span] (bidirectional, r = k - q clipped to
-    [-span, span]) or table[d] (the decoder: d = q - k clipped to [0, span]) is the (heads,) bias of that
-    relative position. Past max_distance every position falls in the last bucket, so the clip changes nothing."""
+        [-span, span]) or table[d] (the decoder: d = q - k clipped to [0, span]) is the (heads,) bias of that
+        relative position. Past max_distance every position falls in the last bucket (when max_distance is at least
+    the num_buckets / 2 exact buckets, which unsupported_reason holds), so the clip changes nothing."""
     import torch
 
     span = int(attn.relative_attention_max_distance) + 1
