@@ -174,6 +174,8 @@ bench: models $(BENCH_STAMP) $(GENAI_MODEL)/genai_config.json
 	set -o pipefail; $(PY) benchmarks/serve.py --threads $(BENCH_THREADS) --hostile --json $(RESULTS)/serve.json | tee $(RESULTS)/serve.md
 	set -o pipefail; $(PY) benchmarks/seq2seq.py build/opus-mt-shaped --threads $(BENCH_THREADS) \
 	    --json $(RESULTS)/seq2seq.json | tee $(RESULTS)/seq2seq.md
+	set -o pipefail; $(PY) benchmarks/seq2seq.py build/t5-small-shaped --family t5 --threads $(BENCH_THREADS) \
+	    --json $(RESULTS)/seq2seq-t5.json | tee $(RESULTS)/seq2seq-t5.md
 	set -o pipefail; $(PY) benchmarks/batch.py --threads $(BENCH_THREADS) --json $(RESULTS)/batch.json | tee $(RESULTS)/batch.md
 	set -o pipefail; $(PY) benchmarks/batch.py --two-nodes --lines 2000 | tee $(RESULTS)/batch-two-nodes.txt
 
