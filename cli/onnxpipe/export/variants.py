@@ -114,11 +114,13 @@ def calibrate_int8(model_file: Path, tokenizer, texts: list[str], pad_id: int | 
         if name not in known:
             model.graph.output.append(helper.make_value_info(name, onnx.TypeProto()))
     probe = model_file.with_name(".calibration.onnx")
-    onnx.save(model, str(probe))
+    big = model.ByteSize() > (1 << 31) - (1 << 24)  # past protobuf's 2 GB: the weights beside it
+    onnx.save(model, str(probe), save_as_external_data=big, location=probe.name + ".data")
     try:
         sess = session(probe)
     finally:
         probe.unlink(missing_ok=True)
+        probe.with_name(probe.name + ".data").unlink(missing_ok=True)
     inputs = [i.name for i in sess.get_inputs()]
     ranges: dict[str, tuple[float, float]] = {}
     for start in range(0, len(texts), CALIBRATION_BATCH):
