@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.errors import ExportFolderError, InputError, UsageError, require_extra
+from onnxpipe.errors import ExportFolderError, InputError, MissingExtraError, UsageError
 from onnxpipe.registry import FAMILIES
 
 TEXT_GENERATION = FAMILIES["generate"].export_tasks[0]
@@ -203,8 +203,10 @@ def open_scorer(ref: str | Path, device: str = "cpu", threads: int | None = None
 
 
 def _int_constant(initializers: dict[str, Any], name: str) -> list[int] | None:
-    require_extra("export", "reading a graph's constants", "onnx")
-    from onnx import numpy_helper
+    try:
+        from onnx import numpy_helper
+    except ImportError:  # onnx is the [export] extra's: one line naming it, not a traceback
+        raise MissingExtraError("export", "reading a graph's constants", missing="onnx") from None
 
     tensor = initializers.get(name)
     if tensor is None:
@@ -221,9 +223,12 @@ def all_position_logits(graph_path: Path) -> bytes:
     before the final norm: those are bypassed, and the logits reshaped to (batch, sequence, vocab) (its
     float32 Gemm output layer flattens the rows).
     """
-    require_extra("export", f"scoring {graph_path.parent.name}'s fused graph at every position", "onnx")
-    import onnx
-    from onnx import TensorProto, helper
+    try:
+        import onnx
+        from onnx import TensorProto, helper
+    except ImportError:  # onnx is the [export] extra's: one line naming it, not a traceback
+        what = f"scoring {graph_path.parent.name}'s fused graph at every position"
+        raise MissingExtraError("export", what, missing="onnx") from None
 
     proto = onnx.load(str(graph_path), load_external_data=False)
     graph = proto.graph

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.errors import InputError, SourceError, UsageError, require_extra
+from onnxpipe.errors import InputError, MissingExtraError, SourceError, UsageError, require_extra
 from onnxpipe.measure.metrics import classification_metrics
 from onnxpipe.stream.labelled import Labelled, apply_label_map, parse_label_map, read_labelled, sorted_labels
 
@@ -188,8 +188,10 @@ def check_output(output: Path, force: bool, *inputs: str | Path | None) -> None:
 
 
 def _progress_callback(report: Report):
-    _require_stack()
-    from transformers import TrainerCallback
+    try:
+        from transformers import TrainerCallback
+    except ImportError:  # transformers is the [export] extra's
+        raise MissingExtraError("export", "onnxpipe finetune", missing="transformers") from None
 
     class StderrProgress(TrainerCallback):
         """One compact line per logging step on stderr (stdout stays clean)."""
@@ -237,8 +239,11 @@ def finetune(
     if len(sorted_labels(train.labels)) < 2:
         raise InputError("after the validation split the training part has one class only; lower --validation-split")
     _require_stack()  # before torch and transformers: one line naming the extra, not an ImportError
-    import torch
-    import transformers
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:  # torch and transformers are the [export] extra's
+        raise MissingExtraError("export", "onnxpipe finetune", missing=(exc.name or "torch").split(".")[0]) from None
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
