@@ -13,6 +13,10 @@ validation (onnxpipe export --quantize does that):
                     --quantize int4 on a float32 checkpoint
     rtn4-out4-acc4  the same with a 4-bit output layer
     int8-acc4       every matrix 8-bit (RTN symmetric), int8 compute: --quantize int8
+    float32         the same weights' values as plain float32 MatMuls (what a float32 checkpoint gets)
+    nooff-acc4      exact-acc4 without Q4_1's offset remainders (m + d z): timing only, wrong numbers
+    q8zp-acc4       Q4_1 blocks as 8-bit with zero points, no offsets term: w = d q + m ~ (d / 16)(q8 - z8),
+                    q8 = 16 q + a + z8, a = round(16 m / d) (an error of at most d / 32 a weight)
 
 Speed: one process, 2 threads, the variants interleaved round by round (the machine is shared, so only
 ratios within a run compare). ms per decoding step at batch 1 and 8 (past of 64 tokens), prompt
@@ -52,7 +56,38 @@ VARIANTS = {  # name: (block_weights, quantize, output bits for int4, matrices k
     "exact-zp-acc4-down1": (True, "int4", 8, (".down",)),
     "exact-zp-acc4-head1": (True, "int4", 8, ("lm_head",)),
     "int8-acc4-head1": (True, "int8", None, ("lm_head",)),
+    "float32": (False, None, None, ()),
+    "nooff-acc4": (True, "int4", 8, ()),
+    "q8zp-acc4": (True, "int4", 8, ()),
 }
+
+
+def _q41_forms(name: str):
+    """nbits.from_gguf for the nooff-acc4 and q8zp-acc4 variants: centred Q4_1 operands rewritten."""
+    from onnxpipe.export import nbits
+
+    original = nbits.from_gguf
+
+    def rewritten(found, centred: bool = False):
+        kind, parts = original(found, centred)
+        if not centred:
+            return kind, parts
+        out = []
+        for p in parts:
+            if p.offsets is None:
+                out.append(p)
+            elif name == "nooff-acc4":
+                out.append(nbits.Operand(p.q, p.scales, 4, p.zero, None))
+            else:  # q8zp-acc4
+                d = p.scales.astype(np.float64)
+                m = (p.offsets - p.scales * p.zero.astype(np.float32)).astype(np.float64)
+                a = np.clip(np.rint(16 * m / np.where(d > 0, d, 1.0)), -255, 15)
+                z8 = np.clip(-a, 0, 255)
+                q8 = (16 * p.q.astype(np.int32) + (a + z8)[..., None]).astype(np.uint8)
+                out.append(nbits.Operand(q8, (p.scales / np.float32(16)).astype(np.float32), 8, z8.astype(np.uint8)))
+        return kind, out
+
+    return original, rewritten
 
 
 def build_variant(hf: Path, name: str, out: Path) -> Path:
@@ -67,6 +102,9 @@ def build_variant(hf: Path, name: str, out: Path) -> Path:
     block_weights, quantize, out_bits, float_compute = VARIANTS[name]
     model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
     saved = dict(nbits.OUTPUT_BITS), nbits.FLOAT_COMPUTE
+    original_from_gguf, from_gguf = _q41_forms(name)
+    if name in ("nooff-acc4", "q8zp-acc4"):
+        nbits.from_gguf = from_gguf
     if out_bits:
         nbits.OUTPUT_BITS["int4"] = out_bits
     nbits.FLOAT_COMPUTE = float_compute
@@ -76,6 +114,7 @@ def build_variant(hf: Path, name: str, out: Path) -> Path:
     finally:
         nbits.OUTPUT_BITS.update(saved[0])
         nbits.FLOAT_COMPUTE = saved[1]
+        nbits.from_gguf = original_from_gguf
     os.replace(tmp, out / name)
     (out / name / "weights.json").write_text(json.dumps(weights))
     print(f"built {name}: {weights}", file=sys.stderr, flush=True)
