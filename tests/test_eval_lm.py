@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from onnxpipe.errors import InputError, UsageError
+from onnxpipe.errors import InputError, MissingExtraError, UsageError
 from onnxpipe.main import cli
 from onnxpipe.measure import lm_quality
 
@@ -233,6 +233,32 @@ def test_eval_reports_perplexity_and_agreement(exported, text_file):
     alone = CliRunner().invoke(cli, ["eval", "-m", str(fused), "--max-tokens", "300", str(text_file)])
     assert alone.exit_code == 0 and alone.stdout == ""
     assert "perplexity" in alone.stderr and "agreement" not in alone.stderr
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["float32", "gguf-blocks"])
+def test_eval_without_onnx_scores_the_fused_graph_one_token_a_run(exported, text_file, monkeypatch, blocks):
+    """A base install (no onnx package) cannot edit the fused graph for every position's logits: eval feeds
+    it one token a run over its cache instead, says so, and gets the figures of the one-run-a-window path."""
+    import sys
+
+    fused = exported("llama", **({"checkpoint_kw": {"blocks": True}} if blocks else {}))
+    optimum = exported("llama", graph="optimum")
+    texts = lm_quality.heldout_texts()[:12]
+    expected = lm_quality.lm_agreement(fused, optimum, texts, 200, CONTEXT)
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError, as in a base install
+    with pytest.raises(MissingExtraError):
+        lm_quality.all_position_logits(Path(fused) / "model.onnx")
+    args = ["eval", "-m", str(fused), "--against", str(optimum), "--context", str(CONTEXT), "--max-tokens", "200"]
+    result = CliRunner().invoke(cli, [*args, "--json", str(text_file)])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["tokens"] == 200
+    assert report["scores"]["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
+    assert report["against"]["scores"]["perplexity"] == pytest.approx(expected["reference_perplexity"], rel=1e-6)
+    assert report["against"]["agreement"]["agreement"] == pytest.approx(expected["agreement"], abs=1 / 200)
+    assert report["against"]["kl_divergence"] == pytest.approx(expected["kl_divergence"], abs=1e-6)
+    stepwise = [n for n in report["notes"] if "one token a run" in n]
+    assert len(stepwise) == 1 and "onnxpipe[export]" in stepwise[0]  # optimum's graph needs no edit
 
 
 def test_eval_more_tokens_than_the_text_has(exported, text_file):

@@ -206,8 +206,10 @@ def eval_command(
     where the tokenizer adds one), --max-tokens tokens in all; with --against (the float32 export of
     the same model) also the share of positions where the two predict the same next token, the
     perplexity ratio and the mean KL divergence: the measures that fit a quantised model, where
-    greedy outputs diverge after one flipped token. --json writes the figures to stdout as
-    well. --against runs a second export and reports how often the two agree.
+    greedy outputs diverge after one flipped token. Without the [export] extra (the onnx package),
+    onnxpipe's fused graph is scored one token a run over its cache, several times slower, and a
+    note says so. --json writes the figures to stdout as well. --against runs a second export and
+    reports how often the two agree.
 
     \b
       onnxpipe eval -m sentiment --label-map "1=positive,-1=negative" heldout.tsv
