@@ -23,9 +23,10 @@ the last position are bypassed in memory, and the session is made from that grap
 weights from the export folder). That edit needs the onnx package (the [export] extra); a base install
 scores the fused graph as it is, one token a run over its growing cache, several times slower, and says
 so in a note. Its float32-compute graphs give the same logits up to summation order. An int8-compute
-export (--quantize int4|int8) differs a little: onnxruntime's MatMulNBits rounds one row and many rows
-by different kernels (on SmolLM2 int4, 600 tokens: 96.17% agreement one token a run, 95.67% in one
-run). One token a run is how generation's decoding steps compute.
+export (--quantize int4|int8) differs a little: attention sums its keys in another order one token a
+run than over a whole window, and the next layer's int8 rounding can turn that last bit into another
+value (on SmolLM2 int4, 600 tokens: 96.17% agreement one token a run, 95.67% in one run). One token a
+run is how generation's decoding steps compute.
 """
 
 from __future__ import annotations
