@@ -62,32 +62,26 @@ VARIANTS = {  # name: (block_weights, quantize, output bits for int4, matrices k
 }
 
 
-def _q41_forms(name: str):
-    """nbits.from_gguf for the nooff-acc4 and q8zp-acc4 variants: centred Q4_1 operands rewritten."""
-    from onnxpipe.export import nbits
+def _without_offsets(p):
+    """nooff-acc4: a centred Q4_1 operand without its remainder m + d z."""
+    from onnxpipe.export.nbits import Operand
 
-    original = nbits.from_gguf
+    return Operand(p.q, p.scales, 4, p.zero, None)
 
-    def rewritten(found, centred: bool = False):
-        kind, parts = original(found, centred)
-        if not centred:
-            return kind, parts
-        out = []
-        for p in parts:
-            if p.offsets is None:
-                out.append(p)
-            elif name == "nooff-acc4":
-                out.append(nbits.Operand(p.q, p.scales, 4, p.zero, None))
-            else:  # q8zp-acc4
-                d = p.scales.astype(np.float64)
-                m = (p.offsets - p.scales * p.zero.astype(np.float32)).astype(np.float64)
-                a = np.clip(np.rint(16 * m / np.where(d > 0, d, 1.0)), -255, 15)
-                z8 = np.clip(-a, 0, 255)
-                q8 = (16 * p.q.astype(np.int32) + (a + z8)[..., None]).astype(np.uint8)
-                out.append(nbits.Operand(q8, (p.scales / np.float32(16)).astype(np.float32), 8, z8.astype(np.uint8)))
-        return kind, out
 
-    return original, rewritten
+def _as_8bit(p):
+    """q8zp-acc4: a centred Q4_1 operand as 8-bit with zero points, no offsets term."""
+    from onnxpipe.export.nbits import Operand
+
+    d = p.scales.astype(np.float64)
+    m = (p.offsets - p.scales * p.zero.astype(np.float32)).astype(np.float64)
+    a = np.clip(np.rint(16 * m / np.where(d > 0, d, 1.0)), -255, 15)
+    z8 = np.clip(-a, 0, 255)
+    q8 = (16 * p.q.astype(np.int32) + (a + z8)[..., None]).astype(np.uint8)
+    return Operand(q8, (p.scales / np.float32(16)).astype(np.float32), 8, z8.astype(np.uint8))
+
+
+Q41_FORMS = {"nooff-acc4": _without_offsets, "q8zp-acc4": _as_8bit}  # applied to every centred Q4_1 operand
 
 
 def build_variant(hf: Path, name: str, out: Path) -> Path:
@@ -102,8 +96,13 @@ def build_variant(hf: Path, name: str, out: Path) -> Path:
     block_weights, quantize, out_bits, float_compute = VARIANTS[name]
     model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
     saved = dict(nbits.OUTPUT_BITS), nbits.FLOAT_COMPUTE
-    original_from_gguf, from_gguf = _q41_forms(name)
-    if name in ("nooff-acc4", "q8zp-acc4"):
+    original_from_gguf, form = nbits.from_gguf, Q41_FORMS.get(name)
+    if form is not None:
+
+        def from_gguf(found, centred: bool = False):
+            kind, parts = original_from_gguf(found, centred)
+            return kind, [form(p) if centred and p.offsets is not None else p for p in parts]
+
         nbits.from_gguf = from_gguf
     if out_bits:
         nbits.OUTPUT_BITS["int4"] = out_bits

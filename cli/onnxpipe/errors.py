@@ -7,6 +7,7 @@ the traceback is shown only with `--traceback`.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any
 
 
 class ExitStatus(IntEnum):
@@ -48,16 +49,22 @@ class MissingExtraError(OnnxpipeError):
         super().__init__(f"{what} needs the [{extra}] extra{detail}: install onnxpipe[{extra}]")
 
 
-def require_extra(extra: str, what: str, *modules: str) -> None:
-    """Fail in one line ("WHAT needs the [EXTRA] extra: install onnxpipe[EXTRA]") when a module of an
-    optional extra is missing: before any work starts, not with an ImportError half-way through."""
+def import_extra(extra: str, what: str, module: str) -> Any:
+    """MODULE (a module of the optional [EXTRA] extra) imported, or the one-line MissingExtraError
+    ("WHAT needs the [EXTRA] extra (X is missing): install onnxpipe[EXTRA]") instead of an ImportError."""
     import importlib
 
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(extra, what, missing=module.split(".")[0]) from None
+
+
+def require_extra(extra: str, what: str, *modules: str) -> None:
+    """Fail in one line when a module of an optional extra is missing (import_extra's error): before any
+    work starts, not with an ImportError half-way through."""
     for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            raise MissingExtraError(extra, what, missing=module.split(".")[0]) from None
+        import_extra(extra, what, module)
 
 
 class ModelNotFoundError(OnnxpipeError):

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.errors import ExportFolderError, InputError, MissingExtraError, UsageError
+from onnxpipe.errors import ExportFolderError, InputError, MissingExtraError, UsageError, import_extra
 from onnxpipe.registry import FAMILIES
 
 TEXT_GENERATION = FAMILIES["generate"].export_tasks[0]
@@ -76,6 +76,7 @@ class Scorer:
     provider: str
     device_note: str | None = None
     stepwise: bool = False  # the fused graph as it is (last position's logits): one token a run
+    device_index: int = 0  # the CUDA device the session runs on, when it does
 
     def __post_init__(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -136,24 +137,20 @@ class Scorer:
         return np.asarray(out[0], dtype=np.float32)
 
     def _stepwise_logits(self, window: Sequence[int]) -> np.ndarray:
-        """logits() for a graph that returns the last position's only: one token a run, the presents of
-        each run fed back as the next run's pasts (as generation's decoding steps do)."""
-        outputs = [o.name for o in self.session.get_outputs()]
-        presents = {"present." + name[len("past_key_values.") :]: name for name in self.past}
-        past: dict[str, np.ndarray] = {}
-        for name, info in self.past.items():
-            dtype = np.float16 if "float16" in info.type else np.float32
-            past[name] = np.zeros((1, info.shape[1], 0, info.shape[3]), dtype=dtype)
+        """logits() for a graph that returns the last position's logits only: generation's decoder
+        (runtime.decoder) run one token at a time, each step's logits kept."""
+        from onnxpipe.runtime.decoder import CausalDecoder
+        from onnxpipe.runtime.device import CUDA, Device
+
+        decoder = CausalDecoder(
+            self.session, Device("cuda", self.device_index) if self.provider == CUDA else Device("cpu")
+        )
         rows = np.empty((len(window), self.vocab_size), dtype=np.float32)
-        for i, token in enumerate(window):
-            feeds: dict[str, np.ndarray] = {"input_ids": np.array([[token]], dtype=np.int64), **past}
-            if "attention_mask" in self.input_names:
-                feeds["attention_mask"] = np.ones((1, i + 1), dtype=np.int64)
-            if "position_ids" in self.input_names:
-                feeds["position_ids"] = np.array([[i]], dtype=np.int64)
-            values = dict(zip(outputs, self.session.run(outputs, feeds)))
-            rows[i] = values[self.logits_name][0, -1]
-            past = {presents[name]: value for name, value in values.items() if name in presents}
+        rows[0], past, _, _ = decoder.prefill_cache([list(window[:1])])
+        for i, token in enumerate(window[1:], 1):
+            mask, position = np.ones((1, i + 1), dtype=np.int64), np.array([[i]], dtype=np.int64)
+            logits, past = decoder.decode(np.array([token], dtype=np.int64), mask, position, past)
+            rows[i] = logits[0]
         return rows
 
 
@@ -246,19 +243,16 @@ def open_scorer(ref: str | Path, device: str = "cpu", threads: int | None = None
         provider,
         note,
         stepwise,
+        dev.index,
     )
 
 
-def _int_constant(initializers: dict[str, Any], name: str) -> list[int] | None:
-    try:
-        from onnx import numpy_helper
-    except ImportError:  # onnx is the [export] extra's: one line naming it, not a traceback
-        raise MissingExtraError("export", "reading a graph's constants", missing="onnx") from None
-
+def _int_constant(initializers: dict[str, Any], name: str, to_array: Any) -> list[int] | None:
+    """The integer constant NAME among INITIALIZERS (onnx TensorProtos; TO_ARRAY is onnx.numpy_helper's)."""
     tensor = initializers.get(name)
     if tensor is None:
         return None
-    value = numpy_helper.to_array(tensor)
+    value = to_array(tensor)
     return [int(v) for v in value.reshape(-1)] if value.dtype.kind == "i" else None
 
 
@@ -270,13 +264,8 @@ def all_position_logits(graph_path: Path) -> bytes:
     before the final norm: those are bypassed, and the logits reshaped to (batch, sequence, vocab) (its
     float32 Gemm output layer flattens the rows).
     """
-    try:
-        import onnx
-        from onnx import TensorProto, helper
-    except ImportError:  # onnx is the [export] extra's: one line naming it, not a traceback
-        what = f"scoring {graph_path.parent.name}'s fused graph at every position"
-        raise MissingExtraError("export", what, missing="onnx") from None
-
+    onnx = import_extra("export", f"scoring {graph_path.parent.name}'s fused graph at every position", "onnx")
+    TensorProto, helper, to_array = onnx.TensorProto, onnx.helper, onnx.numpy_helper.to_array
     proto = onnx.load(str(graph_path), load_external_data=False)
     graph = proto.graph
     logits = next((o for o in graph.output if o.name == "logits"), None)
@@ -291,10 +280,10 @@ def all_position_logits(graph_path: Path) -> bytes:
     for node in list(graph.node):
         if node.op_type != "Slice" or len(node.input) < 3:
             continue
-        axes = _int_constant(initializers, node.input[3]) if len(node.input) > 3 and node.input[3] else [1]
+        axes = _int_constant(initializers, node.input[3], to_array) if len(node.input) > 3 and node.input[3] else [1]
         if (
-            _int_constant(initializers, node.input[1]) == [-1]
-            and _int_constant(initializers, node.input[2]) == [last]
+            _int_constant(initializers, node.input[1], to_array) == [-1]
+            and _int_constant(initializers, node.input[2], to_array) == [last]
             and axes == [1]
         ):
             bypass[node.output[0]] = node.input[0]

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.errors import InputError, MissingExtraError, SourceError, UsageError, require_extra
+from onnxpipe.errors import InputError, SourceError, UsageError, import_extra, require_extra
 from onnxpipe.measure.metrics import classification_metrics
 from onnxpipe.stream.labelled import Labelled, apply_label_map, parse_label_map, read_labelled, sorted_labels
 
@@ -75,9 +75,11 @@ def _subset(data: Labelled, idx: list[int]) -> Labelled:
     )
 
 
-def _require_stack() -> None:
-    # torch, transformers and accelerate (Trainer needs it) come with the [export] extra: say so now.
-    require_extra("export", "onnxpipe finetune", "accelerate", "torch", "transformers")
+def _stack() -> tuple[Any, Any]:
+    """torch and transformers, with accelerate (Trainer needs it): the [export] extra's, or one line saying so."""
+    what = "onnxpipe finetune"
+    require_extra("export", what, "accelerate")
+    return import_extra("export", what, "torch"), import_extra("export", what, "transformers")
 
 
 def prepare_data(
@@ -188,12 +190,10 @@ def check_output(output: Path, force: bool, *inputs: str | Path | None) -> None:
 
 
 def _progress_callback(report: Report):
-    try:
-        from transformers import TrainerCallback
-    except ImportError:  # transformers is the [export] extra's
-        raise MissingExtraError("export", "onnxpipe finetune", missing="transformers") from None
+    _, transformers = _stack()
+    base: Any = transformers.TrainerCallback
 
-    class StderrProgress(TrainerCallback):
+    class StderrProgress(base):
         """One compact line per logging step on stderr (stdout stays clean)."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -238,20 +238,7 @@ def finetune(
     )
     if len(sorted_labels(train.labels)) < 2:
         raise InputError("after the validation split the training part has one class only; lower --validation-split")
-    _require_stack()  # before torch and transformers: one line naming the extra, not an ImportError
-    try:
-        import torch
-        import transformers
-    except ImportError as exc:  # torch and transformers are the [export] extra's
-        raise MissingExtraError("export", "onnxpipe finetune", missing=(exc.name or "torch").split(".")[0]) from None
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        Trainer,
-        TrainingArguments,
-    )
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    torch, transformers = _stack()  # one line naming the extra, not an ImportError
 
     base_path = Path(base)
     if not (base_path / "config.json").is_file():
@@ -259,11 +246,11 @@ def finetune(
     transformers.set_seed(options.seed)
     id2label = dict(enumerate(names))
     label2id = {n: i for i, n in enumerate(names)}
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base_path)
     previous = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the "newly initialized weights" warning is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
             base_path,
             num_labels=len(names),
             id2label=id2label,
@@ -289,7 +276,7 @@ def finetune(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        args = TrainingArguments(
+        args = transformers.TrainingArguments(
             output_dir=str(tmp / "trainer"),
             num_train_epochs=options.epochs,
             learning_rate=options.learning_rate,
@@ -308,16 +295,16 @@ def finetune(
             dataloader_num_workers=0,
             dataloader_pin_memory=torch.cuda.is_available(),
         )
-        trainer = Trainer(
+        trainer = transformers.Trainer(
             model=model,
             args=args,
             train_dataset=train_ds,
-            data_collator=DataCollatorWithPadding(tokenizer),
+            data_collator=transformers.DataCollatorWithPadding(tokenizer),
             processing_class=tokenizer,
         )
         # The Trainer's own printers write dicts to stdout; stdout is for results only.
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(transformers.PrinterCallback)
+        trainer.remove_callback(transformers.ProgressCallback)
         trainer.add_callback(_progress_callback(report))
         started = time.perf_counter()
         result = trainer.train()
