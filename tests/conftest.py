@@ -59,6 +59,31 @@ def exported(tmp_path_factory, checkpoint):
     return make
 
 
+@pytest.fixture(scope="session")
+def shared_buffer_export(exported, checkpoint, tmp_path_factory):
+    """onnxpipe's CUDA graph of the tiny Llama as an export that loads on the CPU: `export --device cuda`'s
+    folder with the graph's float32 form (its CPU twin, export.cuda_graph) in place of the fp16 one. Its
+    cache is one fixed buffer per tensor, which the CPU provider's GroupQueryAttention writes in place too."""
+    import json
+    import shutil
+
+    import transformers
+
+    from onnxpipe.export import cuda_graph
+    from onnxpipe.manifest import checksums
+
+    folder = tmp_path_factory.mktemp("shared") / "llama-shared-buffer"
+    shutil.copytree(exported("llama", device="cuda"), folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint("llama")).eval()
+    name, _ = cuda_graph.build(model, folder, "float32")
+    manifest = json.loads((folder / "onnxpipe.json").read_text())
+    assert manifest["files"]["model"] == name
+    manifest.update(device="cpu", precision="fp32", checksums=checksums(folder))
+    manifest["graph"]["past_dtype"] = "float32"
+    (folder / "onnxpipe.json").write_text(json.dumps(manifest))
+    return folder
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip `gpu` tests unless a CUDA session really runs here.
 

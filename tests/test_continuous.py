@@ -20,13 +20,13 @@ import pytest
 
 import onnxpipe
 from onnxpipe.errors import OnnxpipeError, UsageError
+from onnxpipe.runtime.running import merge_caches
 from onnxpipe.serve.continuous import (
     BatcherClosed,
     ContinuousBatcher,
     GenerationRequest,
     GenerationStream,
     QueueFull,
-    merge_caches,
 )
 
 PROMPTS = [
@@ -116,16 +116,34 @@ def staggered(batcher: Stepped, requests, arrival):
     return [list(streams[i]) for i in range(len(requests))]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+@pytest.fixture(scope="module")
+def shared_buffer(shared_buffer_export):
+    return onnxpipe.load(shared_buffer_export, device="cpu", threads=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "shared-buffer"])
 def test_staggered_greedy_requests_equal_each_request_alone(pipelines, arch, request):
     """8 greedy requests of different prompt lengths and max_new_tokens, arriving while others run, on
-    onnxpipe's fused graph (llama: GroupQueryAttention) and optimum's (gpt2, qwen2). The tiny Llama and
-    Qwen2 have sharpened q/k projections, so their ids depend on which positions attend to which (a
-    misplaced mask changes them); the tiny GPT-2's barely do."""
-    pipeline = request.getfixturevalue("qwen2")[1] if arch == "qwen2" else pipelines(arch)
+    onnxpipe's fused graph (llama: GroupQueryAttention), optimum's (gpt2, qwen2) and onnxpipe's CUDA graph
+    (its shared key/value buffer, run on the CPU: rows join at their own lengths, and the buffer grows
+    when a newcomer needs more positions). The tiny Llama and Qwen2 have sharpened q/k projections, so
+    their ids depend on which positions attend to which (a misplaced mask or length changes them); the
+    tiny GPT-2's barely do."""
+    from onnxpipe.runtime.decoder import SharedBufferDecoder
+
+    pipeline = pipelines(arch) if arch in ("llama", "gpt2") else request.getfixturevalue(arch.replace("-", "_"))
+    if arch == "qwen2":
+        pipeline = pipeline[1]
     graph = pipeline.model.manifest["graph"]["builder"]
-    assert graph == ("onnxpipe-fused" if arch == "llama" else "optimum")
+    expected = {"llama": "onnxpipe-fused", "shared-buffer": "onnxpipe-fused-cuda"}.get(arch, "optimum")
+    assert graph == expected
     batcher = Stepped(pipeline, max_batch=8)
+    assert isinstance(batcher.decoder, SharedBufferDecoder) == (arch == "shared-buffer")
+    lengths: list[int] = []  # the shared buffer's length at each step
+    if arch == "shared-buffer":  # a buffer length step of 8 positions: several regrowths with these prompts
+        request.getfixturevalue("monkeypatch").setattr("onnxpipe.runtime.running.LENGTH_STEP", 8)
+        step = batcher._batch.step
+        batcher._batch.step = lambda tokens: lengths.append(batcher._batch.length) or step(tokens)
     try:
         ids = [batcher.encode_text(p) for p in PROMPTS]
         requests = [GenerationRequest(i, max_new_tokens=m, temperature=0) for i, m in zip(ids, MAX_NEW)]
@@ -147,6 +165,9 @@ def test_staggered_greedy_requests_equal_each_request_alone(pipelines, arch, req
         if arch == "gpt2":  # byte-level BPE: the pieces add up to decode()'s text
             assert alone.streamed == alone.text
     assert len({len(e) for e in results}) >= 6  # the rows left the batch at different steps
+    if arch == "shared-buffer":  # the buffer grew as longer requests joined, never past what they need
+        assert lengths[0] < max(lengths) and lengths == sorted(lengths)
+        assert len(set(lengths)) >= 3 and max(lengths) <= max(len(i) + m for i, m in zip(ids, MAX_NEW)) + 7
 
 
 def test_gpt2_requests_equal_transformers_generate(pipelines, checkpoint):

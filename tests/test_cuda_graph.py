@@ -229,9 +229,58 @@ def test_prefill_writes_the_prompts_in_place_at_the_start_of_each_row(llama, gra
         step(np.array([5, 6, 7]), None)
 
 
-def test_continuous_batching_refuses_the_shared_buffer(graphs):
-    with pytest.raises(UsageError, match="continuous batching"):
-        _decoder(graphs["float32"]).prefill_cache([[1, 2]], 0)
+def test_the_shared_buffer_is_not_fed_growing_pasts(graphs):
+    """prefill_cache/decode (a growing cache's calls) are a programming error here: continuous batching
+    drives the buffer through running() (runtime.running.SharedBatch, tests/test_continuous.py)."""
+    decoder = _decoder(graphs["float32"])
+    with pytest.raises(TypeError, match="does not grow"):
+        decoder.prefill_cache([[1, 2]], 0)
+    with pytest.raises(TypeError, match="does not grow"):
+        decoder.decode(np.array([1]), np.ones((1, 3), np.int64), np.array([[2]]), [])
+
+
+def test_running_rows_join_at_their_own_lengths_and_the_buffer_grows(llama, graphs, monkeypatch):
+    """SharedBatch: a row admitted mid-generation into a longer buffer, another after it that needs more
+    positions (the buffer grows), a row dropped: every step's logits equal each row's lone run's."""
+    from onnxpipe.runtime import running
+
+    monkeypatch.setattr(running, "LENGTH_STEP", 4)
+    _, _, prompts = llama
+    decoder = _decoder(graphs["float32"])
+
+    def alone(prompt, tokens):
+        logits, step = decoder.prefill([prompt], 2, max_new_tokens=len(tokens) + 1)
+        out = [logits[0]]
+        for token in tokens:
+            out.append(step(np.array([token]), None)[0])
+        return out
+
+    follow = [[5 + (7 * i + r) % 50 for i in range(12)] for r in range(3)]  # each row's next ids
+    batch = decoder.running()
+    got: list[list] = [[], [], []]
+    got[0].append(batch.admit([prompts[0]], 2, [len(prompts[0]) + 12])[0])
+    assert batch.length == -(-(len(prompts[0]) + 12) // 4) * 4
+    for i in range(3):
+        got[0].append(batch.step(np.array([follow[0][i]]))[0])
+    first_length = batch.length
+    got[1].append(batch.admit([prompts[1]], 2, [len(prompts[1]) + 6])[0])  # fits: the buffer stays
+    assert batch.length == first_length and batch.lengths.tolist() == [len(prompts[0]) + 3, len(prompts[1])]
+    for i in range(2):
+        logits = batch.step(np.array([follow[0][3 + i], follow[1][i]]))
+        got[0].append(logits[0])
+        got[1].append(logits[1])
+    got[2].append(batch.admit([prompts[2]], 2, [first_length + 9])[0])  # needs more: the buffer grows
+    assert batch.length > first_length and batch.rows == 3
+    batch.keep(np.array([0, 2]))  # row 1 leaves
+    for i in range(4):
+        logits = batch.step(np.array([follow[0][5 + i], follow[2][i]]))
+        got[0].append(logits[0])
+        got[2].append(logits[1])
+    for row, steps in ((0, 9), (1, 2), (2, 4)):
+        want = alone(prompts[row], follow[row][:steps])
+        np.testing.assert_allclose(np.array(got[row]), np.array(want), atol=1e-4, rtol=0)
+    batch.keep(np.array([], dtype=np.int64))
+    assert batch.rows == 0 and batch.length == 0
 
 
 # --- export, manifest, refusals ----------------------------------------------------------------

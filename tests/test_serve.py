@@ -568,8 +568,15 @@ def test_a_client_that_goes_away_mid_stream_cancels_its_generation(pipelines, mo
     assert stats["cancelled"] == 1 and stats["steps"] < 150, stats
 
 
-def test_concurrent_greedy_generations_equal_each_alone(pipelines):
-    """8 chat requests at once share decoding steps (continuous batching) and get what each gets alone."""
+@pytest.mark.parametrize("model", ["chat", "shared"])
+def test_concurrent_greedy_generations_equal_each_alone(pipelines, shared_buffer_export, model):
+    """8 chat requests at once share decoding steps (continuous batching) and get what each gets alone, on
+    the fused CPU graph ("chat") and on onnxpipe's CUDA graph with its shared key/value buffer ("shared":
+    its float32 form, which the CPU runs)."""
+    if model == "shared":
+        shared = onnxpipe.load(shared_buffer_export, device="cpu", threads=1, on_error="null")
+        assert shared.model.manifest["graph"]["kv_cache"] == "shared-buffer"
+        pipelines = {**pipelines, "shared": shared}
     prompts = [f"Question {i}: {'why ' * i}is the sky blue?" for i in range(8)]
     lengths = [4 + 3 * i for i in range(8)]  # they leave the batch at different steps
 
@@ -581,7 +588,7 @@ def test_concurrent_greedy_generations_equal_each_alone(pipelines):
                     http.post(
                         "/v1/chat/completions",
                         json={
-                            "model": "chat",
+                            "model": model,
                             "messages": [{"role": "user", "content": p}],
                             "max_tokens": n,
                             "temperature": 0,
@@ -594,9 +601,9 @@ def test_concurrent_greedy_generations_equal_each_alone(pipelines):
         return responses, health
 
     responses, health = asyncio.run(main())
-    assert health["models"]["chat"]["generation"]["max_rows"] > 1, health  # they did run together
+    assert health["models"][model]["generation"]["max_rows"] > 1, health  # they did run together
     for prompt, n, response in zip(prompts, lengths, responses):
-        alone = pipelines["chat"](prompt, chat=True, max_new_tokens=n, temperature=0.0)
+        alone = pipelines[model](prompt, chat=True, max_new_tokens=n, temperature=0.0)
         body = response.json()
         assert body["choices"][0]["message"]["content"] == alone.generated_text, prompt
         assert body["usage"]["completion_tokens"] == alone.generated_tokens

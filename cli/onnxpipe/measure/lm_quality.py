@@ -26,7 +26,8 @@ so in a note. Its float32-compute graphs give the same logits up to summation or
 export (--quantize int4|int8) differs a little: attention sums its keys in another order one token a
 run than over a whole window, and the next layer's int8 rounding can turn that last bit into another
 value (on SmolLM2 int4, 600 tokens: 96.17% agreement one token a run, 95.67% in one run). One token a
-run is how generation's decoding steps compute.
+run is how generation's decoding steps compute. onnxpipe's CUDA graph (export.cuda_graph), whose cache is
+one buffer bound as past and present, is always scored one token a run into that buffer.
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ class Scorer:
         self.input_names = set(inputs)
         self.past = {n: i for n, i in inputs.items() if n.startswith("past_key_values.")}
         known = {"input_ids", "attention_mask", "position_ids", "use_cache_branch", *self.past}
-        if set(inputs) - known:  # e.g. a CUDA variant's shared cache buffer
+        if self.stepwise:  # driven by runtime.decoder, which feeds the CUDA graph's shared buffer too
+            known |= {"seqlens_k", "total_sequence_length"}
+        if set(inputs) - known:
             raise UsageError(
                 f"{self.name}'s graph takes inputs that a teacher-forced run cannot feed: "
                 + ", ".join(sorted(set(inputs) - known)),
@@ -111,6 +114,8 @@ class Scorer:
         """What a report should say about how this export was scored, when it is not in one run a window."""
         if not self.stepwise:
             return None
+        if "seqlens_k" in self.input_names:
+            return f"{self.name}: scored one token a run into its key/value buffer (onnxpipe's CUDA graph)"
         return (
             f"{self.name}: scored one token a run (reading its graph for every position's logits needs the "
             "onnx package: install onnxpipe[export] for a faster run)"
@@ -139,18 +144,20 @@ class Scorer:
     def _stepwise_logits(self, window: Sequence[int]) -> np.ndarray:
         """logits() for a graph that returns the last position's logits only: generation's decoder
         (runtime.decoder) run one token at a time, each step's logits kept."""
-        from onnxpipe.runtime.decoder import CausalDecoder
+        from onnxpipe.runtime.decoder import CausalDecoder, SharedBufferDecoder, is_shared_buffer
         from onnxpipe.runtime.device import CUDA, Device
 
-        decoder = CausalDecoder(
-            self.session, Device("cuda", self.device_index) if self.provider == CUDA else Device("cpu")
+        device = Device("cuda", self.device_index) if self.provider == CUDA else Device("cpu")
+        decoder = (
+            SharedBufferDecoder(self.session, device)
+            if is_shared_buffer(self.session)
+            else CausalDecoder(self.session, device)
         )
+        batch = decoder.running()
         rows = np.empty((len(window), self.vocab_size), dtype=np.float32)
-        rows[0], past, _, _ = decoder.prefill_cache([list(window[:1])])
+        rows[0] = batch.admit([list(window[:1])], 0, [len(window)])[0]
         for i, token in enumerate(window[1:], 1):
-            mask, position = np.ones((1, i + 1), dtype=np.int64), np.array([[i]], dtype=np.int64)
-            logits, past = decoder.decode(np.array([token], dtype=np.int64), mask, position, past)
-            rows[i] = logits[0]
+            rows[i] = batch.step(np.array([token], dtype=np.int64))[0]
         return rows
 
 
@@ -185,7 +192,7 @@ def open_scorer(ref: str | Path, device: str = "cpu", threads: int | None = None
     """REF (an export name or folder; with UNFINISHED, also an export's temporary folder without its
     manifest yet) opened for teacher forcing."""
     from onnxpipe.home import resolve_model
-    from onnxpipe.manifest import MANIFEST_NAME, graph_device, inside
+    from onnxpipe.manifest import MANIFEST_NAME, inside
     from onnxpipe.runtime.device import CUDA, cuda_failure_reason, parse_device
     from onnxpipe.runtime.machine import cap_threads
     from onnxpipe.runtime.model import load_tokenizer
@@ -198,11 +205,6 @@ def open_scorer(ref: str | Path, device: str = "cpu", threads: int | None = None
     graph_path = inside(folder, info["graph"])
     if not graph_path.is_file():
         raise ExportFolderError(f"{graph_path} is missing", hint="re-run onnxpipe export")
-    if graph_device(manifest) == "cuda":  # export.cuda_graph's: its cache is one buffer shared by past and present
-        raise UsageError(
-            f"{folder.name} is onnxpipe's CUDA graph, whose cache buffer a teacher-forced run cannot feed",
-            hint="score the export it was made from (onnxpipe export SOURCE --device cpu, or --graph optimum)",
-        )
     tokenizer = load_tokenizer(folder, info["tokenizer"])
     dev = parse_device(device)
     threads = cap_threads(threads)
@@ -211,7 +213,9 @@ def open_scorer(ref: str | Path, device: str = "cpu", threads: int | None = None
     stepwise = False
     try:
         graph: bytes | None = None
-        if builder != "optimum":  # optimum's graphs return logits at every position already
+        if (manifest.get("graph") or {}).get("kv_cache") == "shared-buffer":  # export.cuda_graph's: one token a run
+            stepwise = True
+        elif builder != "optimum":  # optimum's graphs return logits at every position already
             try:
                 graph = all_position_logits(graph_path)
             except MissingExtraError:  # a base install: the fused graph as it is, one token a run

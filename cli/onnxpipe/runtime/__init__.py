@@ -13,7 +13,9 @@ What runtime owns, and nothing above it does:
                check of what a session really got (onnxruntime-gpu falls back to the CPU silently)
     sessions   `make_session`: the one place that creates an onnxruntime.InferenceSession
     model      `ExportedModel` / `load_model`: the export folder opened, its sessions made once
-    decoder    `CausalDecoder`: a decoder-only graph step by step (prefill, decode, IO binding)
+    decoder    `CausalDecoder`: a decoder-only graph step by step (prefill, decode, IO binding), and
+               `SharedBufferDecoder` for export.cuda_graph's (one key/value buffer per tensor)
+    running    the rows of continuous batching (serve): a growing cache or a shared buffer that rows join
     seq2seq    `Seq2SeqRunner`: an encoder and merged decoder step by step (IO binding)
     kv_cache   the key/value cache's row reorder on its device (numpy on CPU, a Gather graph on CUDA)
     machine    usable CPUs and GPUs, and --threads capped to them

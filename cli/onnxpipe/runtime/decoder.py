@@ -24,10 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.errors import ModelNotFoundError, UsageError
+from onnxpipe.errors import ModelNotFoundError
 from onnxpipe.runtime.device import Device
 from onnxpipe.runtime.kv_cache import KV_DTYPES, CacheReorder
 from onnxpipe.runtime.model import ExportedModel
+from onnxpipe.runtime.running import GrowingBatch, SharedBatch
 
 LOGITS_BUDGET = 1 << 26  # floats of prefill logits held at once (256 MB): the graph makes them for every position
 
@@ -129,6 +130,10 @@ class CausalDecoder:
         if self.reorder.graph:
             self.stats.h2d += 1  # the row indices
         return self.reorder(past, rows)
+
+    def running(self) -> GrowingBatch | SharedBatch:
+        """The running batch of continuous batching over this graph's growing cache (runtime.running)."""
+        return GrowingBatch(self)
 
     # --- running the graph --------------------------------------------------------------
 
@@ -271,19 +276,35 @@ class SharedBufferDecoder(CausalDecoder):
         self.stats.d2h += 1
         return np.array(binding.get_outputs()[0].numpy()[:, -1, :], dtype=np.float32)
 
+    def prefill_rows(
+        self, prompts: Sequence[Sequence[int]], pad_id: int, length: int
+    ) -> tuple[np.ndarray, list, np.ndarray]:
+        """Run the right-padded PROMPTS into fresh buffers of LENGTH positions; return their next-token
+        logits, the buffers and each row's length (what `step_rows` continues)."""
+        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        width = int(lengths.max())
+        if width > length:
+            raise RuntimeError(f"a prompt of {width} tokens does not fit a key/value buffer of {length} positions")
+        ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = prompt
+        past = self.buffers(len(prompts), length)
+        return self._run_shared(ids, lengths, past), past, lengths
+
+    def step_rows(self, tokens: np.ndarray, lengths: np.ndarray, past: list) -> np.ndarray:
+        """One decoding step: TOKENS (rows,) written at position LENGTHS - 1 of each row (LENGTHS: after
+        this step) of the buffers PAST, in place. Returns the next-token logits (rows, vocab)."""
+        return self._run_shared(np.asarray(tokens, dtype=np.int64)[:, None], lengths, past)
+
     def prefill(self, prompts: Sequence[Sequence[int]], pad_id: int = 0, max_new_tokens: int | None = None):
         """Run the right-padded prompts into fresh buffers sized for MAX_NEW_TOKENS more positions;
         return their next-token logits and the `Step` that continues them."""
         from onnxpipe.runtime.kv_cache import buffer_length
 
-        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-        width = int(lengths.max())
-        ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = prompt
+        width = max(len(p) for p in prompts)
         self.buffer_length = buffer_length(width, max_new_tokens, self.max_positions)
-        state: dict[str, Any] = {"past": self.buffers(len(prompts), self.buffer_length), "lengths": lengths}
-        logits = self._run_shared(ids, lengths, state["past"])
+        logits, past, lengths = self.prefill_rows(prompts, pad_id, self.buffer_length)
+        state: dict[str, Any] = {"past": past, "lengths": lengths}
 
         def step(tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
             if parents is not None:
@@ -292,25 +313,25 @@ class SharedBufferDecoder(CausalDecoder):
             state["lengths"] = state["lengths"] + 1
             if int(state["lengths"].max()) > self.buffer_length:
                 raise RuntimeError(f"the key/value buffer holds {self.buffer_length} positions; this step needs more")
-            return self._run_shared(np.asarray(tokens, dtype=np.int64)[:, None], state["lengths"], state["past"])
+            return self.step_rows(tokens, state["lengths"], state["past"])
 
         return logits, step
+
+    def running(self) -> GrowingBatch | SharedBatch:
+        """The running batch of continuous batching over this graph's shared buffers (runtime.running)."""
+        return SharedBatch(self)
 
     def prefill_cache(
         self, prompts: Sequence[Sequence[int]], pad_id: int = 0
     ) -> tuple[np.ndarray, list, np.ndarray, np.ndarray]:
-        raise _no_continuous_batching()
+        raise _not_a_growing_cache()
 
     def decode(
         self, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list
     ) -> tuple[np.ndarray, list]:
-        raise _no_continuous_batching()
+        raise _not_a_growing_cache()
 
 
-def _no_continuous_batching() -> UsageError:
-    """serve.continuous merges growing caches (prefill_cache, decode), which a shared buffer cannot do."""
-    return UsageError(
-        "onnxpipe serve's continuous batching cannot drive onnxpipe's CUDA graph yet (its cache is one "
-        "preallocated buffer per batch, which batches cannot merge into)",
-        hint="serve an export made with --graph optimum (it runs on CUDA too)",
-    )
+def _not_a_growing_cache() -> TypeError:
+    """A caller that feeds growing pasts (prefill_cache, decode) to the shared-buffer graph: a programming error."""
+    return TypeError("the shared-buffer graph's cache does not grow: drive it with prefill() or running()")

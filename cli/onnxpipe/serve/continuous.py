@@ -3,18 +3,17 @@
 One scheduler thread per decoder export drives its `CausalDecoder` (runtime.decoder) step by step. At
 each step boundary it
 
-1. admits waiting requests (up to `max_batch` rows): their prompts are prefilled together, left-padded,
-   and their key/value cache rows are merged into the running batch's cache. The shorter caches are
-   left-padded with zeros that the attention mask hides (mask 0), each row keeps its own position ids;
-   this is what a left-padded prefill already does, so both graph kinds take it: optimum's (the mask
-   becomes its causal/padding bias) and onnxpipe's fused GroupQueryAttention graph (the mask is its
-   additive attention bias and the cache length is the mask's width for every row);
+1. admits waiting requests (up to `max_batch` rows): their prompts are prefilled together and their
+   key/value cache rows join the running batch's cache. How depends on the graph (runtime.running):
+   a growing cache (optimum's graph, onnxpipe's fused CPU graph) is merged left-padded with zeros that
+   the attention mask hides; onnxpipe's CUDA graph, whose cache is one fixed buffer per tensor, takes the
+   newcomers as more rows, each at its own length;
 2. picks every row's next id from its logits, with that request's own settings: its logits processors
    see only its own ids (prompt and generated), and a sampled request draws from its own random stream
    seeded with `(seed, key)`, as `onnxpipe generate --seed` does for record `key`;
 3. ends rows at eos, a stop string, `max_new_tokens` or the model's last position, and drops cancelled
-   ones: the remaining rows' cache is gathered (CausalDecoder.gather), and left-padding columns that no
-   remaining row uses any more are trimmed off;
+   ones: the remaining rows' cache is gathered on its device (and a growing cache's left-padding that no
+   remaining row uses any more is trimmed off);
 4. runs one decoding step for the rows still running.
 
 So a long generation does not hold up a short one, and a request's greedy ids are the ids it gets alone
@@ -42,8 +41,8 @@ fails, every request in the batch ends with an `OnnxpipeError` raised by its ite
 scheduler goes on with the next requests. n choices are n requests (keys 0..n-1 for their random
 streams).
 
-On CUDA the cache stays on the device between steps; merging and trimming take a host round trip
-(they happen only when requests arrive or leave).
+On CUDA the cache stays on the device between steps; admitting newcomers into a running batch takes a
+host round trip (it happens only when requests arrive).
 """
 
 from __future__ import annotations
@@ -281,9 +280,7 @@ class ContinuousBatcher:
         self._queue: deque[GenerationStream] = deque()
         self._closing = False
         self._rows: list[_Row] = []
-        self._past: list = []
-        self._mask = np.zeros((0, 0), dtype=np.int64)
-        self._next = np.zeros(0, dtype=np.int64)
+        self._batch = self.decoder.running()  # the running rows' cache (runtime.running)
         self._logits: np.ndarray | None = None  # the next-token logits of every running row
         # Counters, for tests, benchmarks and the server's /health: model runs, the most rows one decoding
         # step ran, and the requests cancelled before their end (client gone, timeout).
@@ -408,9 +405,8 @@ class ContinuousBatcher:
                 self._reset()
 
     def _reset(self) -> None:
-        self._rows, self._past, self._logits = [], [], None
-        self._mask = np.zeros((0, 0), dtype=np.int64)
-        self._next = np.zeros(0, dtype=np.int64)
+        self._rows, self._logits = [], None
+        self._batch.reset()
 
     def _new_row(self, stream: GenerationStream) -> _Row:
         from onnxpipe.tasks.causal import _TextStreams
@@ -440,15 +436,10 @@ class ContinuousBatcher:
         rows = [self._new_row(s) for s in streams]
         defaults = self.lm.defaults
         pad = defaults.pad_token_id if defaults.pad_token_id is not None else (defaults.eos_token_id or [0])[0]
-        logits, past, mask, next_positions = self.decoder.prefill_cache([r.ids[0, : r.prompt_len] for r in rows], pad)
+        prompts = [r.ids[0, : r.prompt_len] for r in rows]
+        logits = self._batch.admit(prompts, pad, [r.prompt_len + r.limit for r in rows])
         self.prefills += 1
-        if not self._rows:
-            self._past, self._mask, self._next, self._logits = past, mask, next_positions, logits
-        else:
-            assert self._logits is not None
-            self._past, self._mask = merge_caches(self.decoder, self._past, self._mask, past, mask)
-            self._next = np.concatenate([self._next, next_positions])
-            self._logits = np.concatenate([self._logits, logits])
+        self._logits = logits if self._logits is None else np.concatenate([self._logits, logits])
         self._rows += rows
 
     def _advance(self) -> None:
@@ -473,12 +464,9 @@ class ContinuousBatcher:
             if not self._rows:
                 self._reset()
                 return
-            self._mask, self._next, tokens = self._mask[kept], self._next[kept], tokens[kept]
-            self._leave(kept)
-        self._mask = np.concatenate([self._mask, np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
-        positions = self._next[:, None].copy()
-        self._next = self._next + 1
-        self._logits, self._past = self.decoder.decode(tokens, self._mask, positions, self._past)
+            tokens = tokens[kept]
+            self._batch.keep(kept)
+        self._logits = self._batch.step(tokens)
         self.steps += 1
         self.max_rows = max(self.max_rows, len(tokens))
 
@@ -522,51 +510,3 @@ class ContinuousBatcher:
         text, row.pending = "".join(row.pending), []
         finish = "length" if reason == "length" else "stop"
         row.stream._push(GenerationEvent(text=text, finish_reason=finish, usage=usage, full_text=final))
-
-    def _leave(self, kept: np.ndarray) -> None:
-        """Keep the cache rows KEPT (the mask already kept them), without the left-padding columns that no
-        remaining row uses any more: they would only cost compute."""
-        lead = int(np.argmax(self._mask.any(axis=0)))
-        if lead:
-            self._mask = np.ascontiguousarray(self._mask[:, lead:])
-        if self.decoder.device_type == "cpu":  # one copy: the rows and columns at once
-            self.decoder.stats.cache_gathers += 1
-            self._past = [_from_numpy(self.decoder, v.numpy()[kept, :, lead:]) for v in self._past]
-            return
-        self._past = self.decoder.gather(self._past, kept)  # on the device
-        if lead:
-            self._past = [_from_numpy(self.decoder, _to_numpy(v)[:, :, lead:]) for v in self._past]
-
-
-def merge_caches(
-    decoder: Any, past_a: list, mask_a: np.ndarray, past_b: list, mask_b: np.ndarray
-) -> tuple[list, np.ndarray]:
-    """Two batches' caches as one: rows of A then rows of B, the shorter left-padded with masked zeros."""
-    rows_a, width_a = mask_a.shape
-    rows_b, width_b = mask_b.shape
-    width = max(width_a, width_b)
-    mask = np.zeros((rows_a + rows_b, width), dtype=np.int64)
-    mask[:rows_a, width - width_a :] = mask_a
-    mask[rows_a:, width - width_b :] = mask_b
-    merged = []
-    for value_a, value_b in zip(past_a, past_b):
-        a, b = _to_numpy(value_a), _to_numpy(value_b)
-        out = np.zeros((rows_a + rows_b, a.shape[1], width, a.shape[3]), dtype=a.dtype)
-        out[:rows_a, :, width - width_a :] = a
-        out[rows_a:, :, width - width_b :] = b
-        merged.append(_from_numpy(decoder, out))
-    return merged, mask
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    array: np.ndarray = value.numpy()  # a host copy when the value lives on the GPU
-    return array
-
-
-def _from_numpy(decoder: Any, array: np.ndarray) -> Any:
-    from onnxruntime import OrtValue
-
-    array = np.ascontiguousarray(array)
-    if decoder.device_type == "cpu":
-        return OrtValue.ortvalue_from_numpy(array)
-    return OrtValue.ortvalue_from_numpy(array, decoder.device_type, decoder.device_id)
