@@ -62,7 +62,9 @@ TINY = {  # name -> (arch, export task, build keywords): one tiny random export 
     "tiny-generate": ("llama", "text-generation", {}),
     "tiny-translate": ("marian", "text2text-generation", {}),
     "tiny-summarize": ("bart", "text2text-generation", {}),
+    "tiny-generate-cuda": ("llama", "text-generation", {}),  # onnxpipe's CUDA graph (TINY_OPTIONS)
 }
+TINY_OPTIONS = {"tiny-generate-cuda": {"device": "cuda"}}  # export options beyond the task
 
 
 def is_cuda(device: str) -> bool:
@@ -191,7 +193,7 @@ def tiny_export(name: str) -> None:
 
     arch, task, kw = TINY[name]
     source = tiny_models.build(arch, WORK / "checkpoints" / name, task=task, **kw)
-    export_model(source, VARIANTS / name, task=task, force=True)
+    export_model(source, VARIANTS / name, task=task, force=True, **TINY_OPTIONS.get(name, {}))
 
 
 # --- every command on the device against the CPU ------------------------------------------------
@@ -301,6 +303,7 @@ def part_commands(args: argparse.Namespace) -> int:
         ("fill-mask (tiny roberta)", "fill-mask", VARIANTS / "tiny-fill-mask", VARIANTS / "tiny-fill-mask", [], "masked", "record", False),
         ("answer (tiny bert)", "answer", VARIANTS / "tiny-answer", VARIANTS / "tiny-answer", [], "qa", "record", False),
         ("generate (tiny llama)", "generate", VARIANTS / "tiny-generate", VARIANTS / "tiny-generate", seq, "short", "generated_text", False),
+        ("generate (tiny llama CUDA graph)", "generate", VARIANTS / "tiny-generate-cuda", VARIANTS / "tiny-generate", seq, "short", "generated_text", False),
         ("translate (tiny marian)", "translate", VARIANTS / "tiny-translate", VARIANTS / "tiny-translate", seq, "short", "generated_text", False),
         ("summarize (tiny bart)", "summarize", VARIANTS / "tiny-summarize", VARIANTS / "tiny-summarize", seq, "short", "generated_text", False),
     ]  # fmt: skip
@@ -313,6 +316,9 @@ def part_commands(args: argparse.Namespace) -> int:
             "export": str(export.relative_to(REPO)),
             "gated": gated,
         }
+        if "CUDA graph" in name and not is_cuda(args.device):  # made for CUDA: refused on the CPU by design
+            row.update(status="skipped", why="onnxpipe's CUDA graph needs CUDA")
+            return row
         if not (export / "onnxpipe.json").is_file() or not (reference / "onnxpipe.json").is_file():
             row["status"] = "skipped"
             row["why"] = f"no export {export.name}" if not (export / "onnxpipe.json").is_file() else "no reference"
@@ -418,10 +424,63 @@ def part_multi_gpu(args: argparse.Namespace) -> int:
         row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
     rows.append(row)
     failed |= row["status"] != "ok"
+    rows.append(serve_generation_row(args))
+    failed |= rows[-1]["status"] == "failed"
     for r in rows:
         print(f"{r['case']}: {r['status']}", file=sys.stderr)
     write_part("multi_gpu", {"device": args.device, "visible_gpus": visible, "cases": rows})
     return 1 if failed else 0
+
+
+def serve_generation_row(args: argparse.Namespace) -> dict:
+    """serve's continuous batching on the device: 6 greedy requests on 4 rows (two join as others leave),
+    on onnxpipe's CUDA graph (its shared key/value buffer; SmolLM2's, else the tiny Llama's) or, on the
+    CPU, the tiny fused export. Gated: the requests all end, in batches of more than one row. Reported:
+    how many equal their lone run's ids (on the CPU all must; cuBLAS may pick another kernel for another
+    number of rows, which can flip an fp16 near-tie)."""
+    import onnxpipe
+    from onnxpipe.serve.continuous import ContinuousBatcher, GenerationRequest
+
+    cuda = is_cuda(args.device)
+    candidates = [VARIANTS / "smollm2-cuda", VARIANTS / "tiny-generate-cuda"] if cuda else [VARIANTS / "tiny-generate"]
+    export = next((c for c in candidates if (c / "onnxpipe.json").is_file()), None)
+    row: dict[str, Any] = {"case": "serve: 6 concurrent greedy chats on 4 rows"}
+    if export is None:
+        row.update(status="skipped", why="no export of " + " or ".join(c.name for c in candidates))
+        return row
+    row["case"] += f" ({export.name})"
+    prompts = ["What is the capital of France?", "Hi", "Write a haiku about the sea.", "Count to five.",
+               "Name three colours.", "Why is the sky blue? Answer in one sentence."]  # fmt: skip
+    lengths = [8, 24, 5, 16, 12, 32]
+    try:
+        pipeline = onnxpipe.load(export, device=args.device)
+        batcher = ContinuousBatcher(pipeline, max_batch=4)
+        try:
+            ids = [batcher.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+            streams = [
+                batcher.submit(GenerationRequest(i, max_new_tokens=n, temperature=0)) for i, n in zip(ids, lengths)
+            ]
+            outputs = [s.result() for s in streams]
+        finally:
+            batcher.close()
+        lm = pipeline.task_for({}).lm
+        alone = [
+            lm.generate([i], lm.defaults.update(max_new_tokens=n, do_sample=False))[0][0].token_ids
+            for i, n in zip(ids, lengths)
+        ]
+        same = sum(o.token_ids == a for o, a in zip(outputs, alone))
+        row.update(
+            graph=pipeline.model.manifest["graph"].get("builder"),
+            provider=pipeline.model.provider,
+            max_rows=batcher.max_rows,
+            prefills=batcher.prefills,
+            same_as_alone=f"{same}/{len(prompts)}",
+        )
+        ok = batcher.max_rows > 1 and (cuda or same == len(prompts))
+        row["status"] = "ok" if ok else "failed"
+    except Exception as exc:  # noqa: BLE001
+        row.update(status="failed", error=f"{type(exc).__name__}: {first_line(str(exc))}")
+    return row
 
 
 # --- benchmarks: one system per child process ---------------------------------------------------
