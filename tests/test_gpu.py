@@ -428,3 +428,53 @@ def test_a_bf16_export_on_the_cpu_says_it_needs_cuda(classifier, tmp_path):
         assert result.exit_code == 1 and result.stdout == ""
         assert "is a bf16 export, which runs on CUDA only" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- carrying the set-up to a GPU machine that reaches no registry (benchmarks/gpu_carry.py) ---------
+
+
+@pytest.fixture
+def gpu_carry(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_carry", Path(__file__).parent.parent / "benchmarks" / "gpu_carry.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "REPO", tmp_path)
+    monkeypatch.setattr(module, "CARRY", tmp_path / ".carry")
+    return module
+
+
+def test_carried_parts_stay_under_their_size_and_join_into_the_same_files(gpu_carry, tmp_path):
+    """Files cut into parts of at most 1,000 bytes (one file spans four parts, small ones share) are joined
+    back byte for byte into build/wheels and build/downloads; a missing part is named, a changed piece is
+    refused, and nothing half-written is left."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    sizes = {"big-1.0-py3-none-any.whl": 3500, "small-2.0-py3-none-any.whl": 300, "corpus-3.0.tar.gz": 640}
+    for name, size in sizes.items():
+        (src / name).write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    plan = gpu_carry.split(sorted(src.iterdir()), 1000)
+    parts = sorted((tmp_path / ".carry").iterdir())
+    assert [p.name for p in parts] == [f"part{i:02d}" for i in range(1, 6)] == [p["part"] for p in plan["parts"]]
+    for part in parts:
+        assert sum(f.stat().st_size for f in part.iterdir() if f.name != "plan.json") <= 1000
+        assert json.loads((part / "plan.json").read_text()) == plan
+    assert len(next(f for f in plan["files"] if f["name"].startswith("big"))["pieces"]) == 4
+    assert gpu_carry.assemble() == 0
+    for name in sizes:
+        dest = "build/downloads" if name.endswith(".tar.gz") else "build/wheels"
+        assert (tmp_path / dest / name).read_bytes() == (src / name).read_bytes()
+    calls = gpu_carry.calls("bash benchmarks/gpu_check.sh --offline")
+    assert [c["carry"] for c in calls] == [[f".carry/{p.name}"] for p in parts] + [[]]
+    shutil.rmtree(tmp_path / "build")
+    shutil.rmtree(parts[2])
+    assert gpu_carry.assemble() == 1  # "parts not carried: part03"
+    shutil.copytree(tmp_path / ".carry" / "part01", parts[2])  # a part of the wrong pieces
+    piece = parts[0] / next(f.name for f in parts[0].iterdir() if f.name != "plan.json")
+    piece.write_bytes(b"\0" * piece.stat().st_size)
+    assert gpu_carry.assemble() == 1
+    assert not list((tmp_path / "build").rglob("*.tmp"))
