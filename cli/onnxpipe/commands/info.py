@@ -176,7 +176,12 @@ def _graph(g: dict[str, Any], model_type: str | None = None) -> str:
     if g.get("num_layers"):
         text += f"; KV cache {g['num_layers']} layers x {g.get('num_kv_heads')} heads x {g.get('head_dim')}"
     if g.get("builder") == "onnxpipe-fused":
-        text += f"; onnxpipe-fused ({model_type or '?'}): onnxpipe's fused graph (last position's logits)"
+        text += f"; onnxpipe-fused ({model_type or '?'}): onnxpipe's fused graph (last position's logits"
+        text += (
+            ", one key/value buffer per layer shared by past and present)"
+            if g.get("kv_cache") == "shared-buffer"
+            else ")"
+        )
     elif g.get("builder") == "onnxpipe-fused-cuda":
         text += "; onnxpipe's fused CUDA graph (fp16, one key/value buffer shared by past and present)"
     elif g.get("builder") == "onnxpipe-fused-seq2seq":

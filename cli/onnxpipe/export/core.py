@@ -300,6 +300,12 @@ def _build(
                     if f.name.startswith("model.onnx") or f.name in ("tokenizer.json", "config.json"):
                         shutil.copy2(f, reference / f.name)
                 _, weights = fused.build(model, out, opts["opset"], quantize=precision)
+                # One key/value buffer per layer, bound as past and present (export.cuda_graph's form, in
+                # float32): each row's keys start at position 0 whatever its batch-mates, so the int8
+                # rounding of its activations, and its ids, do not depend on the batch it runs in.
+                from onnxpipe.export import cuda_graph
+
+                cuda_graph.rewrite(out / files["model"], "float32")
                 quantization = nbits.describe(precision)
                 progress("export", "weight matrices: " + ", ".join(f"{n} {k}" for k, n in weights.items() if n))
             elif precision == "int8":
@@ -373,6 +379,8 @@ def _build(
     if builder == "cuda":
         manifest["graph"]["builder"] = "onnxpipe-fused-cuda"
         manifest["graph"]["kv_cache"] = "shared-buffer"  # runtime.decoder.SharedBufferDecoder
+    elif builder == "fused" and precision in ("int4", "int8"):
+        manifest["graph"]["kv_cache"] = "shared-buffer"  # the same form, in float32, for the CPU
     manifest["device"] = {"cuda": "cuda", "fused": "cpu", "fused-seq2seq": "cpu"}.get(builder, "any")
     if weights is not None:
         manifest["graph"]["weights"] = weights
