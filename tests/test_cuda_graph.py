@@ -239,14 +239,24 @@ def test_the_shared_buffer_is_not_fed_growing_pasts(graphs):
         decoder.decode(np.array([1]), np.ones((1, 3), np.int64), np.array([[2]]), [])
 
 
-def test_running_rows_join_at_their_own_lengths_and_the_buffer_grows(llama, graphs, monkeypatch):
+@pytest.mark.parametrize("host_copy", [False, True], ids=["cpu", "cuda-copy"])
+def test_running_rows_join_at_their_own_lengths_and_the_buffer_grows(llama, graphs, monkeypatch, host_copy):
     """SharedBatch: a row admitted mid-generation into a longer buffer, another after it that needs more
-    positions (the buffer grows), a row dropped: every step's logits equal each row's lone run's."""
+    positions (the buffer grows), a row dropped: every step's logits equal each row's lone run's. With
+    HOST_COPY, the joins take CUDA's path (new buffers built on the host and sent; the upload faked)."""
+    from onnxruntime import OrtValue
+
     from onnxpipe.runtime import running
 
     monkeypatch.setattr(running, "LENGTH_STEP", 4)
     _, _, prompts = llama
     decoder = _decoder(graphs["float32"])
+    if host_copy:
+        sent: list = []
+        monkeypatch.setattr(decoder, "device_type", "cuda")
+        monkeypatch.setattr(
+            running, "_from_numpy", lambda _d, a: sent.append(a.shape) or OrtValue.ortvalue_from_numpy(a.copy())
+        )
 
     def alone(prompt, tokens):
         logits, step = decoder.prefill([prompt], 2, max_new_tokens=len(tokens) + 1)
@@ -281,6 +291,8 @@ def test_running_rows_join_at_their_own_lengths_and_the_buffer_grows(llama, grap
         np.testing.assert_allclose(np.array(got[row]), np.array(want), atol=1e-4, rtol=0)
     batch.keep(np.array([], dtype=np.int64))
     assert batch.rows == 0 and batch.length == 0
+    if host_copy:  # two joins into a running batch, each sending every cache tensor once
+        assert len(sent) == 2 * 4 and sent[-1][0] == 3
 
 
 # --- export, manifest, refusals ----------------------------------------------------------------

@@ -84,7 +84,7 @@ class Scorer:
         self.input_names = set(inputs)
         self.past = {n: i for n, i in inputs.items() if n.startswith("past_key_values.")}
         known = {"input_ids", "attention_mask", "position_ids", "use_cache_branch", *self.past}
-        if self.stepwise:  # driven by runtime.decoder, which feeds the CUDA graph's shared buffer too
+        if self.stepwise:  # driven by runtime.decoder, which feeds a shared-buffer graph's inputs too
             known |= {"seqlens_k", "total_sequence_length"}
         if set(inputs) - known:
             raise UsageError(

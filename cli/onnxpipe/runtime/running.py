@@ -135,19 +135,21 @@ class SharedBatch:
         return max(needed, min(rounded, limit)) if limit else rounded
 
     def _appended(self, new: list, length: int) -> list:
-        """The running rows' buffers, then NEW's rows, as buffers of LENGTH positions (a host copy on CUDA)."""
+        """The running rows' buffers, then NEW's rows, as buffers of LENGTH positions: written in place on
+        the CPU, built on the host and sent once on CUDA."""
         rows = self.rows + new[0].shape()[0]
-        merged = self.decoder.buffers(rows, length)
+        cpu = self.decoder.device_type == "cpu"
+        targets = self.decoder.buffers(rows, length) if cpu else [None] * len(new)
         out = []
-        for target, old_value, new_value in zip(merged, self.past, new):
+        for target, old_value, new_value in zip(targets, self.past, new):
             old, fresh = _to_numpy(old_value), _to_numpy(new_value)
-            if self.decoder.device_type == "cpu":
-                array = target.numpy()  # the buffer itself: written in place
+            if target is not None:
+                array = target.numpy()  # the numpy-backed buffer itself
             else:
-                array = np.zeros(target.shape(), dtype=old.dtype)
+                array = np.zeros((rows, old.shape[1], length, old.shape[3]), dtype=old.dtype)
             array[: self.rows, :, : self.length] = old
             array[self.rows :] = fresh
-            out.append(target if self.decoder.device_type == "cpu" else _from_numpy(self.decoder, array))
+            out.append(target if target is not None else _from_numpy(self.decoder, array))
         return out
 
     def keep(self, rows: np.ndarray) -> None:
