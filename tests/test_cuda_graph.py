@@ -483,3 +483,33 @@ def test_every_heavy_op_of_the_cuda_graph_runs_on_cuda(exported, llama, tmp_path
     heavy = ("GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization", "MatMul", "GatherND")
     assert "GroupQueryAttention" in ran
     assert {op: providers for op, providers in ran.items() if op in heavy and providers != {CUDA}} == {}
+
+
+@pytest.mark.gpu
+def test_serve_batches_the_cuda_graph_on_cuda(exported, llama):
+    """serve's continuous batching on CUDA (runtime.running.SharedBatch): requests that arrive together and
+    leave at different steps share decoding steps on the device, and each gets (within fp16's near ties)
+    the ids it gets alone."""
+    import onnxpipe
+    from onnxpipe.runtime.decoder import SharedBufferDecoder
+    from onnxpipe.serve.continuous import ContinuousBatcher, GenerationRequest
+
+    pipeline = onnxpipe.load(exported("llama", device="cuda"), device="cuda")
+    lengths = [NEW, 6, 15]
+    batcher = ContinuousBatcher(pipeline, max_batch=2)  # 3 requests on 2 rows: the third joins as one leaves
+    try:
+        assert isinstance(batcher.decoder, SharedBufferDecoder) and pipeline.model.provider == CUDA
+        streams = [
+            batcher.submit(GenerationRequest(p, max_new_tokens=n, temperature=0)) for p, n in zip(llama[2], lengths)
+        ]
+        got = [s.result().token_ids for s in streams]
+    finally:
+        batcher.close()
+    assert batcher.max_rows == 2 and batcher.prefills >= 2
+    lm = pipeline.task_for({}).lm
+    alone = [
+        lm.generate([p], lm.defaults.update(max_new_tokens=n, do_sample=False))[0][0].token_ids
+        for p, n in zip(llama[2], lengths)
+    ]
+    agree = [next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), len(r)) / len(r) for g, r in zip(got, alone)]
+    assert np.mean(agree) >= 0.9, (got, alone)
