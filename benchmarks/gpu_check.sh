@@ -147,7 +147,9 @@ setup_venv() {
 setup_offline() {
     # No registry: the image's python3 and its CUDA torch, the carried wheels on top (see the header).
     python3 benchmarks/gpu_carry.py assemble || return 1
-    test -x $PY || python3 -m venv .venv || return 1
+    # A system python3 without ensurepip (Debian's, without python3-venv) makes no venv with pip: then
+    # .venv runs the image's own pip, which the .pth line below puts on its path.
+    test -x $PY || python3 -m venv .venv 2>/dev/null || { rm -rf .venv; python3 -m venv --without-pip .venv; } || return 1
     local site image
     site=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     # The image's own site-packages (python3 may itself be a venv's, whose packages a new venv's
