@@ -14,6 +14,7 @@ CUDA), comes from here, as files of about 460 MB:
     python3 benchmarks/gpu_carry.py prepare [--quick]   # here: download, then split into .carry/partNN/
     python3 benchmarks/gpu_carry.py calls               # the device calls that carry the parts, as JSON
     python3 benchmarks/gpu_carry.py assemble            # there (gpu_check.sh --offline does it): the files back
+    python3 benchmarks/gpu_carry.py list software       # the joined files of a kind (software, weights)
 
 `prepare` writes each part as a folder of at most --part-mib MiB (a file larger than that is cut into
 pieces), each with a copy of plan.json (every file's pieces, size and sha256). The software parts come
@@ -204,6 +205,12 @@ def assemble() -> int:
     return 0
 
 
+def joined(kind: str) -> list[Path]:
+    """The files of KIND ("software" or "weights") that `assemble` joined, as paths."""
+    paths = [REPO / e["dest"] / e["name"] for e in read_plan()["files"] if e.get("kind") == kind]
+    return [p for p in paths if p.is_file()]
+
+
 def calls(final: str, quick: bool = False) -> list[dict]:
     """The device calls, in order: one per part (its command only lists what arrived), then the check.
     QUICK: the software parts only (what `gpu_check.sh --offline --quick` needs)."""
@@ -221,6 +228,8 @@ def main() -> None:
     prepare.add_argument("--quick", action="store_true", help="no real weights: for gpu_check.sh --quick")
     prepare.add_argument("--part-mib", type=int, default=PART_MIB)
     sub.add_parser("assemble", help="join the carried parts into build/wheels and build/downloads")
+    kind = sub.add_parser("list", help="the joined files of one kind, a path a line")
+    kind.add_argument("kind", choices=["software", "weights"])
     listing = sub.add_parser("calls", help="the device calls that carry the parts, then run the check (JSON)")
     listing.add_argument("--quick", action="store_true", help="the software parts only, then the quick check")
     listing.add_argument("--final", help="the last call's command (default: gpu_check.sh --offline [--quick])")
@@ -233,6 +242,8 @@ def main() -> None:
         )
     elif args.verb == "assemble":
         sys.exit(assemble())
+    elif args.verb == "list":
+        print("\n".join(str(p) for p in joined(args.kind)))
     else:
         final = args.final or "bash benchmarks/gpu_check.sh --offline" + " --quick" * args.quick + " --copy-to $OUT"
         print(json.dumps(calls(final, args.quick), indent=1))

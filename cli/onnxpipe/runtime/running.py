@@ -34,9 +34,12 @@ the cache through the host on CUDA (it happens only when requests arrive).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # runtime.decoder imports this module
+    from onnxpipe.runtime.decoder import CausalDecoder, SharedBufferDecoder
 
 LENGTH_STEP = 64  # a shared buffer's length is a multiple of this (fewer regrowths as requests arrive)
 
@@ -44,7 +47,7 @@ LENGTH_STEP = 64  # a shared buffer's length is a multiple of this (fewer regrow
 class GrowingBatch:
     """The running rows of a CausalDecoder: a cache that grows by one position a step (see the module doc)."""
 
-    def __init__(self, decoder: Any):
+    def __init__(self, decoder: CausalDecoder):
         self.decoder = decoder
         self.reset()
 
@@ -64,8 +67,7 @@ class GrowingBatch:
         else:
             self.past, self.mask = merge_caches(self.decoder, self.past, self.mask, past, mask)
             self.next = np.concatenate([self.next, next_positions])
-        logits_: np.ndarray = logits
-        return logits_
+        return logits
 
     def keep(self, rows: np.ndarray) -> None:
         """Keep the cache rows ROWS, without the left-padding columns that no remaining row uses any more:
@@ -91,14 +93,13 @@ class GrowingBatch:
         positions = self.next[:, None].copy()
         self.next = self.next + 1
         logits, self.past = self.decoder.decode(tokens, self.mask, positions, self.past)
-        logits_: np.ndarray = logits
-        return logits_
+        return logits
 
 
 class SharedBatch:
     """The running rows of a SharedBufferDecoder: one fixed-length buffer per cache tensor (see the module doc)."""
 
-    def __init__(self, decoder: Any):
+    def __init__(self, decoder: SharedBufferDecoder):
         self.decoder = decoder
         self.reset()
 
@@ -122,8 +123,7 @@ class SharedBatch:
         self.past, self.length = past, length
         self.lengths = np.concatenate([self.lengths, lengths])
         self.ends = np.concatenate([self.ends, new_ends])
-        logits_: np.ndarray = logits
-        return logits_
+        return logits
 
     def _length(self, needed: int) -> int:
         """The buffer length for rows that end at NEEDED positions: the current one when it is enough,
@@ -164,8 +164,7 @@ class SharedBatch:
         self.lengths = self.lengths + 1
         if int(self.lengths.max()) > self.length:
             raise RuntimeError(f"the key/value buffer holds {self.length} positions; this step needs more")
-        logits: np.ndarray = self.decoder.step_rows(tokens, self.lengths, self.past)
-        return logits
+        return self.decoder.step_rows(tokens, self.lengths, self.past)
 
 
 def merge_caches(

@@ -189,8 +189,7 @@ def check_output(output: Path, force: bool, *inputs: str | Path | None) -> None:
         raise UsageError(f"{output} exists", hint="pass --force to replace it")
 
 
-def _progress_callback(report: Report):
-    _, transformers = _stack()
+def _progress_callback(report: Report, transformers: Any):
     base: Any = transformers.TrainerCallback
 
     class StderrProgress(base):
@@ -305,7 +304,7 @@ def finetune(
         # The Trainer's own printers write dicts to stdout; stdout is for results only.
         trainer.remove_callback(transformers.PrinterCallback)
         trainer.remove_callback(transformers.ProgressCallback)
-        trainer.add_callback(_progress_callback(report))
+        trainer.add_callback(_progress_callback(report, transformers))
         started = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - started
